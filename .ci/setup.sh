@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian packages, a virtualenv, torch==2.13.0 first, then the project.
+# Called by `make demo` / `make test`; safe to rerun (each step is skipped when already done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+need_apt=()
+command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v qemu-aarch64-static >/dev/null || need_apt+=(qemu-user-static)
+if [ ${#need_apt[@]} -gt 0 ] && [ "${TVMDEPLOY_SKIP_APT:-0}" != 1 ]; then
+  echo "[setup] installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtualenv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.tvmdeploy-setup-$(sha256sum pyproject.toml .ci/setup.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing Python packages (torch==2.13.0 first; several minutes on first use)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: any other torch spec pulls gigabytes of CUDA wheels.
+  "$VENV/bin/python" -m pip install -q torch==2.13.0
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  touch "$stamp"
+fi
+echo "[setup] ready ($VENV)"

@@ -1,0 +1,195 @@
+"""`tvmdeploy` command line: parses arguments and calls the Python API; no work happens here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tvmdeploy import targets as target_profiles
+from tvmdeploy.runtime.errors import TvmdeployError
+
+app = typer.Typer(
+    help="Compile fine-tuned transformers models with Apache TVM into one bundle; run and benchmark it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _fail(error: Exception) -> None:
+    err.print(f"[bold red]error:[/bold red] {error}")
+    raise typer.Exit(2)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Annotated[str, typer.Argument(help="A local Hugging Face model directory, or an .onnx file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Bundle directory to write (NAME.tvmd).")],
+    target: Annotated[list[str], typer.Option("-t", "--target", help="Target profile; repeat for several. 'host' = best for this machine. See `tvmdeploy targets`.")] = ["host"],  # noqa: B006
+    task: Annotated[Optional[str], typer.Option(help="Optimum task (e.g. text-classification); inferred from config.json by default.")] = None,
+    buckets: Annotated[str, typer.Option(help="Shape buckets as BATCHES x SEQS, e.g. '1,4x32,64,128,256'; join groups with ';'.")] = "1,4x32,64,128,256",
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset for the export.")] = None,
+    tune: Annotated[int, typer.Option("--tune", help="MetaSchedule trials per profile (0 = rule-based default schedules).")] = 0,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check against ONNX Runtime.")] = False,
+    name: Annotated[Optional[str], typer.Option(help="Model name recorded in the manifest.")] = None,
+) -> None:
+    """Export MODEL, build it for each target profile, verify parity against ONNX Runtime, and write one bundle."""
+    from .compile import CompileOptions, compile_model
+
+    options = CompileOptions(model=model, output=str(output), targets=target, task=task, buckets=buckets,
+                             opset=opset, tune_trials=tune, verify=not no_verify, name=name)
+    try:
+        compile_model(options)
+    except (TvmdeployError, ValueError, FileExistsError) as error:
+        _fail(error)
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    compare: Annotated[str, typer.Option(help="Baselines to time beside tvmdeploy: onnxruntime, torch (comma-separated, or '').")] = "onnxruntime",
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
+    seq: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "32,128",
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per case.")] = 5,
+    runs: Annotated[int, typer.Option(help="Timed runs per case.")] = 30,
+    artifact: Annotated[Optional[str], typer.Option(help="Force a tvmdeploy artifact (profile name).")] = None,
+    torch_model: Annotated[Optional[Path], typer.Option(help="HF model directory for the PyTorch baseline (default: the manifest's source).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the versioned JSON report here.")] = None,
+) -> None:
+    """Time the bundle (and baselines) in one process: warm-up, then p50/p90/p99/mean/std and throughput."""
+    from tvmdeploy.runtime.bench import BenchConfig, run_bench
+
+    engines = ["tvmdeploy"] + [e.strip() for e in compare.split(",") if e.strip()]
+    config = BenchConfig(str(bundle), engines, _ints(batch), _ints(seq), warmup, runs, artifact,
+                         str(torch_model) if torch_model else None)
+    try:
+        with err.status("benchmarking …") as status:
+            report = run_bench(config, progress=lambda msg: status.update(f"benchmarking {msg} …"))
+    except (TvmdeployError, ValueError) as error:
+        _fail(error)
+    table = Table(title=f"{report.bundle['name']} on {report.device['description']}")
+    for column in ("engine", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "mean ms", "seq/s", "max|Δ| vs ORT"):
+        table.add_column(column, justify="right" if column != "engine" else "left")
+    for r in report.results:
+        label = f"{r.engine} ({r.artifact})" if r.artifact else r.engine
+        table.add_row(label, str(r.batch), str(r.seq), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
+                      f"{r.mean_ms:.2f}", f"{r.throughput_per_s:.1f}", f"{r.parity['max_abs_diff']:.1e}")
+    out.print(table)
+    out.print(f"choice: {report.bundle['choice']}")
+    if json_out:
+        report.write(json_out)
+        out.print(f"wrote {json_out}")
+
+
+@app.command()
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the raw manifest as JSON.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Verify every file's sha256.")] = False,
+) -> None:
+    """Show a bundle's manifest: model, buckets, artifacts with parity, tuning and latency."""
+    from tvmdeploy.runtime import Bundle, probe
+    from tvmdeploy.runtime.probe import missing_requirements
+
+    try:
+        b = Bundle(bundle)
+        if check:
+            b.verify()
+    except TvmdeployError as error:
+        _fail(error)
+    if json_output:
+        out.print_json(json.dumps(b.manifest))
+        return
+    m = b.manifest
+    model = m["model"]
+    out.print(f"[bold]{b.name}[/bold]  ({b.path})  format v{m['format_version']}, created {m.get('created')}")
+    out.print(f"  task {model.get('task')}, {model.get('model_type')}, vocab {model['vocab_size']}, labels {model.get('id2label') or '-'}")
+    out.print(f"  inputs {[i['name'] for i in b.inputs]} → outputs {[o['name'] for o in b.outputs]}")
+    out.print(f"  buckets (batch x seq): {', '.join(f'{x.batch}x{x.seq}' for x in b.buckets)}")
+    out.print("  tools: " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()))
+    if m.get("export_parity"):
+        p = m["export_parity"]
+        out.print(f"  export parity: ONNX Runtime vs PyTorch max abs diff {p['max_abs_diff']:.2e} (tol {p['tolerance']})")
+    if check:
+        out.print(f"  checksums: all {len(m['files'])} files ok")
+    device = probe()
+    table = Table(title="artifacts")
+    for column in ("profile", "target", "code", "tuning", "parity", "latency p50 (build host)", "runs here"):
+        table.add_column(column)
+    for a in b.artifacts:
+        parity = a.parity
+        if parity.get("ok") is None:
+            ptext = f"not-run ({parity.get('detail', '')})"
+        else:
+            ptext = f"{'ok' if parity['ok'] else 'FAILED'} {parity['max_abs_diff']:.1e} @ {parity['where']}"
+        lat = ", ".join(f"{e['batch']}x{e['seq']}: {e['p50_ms']:.1f} ms" for e in a.latency[:4]) or "-"
+        missing = missing_requirements(a.requires, device)
+        table.add_row(a.profile, json.dumps(a.target), a.code_form, str(a.tuning.get("trials", 0)) + " trials",
+                      ptext, lat, "yes" if not missing else "no: " + "; ".join(missing))
+    out.print(table)
+
+
+@app.command()
+def targets(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the profiles as JSON.")] = False,
+) -> None:
+    """List the target profiles (targets/*.toml) and whether this machine can run each."""
+    from tvmdeploy.runtime import probe
+    from tvmdeploy.runtime.probe import missing_requirements
+
+    device = probe()
+    profiles = target_profiles.all()
+    if json_output:
+        rows = [p.to_dict() | {"runs_here": not missing_requirements(p.requires, device)} for p in profiles]
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"target profiles (this machine: {device.description})")
+    for column in ("name", "description", "TVM target", "requires", "runs here"):
+        table.add_column(column)
+    for p in profiles:
+        missing = missing_requirements(p.requires, device)
+        req = ", ".join(p.requires.get("cpu_features", [])) or f"sm_{p.requires.get('cuda_arch')}"
+        table.add_row(p.name, p.description, json.dumps(p.target), req, "yes" if not missing else "no")
+    out.print(table)
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Where the fine-tuned model, bundle and results are cached.")] = Path("build/demo"),
+    target: Annotated[str, typer.Option("-t", "--target", help="Target profile for the demo bundle.")] = "host",
+    epochs: Annotated[float, typer.Option(help="Fine-tuning epochs (first run only; the model is cached).")] = 1.0,
+) -> None:
+    """Fine-tune the packaged all-MiniLM-L6-v2 on VADER movie reviews, compile, verify, classify and compare."""
+    from .demo import run_demo
+
+    try:
+        run_demo(work_dir, target, epochs)
+    except TvmdeployError as error:
+        _fail(error)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Stage 6, package: write the bundle directory atomically, manifest last.
+
+Everything is written into a hidden staging directory beside the destination and renamed into
+place in one step, so an interrupted write leaves either the old bundle or the new one, never
+half of either. Every file's sha256 goes into the manifest; the runtime checks them before use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvmdeploy.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+from .export import TOKENIZER_FILES
+
+
+@dataclass
+class ArtifactEntry:
+    """What the manifest states about one artifact (DESIGN.md, Bundle)."""
+
+    profile: str
+    family: str
+    target: dict[str, Any]
+    requires: dict[str, Any]
+    lib_path: Path
+    precision: str = "float32"
+    code_form: str = "shared-library"
+    tuning: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    tuning_files: list[Path] = field(default_factory=list)
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("tvmdeploy", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime", "optimum-onnx", "transformers", "torch"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_bundle(
+    out_dir: str | Path,
+    onnx_path: Path,
+    weights: dict[str, tuple[list[str], bytes]],
+    artifacts: list[ArtifactEntry],
+    model_info: dict[str, Any],
+    buckets: list[dict[str, Any]],
+    tokenizer_dir: Path | None = None,
+    export_parity: dict[str, Any] | None = None,
+) -> Path:
+    """Write `out_dir` (a `.tvmd` directory); replaces an existing bundle only once complete."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        shutil.copyfile(onnx_path, staging / "model.onnx")
+        weight_entries = {}
+        for precision, (names, blob) in weights.items():
+            (staging / "weights").mkdir(exist_ok=True)
+            (staging / "weights" / f"{precision}.params").write_bytes(blob)
+            weight_entries[precision] = {"file": f"weights/{precision}.params", "names": names}
+        artifact_entries = []
+        for artifact in artifacts:
+            rel = f"artifacts/{artifact.profile}/lib.so"
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(artifact.lib_path, staging / rel)
+            tuning = dict(artifact.tuning)
+            if artifact.tuning_files:
+                tuning_dir = staging / "tuning" / artifact.profile
+                tuning_dir.mkdir(parents=True, exist_ok=True)
+                for f in artifact.tuning_files:
+                    shutil.copyfile(f, tuning_dir / f.name)
+                tuning["database"] = f"tuning/{artifact.profile}"
+            artifact_entries.append(
+                {
+                    "profile": artifact.profile,
+                    "family": artifact.family,
+                    "target": artifact.target,
+                    "requires": artifact.requires,
+                    "file": rel,
+                    "sha256": sha256_file(staging / rel),
+                    "precision": artifact.precision,
+                    "code_form": artifact.code_form,
+                    "tuning": tuning,
+                    "parity": artifact.parity,
+                    "latency": artifact.latency,
+                }
+            )
+        if tokenizer_dir is not None:
+            (staging / "tokenizer").mkdir()
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copyfile(tokenizer_dir / name, staging / "tokenizer" / name)
+        files = {
+            str(p.relative_to(staging)): sha256_file(p)
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "tools": tool_versions(),
+            "model": model_info,
+            "export_parity": export_parity or {},
+            "buckets": buckets,
+            "weights": weight_entries,
+            "artifacts": artifact_entries,
+            "files": files,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync_tree(staging)
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            if not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
+                raise FileExistsError(f"{out_dir} exists and is not a tvmdeploy bundle; refusing to replace it")
+            os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,112 @@
+"""Stage 5, verify: run each built artifact where it can run and compare it with ONNX Runtime.
+
+Inputs are deterministic (seeded ids, a partly masked row), one set per bucket. An artifact
+this machine cannot run natively is recorded `not-run` rather than guessed at; ARM artifacts can
+be verified under QEMU and remote ones over RPC by the verifiers in their own modules.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
+
+from .export import deterministic_inputs
+from .importer import ImportedModel
+
+ATOL = 1e-4
+RTOL = 1e-4
+
+
+@dataclass
+class Parity:
+    reference: str
+    where: str  # native / qemu:<cpu> / gpu:<name> / rpc:<key> / not-run
+    max_abs_diff: float | None
+    tolerance: dict[str, float]
+    ok: bool | None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "where": self.where,
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance,
+            "ok": self.ok,
+            "detail": self.detail,
+        }
+
+
+def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, Any]):
+    """(bucket, inputs, ONNX Runtime outputs) for every bucket."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [i["name"] for i in imported.inputs]
+    cases = []
+    for k, bucket in enumerate(imported.buckets):
+        arrays = deterministic_inputs(config, names, bucket.batch, bucket.seq, seed=k)
+        cases.append((bucket, arrays, session.run(None, arrays)))
+    return cases
+
+
+def compare(outputs: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, bool, str]:
+    """Max abs diff over all outputs and whether |a - b| <= ATOL + RTOL*|b| everywhere."""
+    worst, ok, detail = 0.0, True, ""
+    for k, (got, want) in enumerate(zip(outputs, expected, strict=True)):
+        if got.shape != want.shape:
+            return float("inf"), False, f"output {k} has shape {got.shape}, ONNX Runtime gives {want.shape}"
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        worst = max(worst, float(diff.max()))
+        bad = diff > ATOL + RTOL * np.abs(want)
+        if bad.any():
+            ok = False
+            detail = f"output {k}: {int(bad.sum())} of {bad.size} values outside tolerance"
+    return worst, ok, detail
+
+
+def run_native(lib_path: Path, imported: ImportedModel, cases, timing_runs: int = 10):
+    """Run the library in this process; returns the worst diff and a p50 latency per bucket."""
+    import tvm
+
+    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+    worst, ok, detail = 0.0, True, ""
+    latencies = []
+    for bucket, arrays, expected in cases:
+        args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs] + imported.params
+        fn = vm[bucket.function]
+        result = fn(*args)
+        outputs = [result.numpy()] if hasattr(result, "numpy") else [o.numpy() for o in result]
+        diff, good, why = compare(outputs, expected)
+        worst = max(worst, diff)
+        if not good:
+            ok, detail = False, f"{bucket.function}: {why}"
+        if timing_runs:
+            times = []
+            for _ in range(timing_runs):
+                start = time.perf_counter()
+                fn(*args)
+                times.append((time.perf_counter() - start) * 1e3)
+            latencies.append({"batch": bucket.batch, "seq": bucket.seq, "p50_ms": float(np.median(times))})
+    return worst, ok, detail, latencies
+
+
+def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = None, timing_runs: int = 10):
+    """Parity record (and build-time latencies when run natively) for one built artifact."""
+    device = device or probe()
+    tolerance = {"atol": ATOL, "rtol": RTOL}
+    profile = build.profile
+    missing = missing_requirements(profile.requires, device)
+    if profile.family == "cuda" or missing:
+        why = "needs " + "; ".join(missing) if missing else "no CUDA device verification on this host"
+        return Parity("onnxruntime", "not-run", None, tolerance, None, why), []
+    worst, ok, detail, latencies = run_native(build.lib_path, imported, cases, timing_runs)
+    for entry in latencies:
+        entry.update(fingerprint=device.fingerprint, device=device.description)
+    return Parity("onnxruntime", "native", worst, tolerance, ok, detail), latencies

@@ -1,0 +1,28 @@
+"""tvmdeploy's thin runtime: load a bundle, pick the artifact this device runs best, run it.
+
+This package must never import the compiler: no torch, transformers, onnx or TVM's compiler
+library is loaded by `import tvmdeploy.runtime` or `load()` (TVM is imported runtime-only, and
+only when a compiled artifact is loaded). ONNX Runtime is imported only for its fallback engine.
+"""
+
+from .bundle import Artifact, Bucket, Bundle
+from .errors import BundleError, IncompatibleDeviceError, InputError, TvmdeployError
+from .model import Model, Prediction, load
+from .probe import DeviceInfo, probe
+from .select import Choice
+
+__all__ = [
+    "Artifact",
+    "Bucket",
+    "Bundle",
+    "BundleError",
+    "Choice",
+    "DeviceInfo",
+    "IncompatibleDeviceError",
+    "InputError",
+    "Model",
+    "Prediction",
+    "TvmdeployError",
+    "load",
+    "probe",
+]

@@ -1,0 +1,191 @@
+"""Latency benchmarks: tvmdeploy against ONNX Runtime and PyTorch, in one process, same inputs.
+
+A benchmark is a config in and a report out (`BenchConfig` → `BenchReport`, versioned JSON), as
+optimum-benchmark does it: warm-up reported apart from timed runs, p50/p90/p99/mean/std and
+throughput, and each engine's parity against ONNX Runtime on the inputs it was timed on.
+ONNX Runtime and PyTorch are imported only when they are asked for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import TvmdeployError
+from .probe import probe
+
+SCHEMA = "tvmdeploy.bench"
+SCHEMA_VERSION = 1
+ENGINES = ("tvmdeploy", "onnxruntime", "torch")
+
+_TASK_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "fill-mask": "AutoModelForMaskedLM",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "feature-extraction": "AutoModel",
+}
+
+
+@dataclass
+class BenchConfig:
+    bundle: str
+    engines: list[str] = field(default_factory=lambda: ["tvmdeploy"])
+    batches: list[int] = field(default_factory=lambda: [1])
+    seqs: list[int] = field(default_factory=lambda: [32, 128])
+    warmup: int = 5
+    runs: int = 30
+    artifact: str | None = None  # force a tvmdeploy artifact
+    torch_model: str | None = None  # HF directory for the PyTorch baseline (default: manifest source)
+
+
+@dataclass
+class BenchResult:
+    engine: str
+    artifact: str | None
+    batch: int
+    seq: int
+    warmup: int
+    runs: int
+    warmup_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    throughput_per_s: float  # sequences per second
+    parity: dict[str, Any]
+
+
+@dataclass
+class BenchReport:
+    device: dict[str, Any]
+    bundle: dict[str, Any]
+    config: dict[str, Any]
+    results: list[BenchResult]
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "created": self.created,
+            "device": self.device,
+            "bundle": self.bundle,
+            "config": self.config,
+            "results": [asdict(r) for r in self.results],
+        }
+
+    def write(self, path: str | Path) -> Path:
+        """Write the JSON atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+
+def timed(fn: Callable[[], Any], warmup: int, runs: int) -> tuple[float, np.ndarray]:
+    """Warm-up time (ms, total) and the per-run latencies (ms)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    warmup_ms = (time.perf_counter() - start) * 1e3
+    times = np.empty(runs)
+    for k in range(runs):
+        start = time.perf_counter()
+        fn()
+        times[k] = (time.perf_counter() - start) * 1e3
+    return warmup_ms, times
+
+
+def summarize(engine: str, artifact: str | None, batch: int, seq: int, warmup: int, warmup_ms: float,
+              times: np.ndarray, parity: dict[str, Any]) -> BenchResult:
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    mean = float(times.mean())
+    return BenchResult(engine, artifact, batch, seq, warmup, len(times), warmup_ms, float(p50), float(p90),
+                       float(p99), mean, float(times.std()), batch * 1e3 / mean, parity)
+
+
+def bench_inputs(bundle: Bundle, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = {i["name"]: np.zeros((batch, seq), np.int64) for i in bundle.inputs}
+    arrays["input_ids"] = rng.integers(0, int(bundle.model["vocab_size"]), (batch, seq), dtype=np.int64)
+    if "attention_mask" in arrays:
+        arrays["attention_mask"][:] = 1
+    return arrays
+
+
+def torch_runner(bundle: Bundle, model_dir: str | None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """PyTorch eager on the source model (the baseline a team starts from)."""
+    import torch
+    import transformers
+
+    source = model_dir or bundle.model.get("source")
+    if not source or not Path(source, "config.json").is_file():
+        raise TvmdeployError(
+            f"the PyTorch baseline needs the Hugging Face model directory; {source!r} is not one "
+            "(pass --torch-model DIR)"
+        )
+    cls = getattr(transformers, _TASK_CLASSES.get(bundle.model.get("task") or "", "AutoModel"))
+    model = cls.from_pretrained(source, local_files_only=True).eval()
+
+    def run(arrays: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(**{k: torch.from_numpy(v) for k, v in arrays.items()})
+        return out[0].numpy()
+
+    return run
+
+
+def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> BenchReport:
+    """Benchmark every engine at every (batch, seq) of `config`."""
+    from .model import OnnxRuntimeEngine, load
+
+    unknown = set(config.engines) - set(ENGINES)
+    if unknown:
+        raise ValueError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    model = load(config.bundle, artifact=config.artifact)
+    bundle = model.bundle
+    reference = OnnxRuntimeEngine(bundle)
+    runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {}
+    first_output = bundle.outputs[0]["name"]
+    for engine in config.engines:
+        if engine == "tvmdeploy":
+            runners[engine] = lambda a: model(**a)[first_output]
+        elif engine == "onnxruntime":
+            runners[engine] = lambda a: reference.run(None, a)[0]
+        else:
+            runners[engine] = torch_runner(bundle, config.torch_model)
+    results = []
+    for batch in config.batches:
+        for seq in config.seqs:
+            arrays = bench_inputs(bundle, batch, seq)
+            expected = reference.run(None, arrays)[0]
+            for engine, run in runners.items():
+                progress(f"{engine} batch {batch} seq {seq}")
+                diff = float(np.abs(run(arrays) - expected).max())
+                warmup_ms, times = timed(lambda: run(arrays), config.warmup, config.runs)
+                artifact = model.choice.artifact if engine == "tvmdeploy" else None
+                parity = {"reference": "onnxruntime", "max_abs_diff": diff}
+                results.append(summarize(engine, artifact, batch, seq, config.warmup, warmup_ms, times, parity))
+    device = probe()
+    return BenchReport(
+        device=device.to_dict(),
+        bundle={"name": bundle.name, "identity": bundle.identity, "path_name": bundle.path.name,
+                "choice": str(model.choice)},
+        config=asdict(config),
+        results=results,
+    )

@@ -1,0 +1,17 @@
+"""Error types a caller can catch, each with a message that says what to do next."""
+
+
+class TvmdeployError(Exception):
+    """Base of every error tvmdeploy raises on purpose."""
+
+
+class BundleError(TvmdeployError):
+    """A bundle is missing, unreadable, corrupt or from an incompatible format version."""
+
+
+class IncompatibleDeviceError(TvmdeployError):
+    """An artifact needs something this device lacks (a CPU feature, a GPU, another arch)."""
+
+
+class InputError(TvmdeployError, ValueError):
+    """Model inputs have the wrong names, dtype, rank, length or values."""

@@ -1,0 +1,302 @@
+"""The model session: validated numpy inputs in, numpy outputs out, on the chosen engine.
+
+Inputs of any batch and sequence length up to the largest bucket are padded to the smallest
+bucket that fits (padding masked out) and outputs are sliced back; batches larger than the
+largest bucket run in chunks. Token ids are range-checked here because TVM's embedding `take`
+is compiled without bounds checks and would read out of bounds (or segfault) on a bad id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._tvm import import_tvm
+from .bundle import Bucket, Bundle
+from .errors import BundleError, InputError
+from .probe import DeviceInfo, probe
+from .select import ONNXRUNTIME, Choice, cached_latencies, remember_latencies, select
+
+Arrays = dict[str, np.ndarray]
+
+
+class TvmEngine:
+    """Runs one compiled artifact with TVM's Relax VM; weights are loaded once, shared by buckets."""
+
+    def __init__(self, bundle: Bundle, profile: str, device: DeviceInfo):
+        tvm = import_tvm()
+        self.artifact = bundle.artifact(profile)
+        lib_path = bundle.file(self.artifact.file)
+        weights = bundle.weights_entry(self.artifact.precision)
+        params_path = bundle.file(weights["file"])
+        self.device = tvm.cuda(0) if self.artifact.is_gpu else tvm.cpu(0)
+        try:
+            lib = tvm.runtime.load_module(str(lib_path))
+        except Exception as err:  # a library this TVM cannot load, or a missing CUDA driver
+            raise BundleError(f"{lib_path}: TVM could not load this artifact: {err}") from None
+        self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
+        by_name = tvm.runtime.load_param_dict(params_path.read_bytes())
+        missing = [n for n in weights["names"] if n not in by_name]
+        if missing:
+            raise BundleError(f"{params_path}: weights {missing[:3]} are missing; recompile the bundle")
+        self.params = [by_name[n].copyto(self.device) if self.artifact.is_gpu else by_name[n] for n in weights["names"]]
+        self._tensor = tvm.runtime.tensor
+        self.input_names = [i["name"] for i in bundle.inputs]
+
+    def run(self, bucket: Bucket | None, arrays: Arrays) -> list[np.ndarray]:
+        args = [self._tensor(arrays[name], self.device) for name in self.input_names]
+        result = self.vm[bucket.function](*args, *self.params)
+        outputs = [result] if hasattr(result, "numpy") else list(result)
+        return [o.numpy() for o in outputs]
+
+
+class OnnxRuntimeEngine:
+    """The bundle's ONNX model on ONNX Runtime: the fallback and the reference."""
+
+    def __init__(self, bundle: Bundle):
+        import onnxruntime
+
+        path = bundle.file("model.onnx")
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, bucket: Bucket | None, arrays: Arrays) -> list[np.ndarray]:
+        return self.session.run(None, {n: arrays[n] for n in self.input_names})
+
+
+@dataclass
+class Prediction:
+    label: str
+    score: float
+    label_id: int
+
+
+class Model:
+    """A loaded bundle: call it with token arrays, or `predict` with texts."""
+
+    def __init__(self, bundle: Bundle, engine: TvmEngine | OnnxRuntimeEngine, choice: Choice):
+        self.bundle = bundle
+        self.engine = engine
+        self.choice = choice
+        self.last_latency_ms: float | None = None
+        model = bundle.model
+        self.vocab_size = int(model["vocab_size"])
+        self.type_vocab_size = int(model.get("type_vocab_size", 1))
+        self.pad_token_id = int(model.get("pad_token_id", 0) or 0)
+        self.input_names = [i["name"] for i in bundle.inputs]
+        self.max_batch = max(b.batch for b in bundle.buckets)
+        self.max_seq = max(b.seq for b in bundle.buckets)
+        self._tokenizer = None
+
+    def __repr__(self) -> str:
+        return f"Model({self.bundle.name!r}, engine={self.choice.artifact!r})"
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _validate(self, inputs: dict[str, Any]) -> Arrays:
+        unknown = set(inputs) - set(self.input_names)
+        if unknown:
+            raise InputError(f"unknown input(s) {sorted(unknown)}; this model takes {self.input_names}")
+        if "input_ids" not in inputs:
+            raise InputError("input_ids is required")
+        arrays: Arrays = {}
+        for name, value in inputs.items():
+            array = np.asarray(value)
+            if array.dtype.kind not in "iu":
+                raise InputError(f"{name} must hold integers (token ids or mask), got dtype {array.dtype}")
+            if array.ndim != 2:
+                raise InputError(
+                    f"{name} must be 2-D [batch, sequence], got shape {array.shape}"
+                    + (" (add a batch axis: x[None, :])" if array.ndim == 1 else "")
+                )
+            arrays[name] = array.astype(np.int64, copy=False)
+        shape = arrays["input_ids"].shape
+        for name, array in arrays.items():
+            if array.shape != shape:
+                raise InputError(f"{name} has shape {array.shape} but input_ids has {shape}; they must match")
+        if shape[0] == 0 or shape[1] == 0:
+            raise InputError(f"empty input: input_ids has shape {shape}")
+        if shape[1] > self.max_seq:
+            raise InputError(
+                f"sequence length {shape[1]} exceeds the largest bucket ({self.max_seq}) of this bundle; "
+                f"truncate the input or recompile with a larger --buckets seq"
+            )
+        ids = arrays["input_ids"]
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+            raise InputError(f"input_ids must lie in [0, {self.vocab_size}); found {bad.flat[0]}")
+        if "attention_mask" in arrays and not np.isin(arrays["attention_mask"], (0, 1)).all():
+            raise InputError("attention_mask must hold only 0 and 1")
+        if "token_type_ids" in arrays:
+            types = arrays["token_type_ids"]
+            if types.min() < 0 or types.max() >= self.type_vocab_size:
+                raise InputError(f"token_type_ids must lie in [0, {self.type_vocab_size})")
+        for name in self.input_names:  # defaults for the optional inputs
+            if name not in arrays:
+                if name == "attention_mask":
+                    arrays[name] = np.ones(shape, np.int64)
+                elif name == "token_type_ids":
+                    arrays[name] = np.zeros(shape, np.int64)
+                else:
+                    raise InputError(f"input {name} is required by this model")
+        return arrays
+
+    def bucket_for(self, batch: int, seq: int) -> Bucket:
+        """The smallest bucket (fewest padded tokens) that holds batch x seq."""
+        fits = [b for b in self.bundle.buckets if b.batch >= batch and b.seq >= seq]
+        if not fits:
+            raise InputError(f"no bucket holds batch {batch} x seq {seq} (largest seq is {self.max_seq})")
+        return min(fits, key=lambda b: (b.batch * b.seq, b.seq))
+
+    def _pad(self, arrays: Arrays, bucket: Bucket) -> Arrays:
+        batch, seq = arrays["input_ids"].shape
+        padded = {}
+        for name, array in arrays.items():
+            fill = self.pad_token_id if name == "input_ids" else 0
+            out = np.full((bucket.batch, bucket.seq), fill, np.int64)
+            out[:batch, :seq] = array
+            if name == "attention_mask" and bucket.batch > batch:
+                out[batch:, 0] = 1  # padding rows attend to one token: no all-masked softmax rows
+            padded[name] = out
+        return padded
+
+    def _slice(self, outputs: list[np.ndarray], batch: int, seq: int) -> list[np.ndarray]:
+        sliced = []
+        for spec, array in zip(self.bundle.outputs, outputs, strict=True):
+            index = tuple(
+                slice(0, batch) if axis == "batch" else slice(0, seq) if axis == "seq" else slice(None)
+                for axis in spec.get("axes", [])
+            )
+            sliced.append(array[index] if index else array)
+        return sliced
+
+    # -- running ----------------------------------------------------------------------------
+    def run_bucket(self, arrays: Arrays) -> list[np.ndarray]:
+        """Run validated arrays of at most the largest bucket's batch; pad and slice as needed."""
+        batch, seq = arrays["input_ids"].shape
+        if isinstance(self.engine, OnnxRuntimeEngine):
+            return self.engine.run(None, arrays)
+        bucket = self.bucket_for(batch, seq)
+        return self._slice(self.engine.run(bucket, self._pad(arrays, bucket)), batch, seq)
+
+    def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
+        """Run the model. Takes `input_ids` [batch, seq] and optionally `attention_mask`,
+        `token_type_ids`; returns the model's outputs by name (e.g. `logits`)."""
+        arrays = self._validate(inputs)
+        start = time.perf_counter()
+        batch, seq = arrays["input_ids"].shape
+        chunk = max(b.batch for b in self.bundle.buckets if b.seq >= seq)
+        parts = [
+            self.run_bucket({n: a[i : i + chunk] for n, a in arrays.items()}) for i in range(0, batch, chunk)
+        ]
+        self.last_latency_ms = (time.perf_counter() - start) * 1e3
+        names = [o["name"] for o in self.bundle.outputs]
+        return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
+
+    # -- text -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The bundle's fast tokenizer (`tokenizers` library), truncating to the largest bucket."""
+        if self._tokenizer is None:
+            if "tokenizer/tokenizer.json" not in self.bundle.manifest.get("files", {}):
+                raise BundleError(f"{self.bundle.path}: this bundle has no tokenizer; pass token ids instead")
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(self.bundle.file("tokenizer/tokenizer.json")))
+            tokenizer.no_padding()
+            tokenizer.enable_truncation(max_length=self.max_seq)
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def encode(self, texts: list[str]) -> Arrays:
+        """Token arrays for `texts`, padded to the longest one."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        longest = max(len(e.ids) for e in encodings)
+        arrays = {name: np.zeros((len(texts), longest), np.int64) for name in self.input_names}
+        if "input_ids" in arrays:
+            arrays["input_ids"][:] = self.pad_token_id
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            arrays["input_ids"][row, :n] = encoding.ids
+            if "attention_mask" in arrays:
+                arrays["attention_mask"][row, :n] = encoding.attention_mask
+            if "token_type_ids" in arrays:
+                arrays["token_type_ids"][row, :n] = encoding.type_ids
+        return arrays
+
+    def predict(self, texts: list[str] | str) -> list[Prediction]:
+        """Classify texts: the top label and its softmax score for each."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            return []
+        logits = self(**self.encode(texts))["logits"]
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs = shifted / shifted.sum(axis=-1, keepdims=True)
+        id2label = {int(k): v for k, v in self.bundle.model.get("id2label", {}).items()}
+        return [
+            Prediction(id2label.get(int(i), str(int(i))), float(p[i]), int(i))
+            for p, i in zip(probs, probs.argmax(axis=-1))
+        ]
+
+
+def make_engine(bundle: Bundle, name: str, device: DeviceInfo) -> TvmEngine | OnnxRuntimeEngine:
+    return OnnxRuntimeEngine(bundle) if name == ONNXRUNTIME else TvmEngine(bundle, name, device)
+
+
+def measure_candidates(bundle: Bundle, device: DeviceInfo, candidates: list[str], runs: int = 10) -> dict[str, float]:
+    """Time each candidate briefly (median ms) on a mid-sized bucket of batch 1."""
+    batch_one = [b for b in bundle.buckets if b.batch == min(x.batch for x in bundle.buckets)]
+    bucket = batch_one[len(batch_one) // 2]
+    rng = np.random.default_rng(0)
+    vocab = int(bundle.model["vocab_size"])
+    arrays = {i["name"]: np.zeros((bucket.batch, bucket.seq), np.int64) for i in bundle.inputs}
+    arrays["input_ids"] = rng.integers(0, vocab, (bucket.batch, bucket.seq), dtype=np.int64)
+    if "attention_mask" in arrays:
+        arrays["attention_mask"][:] = 1
+    latencies = {}
+    for name in candidates:
+        model = Model(bundle, make_engine(bundle, name, device), Choice(name, "measuring"))
+        times = []
+        for k in range(runs + 2):
+            start = time.perf_counter()
+            model.run_bucket(arrays)
+            if k >= 2:
+                times.append((time.perf_counter() - start) * 1e3)
+        latencies[name] = float(np.median(times))
+    return latencies
+
+
+def load(
+    bundle_dir: str | Path,
+    artifact: str | None = None,
+    policy: str = "auto",
+    verify: bool = False,
+) -> Model:
+    """Load a bundle and pick the engine for this device.
+
+    `artifact` forces a profile (or "onnxruntime"); one this device cannot run is refused before
+    anything is loaded. `policy="measure"` times every compatible candidate once per device and
+    caches the winner; `policy="auto"` uses measurements where they exist, else the rule.
+    `verify=True` checks every file's checksum up front (the files used are always checked).
+    """
+    if policy not in ("auto", "measure"):
+        raise ValueError(f"policy must be 'auto' or 'measure', not {policy!r}")
+    bundle = Bundle(bundle_dir)
+    if verify:
+        bundle.verify()
+    device = probe()
+    has_ort = importlib.util.find_spec("onnxruntime") is not None and "model.onnx" in bundle.manifest.get("files", {})
+    if policy == "measure" and artifact is None:
+        first = select(bundle, device, onnxruntime_available=has_ort)
+        candidates = first.compatible + ([ONNXRUNTIME] if has_ort else [])
+        if set(candidates) - set(cached_latencies(bundle, device)):
+            remember_latencies(bundle, device, measure_candidates(bundle, device, candidates))
+    choice = select(bundle, device, artifact=artifact, onnxruntime_available=has_ort)
+    return Model(bundle, make_engine(bundle, choice.artifact, device), choice)

@@ -1,0 +1,103 @@
+"""Target profiles: one TOML file per device class, loaded as data.
+
+A profile says how to compile (the TVM target dict, a host target for GPUs, a cross compiler) and
+what a device must have to run the result (`requires`). Adding a device is adding a file here.
+This package must stay stdlib-only: both the compiler and the thin runtime import it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PROFILE_DIR = Path(__file__).parent
+
+
+class UnknownTargetError(KeyError):
+    """Raised for a profile name that has no TOML file."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One target profile, as read from `targets/<name>.toml`."""
+
+    name: str
+    description: str
+    family: str  # "x86", "arm" or "cuda"
+    target: dict[str, Any]
+    requires: dict[str, Any]
+    host: dict[str, Any] | None = None
+    cross_cc: str | None = None
+    qemu_cpu: str | None = None
+    tuning: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.family == "cuda"
+
+    @property
+    def arch(self) -> str:
+        """The CPU architecture a device needs (`x86_64` or `aarch64`)."""
+        return self.requires["arch"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "family": self.family,
+            "target": self.target,
+            "host": self.host,
+            "cross_cc": self.cross_cc,
+            "qemu_cpu": self.qemu_cpu,
+            "requires": self.requires,
+            "tuning": self.tuning,
+        }
+
+
+def _load(path: Path) -> Profile:
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    if data.get("name") != path.stem:
+        raise ValueError(f"{path.name}: 'name' must be {path.stem!r}, found {data.get('name')!r}")
+    return Profile(
+        name=data["name"],
+        description=data["description"],
+        family=data["family"],
+        target=dict(data["target"]),
+        requires=dict(data["requires"]),
+        host=dict(data["host"]) if "host" in data else None,
+        cross_cc=data.get("cross_cc"),
+        qemu_cpu=data.get("qemu_cpu"),
+        tuning=dict(data.get("tuning", {})),
+    )
+
+
+@cache
+def _profiles() -> dict[str, Profile]:
+    return {p.stem: _load(p) for p in sorted(PROFILE_DIR.glob("*.toml"))}
+
+
+def all() -> list[Profile]:  # noqa: A001 - the name DESIGN.md gives the loader
+    """Every profile, sorted by name."""
+    return list(_profiles().values())
+
+
+def names() -> list[str]:
+    return list(_profiles())
+
+
+def get(name: str) -> Profile:
+    """The profile called `name`; the error lists the known names."""
+    try:
+        return _profiles()[name]
+    except KeyError:
+        raise UnknownTargetError(
+            f"unknown target profile {name!r}; known profiles: {', '.join(names())} "
+            "(or 'host' for the best profile for this machine)"
+        ) from None

