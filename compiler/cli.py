@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _fail(error: Exception) -> None:
@@ -55,7 +55,7 @@ def compile_cmd(
                              opset=opset, tune_trials=tune, verify=not no_verify, name=name)
     try:
         compile_model(options)
-    except (TvmdeployError, ValueError, FileExistsError) as error:
+    except (TvmdeployError, ValueError, FileExistsError, target_profiles.UnknownTargetError) as error:
         _fail(error)
 
 
@@ -181,6 +181,38 @@ def demo(
         run_demo(work_dir, target, epochs)
     except TvmdeployError as error:
         _fail(error)
+
+
+@app.command()
+def report(
+    files: Annotated[list[Path], typer.Argument(help="Bench JSONs written by `tvmdeploy bench --json`, e.g. one per device.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Self-contained HTML page to write (plots inline, no external URLs).")] = None,
+    md: Annotated[Path | None, typer.Option("--md", help="Markdown tables to write.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the merged rows (with speed-ups) as JSON on stdout.")] = False,
+) -> None:
+    """Merge bench JSONs from any number of devices into Markdown tables and one HTML page with plots.
+
+    Tables per device × engine × batch × seq give p50/p90/p99, throughput, and the speed-up over ONNX Runtime and over PyTorch on the same device (baseline p50 ÷ engine p50, where that baseline was measured). The HTML page is self-contained and plots latency by device and engine, the speed-ups, and latency against sequence length. With neither -o, --md nor --json, the Markdown is printed.
+
+    Example: tvmdeploy report x86.json arm.json -o report.html --md report.md
+    """
+    from tvmdeploy.runtime.report import build_report
+
+    written = []
+    try:
+        merged = build_report(files)
+        if output:
+            written.append(merged.write_html(output))
+        if md:
+            written.append(merged.write_markdown(md))
+    except TvmdeployError as error:
+        _fail(error)
+    if json_output:
+        sys.stdout.write(json.dumps(merged.to_rows(), indent=2) + "\n")
+    elif not written:
+        sys.stdout.write(merged.markdown())
+    for path in written:
+        (err if json_output else out).print(f"wrote {path}")
 
 
 def main() -> None:

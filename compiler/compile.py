@@ -24,7 +24,7 @@ from . import export as export_stage
 from . import importer, package, verify
 from .errors import ParityError
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def host_profile(device: DeviceInfo | None = None, cpu_only: bool = True) -> targets.Profile:
@@ -171,14 +171,11 @@ def compile_model(options: CompileOptions) -> Path:
                 with stages(f"verify {profile.name} against ONNX Runtime"):
                     record, latency = verify.verify(built, imported, cases)
                 parity = record.to_dict()
-                shown = "not run (" + record.detail + ")" if record.ok is None else (
-                    f"max abs diff {record.max_abs_diff:.2e} [{'ok' if record.ok else 'FAILED'}] ({record.where})"
-                )
-                console.print(f"  parity {profile.name}: {shown}")
+                console.print(f"  parity {profile.name}: {record.summary()}")
                 if record.ok is False and options.strict_parity:
                     raise ParityError(
-                        f"{profile.name}: built artifact differs from ONNX Runtime: {record.detail} "
-                        f"(max abs diff {record.max_abs_diff:.3g}, tolerance {record.tolerance}); no bundle written"
+                        f"{profile.name}: verification against ONNX Runtime failed: {record.summary()} "
+                        f"(tolerance {record.tolerance}); no bundle written"
                     )
             entries.append(
                 package.ArtifactEntry(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,12 +132,17 @@ def export(model_path: str | Path, work_dir: str | Path, task: str | None = None
     task = task or infer_task(model_path, config)
     from optimum.exporters.onnx import main_export
 
+    import transformers
+
     logging.getLogger("optimum").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
     try:
-        main_export(
-            str(model_path), output=str(work_dir), task=task, opset=opset, atol=atol,
-            no_post_process=True, local_files_only=True, library_name="transformers",
-        )
+        with warnings.catch_warnings():  # tracer chatter; optimum's own validation still reports
+            warnings.simplefilter("ignore")
+            main_export(
+                str(model_path), output=str(work_dir), task=task, opset=opset, atol=atol,
+                no_post_process=True, local_files_only=True, library_name="transformers",
+            )
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{model_path}: optimum could not export this model: {err}") from None
     onnx_path = work_dir / "model.onnx"

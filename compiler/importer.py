@@ -2,7 +2,8 @@
 
 MetaSchedule tunes static shapes only, so each (batch, seq) bucket becomes its own Relax
 function (`b{batch}_s{seq}`). Weights are kept as function inputs (`keep_params_in_input`) and
-detached, so every bucket shares one weight set that is stored once beside the code.
+detached, so every bucket shares one weight set that is stored once beside the code. Gathers
+are made bounds-safe (safe_take.py) so no index can make a kernel read out of bounds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import onnx
 
 from .errors import ModelLoadError, UnsupportedOperatorError
+from .safe_take import SafeTake
 
 DEFAULT_BUCKETS = "1,4x32,64,128,256"
 _ONNX_DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT: "float32",
@@ -131,4 +133,5 @@ def import_onnx(onnx_path: str | Path, buckets: list[BucketSpec], max_positions:
         elif names != param_names:
             raise ModelLoadError(f"bucket {bucket.function}: weights differ from the first bucket's")
         merged[bucket.function] = func.with_attr("global_symbol", bucket.function)
+    merged = SafeTake()(merged)
     return ImportedModel(merged, params, param_names, inputs, outputs, buckets)

@@ -28,7 +28,7 @@ def import_tvm() -> ModuleType:
     os.environ.setdefault("TVM_NUM_THREADS", str(default_num_threads()))
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
-    hide_torch = "torch" not in sys.modules
+    hide_torch = os.environ["TVM_USE_RUNTIME_LIB"] == "1" and "torch" not in sys.modules
     if hide_torch:
         sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
     try:
@@ -37,4 +37,31 @@ def import_tvm() -> ModuleType:
     finally:
         if hide_torch and sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
+    _load_cuda_runtime()
     return tvm
+
+
+def _load_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime (device API, CUDA module loader) where this host can.
+
+    Runtime-only TVM skips backend autoloading, so without this no CUDA device is visible and no
+    CUDA artifact can be loaded. It needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 runtime
+    (libcudart.so.13); without them there is simply no GPU for tvmdeploy, as on a CPU-only host.
+    """
+    from tvm.base import _LOADED_LIBS
+
+    if "tvm_runtime_cuda" in _LOADED_LIBS:  # full TVM loads it in tvm.backend.cuda
+        return
+    from pathlib import Path
+
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm",
+            target_name="tvm_runtime_cuda",
+            extra_lib_paths=[Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent],
+            mode="RTLD_LOCAL",
+        )
+    except (OSError, RuntimeError):  # no driver or CUDA runtime here, or a TVM built without CUDA
+        pass
