@@ -9,6 +9,8 @@ PY=${PYTHON:-python3}
 need_apt=()
 command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v qemu-aarch64-static >/dev/null || need_apt+=(qemu-user-static)
+# Headless Chromium renders `tvmdeploy report` pages in tests/runtime/test_report.py.
+command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ] && [ "${TVMDEPLOY_SKIP_APT:-0}" != 1 ]; then
   echo "[setup] installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -29,4 +31,7 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# The arm64 Python (Debian's python3.11 + aarch64 TVM/numpy wheels) that verifies ARM artifacts under
+# QEMU; kept in the user's cache, prepared once (~1 min), a no-op when ready (compiler/qemu.py).
+"$VENV/bin/python" -m tvmdeploy.compiler.qemu --prepare
 echo "[setup] ready ($VENV)"

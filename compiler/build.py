@@ -1,7 +1,8 @@
 """Stage 4, build: one code artifact (`lib.so`, no weights inside) per target profile.
 
 CPU profiles go through our CPU pipeline (fusion plus a rule-based default schedule, or tuning
-records where they exist); CUDA profiles through TVM's CUDA pipeline with DLight GPU schedules.
+records where they exist); CUDA profiles through TVM's CUDA pipeline with DLight GPU schedules,
+their kernels compiled ahead of time to a fatbin by nvcc (compiler/cuda.py).
 ARM libraries are linked with the profile's cross compiler.
 """
 
@@ -55,13 +56,18 @@ def build(mod, profile: Profile, out_dir: str | Path, database=None) -> BuildRes
     target = tvm_target(profile)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(profile, target, database))
+    pipeline = relax_pipeline(profile, target, database)
     lib_path = out_dir / "lib.so"
+    if profile.family == "cuda":  # kernels ahead of time with nvcc (compiler/cuda.py)
+        from .cuda import compile_and_export
+
+        code_form = compile_and_export(mod, target, pipeline, profile.target["arch"], lib_path)
+        return BuildResult(profile, lib_path, dict(profile.target), code_form, time.perf_counter() - start)
+    executable = tvm.compile(mod, target, relax_pipeline=pipeline)
     if profile.cross_cc:
         from tvm.support import cc
 
         executable.export_library(str(lib_path), fcompile=cc.cross_compiler(profile.cross_cc))
     else:
         executable.export_library(str(lib_path))
-    code_form = "cuda-source-in-library" if profile.family == "cuda" else "shared-library"
-    return BuildResult(profile, lib_path, dict(profile.target), code_form, time.perf_counter() - start)
+    return BuildResult(profile, lib_path, dict(profile.target), "shared-library", time.perf_counter() - start)

@@ -41,7 +41,10 @@ def finetune(
 ) -> Path:
     """Train a BertForSequenceClassification head + encoder on `train`; returns `out_dir`."""
     import torch
+    import transformers
     from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
+
+    transformers.logging.set_verbosity_error()  # "newly initialized head" is the point here
 
     torch.manual_seed(seed)
     torch.set_num_threads(len(os.sched_getaffinity(0)))

@@ -1,8 +1,8 @@
 """Stage 5, verify: run each built artifact where it can run and compare it with ONNX Runtime.
 
-Inputs are deterministic (seeded ids, a partly masked row), one set per bucket. An artifact
-this machine cannot run natively is recorded `not-run` rather than guessed at; ARM artifacts can
-be verified under QEMU and remote ones over RPC by the verifiers in their own modules.
+Inputs are deterministic (seeded ids, a partly masked row), one set per bucket. An artifact this
+machine cannot run natively is run under emulation where its profile names a `qemu_cpu` (ARM, see
+qemu.py), and otherwise recorded `not-run` rather than guessed at.
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ class Parity:
             "ok": self.ok,
             "detail": self.detail,
         }
+
+    def summary(self) -> str:
+        """One line for people: the diff and verdict, or why there is none."""
+        if self.ok is None:
+            return f"not run ({self.detail})"
+        diff = "no outputs" if self.max_abs_diff is None else f"max abs diff {self.max_abs_diff:.2e}"
+        text = f"{diff} [{'ok' if self.ok else 'FAILED'}] ({self.where})"
+        return text if self.ok or not self.detail else f"{text}: {self.detail}"
 
 
 def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, Any]):
@@ -97,14 +105,56 @@ def run_native(lib_path: Path, imported: ImportedModel, cases, timing_runs: int 
     return worst, ok, detail, latencies
 
 
-def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = None, timing_runs: int = 10):
-    """Parity record (and build-time latencies when run natively) for one built artifact."""
+def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None = None) -> Parity:
+    """Parity of an aarch64 artifact run under qemu-user on `qemu_cpu` (default: the profile's).
+
+    `not-run` when qemu or the arm64 Python sysroot is missing; a crash (SIGILL on a CPU model
+    without the library's instructions) is a failed verification with the reason, not an error.
+    """
+    from . import qemu
+
+    tolerance = {"atol": ATOL, "rtol": RTOL}
+    profile = build.profile
+    cpu = qemu_cpu or profile.qemu_cpu
+    try:
+        arm = qemu.find_arm64_python()
+    except qemu.QemuUnavailable as e:
+        why = f"cannot verify under QEMU: {e}"
+        return Parity("onnxruntime", "not-run", None, tolerance, None, why)
+    run = qemu.run_cases(build.lib_path, imported, cases, cpu, arm)
+    if not run.ok:
+        detail = run.detail
+        if cpu != profile.qemu_cpu:
+            detail += f" (profile {profile.name} is verified on qemu -cpu {profile.qemu_cpu})"
+        return Parity("onnxruntime", f"qemu:{cpu}", None, tolerance, False, detail)
+    worst, ok, detail = 0.0, True, ""
+    for (bucket, _, expected), outputs in zip(cases, run.outputs, strict=True):
+        diff, good, why = compare(outputs, expected)
+        worst = max(worst, diff)
+        if not good:
+            ok, detail = False, f"{bucket.function}: {why}"
+    return Parity("onnxruntime", f"qemu:{cpu}", worst, tolerance, ok, detail)
+
+
+def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = None,
+           timing_runs: int = 10, qemu_cpu: str | None = None):
+    """Parity record (and build-time latencies when run natively) for one built artifact.
+
+    `qemu_cpu` forces emulation on that qemu CPU model (for profiles that name a `qemu_cpu`).
+    """
     device = device or probe()
     tolerance = {"atol": ATOL, "rtol": RTOL}
     profile = build.profile
     missing = missing_requirements(profile.requires, device)
+    if profile.qemu_cpu and (missing or qemu_cpu):
+        return verify_emulated(build, imported, cases, qemu_cpu), []
+    if profile.family == "cuda" and not device.cuda:
+        why = (f"no CUDA device on the build host (the artifact needs compute capability >= "
+               f"{profile.requires.get('cuda_arch', 0) / 10:.1f}); `pytest -m gpu` on a GPU host checks it")
+        return Parity("onnxruntime", "not-run", None, tolerance, None, why), []
     if profile.family == "cuda" or missing:
-        why = "needs " + "; ".join(missing) if missing else "no CUDA device verification on this host"
+        why = ("needs " + "; ".join(missing)) if missing else (
+            "GPU verification at build time is not implemented")
         return Parity("onnxruntime", "not-run", None, tolerance, None, why), []
     worst, ok, detail, latencies = run_native(build.lib_path, imported, cases, timing_runs)
     for entry in latencies:

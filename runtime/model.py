@@ -25,6 +25,12 @@ from .select import ONNXRUNTIME, Choice, cached_latencies, remember_latencies, s
 Arrays = dict[str, np.ndarray]
 
 
+def cuda_index(requires: dict[str, Any], device: DeviceInfo) -> int:
+    """The first GPU that meets the artifact's compute capability (not simply GPU 0)."""
+    need = int(requires.get("cuda_arch", 0))
+    return next((c.index for c in device.cuda if c.compute_capability >= need), 0)
+
+
 class TvmEngine:
     """Runs one compiled artifact with TVM's Relax VM; weights are loaded once, shared by buckets."""
 
@@ -34,11 +40,17 @@ class TvmEngine:
         lib_path = bundle.file(self.artifact.file)
         weights = bundle.weights_entry(self.artifact.precision)
         params_path = bundle.file(weights["file"])
-        self.device = tvm.cuda(0) if self.artifact.is_gpu else tvm.cpu(0)
+        gpu = self.artifact.is_gpu
+        self.device = tvm.cuda(cuda_index(self.artifact.requires, device)) if gpu else tvm.cpu(0)
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as err:  # a library this TVM cannot load, or a missing CUDA driver
-            raise BundleError(f"{lib_path}: TVM could not load this artifact: {err}") from None
+            hint = (
+                "; it carries CUDA source that TVM would have to compile on this device: recompile the "
+                "bundle where nvcc is installed so that its kernels are embedded as a fatbin"
+                if self.artifact.code_form == "cuda-source-in-library" else ""
+            )
+            raise BundleError(f"{lib_path}: TVM could not load this artifact: {err}{hint}") from None
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
         by_name = tvm.runtime.load_param_dict(params_path.read_bytes())
         missing = [n for n in weights["names"] if n not in by_name]

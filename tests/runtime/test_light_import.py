@@ -1,6 +1,7 @@
 """The runtime stays thin: no torch, transformers, onnx, nor TVM's compiler library."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,12 +23,12 @@ def test_runtime_loads_no_compiler(tiny_bundle):
     from tvmdeploy.runtime import Bundle
 
     profile = Bundle(tiny_bundle).artifacts[0].profile
+    # A user's process: none of the variables the compiler (imported by this test session) sets.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TVM_", "TVMDEPLOY_"))}
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_bundle), profile],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["after_import"] == []
     assert result["heavy"] == []
     assert result["runtime_lib"] and not result["compiler_lib"]
-    import os
-
     assert result["threads"] == str(len(os.sched_getaffinity(0)))  # all cores, not TVM's half
