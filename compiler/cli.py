@@ -106,6 +106,8 @@ def inspect(
     from tvmdeploy.runtime import Bundle, probe
     from tvmdeploy.runtime.probe import missing_requirements
 
+    from .verify import parity_summary
+
     try:
         b = Bundle(bundle)
         if check:
@@ -132,11 +134,7 @@ def inspect(
     for column in ("profile", "target", "code", "tuning", "parity", "latency p50 (build host)", "runs here"):
         table.add_column(column)
     for a in b.artifacts:
-        parity = a.parity
-        if parity.get("ok") is None:
-            ptext = f"not-run ({parity.get('detail', '')})"
-        else:
-            ptext = f"{'ok' if parity['ok'] else 'FAILED'} {parity['max_abs_diff']:.1e} @ {parity['where']}"
+        ptext = parity_summary(a.parity)
         lat = ", ".join(f"{e['batch']}x{e['seq']}: {e['p50_ms']:.1f} ms" for e in a.latency[:4]) or "-"
         missing = missing_requirements(a.requires, device)
         table.add_row(a.profile, json.dumps(a.target), a.code_form, str(a.tuning.get("trials", 0)) + " trials",

@@ -14,6 +14,7 @@ from typing import Any
 
 import onnx
 from rich.console import Console
+from rich.markup import escape
 
 from tvmdeploy import targets
 from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
@@ -171,7 +172,7 @@ def compile_model(options: CompileOptions) -> Path:
                 with stages(f"verify {profile.name} against ONNX Runtime"):
                     record, latency = verify.verify(built, imported, cases)
                 parity = record.to_dict()
-                console.print(f"  parity {profile.name}: {record.summary()}")
+                console.print(f"  parity {profile.name}: {escape(record.summary())}")  # "[ok]" is not markup
                 if record.ok is False and options.strict_parity:
                     raise ParityError(
                         f"{profile.name}: verification against ONNX Runtime failed: {record.summary()} "

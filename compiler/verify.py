@@ -43,12 +43,17 @@ class Parity:
         }
 
     def summary(self) -> str:
-        """One line for people: the diff and verdict, or why there is none."""
-        if self.ok is None:
-            return f"not run ({self.detail})"
-        diff = "no outputs" if self.max_abs_diff is None else f"max abs diff {self.max_abs_diff:.2e}"
-        text = f"{diff} [{'ok' if self.ok else 'FAILED'}] ({self.where})"
-        return text if self.ok or not self.detail else f"{text}: {self.detail}"
+        return parity_summary(self.to_dict())
+
+
+def parity_summary(record: dict[str, Any]) -> str:
+    """One line for people from a manifest parity record: the diff and verdict, or why there is none."""
+    if record.get("ok") is None:
+        return f"not run ({record.get('detail', '')})"
+    diff = record.get("max_abs_diff")
+    diff_text = "no outputs" if diff is None else f"max abs diff {diff:.2e}"
+    text = f"{diff_text} [{'ok' if record['ok'] else 'FAILED'}] ({record.get('where')})"
+    return text if record["ok"] or not record.get("detail") else f"{text}: {record['detail']}"
 
 
 def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, Any]):
