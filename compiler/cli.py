@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +14,9 @@ from rich.table import Table
 
 from tvmdeploy import targets as target_profiles
 from tvmdeploy.runtime.errors import TvmdeployError
+
+if not sys.stdout.isatty():  # logs and pipes: keep tables whole instead of rich's 80 columns
+    os.environ.setdefault("COLUMNS", "160")
 
 app = typer.Typer(
     help="Compile fine-tuned transformers models with Apache TVM into one bundle; run and benchmark it.",
@@ -47,12 +51,15 @@ def compile_cmd(
     tune: Annotated[int, typer.Option("--tune", help="MetaSchedule trials per profile (0 = rule-based default schedules).")] = 0,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check against ONNX Runtime.")] = False,
     name: Annotated[Optional[str], typer.Option(help="Model name recorded in the manifest.")] = None,
+    rpc: Annotated[str | None, typer.Option("--rpc", help="TVM RPC tracker HOST:PORT: verify the artifacts of the remote device's arch on it.")] = None,
+    rpc_key: Annotated[str | None, typer.Option("--rpc-key", help="Key of the device's rpc_server at the tracker.")] = None,
 ) -> None:
     """Export MODEL, build it for each target profile, verify parity against ONNX Runtime, and write one bundle."""
     from .compile import CompileOptions, compile_model
 
     options = CompileOptions(model=model, output=str(output), targets=target, task=task, buckets=buckets,
-                             opset=opset, tune_trials=tune, verify=not no_verify, name=name)
+                             opset=opset, tune_trials=tune, verify=not no_verify, name=name, rpc=rpc,
+                             rpc_key=rpc_key)
     try:
         compile_model(options)
     except (TvmdeployError, ValueError, FileExistsError, target_profiles.UnknownTargetError) as error:
@@ -62,7 +69,7 @@ def compile_cmd(
 @app.command()
 def bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    compare: Annotated[str, typer.Option(help="Baselines to time beside tvmdeploy: onnxruntime, torch (comma-separated, or '').")] = "onnxruntime",
+    compare: Annotated[str | None, typer.Option(help="Baselines to time beside tvmdeploy: onnxruntime, torch (comma-separated, or ''). Default onnxruntime; none with --rpc (baselines run only locally).")] = None,
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
     seq: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "32,128",
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per case.")] = 5,
@@ -70,13 +77,20 @@ def bench(
     artifact: Annotated[Optional[str], typer.Option(help="Force a tvmdeploy artifact (profile name).")] = None,
     torch_model: Annotated[Optional[Path], typer.Option(help="HF model directory for the PyTorch baseline (default: the manifest's source).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the versioned JSON report here.")] = None,
+    rpc: Annotated[str | None, typer.Option("--rpc", help="TVM RPC tracker HOST:PORT: time tvmdeploy on the remote device instead (timed there; network excluded).")] = None,
+    rpc_key: Annotated[str | None, typer.Option("--rpc-key", help="Key of the device's rpc_server at the tracker.")] = None,
+    rpc_timeout: Annotated[float, typer.Option("--rpc-timeout", help="Seconds the remote session may last.")] = 600.0,
 ) -> None:
-    """Time the bundle (and baselines) in one process: warm-up, then p50/p90/p99/mean/std and throughput."""
+    """Time the bundle (and baselines) in one process: warm-up, then p50/p90/p99/mean/std and throughput.
+
+    With --rpc HOST:PORT --rpc-key KEY the artifact runs on the remote device (the least demanding one of its arch unless --artifact names one), timed there by TVM's time_evaluator; baselines are refused, bench them locally and merge with `tvmdeploy report`.
+    """
     from tvmdeploy.runtime.bench import BenchConfig, run_bench
 
+    compare = compare if compare is not None else ("" if rpc else "onnxruntime")
     engines = ["tvmdeploy"] + [e.strip() for e in compare.split(",") if e.strip()]
     config = BenchConfig(str(bundle), engines, _ints(batch), _ints(seq), warmup, runs, artifact,
-                         str(torch_model) if torch_model else None)
+                         str(torch_model) if torch_model else None, rpc, rpc_key, rpc_timeout)
     try:
         with err.status("benchmarking …") as status:
             report = run_bench(config, progress=lambda msg: status.update(f"benchmarking {msg} …"))

@@ -52,7 +52,7 @@ class TvmEngine:
             )
             raise BundleError(f"{lib_path}: TVM could not load this artifact: {err}{hint}") from None
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
-        by_name = tvm.runtime.load_param_dict(params_path.read_bytes())
+        by_name = tvm.runtime.load_param_dict_from_file(str(params_path))
         missing = [n for n in weights["names"] if n not in by_name]
         if missing:
             raise BundleError(f"{params_path}: weights {missing[:3]} are missing; recompile the bundle")

@@ -117,15 +117,12 @@ def select(
     measured = {k: v for k, v in measured.items() if k in allowed}
     if measured:
         best = min(measured, key=measured.get)
-        return Choice(
-            best,
-            f"fastest measured on this device ({measured[best]:.2f} ms p50 of "
-            + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(measured.items(), key=lambda kv: kv[1]))
-            + ")",
-            names,
-            rejected,
-            measured,
-        )
+        if len(measured) == 1:
+            reason = f"the only candidate measured on this device ({measured[best]:.2f} ms p50)"
+        else:
+            ranking = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(measured.items(), key=lambda kv: kv[1]))
+            reason = f"fastest measured on this device (p50: {ranking})"
+        return Choice(best, reason, names, rejected, measured)
     if compatible:
         best_artifact = min(compatible, key=lambda a: rank_key(a.is_gpu, a.requires, a.profile))
         kind = "GPU" if best_artifact.is_gpu else "CPU"
