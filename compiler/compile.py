@@ -64,6 +64,8 @@ class CompileOptions:
     verify: bool = True
     strict_parity: bool = True
     name: str | None = None
+    rpc: str | None = None  # HOST:PORT of a TVM RPC tracker: verify artifacts of the remote's arch there
+    rpc_key: str | None = None
 
     def display(self, profiles: list[targets.Profile]) -> None:
         console.print(f"[bold]tvmdeploy compile[/bold] {self.model} → {self.output}")
@@ -71,6 +73,8 @@ class CompileOptions:
         console.print(f"  buckets : {self.buckets}  (batch x seq)")
         console.print(f"  task    : {self.task or 'inferred from config'}")
         console.print(f"  tuning  : {f'{self.tune_trials} trials per profile' if self.tune_trials else 'rule-based default schedules (no tuning)'}")
+        if self.rpc:
+            console.print(f"  verify  : artifacts of the remote's arch on RPC key {self.rpc_key!r} (tracker {self.rpc})")
 
 
 class Stages:
@@ -140,6 +144,13 @@ def compile_model(options: CompileOptions) -> Path:
 
     profiles = resolve_profiles(options.targets)
     options.display(profiles)
+    remote_device = None
+    if options.rpc and options.verify:  # asked before the export: a wrong --rpc fails in seconds
+        from tvmdeploy.runtime import remote
+
+        if not options.rpc_key:
+            raise remote.RemoteError("--rpc needs --rpc-key KEY: the key the device's rpc_server registered under")
+        remote_device = remote.probe_remote(options.rpc, options.rpc_key)
     buckets = importer.parse_buckets(options.buckets)
     stages = Stages(4 + len(profiles) * (1 + bool(options.tune_trials)) + bool(options.verify) * len(profiles))
     with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
@@ -169,8 +180,13 @@ def compile_model(options: CompileOptions) -> Path:
                 built = build_stage.build(imported.mod, profile, work_dir / "artifacts" / profile.name, database)
             parity, latency = {"where": "not-run", "detail": "verification disabled"}, []
             if options.verify:
-                with stages(f"verify {profile.name} against ONNX Runtime"):
-                    record, latency = verify.verify(built, imported, cases)
+                on_remote = (remote_device is not None and not profile.is_gpu
+                             and profile.requires.get("arch") == remote_device.arch)
+                with stages(f"verify {profile.name} against ONNX Runtime" + (" via RPC" if on_remote else "")):
+                    if on_remote:
+                        record, latency = verify.verify_rpc(built, imported, cases, options.rpc, options.rpc_key), []
+                    else:
+                        record, latency = verify.verify(built, imported, cases)
                 parity = record.to_dict()
                 console.print(f"  parity {profile.name}: {escape(record.summary())}")  # "[ok]" is not markup
                 if record.ok is False and options.strict_parity:

@@ -2,7 +2,8 @@
 
 Inputs are deterministic (seeded ids, a partly masked row), one set per bucket. An artifact this
 machine cannot run natively is run under emulation where its profile names a `qemu_cpu` (ARM, see
-qemu.py), and otherwise recorded `not-run` rather than guessed at.
+qemu.py), on a remote device through TVM RPC where the caller names one (`verify_rpc`), and
+otherwise recorded `not-run` rather than guessed at.
 """
 
 from __future__ import annotations
@@ -139,6 +140,36 @@ def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None 
         if not good:
             ok, detail = False, f"{bucket.function}: {why}"
     return Parity("onnxruntime", f"qemu:{cpu}", worst, tolerance, ok, detail)
+
+
+def verify_rpc(build, imported: ImportedModel, cases, rpc: str, rpc_key: str,
+               session_timeout: float = 600.0) -> Parity:
+    """Parity of an artifact run on the device behind `rpc_key` at the tracker `rpc` (HOST:PORT).
+
+    Unreachable tracker, unknown key or another arch raise (the caller asked for this device); a
+    failure while loading or running on the device is a failed verification with the reason.
+    """
+    import tvm
+    from tvmdeploy.runtime import remote
+
+    tolerance = {"atol": ATOL, "rtol": RTOL}
+    where = f"rpc:{rpc_key}"
+    profile = build.profile
+    with remote.connect(rpc, rpc_key, session_timeout=session_timeout) as session:
+        remote.check_artifact_runs(profile.requires, profile.is_gpu, profile.name, session.device)
+        blob = tvm.runtime.save_param_dict(dict(zip(imported.param_names, imported.params)))
+        names = [i["name"] for i in imported.inputs]
+        worst, ok, detail = 0.0, True, ""
+        try:
+            vm = remote.RemoteVM(session, build.lib_path, blob, imported.param_names, name=profile.name)
+            for bucket, arrays, expected in cases:
+                diff, good, why = compare(vm.run(bucket.function, [arrays[n] for n in names]), expected)
+                worst = max(worst, diff)
+                if not good:
+                    ok, detail = False, f"{bucket.function}: {why}"
+        except remote.RemoteError as err:
+            return Parity("onnxruntime", where, None, tolerance, False, str(err))
+    return Parity("onnxruntime", where, worst, tolerance, ok, detail)
 
 
 def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = None,

@@ -6,7 +6,7 @@ only when a compiled artifact is loaded). ONNX Runtime is imported only for its 
 """
 
 from .bundle import Artifact, Bucket, Bundle
-from .errors import BundleError, IncompatibleDeviceError, InputError, TvmdeployError
+from .errors import BundleError, IncompatibleDeviceError, InputError, RemoteError, TvmdeployError
 from .model import Model, Prediction, load
 from .probe import DeviceInfo, probe
 from .select import Choice
@@ -22,6 +22,7 @@ __all__ = [
     "InputError",
     "Model",
     "Prediction",
+    "RemoteError",
     "TvmdeployError",
     "load",
     "probe",

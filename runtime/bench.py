@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle
-from .errors import TvmdeployError
+from .errors import InputError, TvmdeployError
 from .probe import probe
 
 SCHEMA = "tvmdeploy.bench"
@@ -47,6 +47,9 @@ class BenchConfig:
     runs: int = 30
     artifact: str | None = None  # force a tvmdeploy artifact
     torch_model: str | None = None  # HF directory for the PyTorch baseline (default: manifest source)
+    rpc: str | None = None  # HOST:PORT of a TVM RPC tracker: time tvmdeploy on a remote device
+    rpc_key: str | None = None  # the device's key at that tracker
+    rpc_timeout: float = 600.0  # seconds the remote session may last
 
 
 @dataclass
@@ -151,8 +154,11 @@ def torch_runner(bundle: Bundle, model_dir: str | None) -> Callable[[dict[str, n
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> BenchReport:
-    """Benchmark every engine at every (batch, seq) of `config`."""
+    """Benchmark every engine at every (batch, seq) of `config` (on a remote device with `rpc`)."""
     from .model import OnnxRuntimeEngine, load
+
+    if config.rpc:
+        return run_remote_bench(config, progress)
 
     unknown = set(config.engines) - set(ENGINES)
     if unknown:
@@ -182,6 +188,58 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
                 parity = {"reference": "onnxruntime", "max_abs_diff": diff}
                 results.append(summarize(engine, artifact, batch, seq, config.warmup, warmup_ms, times, parity))
     device = probe()
+    return BenchReport(
+        device=device.to_dict(),
+        bundle={"name": bundle.name, "identity": bundle.identity, "path_name": bundle.path.name,
+                "choice": str(model.choice)},
+        config=asdict(config),
+        results=results,
+    )
+
+
+def run_remote_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> BenchReport:
+    """tvmdeploy on the device behind `config.rpc_key`, timed there by `time_evaluator`.
+
+    The p50/p90/p99 are the bucket function alone on the device (inputs already uploaded, outputs
+    left there), so network latency is excluded; warm-up is timed the same way. Parity is against
+    ONNX Runtime on this machine, on the outputs downloaded from a separate run. Baselines are
+    refused rather than timed here: a report's rows are all about one device, so bench them in a
+    run without --rpc and merge both JSONs with `tvmdeploy report`.
+    """
+    from .model import OnnxRuntimeEngine
+    from .remote import RemoteError, load_remote
+
+    if not config.rpc_key:
+        raise RemoteError("--rpc needs --rpc-key KEY: the key the device's rpc_server registered under")
+    baselines = [e for e in config.engines if e != "tvmdeploy"]
+    if baselines:
+        raise TvmdeployError(
+            f"baselines ({', '.join(baselines)}) run only on this machine, not over RPC: bench them in a "
+            "separate run without --rpc (or pass --compare '') and merge the JSONs with `tvmdeploy report`"
+        )
+    model = load_remote(config.bundle, config.rpc, config.rpc_key, artifact=config.artifact,
+                        session_timeout=config.rpc_timeout)
+    bundle, engine = model.bundle, model.engine
+    reference = OnnxRuntimeEngine(bundle)
+    results = []
+    for batch in config.batches:
+        for seq in config.seqs:
+            arrays = bench_inputs(bundle, batch, seq)
+            try:
+                bucket = model.bucket_for(batch, seq)
+            except InputError as err:
+                raise InputError(f"{err}; over RPC each case is one bucket call (larger batches are not "
+                                 "split): choose a smaller --batch") from None
+            progress(f"tvmdeploy via RPC batch {batch} seq {seq}")
+            got = model(**arrays)[bundle.outputs[0]["name"]]
+            diff = float(np.abs(got - reference.run(None, arrays)[0]).max())
+            warmup_ms, times = engine.time(bucket, model._pad(model._validate(arrays), bucket),
+                                           config.warmup, config.runs)
+            parity = {"reference": "onnxruntime", "max_abs_diff": diff}
+            results.append(summarize("tvmdeploy", model.choice.artifact, batch, seq, config.warmup, warmup_ms,
+                                     times, parity))
+    device = engine.session.device
+    engine.close()
     return BenchReport(
         device=device.to_dict(),
         bundle={"name": bundle.name, "identity": bundle.identity, "path_name": bundle.path.name,

@@ -15,3 +15,7 @@ class IncompatibleDeviceError(TvmdeployError):
 
 class InputError(TvmdeployError, ValueError):
     """Model inputs have the wrong names, dtype, rank, length or values."""
+
+
+class RemoteError(TvmdeployError):
+    """A remote device over TVM RPC is unreachable, busy, unknown to the tracker, or failed a call."""

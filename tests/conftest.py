@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# The test session builds models, so it is a compiler process: importing the compiler first makes
+# TVM load its full library whichever test happens to import TVM first.
+import tvmdeploy.compiler  # noqa: F401
+
 # Keep the user's caches out of tests; keep thread use predictable on small CI machines.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -50,7 +50,7 @@ def test_requirements_against_devices():
     assert "arch aarch64" in missing_requirements(targets.get("arm64-neon").requires, skylake)[0]
     pi4 = _device("aarch64", parse_cpuinfo(ARM_CPUINFO)[1])
     assert missing_requirements(targets.get("arm64-neon").requires, pi4) == []
-    assert missing_requirements(targets.get("arm64-sve").requires, pi4) == ["CPU features sve"]
+    assert missing_requirements(targets.get("arm64-sve").requires, pi4) == ["CPU features asimddp, sve, i8mm, bf16"]
     assert "none found" in missing_requirements(targets.get("cuda-sm80").requires, skylake)[0]
     t4 = _device("x86_64", [], [CudaDevice(0, "Tesla T4", 75)])
     assert missing_requirements(targets.get("cuda-sm75").requires, t4) == []
