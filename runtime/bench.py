@@ -122,6 +122,18 @@ def summarize(engine: str, artifact: str | None, batch: int, seq: int, warmup: i
                        float(p99), mean, float(times.std()), batch * 1e3 / mean, parity)
 
 
+def make_report(device: dict[str, Any], model, config: BenchConfig, results: list[BenchResult]) -> BenchReport:
+    """The report for `results` measured with `model` on `device`."""
+    bundle = model.bundle
+    return BenchReport(
+        device=device,
+        bundle={"name": bundle.name, "identity": bundle.identity, "path_name": bundle.path.name,
+                "choice": str(model.choice)},
+        config=asdict(config),
+        results=results,
+    )
+
+
 def bench_inputs(bundle: Bundle, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = {i["name"]: np.zeros((batch, seq), np.int64) for i in bundle.inputs}
@@ -187,14 +199,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
                 artifact = model.choice.artifact if engine == "tvmdeploy" else None
                 parity = {"reference": "onnxruntime", "max_abs_diff": diff}
                 results.append(summarize(engine, artifact, batch, seq, config.warmup, warmup_ms, times, parity))
-    device = probe()
-    return BenchReport(
-        device=device.to_dict(),
-        bundle={"name": bundle.name, "identity": bundle.identity, "path_name": bundle.path.name,
-                "choice": str(model.choice)},
-        config=asdict(config),
-        results=results,
-    )
+    return make_report(probe().to_dict(), model, config, results)
 
 
 def run_remote_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> BenchReport:
@@ -240,10 +245,4 @@ def run_remote_bench(config: BenchConfig, progress: Callable[[str], None] = lamb
                                      times, parity))
     device = engine.session.device
     engine.close()
-    return BenchReport(
-        device=device.to_dict(),
-        bundle={"name": bundle.name, "identity": bundle.identity, "path_name": bundle.path.name,
-                "choice": str(model.choice)},
-        config=asdict(config),
-        results=results,
-    )
+    return make_report(device.to_dict(), model, config, results)
