@@ -6,11 +6,11 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 
+# Debian packages: the ARM cross toolchain and qemu-user (ARM verification), Chromium (report test).
 need_apt=()
-command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
-command -v qemu-aarch64-static >/dev/null || need_apt+=(qemu-user-static)
-# Headless Chromium renders `tvmdeploy report` pages in tests/runtime/test_report.py.
-command -v chromium >/dev/null || need_apt+=(chromium)
+for pkg in gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static chromium; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
 if [ ${#need_apt[@]} -gt 0 ] && [ "${TVMDEPLOY_SKIP_APT:-0}" != 1 ]; then
   echo "[setup] installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
