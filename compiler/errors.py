@@ -1,6 +1,11 @@
 """Compiler error types (the runtime's error types are shared: one hierarchy to catch)."""
 
-from tvmdeploy.runtime.errors import BundleError, IncompatibleDeviceError, InputError, TvmdeployError
+from tvmdeploy.runtime.errors import (
+    BundleError,
+    IncompatibleDeviceError,
+    InputError,
+    TvmdeployError,
+)
 
 __all__ = [
     "BundleError",

@@ -38,7 +38,7 @@ def check_onnx(path: Path) -> None:
 
     try:
         onnx.checker.check_model(str(path))
-    except Exception as err:  # onnx raises ValidationError, DecodeError, OSError...
+    except Exception as err:  # noqa: BLE001 - onnx raises ValidationError, DecodeError, OSError...
         raise ModelLoadError(f"{path}: not a valid ONNX model ({str(err).splitlines()[0]})") from None
 
 
@@ -130,9 +130,8 @@ def export(model_path: str | Path, work_dir: str | Path, task: str | None = None
 
     config = read_config(model_path)
     task = task or infer_task(model_path, config)
-    from optimum.exporters.onnx import main_export
-
     import transformers
+    from optimum.exporters.onnx import main_export
 
     logging.getLogger("optimum").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()

@@ -42,7 +42,11 @@ def finetune(
     """Train a BertForSequenceClassification head + encoder on `train`; returns `out_dir`."""
     import torch
     import transformers
-    from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoTokenizer,
+        BertForSequenceClassification,
+        get_linear_schedule_with_warmup,
+    )
 
     transformers.logging.set_verbosity_error()  # "newly initialized head" is the point here
 

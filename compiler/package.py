@@ -119,7 +119,7 @@ def write_bundle(
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "tools": tool_versions(),
             "model": model_info,
             "export_parity": export_parity or {},

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tvmdeploy.runtime.errors import TvmdeployError
 from tvmdeploy.runtime.select import cache_dir
 

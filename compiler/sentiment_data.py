@@ -38,7 +38,7 @@ def fetch_sdist(cache_dir: Path) -> Path:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
            f"vaderSentiment=={VADER_VERSION}", "-d", str(cache_dir)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     found = sorted(cache_dir.glob(f"vaderSentiment-{VADER_VERSION}.tar.gz"))
     if result.returncode != 0 or not found:
         raise ModelLoadError(f"could not download the vaderSentiment source package: {result.stderr.strip()[-400:]}")

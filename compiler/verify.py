@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
 
 from .export import deterministic_inputs

@@ -33,7 +33,7 @@ def import_tvm() -> ModuleType:
         sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
     try:
         import tvm
-        import tvm.runtime.vm  # noqa: F401
+        import tvm.runtime.vm
     finally:
         if hide_torch and sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]

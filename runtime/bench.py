@@ -76,7 +76,7 @@ class BenchReport:
     bundle: dict[str, Any]
     config: dict[str, Any]
     results: list[BenchResult]
-    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -195,7 +195,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
             for engine, run in runners.items():
                 progress(f"{engine} batch {batch} seq {seq}")
                 diff = float(np.abs(run(arrays) - expected).max())
-                warmup_ms, times = timed(lambda: run(arrays), config.warmup, config.runs)
+                warmup_ms, times = timed(lambda run=run, arrays=arrays: run(arrays), config.warmup, config.runs)
                 artifact = model.choice.artifact if engine == "tvmdeploy" else None
                 parity = {"reference": "onnxruntime", "max_abs_diff": diff}
                 results.append(summarize(engine, artifact, batch, seq, config.warmup, warmup_ms, times, parity))

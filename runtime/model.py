@@ -44,7 +44,7 @@ class TvmEngine:
         self.device = tvm.cuda(cuda_index(self.artifact.requires, device)) if gpu else tvm.cpu(0)
         try:
             lib = tvm.runtime.load_module(str(lib_path))
-        except Exception as err:  # a library this TVM cannot load, or a missing CUDA driver
+        except Exception as err:  # noqa: BLE001 - a library this TVM cannot load, or no CUDA driver
             hint = (
                 "; it carries CUDA source that TVM would have to compile on this device: recompile the "
                 "bundle where nvcc is installed so that its kernels are embedded as a fatbin"

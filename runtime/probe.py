@@ -98,7 +98,7 @@ def _cuda_devices() -> tuple[CudaDevice, ...]:
                 break
             major, minor = (int(x) for x in str(dev.compute_version).split("."))
             found.append(CudaDevice(index, str(dev.device_name), major * 10 + minor))
-    except Exception:  # no libcuda, no CUDA runtime module: no GPU usable by TVM here
+    except Exception:  # noqa: BLE001 - no libcuda or CUDA runtime module: no GPU usable here
         return tuple(found)
     return tuple(found)
 

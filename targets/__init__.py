@@ -83,7 +83,7 @@ def _profiles() -> dict[str, Profile]:
     return {p.stem: _load(p) for p in sorted(PROFILE_DIR.glob("*.toml"))}
 
 
-def all() -> list[Profile]:  # noqa: A001 - the name DESIGN.md gives the loader
+def all() -> list[Profile]:
     """Every profile, sorted by name."""
     return list(_profiles().values())
 

@@ -3,10 +3,9 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
-
 from tvmdeploy import targets
 from tvmdeploy.compiler.cli import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -4,7 +4,6 @@ import random
 
 import numpy as np
 import pytest
-
 from tvmdeploy.compiler.finetune import finetune, length_grouped_batches
 from tvmdeploy.compiler.sentiment_data import Example, fetch_sdist, load_split, read_snippets
 
@@ -23,7 +22,7 @@ def test_snippets_and_split(data_dir):
     kept = [r for r in rows if abs(r[0]) >= 0.5]
     assert len(train) + len(test) == len(kept) and abs(len(test) - 0.2 * len(kept)) <= 1
     assert all(e.label == int(e.rating > 0) and abs(e.rating) >= 0.5 for e in train + test)
-    again_train, again_test = load_split(data_dir)
+    _, again_test = load_split(data_dir)
     assert [e.text for e in again_test] == [e.text for e in test]  # fixed seed, fixed split
     assert 0.4 < np.mean([e.label for e in train]) < 0.6
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from tvmdeploy.compiler.errors import ModelLoadError
 from tvmdeploy.compiler.export import export, infer_task, read_config
 

@@ -4,9 +4,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from tvmdeploy.compiler.errors import UnsupportedOperatorError
-from tvmdeploy.compiler.importer import BucketSpec, import_onnx, io_spec, parse_buckets, unsupported_ops
+from tvmdeploy.compiler.importer import (
+    BucketSpec,
+    import_onnx,
+    io_spec,
+    parse_buckets,
+    unsupported_ops,
+)
 
 
 def test_parse_buckets_cross_product_and_groups():

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from tvmdeploy.compiler.package import ArtifactEntry, write_bundle
 from tvmdeploy.runtime import Bundle
 

@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from tvmdeploy import targets
 from tvmdeploy.compiler import qemu
 

@@ -23,6 +23,6 @@ def test_out_of_range_gather_does_not_crash(tmp_path):
     from tests.compiler.test_importer import embedding_graph
 
     path = embedding_graph("Relu", tmp_path / "emb.onnx")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, path], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, path], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
     assert result.stdout.strip().endswith("ok")

@@ -9,10 +9,10 @@ import onnxruntime
 import pytest
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
-
-from tests.conftest import LABELS, minilm_dir
 from tvmdeploy.compiler.compile import CompileOptions, compile_model
 from tvmdeploy.runtime import load
+
+from tests.conftest import LABELS, minilm_dir
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from tvmdeploy.runtime import Bundle, BundleError, IncompatibleDeviceError, load
 from tvmdeploy.runtime.bundle import sha256_file
 

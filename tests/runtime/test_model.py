@@ -5,7 +5,6 @@ import onnxruntime
 import pytest
 import torch
 from transformers import BertForSequenceClassification
-
 from tvmdeploy.runtime import InputError, load
 
 # Bucket padding changes only masked positions; fp32 reassociation gives ~1e-6 differences.

@@ -4,7 +4,13 @@ import platform
 import subprocess
 
 from tvmdeploy import targets
-from tvmdeploy.runtime.probe import DeviceInfo, CudaDevice, missing_requirements, parse_cpuinfo, probe
+from tvmdeploy.runtime.probe import (
+    CudaDevice,
+    DeviceInfo,
+    missing_requirements,
+    parse_cpuinfo,
+    probe,
+)
 
 X86_CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel

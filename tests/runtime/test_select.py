@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from tvmdeploy import targets
 from tvmdeploy.runtime import Bundle, load
 from tvmdeploy.runtime.probe import CudaDevice, DeviceInfo, probe

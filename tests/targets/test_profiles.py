@@ -1,7 +1,6 @@
 """Target profiles are data: every file loads, names itself, and gives TVM a valid target."""
 
 import pytest
-
 from tvmdeploy import targets
 
 REQUIRED = {
