@@ -66,6 +66,36 @@ def compile_cmd(
         _fail(error)
 
 
+@app.command("tune")
+def tune_cmd(
+    model: Annotated[str, typer.Argument(help="A local Hugging Face model directory, or an .onnx file.")],
+    target: Annotated[str, typer.Option("-t", "--target", help="CPU target profile this machine can run; 'host' = best for this machine.")] = "host",
+    trials: Annotated[Optional[int], typer.Option("--trials", help="Trial budget for this model's kernels, counting records already in the cache (a rerun continues).")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Wall-time budget for this run, in minutes.")] = None,
+    buckets: Annotated[str, typer.Option(help="Shape buckets as BATCHES x SEQS (the same as you will compile).")] = "1,4x32,64,128,256",
+    task: Annotated[Optional[str], typer.Option(help="Optimum task; inferred from config.json by default.")] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset for the export.")] = None,
+    export_records: Annotated[Optional[Path], typer.Option("--export", help="Also write this model's best records (one per kernel) to this directory, e.g. to ship them.")] = None,
+) -> None:
+    """Tune MODEL's matmul kernels with MetaSchedule into the per-profile cache; `compile` then uses the records.
+
+    Resumable: Ctrl-C, SIGTERM or kill -9 lose no measured record, and the same command continues where it stopped.
+    """
+    from .tune import TuneOptions, TuningInterrupted, tune_model
+
+    if not trials and not minutes:
+        _fail(ValueError("give a budget: --trials N, --minutes M, or both"))
+    options = TuneOptions(model=model, target=target, trials=trials, minutes=minutes, buckets=buckets,
+                          task=task, opset=opset, export_dir=str(export_records) if export_records else None)
+    try:
+        tune_model(options)
+    except TuningInterrupted as stopped:
+        err.print(f"[yellow]{stopped}[/yellow]")
+        raise typer.Exit(128 + stopped.signum) from None
+    except (TvmdeployError, ValueError, target_profiles.UnknownTargetError) as error:
+        _fail(error)
+
+
 @app.command()
 def bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],

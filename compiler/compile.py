@@ -72,7 +72,7 @@ class CompileOptions:
         console.print(f"  targets : {', '.join(p.name for p in profiles)}")
         console.print(f"  buckets : {self.buckets}  (batch x seq)")
         console.print(f"  task    : {self.task or 'inferred from config'}")
-        console.print(f"  tuning  : {f'{self.tune_trials} trials per profile' if self.tune_trials else 'rule-based default schedules (no tuning)'}")
+        console.print(f"  tuning  : {f'{self.tune_trials} trials per profile' if self.tune_trials else 'no new trials (tuning records from the shipped set or the cache where they exist)'}")
         if self.rpc:
             console.print(f"  verify  : artifacts of the remote's arch on RPC key {self.rpc_key!r} (tracker {self.rpc})")
 
@@ -83,23 +83,29 @@ class Stages:
     def __init__(self, total: int):
         self.total, self.index = total, 0
 
-    def __call__(self, title: str):
+    def __call__(self, title: str, spinner: bool = True):
         self.index += 1
-        return _Stage(f"[{self.index}/{self.total}] {title}")
+        return _Stage(f"[{self.index}/{self.total}] {title}", spinner)
 
 
 class _Stage:
-    def __init__(self, title: str):
-        self.title = title
+    """A stage heading; `spinner=False` for stages that draw their own progress bar."""
+
+    def __init__(self, title: str, spinner: bool = True):
+        self.title, self.spinner = title, spinner
 
     def __enter__(self):
         self.start = time.perf_counter()
-        self.status = console.status(self.title + " …")
-        self.status.__enter__()
+        self.status = console.status(self.title + " …") if self.spinner else None
+        if self.status:
+            self.status.__enter__()
+        else:
+            console.print(self.title + " …")
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.status.__exit__(exc_type, exc, tb)
+        if self.status:
+            self.status.__exit__(exc_type, exc, tb)
         took = time.perf_counter() - self.start
         mark = "[green]done[/green]" if exc_type is None else "[red]failed[/red]"
         console.print(f"{self.title} {mark} in {took:.1f} s")
@@ -152,7 +158,17 @@ def compile_model(options: CompileOptions) -> Path:
             raise remote.RemoteError("--rpc needs --rpc-key KEY: the key the device's rpc_server registered under")
         remote_device = remote.probe_remote(options.rpc, options.rpc_key)
     buckets = importer.parse_buckets(options.buckets)
-    stages = Stages(4 + len(profiles) * (1 + bool(options.tune_trials)) + bool(options.verify) * len(profiles))
+    from . import tune
+
+    tunable = []
+    if options.tune_trials:
+        for profile in profiles:
+            try:
+                tune.check_tunable(profile)
+                tunable.append(profile)
+            except tune.TuningError as why:
+                console.print(f"  [yellow]not tuning[/yellow] {why}")
+    stages = Stages(4 + len(profiles) + len(tunable) + bool(options.verify) * len(profiles))
     with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
         work_dir = Path(work)
         with stages("export (optimum, onnx checker, parity vs PyTorch)"):
@@ -170,11 +186,14 @@ def compile_model(options: CompileOptions) -> Path:
         entries: list[package.ArtifactEntry] = []
         for profile in profiles:
             database, tuning_summary, tuning_files = None, {"trials": 0, "source": "none (rule-based default schedules)"}, []
-            if options.tune_trials:
-                from . import tune
-
-                with stages(f"tune {profile.name} ({options.tune_trials} trials)"):
-                    tuned = tune.tune(imported.mod, profile, options.tune_trials, work_dir / "tuning" / profile.name)
+            tuning_dir = work_dir / "tuning" / profile.name
+            if profile in tunable:
+                with stages(f"tune {profile.name} ({options.tune_trials} trials, cache {tune.cache_path(profile)})",
+                            spinner=False):
+                    tuned = tune.tune(imported.mod, profile, options.tune_trials, tuning_dir)
+            else:  # records from the shipped set and the cache, zero new trials
+                tuned = tune.lookup(imported.mod, profile, tuning_dir)
+            if tuned is not None:
                 database, tuning_summary, tuning_files = tuned.database, tuned.summary, tuned.files
             with stages(f"build {profile.name}"):
                 built = build_stage.build(imported.mod, profile, work_dir / "artifacts" / profile.name, database)

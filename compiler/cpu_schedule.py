@@ -45,6 +45,8 @@ __all__ = [
     "CPURowReduction",
     "cpu_pipeline",
     "default_schedule_pass",
+    "fusion_passes",
+    "is_matmul_like",
     "vector_lanes",
 ]
 
@@ -604,7 +606,39 @@ def default_schedule_pass(target: Target) -> tvm.transform.Pass:
     return _pass
 
 
-def cpu_pipeline(target: Target, fast_math: bool = True) -> tvm.transform.Pass:
+def fusion_passes(target: Target, fast_math: bool = True) -> list[tvm.transform.Pass]:
+    """Library dispatch, fast math, legalization and fusion: the part of :func:`cpu_pipeline`
+    that decides which PrimFuncs exist. Tuning (compiler/tune.py) extracts its tasks after
+    exactly these passes, so the workloads it records are the ones the build later looks up."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    return (
+        cpu_generic.library_dispatch_passes(target)
+        + ([relax.transform.FastMathTransform()] if fast_math else [])
+        + cpu_generic.legalize_passes(target)
+    )
+
+
+def is_matmul_like(func: tirx.PrimFunc) -> bool:
+    """Whether ``func``'s main reduction is a (batched) matmul with a floating-point result:
+    the kernels that dominate transformer inference and that tuning spends its trials on."""
+    try:
+        sch = s_tir.Schedule(func)
+        reductions = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
+        if not reductions:
+            return False
+        stmt = sch.get(reductions[0])
+        return (
+            str(stmt.writes[0].source.dtype).startswith("float")
+            and _matmul_index_maps(stmt) is not None
+        )
+    except Exception:  # noqa: BLE001 - classification is a hint, never an error
+        return False
+
+
+def cpu_pipeline(
+    target: Target, fast_math: bool = True, database: s_tir.meta_schedule.Database | None = None
+) -> tvm.transform.Pass:
     """The relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)`` on CPU.
 
     Same phases as ``tvm.relax.backend.cpu_generic.get_default_pipeline`` with
@@ -612,17 +646,23 @@ def cpu_pipeline(target: Target, fast_math: bool = True) -> tvm.transform.Pass:
     the dataflow lowering passes. With ``fast_math`` (default), ``relax.FastMathTransform``
     runs just before legalization so exp/erf/tanh/softmax become vectorizable polynomial
     approximations (|err| ~1e-7) instead of scalar libm calls.
+
+    With a MetaSchedule ``database`` (compiler/tune.py), its records are applied right after
+    fusion (``relax.transform.MetaScheduleApplyDatabase``): a fused function whose workload
+    has a record gets the tuned schedule and is marked scheduled, so the rule-based pass that
+    follows leaves it alone and schedules only the rest.
     """
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     @tvm.transform.module_pass(opt_level=0, name="CPUDefaultPipeline")
     def _pipeline(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         with target:
+            mod = tvm.transform.Sequential(fusion_passes(target, fast_math))(mod)
+            if database is not None:
+                with database:
+                    mod = relax.transform.MetaScheduleApplyDatabase()(mod)
             seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
-                + ([relax.transform.FastMathTransform()] if fast_math else [])
-                + cpu_generic.legalize_passes(target)
-                + [default_schedule_pass(target)]
+                [default_schedule_pass(target)]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )

@@ -17,18 +17,22 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
+from tvmdeploy import targets
 from tvmdeploy.runtime import load
 from tvmdeploy.runtime.bench import BenchConfig, run_bench, torch_runner
 from tvmdeploy.runtime.bundle import Bundle
 from tvmdeploy.runtime.errors import BundleError
+from tvmdeploy.runtime.probe import missing_requirements, probe
 
 from .compile import CompileOptions, compile_model, resolve_profiles
 from .finetune import finetune
 from .sentiment_data import Example, load_split
+from .tune import describe, shipped_path
 
 console = Console(highlight=False)
 DEMO_BUCKETS = "1,8x16,32,64,128"
+#: The profile whose tuning records ship with the package (compiler/tuning_records/).
+DEMO_PROFILE = "x86-64-v4"
 SENTENCES = [
     "A gorgeous, moving film with a terrific cast.",
     "Dull, predictable and far too long.",
@@ -70,11 +74,28 @@ def ensure_finetuned(work_dir: Path, train: list[Example], epochs: float) -> Pat
     return model_dir
 
 
+def demo_target(target: str = "host") -> str:
+    """`DEMO_PROFILE` when asked for "host" and this machine can run it (its tuning records ship
+    with the package, so the demo compiles tuned without a tuning run), else `target`."""
+    if target == "host" and not missing_requirements(targets.get(DEMO_PROFILE).requires, probe()):
+        return DEMO_PROFILE
+    return target
+
+
+def records_digest(profile: str) -> str:
+    """Identity of the shipped records for a profile: a new set invalidates the cached bundle."""
+    digest = hashlib.sha256()
+    for path in sorted(shipped_path(profile).glob("*.json")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def ensure_bundle(work_dir: Path, model_dir: Path, target: str) -> Path:
-    """Compile unless a bundle for this exact model and profile is already there."""
-    profile = resolve_profiles([target])[0].name
+    """Compile unless a bundle for this exact model, profile and shipped record set is there."""
+    profile = resolve_profiles([demo_target(target)])[0].name
     bundle_dir = work_dir / f"minilm-sentiment-{profile}.tvmd"
-    key = {"model": model_digest(model_dir), "profile": profile, "buckets": DEMO_BUCKETS}
+    key = {"model": model_digest(model_dir), "profile": profile, "buckets": DEMO_BUCKETS,
+           "records": records_digest(profile)}
     stamp = work_dir / f".{bundle_dir.name}.key.json"
     try:
         Bundle(bundle_dir).verify()
@@ -109,6 +130,13 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
 
     model = load(bundle_dir)
     console.print(f"\nruntime choice: {model.choice}")
+    for artifact in model.bundle.artifacts:
+        tuning = artifact.tuning
+        if tuning.get("kernels"):
+            console.print(f"tuning ({artifact.profile}): {describe(tuning)}; "
+                          f"{tuning.get('new_trials', 0)} new trials at build time")
+        else:
+            console.print(f"tuning ({artifact.profile}): none, rule-based default schedules")
     for sentence, prediction in zip(SENTENCES, model.predict(SENTENCES)):
         console.print(f"  {prediction.label:<8} {prediction.score:.3f}  {sentence}")
 

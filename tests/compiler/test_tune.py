@@ -1,0 +1,284 @@
+"""compiler/tune.py on the tiny BERT with tiny budgets: real MetaSchedule, real workers.
+
+Records are written as they are measured and reused (a rerun measures nothing), survive
+SIGTERM and kill -9 of the tuner with no worker left behind, a rerun continues from them, and
+applying them changes the built code while keeping parity with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from tvmdeploy.compiler import build as build_stage
+from tvmdeploy.compiler import importer, tune, verify
+from tvmdeploy.compiler.compile import host_profile
+
+BUCKETS = "1x16"
+TVMDEPLOY = [sys.executable, "-m", "tvmdeploy.compiler.cli"]
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return host_profile()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT exported once (the CLI accepts the .onnx file with its config beside it)."""
+    from tvmdeploy.compiler import export
+
+    return export.export(tiny_model_dir, tmp_path_factory.mktemp("tiny-onnx")).onnx_path
+
+
+@pytest.fixture(scope="module")
+def tiny_import(tiny_onnx):
+    return importer.import_onnx(tiny_onnx, importer.parse_buckets(BUCKETS))
+
+
+@pytest.fixture(scope="module")
+def top_task(tiny_import, profile) -> tune.Task:
+    """The matmul kernel with the most FLOPs x calls: one task keeps the budgets tiny."""
+    target = build_stage.tvm_target(profile)
+    return next(t for t in tune.extract_tasks(tiny_import.mod, target) if t.kind == "matmul")
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_import, profile, top_task, tmp_path_factory):
+    """8 trials on the top task into a cache of this module's own, then the same call again."""
+    cache = tmp_path_factory.mktemp("tune-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
+        only_top = lambda t: t.key == top_task.key
+        first = tune.tune(tiny_import.mod, profile, 8, cache / "out1", progress=False, task_filter=only_top)
+        second = tune.tune(tiny_import.mod, profile, 8, cache / "out2", progress=False, task_filter=only_top)
+    return cache, first, second
+
+
+def _lines(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_records_are_written_in_metaschedule_format(tuned, profile, top_task):
+    cache, first, _ = tuned
+    assert first.summary["new_trials"] == 8
+    assert first.summary["rule_based_measured"] == 1
+    db_dir = cache / "tuning" / profile.name
+    records = _lines(db_dir / tune.RECORD_FILE)
+    assert len(records) == 8
+    assert {w[0] for w in _lines(db_dir / tune.WORKLOAD_FILE)} == {top_task.key}
+    assert top_task.key in json.loads((db_dir / tune.RULE_BASED_FILE).read_text())
+    # TVM's own JSONDatabase reads the cache as it is.
+    from tvm.s_tir import meta_schedule as ms
+
+    database = ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
+    assert len(database.get_all_tuning_records()) == 8
+
+
+def test_rerun_measures_nothing(tuned):
+    _, first, second = tuned
+    assert second.summary["new_trials"] == 0
+    assert second.summary["rule_based_measured"] == 0  # the rule-based time is cached too
+    assert second.summary["trials"] == first.summary["trials"] == 8
+
+
+def test_record_is_applied_only_where_it_beats_the_rule_based_schedule(tuned, tiny_import, profile, top_task,
+                                                                         tmp_path, monkeypatch):
+    cache, _, _ = tuned
+    monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
+    store = tune.RecordStore(tune.cache_path(profile))
+    faster = store.best(top_task.key)[0].secs < store.rule_based_secs(top_task.key)
+    result = tune.lookup(tiny_import.mod, profile, tmp_path, quiet=True)
+    if faster:
+        assert result is not None and result.summary["kernels"]["applied"] == 1
+        assert result.summary["source"] == "cache" and result.summary["new_trials"] == 0
+        assert {p.name for p in result.files} == {tune.WORKLOAD_FILE, tune.RECORD_FILE, tune.RULE_BASED_FILE}
+    else:  # the rule-based schedule stays: tuning never makes a kernel slower
+        assert result is None or result.summary["kernels"]["applied"] == 0
+
+
+def test_gather_kernels_survive_random_indices(tiny_import, profile, tmp_path):
+    """The runner feeds random int64 ids to `take` kernels; SafeTake's wrap mode keeps them in
+    bounds, so measuring them neither crashes the worker nor fails."""
+    target = build_stage.tvm_target(profile)
+    takes = [t for t in tune.extract_tasks(tiny_import.mod, target) if t.name.startswith("take")]
+    assert takes
+    store = tune.RecordStore(tmp_path / "db")
+    workers = tune.Workers(1, build_timeout=120, run_timeout=30)
+    try:
+        with store.lock():
+            assert tune.measure_rule_based(takes, store, workers, target, tune.TuneSettings()) == len(takes)
+    finally:
+        workers.close()
+    for task in takes:
+        assert task.rule_based_secs is not None, store.rule_based_entry(task.key)
+
+
+def _scheduled_kernel(mod, profile, key: str, database) -> str:
+    """The TIR the CPU pipeline gives the kernel with workload `key` (tuned or rule-based)."""
+    from tvm import relax, tirx
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+    from tvmdeploy.compiler.cpu_schedule import default_schedule_pass
+
+    target = build_stage.tvm_target(profile)
+    fused = tune.fused_module(mod, target)
+    name = next(gv.name_hint for gv, f in fused.functions_items()
+                if isinstance(f, tirx.PrimFunc) and tune.workload_key(_normalize_mod(f)) == key)
+    with target:
+        if database is not None:
+            with database:
+                fused = relax.transform.MetaScheduleApplyDatabase()(fused)
+        fused = default_schedule_pass(target)(fused)
+    return fused[name].script()
+
+
+def test_tuned_code_differs_and_keeps_parity(tuned, tiny_import, tiny_onnx, profile, top_task, tmp_path,
+                                             monkeypatch):
+    cache, _, _ = tuned
+    monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
+    result = tune.lookup(tiny_import.mod, profile, tmp_path / "records", quiet=True, only_faster=False)
+    assert result is not None and result.summary["kernels"]["applied"] == 1
+    assert _scheduled_kernel(tiny_import.mod, profile, top_task.key, result.database) != \
+        _scheduled_kernel(tiny_import.mod, profile, top_task.key, None)
+
+    built = build_stage.build(tiny_import.mod, profile, tmp_path / "lib", result.database)
+    config = json.loads((tiny_onnx.parent / "config.json").read_text())
+    cases = verify.reference_cases(tiny_onnx, tiny_import, config)
+    parity, _ = verify.verify(built, tiny_import, cases, timing_runs=0)
+    assert parity.ok, parity.detail
+    assert parity.max_abs_diff <= 1e-4
+
+
+def test_compile_of_another_model_with_the_same_kernels_uses_the_cache(tuned, profile, tmp_path, monkeypatch):
+    """A second model (other weights, same architecture) compiles with zero new trials."""
+    from tvmdeploy.compiler.compile import CompileOptions, compile_model
+    from tvmdeploy.runtime import Bundle
+
+    from tests.conftest import save_tiny_bert
+
+    cache, _, _ = tuned
+    monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
+    other = save_tiny_bert(tmp_path / "other-bert", seed=1)
+    bundle_dir = compile_model(CompileOptions(model=str(other), output=str(tmp_path / "other.tvmd"),
+                                              targets=[profile.name], buckets=BUCKETS))
+    artifact = Bundle(bundle_dir).artifacts[0]
+    assert artifact.parity["ok"] and artifact.parity["max_abs_diff"] <= 1e-4
+    summary = artifact.tuning
+    store = tune.RecordStore(tune.cache_path(profile))
+    if any(store.best(k) and store.best(k)[0].secs < (store.rule_based_secs(k) or 1e9) for k in store.workload_keys()):
+        assert summary["source"] == "cache" and summary["new_trials"] == 0 and summary["trials"] == 8
+        assert summary["database"] == f"tuning/{profile.name}"
+        assert (bundle_dir / summary["database"] / tune.RECORD_FILE).is_file()
+        assert len(_lines(bundle_dir / summary["database"] / tune.RECORD_FILE)) == 1
+    else:
+        assert summary["trials"] in (0, 8) and summary.get("new_trials", 0) == 0
+
+
+def test_shipped_records_replay_with_this_tvm():
+    """Every record shipped in the package applies to its workload (guards a TVM upgrade)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    shipped = tune.shipped_path("x86-64-v4")
+    store = tune.RecordStore(shipped)
+    assert store.workload_keys(), f"no shipped records in {shipped}"
+    tune.import_tensor_intrinsics("x86")
+    meta = json.loads((shipped / "meta.json").read_text())
+    assert meta["trials"] > 0 and meta["runs"]
+    for key in store.workload_keys():
+        best = store.best(key)[0]
+        assert best.secs < store.rule_based_secs(key), "a shipped record must beat the rule-based schedule"
+        workload = ms.database.Workload.from_json(best.workload_json)
+        assert tune.workload_key(workload.mod) == key
+        ms.database.TuningRecord.from_json(best.record_json, workload)
+
+
+# --------------------------------------------------------------------------------------
+# Interruption: a real `tvmdeploy tune` subprocess, stopped once records land
+# --------------------------------------------------------------------------------------
+def _start_tune(onnx: Path, cache: Path, trials: int) -> subprocess.Popen:
+    """`tvmdeploy tune` in a subprocess; its output goes to a file (a full pipe would block it)."""
+    env = dict(os.environ, TVMDEPLOY_CACHE_DIR=str(cache))
+    cache.mkdir(parents=True, exist_ok=True)
+    log = (cache / f"tune-{time.monotonic_ns()}.log").open("w")
+    proc = subprocess.Popen(
+        [*TVMDEPLOY, "tune", str(onnx), "-t", "host", "--trials", str(trials), "--buckets", BUCKETS],
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )
+    proc.log_path = Path(log.name)  # type: ignore[attr-defined]
+    return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    proc.wait(timeout=timeout)
+    return proc.log_path.read_text()  # type: ignore[attr-defined]
+
+
+def _record_count(cache: Path, profile) -> int:
+    path = cache / "tuning" / profile.name / tune.RECORD_FILE
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _wait_for_records(proc: subprocess.Popen, cache: Path, profile, more_than: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while _record_count(cache, profile) <= more_than:
+        if proc.poll() is not None:
+            pytest.fail(f"tune exited early ({proc.returncode}):\n{_finish(proc, 10)[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no tuning record appeared in time")
+        time.sleep(0.2)
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    procs = psutil.Process(pid).children(recursive=True)
+    return [p for p in procs if "tvm.exec.popen_worker" in " ".join(p.cmdline())]
+
+
+def _gone(procs: list[psutil.Process], timeout: float = 10.0) -> list[int]:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_and_kill9_lose_no_record_leave_no_worker_and_a_rerun_continues(tiny_onnx, profile, tmp_path):
+    cache = tmp_path / "cache"
+
+    # SIGTERM once the first records are on disk: the tuner stops, its workers go with it.
+    proc = _start_tune(tiny_onnx, cache, trials=400)
+    _wait_for_records(proc, cache, profile, more_than=0)
+    workers = _workers(proc.pid)
+    assert workers, "expected live popen workers while tuning"
+    proc.send_signal(signal.SIGTERM)
+    output = _finish(proc, 120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Run the same command again" in output
+    assert _gone(workers) == []
+    after_term = _record_count(cache, profile)
+    assert after_term >= 1
+    assert all(isinstance(r, list) for r in _lines(cache / "tuning" / profile.name / tune.RECORD_FILE))
+
+    # kill -9 of a rerun: nothing recorded is lost and the workers die with their parent.
+    proc = _start_tune(tiny_onnx, cache, trials=400)
+    _wait_for_records(proc, cache, profile, more_than=after_term)
+    workers = _workers(proc.pid)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert _gone(workers) == [], "popen workers outlived a kill -9 of the tuner"
+    after_kill = _record_count(cache, profile)
+    assert after_kill > after_term
+
+    # A rerun counts what is there toward the budget: 4 more trials, then done.
+    store = tune.RecordStore(cache / "tuning" / profile.name)
+    target = after_kill + 4
+    proc = _start_tune(tiny_onnx, cache, trials=target)
+    output = _finish(proc, 240)
+    assert proc.returncode == 0, output[-3000:]
+    assert "4 new trial(s)" in output and f"{after_kill} were already in the cache" in output
+    assert _record_count(cache, profile) == target
+    assert len(store.workload_keys()) >= 1
