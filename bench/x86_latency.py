@@ -148,7 +148,9 @@ def vm_runner(lib_path: Path, imported, seq: int):
     rng = np.random.default_rng(0)
     arrays = {"input_ids": rng.integers(0, 1000, (1, seq), dtype=np.int64),
               "attention_mask": np.ones((1, seq), np.int64), "token_type_ids": np.zeros((1, seq), np.int64)}
-    args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs] + imported.params
+    from tvmdeploy.runtime._tvm import prepare_params
+
+    args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs] + prepare_params(vm, imported.params)
     fn = vm[f"b1_s{seq}"]
     return lambda: fn(*args)
 

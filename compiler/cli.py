@@ -6,12 +6,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
-
 from tvmdeploy import targets as target_profiles
 from tvmdeploy.runtime.errors import TvmdeployError
 
@@ -45,12 +44,12 @@ def compile_cmd(
     model: Annotated[str, typer.Argument(help="A local Hugging Face model directory, or an .onnx file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Bundle directory to write (NAME.tvmd).")],
     target: Annotated[list[str], typer.Option("-t", "--target", help="Target profile; repeat for several. 'host' = best for this machine. See `tvmdeploy targets`.")] = ["host"],  # noqa: B006
-    task: Annotated[Optional[str], typer.Option(help="Optimum task (e.g. text-classification); inferred from config.json by default.")] = None,
+    task: Annotated[str | None, typer.Option(help="Optimum task (e.g. text-classification); inferred from config.json by default.")] = None,
     buckets: Annotated[str, typer.Option(help="Shape buckets as BATCHES x SEQS, e.g. '1,4x32,64,128,256'; join groups with ';'.")] = "1,4x32,64,128,256",
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset for the export.")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset for the export.")] = None,
     tune: Annotated[int, typer.Option("--tune", help="MetaSchedule trials per profile (0 = rule-based default schedules).")] = 0,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check against ONNX Runtime.")] = False,
-    name: Annotated[Optional[str], typer.Option(help="Model name recorded in the manifest.")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name recorded in the manifest.")] = None,
     rpc: Annotated[str | None, typer.Option("--rpc", help="TVM RPC tracker HOST:PORT: verify the artifacts of the remote device's arch on it.")] = None,
     rpc_key: Annotated[str | None, typer.Option("--rpc-key", help="Key of the device's rpc_server at the tracker.")] = None,
 ) -> None:
@@ -69,31 +68,42 @@ def compile_cmd(
 @app.command("tune")
 def tune_cmd(
     model: Annotated[str, typer.Argument(help="A local Hugging Face model directory, or an .onnx file.")],
-    target: Annotated[str, typer.Option("-t", "--target", help="CPU target profile this machine can run; 'host' = best for this machine.")] = "host",
-    trials: Annotated[Optional[int], typer.Option("--trials", help="Trial budget for this model's kernels, counting records already in the cache (a rerun continues).")] = None,
-    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Wall-time budget for this run, in minutes.")] = None,
+    target: Annotated[str, typer.Option("-t", "--target", help="CPU target profile this machine (or the --rpc device) can run; 'host' = best for this machine.")] = "host",
+    trials: Annotated[int | None, typer.Option("--trials", help="Trial budget for this model's kernels, counting records already in the cache (a rerun continues).")] = None,
+    minutes: Annotated[float | None, typer.Option("--minutes", help="Wall-time budget for this run, in minutes.")] = None,
     buckets: Annotated[str, typer.Option(help="Shape buckets as BATCHES x SEQS (the same as you will compile).")] = "1,4x32,64,128,256",
-    task: Annotated[Optional[str], typer.Option(help="Optimum task; inferred from config.json by default.")] = None,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset for the export.")] = None,
-    export_records: Annotated[Optional[Path], typer.Option("--export", help="Also write this model's best records (one per kernel) to this directory, e.g. to ship them.")] = None,
+    task: Annotated[str | None, typer.Option(help="Optimum task; inferred from config.json by default.")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset for the export.")] = None,
+    export_records: Annotated[Path | None, typer.Option("--export", help="Also write this model's best records (one per kernel) to this directory, e.g. to ship them.")] = None,
+    rpc: Annotated[str | None, typer.Option("--rpc", help="TVM RPC tracker HOST:PORT: time every candidate on the remote device instead (timed there; network excluded).")] = None,
+    rpc_key: Annotated[str | None, typer.Option("--rpc-key", help="Key of the device's rpc_server at the tracker; its records go to a cache of their own (rpc-KEY), which `compile --rpc` reads.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON on stdout (trials, records, cache, and where the trials were measured).")] = False,
 ) -> None:
     """Tune MODEL's matmul kernels with MetaSchedule into the per-profile cache; `compile` then uses the records.
 
     Resumable: Ctrl-C, SIGTERM or kill -9 lose no measured record, and the same command continues where it stopped.
+
+    With --rpc HOST:PORT --rpc-key KEY the candidates are built here (ARM ones linked with the profile's cross compiler) and timed on the device behind KEY, which must be of the profile's arch (checked first); its records are kept apart from this machine's, in the cache's rpc-KEY directory, and `compile --rpc HOST:PORT --rpc-key KEY` builds with them.
     """
     from .tune import TuneOptions, TuningInterrupted, tune_model
 
     if not trials and not minutes:
         _fail(ValueError("give a budget: --trials N, --minutes M, or both"))
+    if bool(rpc) != bool(rpc_key):
+        _fail(ValueError("tuning on a remote device needs both --rpc HOST:PORT and --rpc-key KEY"))
     options = TuneOptions(model=model, target=target, trials=trials, minutes=minutes, buckets=buckets,
-                          task=task, opset=opset, export_dir=str(export_records) if export_records else None)
+                          task=task, opset=opset, export_dir=str(export_records) if export_records else None,
+                          rpc=rpc, rpc_key=rpc_key)
     try:
-        tune_model(options)
+        result = tune_model(options)
     except TuningInterrupted as stopped:
         err.print(f"[yellow]{stopped}[/yellow]")
         raise typer.Exit(128 + stopped.signum) from None
     except (TvmdeployError, ValueError, target_profiles.UnknownTargetError) as error:
         _fail(error)
+    if json_output:
+        summary = {"model": model, "profile": result.profile, "cache": str(result.cache), **result.summary}
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
 
 
 @app.command()
@@ -104,9 +114,9 @@ def bench(
     seq: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "32,128",
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per case.")] = 5,
     runs: Annotated[int, typer.Option(help="Timed runs per case.")] = 30,
-    artifact: Annotated[Optional[str], typer.Option(help="Force a tvmdeploy artifact (profile name).")] = None,
-    torch_model: Annotated[Optional[Path], typer.Option(help="HF model directory for the PyTorch baseline (default: the manifest's source).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the versioned JSON report here.")] = None,
+    artifact: Annotated[str | None, typer.Option(help="Force a tvmdeploy artifact (profile name).")] = None,
+    torch_model: Annotated[Path | None, typer.Option(help="HF model directory for the PyTorch baseline (default: the manifest's source).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the versioned JSON report here.")] = None,
     rpc: Annotated[str | None, typer.Option("--rpc", help="TVM RPC tracker HOST:PORT: time tvmdeploy on the remote device instead (timed there; network excluded).")] = None,
     rpc_key: Annotated[str | None, typer.Option("--rpc-key", help="Key of the device's rpc_server at the tracker.")] = None,
     rpc_timeout: Annotated[float, typer.Option("--rpc-timeout", help="Seconds the remote session may last.")] = 600.0,

@@ -15,7 +15,6 @@ from typing import Any
 import onnx
 from rich.console import Console
 from rich.markup import escape
-
 from tvmdeploy import targets
 from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
 from tvmdeploy.runtime.select import rank_key
@@ -64,7 +63,9 @@ class CompileOptions:
     verify: bool = True
     strict_parity: bool = True
     name: str | None = None
-    rpc: str | None = None  # HOST:PORT of a TVM RPC tracker: verify artifacts of the remote's arch there
+    # HOST:PORT of a TVM RPC tracker: artifacts of the remote's arch are verified there, and built with
+    # the tuning records measured there (tuned there with tune_trials)
+    rpc: str | None = None
     rpc_key: str | None = None
 
     def display(self, profiles: list[targets.Profile]) -> None:
@@ -75,6 +76,7 @@ class CompileOptions:
         console.print(f"  tuning  : {f'{self.tune_trials} trials per profile' if self.tune_trials else 'no new trials (tuning records from the shipped set or the cache where they exist)'}")
         if self.rpc:
             console.print(f"  verify  : artifacts of the remote's arch on RPC key {self.rpc_key!r} (tracker {self.rpc})")
+            console.print(f"  records : artifacts of the remote's arch use those measured on RPC key {self.rpc_key!r}")
 
 
 class Stages:
@@ -117,9 +119,9 @@ def graph_vocab_sizes(onnx_path: Path) -> dict[str, int]:
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
     sizes = {}
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in ("input_ids", "token_type_ids"):
-            if node.input[0] in shapes:
-                sizes[node.input[1]] = shapes[node.input[0]][0]
+        ids = node.input[1] if node.op_type == "Gather" and len(node.input) == 2 else None
+        if ids in ("input_ids", "token_type_ids") and node.input[0] in shapes:
+            sizes[ids] = shapes[node.input[0]][0]
     return sizes
 
 
@@ -151,12 +153,18 @@ def compile_model(options: CompileOptions) -> Path:
     profiles = resolve_profiles(options.targets)
     options.display(profiles)
     remote_device = None
-    if options.rpc and options.verify:  # asked before the export: a wrong --rpc fails in seconds
+    if options.rpc:  # asked before the export: a wrong --rpc fails in seconds
         from tvmdeploy.runtime import remote
 
         if not options.rpc_key:
             raise remote.RemoteError("--rpc needs --rpc-key KEY: the key the device's rpc_server registered under")
         remote_device = remote.probe_remote(options.rpc, options.rpc_key)
+
+    def on_remote(profile: targets.Profile) -> bool:
+        """Whether the profile's artifact is for the remote: verified, tuned and looked up there."""
+        return (remote_device is not None and not profile.is_gpu
+                and profile.requires.get("arch") == remote_device.arch)
+
     buckets = importer.parse_buckets(options.buckets)
     from . import tune
 
@@ -164,7 +172,10 @@ def compile_model(options: CompileOptions) -> Path:
     if options.tune_trials:
         for profile in profiles:
             try:
-                tune.check_tunable(profile)
+                if on_remote(profile):
+                    tune.check_tunable(profile, options.rpc, options.rpc_key)
+                else:
+                    tune.check_tunable(profile)
                 tunable.append(profile)
             except tune.TuningError as why:
                 console.print(f"  [yellow]not tuning[/yellow] {why}")
@@ -187,22 +198,23 @@ def compile_model(options: CompileOptions) -> Path:
         for profile in profiles:
             database, tuning_summary, tuning_files = None, {"trials": 0, "source": "none (rule-based default schedules)"}, []
             tuning_dir = work_dir / "tuning" / profile.name
+            rpc, rpc_key = (options.rpc, options.rpc_key) if on_remote(profile) else (None, None)
             if profile in tunable:
-                with stages(f"tune {profile.name} ({options.tune_trials} trials, cache {tune.cache_path(profile)})",
-                            spinner=False):
-                    tuned = tune.tune(imported.mod, profile, options.tune_trials, tuning_dir)
+                with stages(f"tune {profile.name} ({options.tune_trials} trials"
+                            + (f" on RPC key {rpc_key!r}" if rpc_key else "")
+                            + f", cache {tune.cache_path(profile, rpc_key)})", spinner=False):
+                    tuned = tune.tune(imported.mod, profile, options.tune_trials, tuning_dir, rpc=rpc,
+                                      rpc_key=rpc_key)
             else:  # records from the shipped set and the cache, zero new trials
-                tuned = tune.lookup(imported.mod, profile, tuning_dir)
+                tuned = tune.lookup(imported.mod, profile, tuning_dir, rpc_key=rpc_key)
             if tuned is not None:
                 database, tuning_summary, tuning_files = tuned.database, tuned.summary, tuned.files
             with stages(f"build {profile.name}"):
                 built = build_stage.build(imported.mod, profile, work_dir / "artifacts" / profile.name, database)
             parity, latency = {"where": "not-run", "detail": "verification disabled"}, []
             if options.verify:
-                on_remote = (remote_device is not None and not profile.is_gpu
-                             and profile.requires.get("arch") == remote_device.arch)
-                with stages(f"verify {profile.name} against ONNX Runtime" + (" via RPC" if on_remote else "")):
-                    if on_remote:
+                with stages(f"verify {profile.name} against ONNX Runtime" + (" via RPC" if rpc else "")):
+                    if rpc:
                         record, latency = verify.verify_rpc(built, imported, cases, options.rpc, options.rpc_key), []
                     else:
                         record, latency = verify.verify(built, imported, cases)

@@ -37,6 +37,8 @@ from tvm.s_tir.dlight.gpu.matmul import (
 from tvm.target import Target
 from tvm.tirx.analysis import undefined_vars
 
+from .pack_weights import PACKED_B_ATTR, packing_passes
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -234,8 +236,12 @@ class CPUMatmul(ScheduleRule):
         # Pack a contiguous [K, nr] panel of B per column tile when B is not unit-stride
         # along J (A @ W^T with W[N, K]) or when B is much larger than L2 (every k row of
         # a strided panel then sits on its own page: TLB/prefetch bound, ~2x slower).
-        pack_b = not _b_unit_stride_along_j(stmt)
-        if not pack_b:
+        # B pre-packed at load time (pack_weights.py) is already a contiguous [K, nr] panel
+        # per column tile: read it as is, with the tile width it was packed for.
+        packed_nr = stmt.annotations.get(PACKED_B_ATTR) if stmt.annotations else None
+        packed_nr = _const(packed_nr)
+        pack_b = packed_nr is None and not _b_unit_stride_along_j(stmt)
+        if not pack_b and packed_nr is None:
             b_buf, c_buf = stmt.reads[1].source, stmt.writes[0].source
             b_shape = [_const(d) for d in b_buf.shape]
             rows = _const(c_buf.shape[-2]) if len(c_buf.shape) >= 2 else 1
@@ -269,7 +275,7 @@ class CPUMatmul(ScheduleRule):
 
         # Step 1. Pick the micro-kernel shape and tile.
         lanes = vector_lanes(target)
-        mr, nr = self._micro_tile(target, lanes, ext_i, ext_j)
+        mr, nr = self._micro_tile(target, lanes, ext_i, ext_j, packed_nr)
 
         io, ii = sch.split(i, factors=[None, mr])
         jo, ji = sch.split(j, factors=[None, nr])
@@ -301,13 +307,14 @@ class CPUMatmul(ScheduleRule):
 
     @staticmethod
     def _micro_tile(
-        target: Target, lanes: int, ext_i: int | None, ext_j: int | None
+        target: Target, lanes: int, ext_i: int | None, ext_j: int | None, packed_nr: int | None = None
     ) -> tuple[int, int]:
         # Columns: two SIMD vectors when N allows it, else the widest power-of-two width
         # dividing N (a guarded, non-dividing width makes the vectorizer fall back to
-        # scalar code), else the whole of a narrow N as one short vector.
-        nr = 2 * lanes
-        if ext_j is not None:
+        # scalar code), else the whole of a narrow N as one short vector. A pre-packed B
+        # fixes the width to its panel width.
+        nr = packed_nr or 2 * lanes
+        if ext_j is not None and packed_nr is None:
             if ext_j <= lanes:
                 nr = ext_j
             else:
@@ -606,14 +613,17 @@ def default_schedule_pass(target: Target) -> tvm.transform.Pass:
     return _pass
 
 
-def fusion_passes(target: Target, fast_math: bool = True) -> list[tvm.transform.Pass]:
-    """Library dispatch, fast math, legalization and fusion: the part of :func:`cpu_pipeline`
-    that decides which PrimFuncs exist. Tuning (compiler/tune.py) extracts its tasks after
-    exactly these passes, so the workloads it records are the ones the build later looks up."""
+def fusion_passes(target: Target, fast_math: bool = True, pack: bool = True) -> list[tvm.transform.Pass]:
+    """Weight packing, library dispatch, fast math, legalization and fusion: the part of
+    :func:`cpu_pipeline` that decides which PrimFuncs exist. Tuning (compiler/tune.py) extracts
+    its tasks after exactly these passes, so the workloads it records are the ones the build
+    later looks up. With ``pack``, weight matmuls read B pre-packed in panels of two SIMD
+    vectors (pack_weights.py), packed once by the lifted `transform_params` function."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     return (
-        cpu_generic.library_dispatch_passes(target)
+        (packing_passes(2 * vector_lanes(target)) if pack else [])
+        + cpu_generic.library_dispatch_passes(target)
         + ([relax.transform.FastMathTransform()] if fast_math else [])
         + cpu_generic.legalize_passes(target)
     )
@@ -637,7 +647,10 @@ def is_matmul_like(func: tirx.PrimFunc) -> bool:
 
 
 def cpu_pipeline(
-    target: Target, fast_math: bool = True, database: s_tir.meta_schedule.Database | None = None
+    target: Target,
+    fast_math: bool = True,
+    database: s_tir.meta_schedule.Database | None = None,
+    pack: bool = True,
 ) -> tvm.transform.Pass:
     """The relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)`` on CPU.
 
@@ -657,7 +670,7 @@ def cpu_pipeline(
     @tvm.transform.module_pass(opt_level=0, name="CPUDefaultPipeline")
     def _pipeline(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         with target:
-            mod = tvm.transform.Sequential(fusion_passes(target, fast_math))(mod)
+            mod = tvm.transform.Sequential(fusion_passes(target, fast_math, pack))(mod)
             if database is not None:
                 with database:
                     mod = relax.transform.MetaScheduleApplyDatabase()(mod)

@@ -23,6 +23,8 @@ def main(lib_path: str, work_dir: str) -> None:
     loaded = tvm.runtime.load_param_dict((work / "params.bin").read_bytes())
     params = [loaded[name] for name in spec["param_names"]]
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(lib_path), tvm.cpu())
+    if vm.module.implements_function("transform_params"):  # packed weights (runtime/_tvm.py)
+        params = list(vm["transform_params"](*params))
     outputs = {}
     with np.load(work / "inputs.npz") as inputs:
         for k, case in enumerate(spec["cases"]):

@@ -66,16 +66,27 @@ def rpc_runner(address: str, key: str, session_timeout: float = 60.0, number: in
 
 
 def measure_rpc(artifact: str, args_info: list, number_ms: int, repeat: int, address: str, key: str,
-                session_timeout: float = 60.0) -> list[float]:
+                session_timeout: float = 60.0, request_timeout: float = 60.0) -> list[float]:
     """Time one built kernel (`.so`) on the remote device; like tune.py's `_measure_candidate`.
 
-    Returns the best of `repeat` timings (seconds), each at least `number_ms` long, measured by
+    Returns the best cold timing (seconds; see `tune.cold_evaluator_config`), measured by
     `time_evaluator` on the device (network excluded). Runs in the caller's process or a worker.
-    """
-    from tvm.s_tir.meta_schedule.runner.config import EvaluatorConfig
-    from tvm.s_tir.meta_schedule.runner.rpc_runner import _worker_func
 
-    costs = _worker_func(None, None, alloc_arguments, None, None, rpc_config(address, key, session_timeout),
-                         EvaluatorConfig(number=1, repeat=repeat, min_repeat_ms=number_ms), 1, artifact,
-                         "cpu", args_info)
+    The session is opened with `tvmdeploy.runtime.remote.connect`, so a missing tracker or key,
+    or a key whose servers stay busy for `request_timeout` s, raises `RemoteError` (the device is
+    unreachable: no verdict on the kernel), while anything that fails after the session is open
+    (upload, load, run) raises TVM's own error (the kernel failed on the device).
+    """
+    from tvm.s_tir.meta_schedule.runner.rpc_runner import _worker_func
+    from tvmdeploy.compiler.tune import cold_evaluator_config
+    from tvmdeploy.runtime import remote
+
+    session = remote.connect(address, key, session_timeout=session_timeout, request_timeout=request_timeout)
+    try:
+        costs = _worker_func(lambda _config: session.rpc, None, alloc_arguments, None, None,
+                             rpc_config(address, key, session_timeout),
+                             cold_evaluator_config(repeat), 1, artifact,
+                             "cpu", args_info)
+    finally:
+        session.close()  # the server is free for the next candidate as soon as this returns
     return [min(costs)]

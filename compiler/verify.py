@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tvmdeploy.runtime._tvm import prepare_params
 from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
 
 from .export import deterministic_inputs
@@ -89,10 +90,11 @@ def run_native(lib_path: Path, imported: ImportedModel, cases, timing_runs: int 
     import tvm
 
     vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+    params = prepare_params(vm, imported.params)
     worst, ok, detail = 0.0, True, ""
     latencies = []
     for bucket, arrays, expected in cases:
-        args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs] + imported.params
+        args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs] + params
         fn = vm[bucket.function]
         result = fn(*args)
         outputs = [result.numpy()] if hasattr(result, "numpy") else [o.numpy() for o in result]

@@ -12,6 +12,22 @@ import os
 import sys
 from types import ModuleType
 
+#: Relax function of CPU artifacts that packs the weights for the artifact's kernels
+#: (compiler/pack_weights.py); run once when the weights are loaded.
+PREPARE_PARAMS = "transform_params"
+
+
+def prepare_params(vm, params: list) -> list:
+    """The weights in the layout this artifact's kernels read.
+
+    The bundle stores each weight once, as exported. A CPU artifact packs its matmul weights for its
+    own vector width in `transform_params`, so it runs here, once per load (not per call); an
+    artifact without it takes the weights as stored.
+    """
+    if not vm.module.implements_function(PREPARE_PARAMS):
+        return list(params)
+    return list(vm[PREPARE_PARAMS](*params))
+
 
 def default_num_threads() -> int:
     """All the cores this process may run on (TVM's own pool defaults to half of them)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._tvm import import_tvm
+from ._tvm import import_tvm, prepare_params
 from .bundle import Bucket, Bundle
 from .errors import BundleError, InputError
 from .probe import DeviceInfo, probe
@@ -56,7 +56,9 @@ class TvmEngine:
         missing = [n for n in weights["names"] if n not in by_name]
         if missing:
             raise BundleError(f"{params_path}: weights {missing[:3]} are missing; recompile the bundle")
-        self.params = [by_name[n].copyto(self.device) if self.artifact.is_gpu else by_name[n] for n in weights["names"]]
+        stored = [by_name[n].copyto(self.device) if self.artifact.is_gpu else by_name[n] for n in weights["names"]]
+        del by_name
+        self.params = prepare_params(self.vm, stored)
         self._tensor = tvm.runtime.tensor
         self.input_names = [i["name"] for i in bundle.inputs]
 

@@ -1,0 +1,162 @@
+"""Weight pre-packing for CPU matmuls: lay each weight out the way the GEMM kernel reads it, once.
+
+Why: a Linear layer's weight arrives as W[K, N]. The CPU GEMM (cpu_schedule.CPUMatmul) walks
+N in register tiles of `nr` columns, so reading W directly touches one 128-byte piece of a
+different row (and page) per k step: TLB- and prefetch-bound, and for big weights the kernel
+re-packed a [K, nr] panel on every call. ONNX Runtime avoids both by packing constant weights
+once at session start. We do the same, in TVM's own terms:
+
+1. `PackMatmulWeights(nr)` rewrites `matmul(x, W)` for every weight-derived W[K, N] (a weight
+   parameter, or a transpose of one as ONNX Gemm produces) into
+   `call_tir(matmul_packed, x, permute_dims(reshape(W, [K, N/nr, nr]), [1, 0, 2]))`: a matmul that
+   reads a contiguous [N/nr, K, nr] panel layout. The block carries the annotation
+   ``tvmdeploy.packed_b = nr`` so the schedule knows B is already packed.
+2. `relax.transform.LiftTransformParams(shared_transform=True)` then moves everything that
+   depends only on weights (the packing, ONNX's weight transposes) into one `transform_params`
+   function, `transform_params(*weights)`. The bundle keeps the
+   original weights once; each artifact packs them for its own vector width when it is loaded
+   (runtime/_tvm.py `prepare_params`).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te
+from tvm.ir import IRModule
+
+PACKED_B_ATTR = "tvmdeploy.packed_b"
+TRANSFORM_PARAMS = "transform_params"
+
+
+def _static_shape(ty) -> list[int] | None:
+    if not isinstance(ty, relax.type.TensorType) or ty.shape is None:
+        return None
+    shape = ty.shape
+    if not isinstance(shape, relax.ShapeExpr):
+        return None
+    dims = []
+    for dim in shape.values:
+        if not isinstance(dim, tvm.tirx.IntImm):
+            return None
+        dims.append(int(dim.value))
+    return dims
+
+
+def _packed_matmul(x: te.Tensor, wp: te.Tensor, nr: int, out_dtype: str) -> te.Tensor:
+    """out[..., j] = sum_k x[..., k] * wp[j // nr, k, j % nr]."""
+    num_k = wp.shape[1]
+    n = wp.shape[0] * nr
+    k = te.reduce_axis((0, num_k), name="k")
+
+    def body(*idx):
+        j = idx[-1]
+        a = x[tuple(idx[:-1]) + (k,)]
+        b = wp[j // nr, k, j % nr]
+        if out_dtype != x.dtype:
+            a, b = a.astype(out_dtype), b.astype(out_dtype)
+        return te.sum(a * b, axis=k)
+
+    return te.compute(tuple(x.shape[:-1]) + (n,), body, name="matmul_packed", attrs={PACKED_B_ATTR: nr})
+
+
+@relax.expr_functor.mutator
+class _Packer(relax.PyExprMutator):
+    def __init__(self, mod: IRModule, nr: int):
+        super().__init__(mod)
+        self.nr = nr
+        self.weight_vars: set = set()
+        self.packed = 0
+
+    def visit_function_(self, func):
+        num_input = func.attrs.get("num_input") if func.attrs is not None else None
+        if num_input is not None:
+            self.weight_vars = {p for p in func.params[int(num_input):]}
+        return super().visit_function_(func)
+
+    def _weight_only(self, expr) -> bool:
+        free = relax.analysis.free_vars(expr)
+        return bool(free) and all(v in self.weight_vars for v in free)
+
+    def visit_var_binding_(self, binding):
+        value = binding.value
+        if self._weight_only(value):
+            self.weight_vars.add(binding.var)
+        new_value = self._rewrite(value)
+        if new_value is None:
+            super().visit_var_binding_(binding)
+            return
+        new_var = self.builder_.emit(new_value, name_hint=binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+
+    def _rewrite(self, value):
+        if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.matmul"):
+            return None
+        x, w = value.args
+        if not (isinstance(w, relax.Var) and w in self.weight_vars):
+            return None
+        x_shape, w_shape = _static_shape(x.ty), _static_shape(w.ty)
+        if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
+            return None
+        if str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32":
+            return None
+        k, n = w_shape
+        nr = self.nr
+        while nr >= 4 and n % nr:
+            nr //= 2
+        if nr < 4 or n < nr:
+            return None
+        out_dtype = str(value.ty.dtype) if str(value.ty.dtype) != "void" else "float32"
+        new_w = self.visit_expr(w)
+        packed = self.builder_.emit(
+            relax.op.permute_dims(relax.op.reshape(new_w, (k, n // nr, nr)), axes=[1, 0, 2]),
+            name_hint=f"{getattr(w, 'name', 'w')}_packed",
+        )
+        self.weight_vars.add(packed)
+        self.packed += 1
+        return self.builder_.call_te(
+            _packed_matmul, self.visit_expr(x), packed, nr, out_dtype, primfunc_name_hint="matmul_packed"
+        )
+
+
+def PackMatmulWeights(nr: int) -> tvm.transform.Pass:
+    """Rewrite weight matmuls of every function with a `num_input` attribute to packed B."""
+
+    @tvm.transform.module_pass(opt_level=0, name="PackMatmulWeights")
+    def _pass(mod: IRModule, _ctx) -> IRModule:
+        packer = _Packer(mod, nr)
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and func.attrs is not None and "num_input" in func.attrs:
+                new_func = packer.visit_expr(func)
+                packer.builder_.update_func(gvar, new_func)
+        return packer.builder_.get()
+
+    return _pass
+
+
+def FlattenTransformParams() -> tvm.transform.Pass:
+    """Give the lifted `transform_params` a flat signature: `transform_params(*weights)`.
+
+    LiftTransformParams makes it take one tuple, which cannot be passed to a remote device over
+    RPC; flat, every caller (local, the emulated ARM worker, RPC) calls it like a bucket function."""
+
+    @tvm.transform.module_pass(opt_level=0, name="FlattenTransformParams")
+    def _pass(mod: IRModule, _ctx) -> IRModule:
+        if TRANSFORM_PARAMS not in [g.name_hint for g in mod.get_global_vars()]:
+            return mod
+        gvar = mod.get_global_var(TRANSFORM_PARAMS)
+        func = mod[gvar]
+        (tuple_param,) = func.params
+        weights = [relax.Var(f"w{k}", ty) for k, ty in enumerate(tuple_param.ty.fields)]
+        packing = relax.BindingBlock([relax.VarBinding(tuple_param, relax.Tuple(weights))])
+        body = relax.SeqExpr([packing, *func.body.blocks], func.body.body)
+        flat = relax.Function(weights, body, func.ret_ty, func.is_pure, func.attrs)
+        mod = mod.clone() if hasattr(mod, "clone") else mod
+        mod[gvar] = flat
+        return relax.transform.Normalize()(mod)
+
+    return _pass
+
+
+def packing_passes(nr: int) -> list[tvm.transform.Pass]:
+    """Pack weight matmuls, then lift all weight-only computation into a flat `transform_params`."""
+    return [PackMatmulWeights(nr), relax.transform.LiftTransformParams(shared_transform=True), FlattenTransformParams()]
