@@ -61,6 +61,8 @@ def _packed_matmul(x: te.Tensor, wp: te.Tensor, nr: int, out_dtype: str) -> te.T
 
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
+    """Tracks which bindings depend on weights only, and rewrites matmuls whose B is one of them."""
+
     def __init__(self, mod: IRModule, nr: int):
         super().__init__(mod)
         self.nr = nr
