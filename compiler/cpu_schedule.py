@@ -238,8 +238,7 @@ class CPUMatmul(ScheduleRule):
         # a strided panel then sits on its own page: TLB/prefetch bound, ~2x slower).
         # B pre-packed at load time (pack_weights.py) is already a contiguous [K, nr] panel
         # per column tile: read it as is, with the tile width it was packed for.
-        packed_nr = stmt.annotations.get(PACKED_B_ATTR) if stmt.annotations else None
-        packed_nr = _const(packed_nr)
+        packed_nr = _const(stmt.annotations.get(PACKED_B_ATTR)) if stmt.annotations else None
         pack_b = packed_nr is None and not _b_unit_stride_along_j(stmt)
         if not pack_b and packed_nr is None:
             b_buf, c_buf = stmt.reads[1].source, stmt.writes[0].source

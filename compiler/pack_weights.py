@@ -23,9 +23,9 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te
 from tvm.ir import IRModule
+from tvmdeploy.runtime._tvm import TRANSFORM_PARAMS
 
 PACKED_B_ATTR = "tvmdeploy.packed_b"
-TRANSFORM_PARAMS = "transform_params"
 
 
 def _static_shape(ty) -> list[int] | None:
@@ -67,7 +67,6 @@ class _Packer(relax.PyExprMutator):
         super().__init__(mod)
         self.nr = nr
         self.weight_vars: set = set()
-        self.packed = 0
 
     def visit_function_(self, func):
         num_input = func.attrs.get("num_input") if func.attrs is not None else None
@@ -114,7 +113,6 @@ class _Packer(relax.PyExprMutator):
             name_hint=f"{getattr(w, 'name', 'w')}_packed",
         )
         self.weight_vars.add(packed)
-        self.packed += 1
         return self.builder_.call_te(
             _packed_matmul, self.visit_expr(x), packed, nr, out_dtype, primfunc_name_hint="matmul_packed"
         )
@@ -151,10 +149,9 @@ def FlattenTransformParams() -> tvm.transform.Pass:
         weights = [relax.Var(f"w{k}", ty) for k, ty in enumerate(tuple_param.ty.fields)]
         packing = relax.BindingBlock([relax.VarBinding(tuple_param, relax.Tuple(weights))])
         body = relax.SeqExpr([packing, *func.body.blocks], func.body.body)
-        flat = relax.Function(weights, body, func.ret_ty, func.is_pure, func.attrs)
-        mod = mod.clone() if hasattr(mod, "clone") else mod
-        mod[gvar] = flat
-        return relax.transform.Normalize()(mod)
+        builder = relax.BlockBuilder(mod)
+        builder.update_func(gvar, relax.Function(weights, body, func.ret_ty, func.is_pure, func.attrs))
+        return relax.transform.Normalize()(builder.get())
 
     return _pass
 

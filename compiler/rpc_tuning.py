@@ -65,7 +65,7 @@ def rpc_runner(address: str, key: str, session_timeout: float = 60.0, number: in
     )
 
 
-def measure_rpc(artifact: str, args_info: list, number_ms: int, repeat: int, address: str, key: str,
+def measure_rpc(artifact: str, args_info: list, repeat: int, address: str, key: str,
                 session_timeout: float = 60.0, request_timeout: float = 60.0) -> list[float]:
     """Time one built kernel (`.so`) on the remote device; like tune.py's `_measure_candidate`.
 

@@ -558,9 +558,9 @@ def cold_evaluator_config(repeat: int):
     return EvaluatorConfig(number=1, repeat=max(10, 5 * repeat), min_repeat_ms=0, enable_cpu_cache_flush=True)
 
 
-def _measure_candidate(artifact: str, args_info: list, number_ms: int, repeat: int) -> list[float]:
+def _measure_candidate(artifact: str, args_info: list, repeat: int) -> list[float]:
     """Time one built kernel on random inputs (runs in the measuring worker), cold: see
-    `cold_evaluator_config` (`number_ms` is unused since timings became cold single runs)."""
+    `cold_evaluator_config`."""
     from tvm.s_tir.meta_schedule.runner.local_runner import _worker_func
 
     costs = _worker_func(None, None, None, cold_evaluator_config(repeat), 1, artifact, "cpu", args_info)
@@ -617,8 +617,7 @@ class Workers:
                 results.append((None, f"build failed: {_last_line(result.value)}"))
         return results
 
-    def measure(self, artifact: str, args_info: list, number_ms: int,
-                repeat: int) -> tuple[list[float] | None, str | None]:
+    def measure(self, artifact: str, args_info: list, repeat: int) -> tuple[list[float] | None, str | None]:
         """([seconds], None) or (None, error) for one built kernel; the artifact is removed.
 
         Over RPC, a device that cannot be reached (tracker gone, key no longer registered, its
@@ -629,11 +628,11 @@ class Workers:
 
         try:
             if self.rpc is None:
-                future = self.runner.submit(_measure_candidate, artifact, args_info, number_ms, repeat)
+                future = self.runner.submit(_measure_candidate, artifact, args_info, repeat)
             else:
                 from .rpc_tuning import measure_rpc
 
-                future = self.runner.submit(measure_rpc, artifact, args_info, number_ms, repeat,
+                future = self.runner.submit(measure_rpc, artifact, args_info, repeat,
                                             self.rpc.tracker, self.rpc.key, max(self.run_timeout, 10.0),
                                             self.rpc.request_timeout)
             return future.result(), None
@@ -715,7 +714,6 @@ class TuneSettings:
     batch: int = 16  # candidates per search round of one task
     build_timeout: float = 120.0  # LLVM on a big fused, unrolled matmul can take a minute
     run_timeout: float = 30.0
-    number_ms: int = 20  # unused: timings are cold single runs (cold_evaluator_config)
     repeat: int = 3  # 5x this many cold runs (at least 10); the best is recorded
     population: int = 256  # evolutionary search population (MetaSchedule's default is 512)
     min_share: float = 0.01  # tune matmul kernels taking at least this share of a bucket's FLOPs
@@ -927,7 +925,7 @@ def measure_rule_based(tasks: list[Task], store: RecordStore, workers: Workers, 
         secs = None
         if artifact:
             args_info = [a.as_json() for a in ArgInfo.from_entry_func(mod, remove_preproc=True)]
-            run_secs, error = workers.measure(artifact, args_info, settings.number_ms, settings.repeat)
+            run_secs, error = workers.measure(artifact, args_info, settings.repeat)
             secs = run_secs[0] if run_secs else None
         previous = store.rule_based_secs(task.key)
         if previous is not None and (secs is None or previous <= secs):
@@ -1127,8 +1125,7 @@ def tune(mod, profile: Profile, trials: int | None, work_dir: str | Path, minute
                     if artifact:
                         with clock("measure"):
                             args_info = [a.as_json() for a in candidate.args_info]
-                            run_secs, error = workers.measure(artifact, args_info, settings.number_ms,
-                                                              settings.repeat)
+                            run_secs, error = workers.measure(artifact, args_info, settings.repeat)
                     with clock("record"):  # on disk before the next candidate runs
                         record = search.record(task, candidate, run_secs or [ERROR_SECS])
                         store.append(task.key, record.workload.as_json(), record.as_json())
@@ -1249,12 +1246,12 @@ def lookup(mod, profile: Profile, work_dir: str | Path, tasks: list[Task] | None
 
     cache = cache_path(profile, rpc_key)
     stores = {"shipped": RecordStore(shipped_path(profile)), "cache": RecordStore(cache)}
-    label = f"{profile.name} (RPC key {rpc_key!r})" if rpc_key else profile.name
+    for_whom = f"{profile.name} (RPC key {rpc_key!r})" if rpc_key else profile.name
     how = f"`tvmdeploy tune MODEL -t {profile.name} --trials N" + (" --rpc HOST:PORT --rpc-key KEY" if rpc_key else "")
     how += "` tunes into the cache"
     if tasks is None and not any(store.workload_keys() for store in stores.values()):
         if not quiet:
-            console.print(f"  tuning records for {label}: none yet; rule-based default schedules ({how})")
+            console.print(f"  tuning records for {for_whom}: none yet; rule-based default schedules ({how})")
         return None
     target = build_stage.tvm_target(profile, num_cores=_num_cores())
     if tasks is None:
@@ -1294,7 +1291,7 @@ def lookup(mod, profile: Profile, work_dir: str | Path, tasks: list[Task] | None
     trials = sum(stores["cache"].count(t.key) for t in tasks)
     if not chosen:
         if not quiet:
-            console.print(f"  tuning records for {label}: none for these kernels; rule-based default "
+            console.print(f"  tuning records for {for_whom}: none for these kernels; rule-based default "
                           f"schedules ({how})")
         if fresh_store is None:
             return None
@@ -1312,7 +1309,7 @@ def lookup(mod, profile: Profile, work_dir: str | Path, tasks: list[Task] | None
     if rpc_key:  # the cache's records were timed on that device (tune() says more when it measures)
         summary["measured_on"] = {"where": "rpc", "key": rpc_key}
     if not quiet:
-        console.print(f"  tuning records for {label}: {describe(summary)} (0 new trials)")
+        console.print(f"  tuning records for {for_whom}: {describe(summary)} (0 new trials)")
     return TuneResult(database if chosen else None, summary, files, tasks, cache, profile.name)
 
 
@@ -1387,14 +1384,9 @@ def tune_model(options: TuneOptions) -> TuneResult:
                       rpc=options.rpc, rpc_key=options.rpc_key)
         if options.export_dir:
             store = RecordStore(cache_path(profile, cache_key))
-            chosen, rules = [], {}
-            for task in result.tasks:
-                best = store.best(task.key)
-                baseline = store.rule_based_secs(task.key)
-                if best and (baseline is None or best[0].secs < baseline):
-                    chosen.append(best[0])
-                    if store.rule_based_entry(task.key):
-                        rules[task.key] = store.rule_based_entry(task.key)
+            picked = [_pick(task, {"cache": store}, {}) for task in result.tasks]
+            chosen = [record for _, record in filter(None, picked)]
+            rules = {r.key: store.rule_based_entry(r.key) for r in chosen if store.rule_based_entry(r.key)}
             write_database(Path(options.export_dir), chosen, rules, merge=True)
             _append_meta(Path(options.export_dir), options, profile, result, len(chosen))
             console.print(f"exported {len(chosen)} record(s) to {options.export_dir}")
@@ -1406,8 +1398,6 @@ def tune_model(options: TuneOptions) -> TuneResult:
 
 def _append_meta(dest: Path, options: TuneOptions, profile: Profile, result: TuneResult, exported: int) -> None:
     """`meta.json` beside exported records: which run produced them, on what, in how long."""
-    import platform
-
     import tvm
 
     path = dest / "meta.json"
@@ -1419,9 +1409,9 @@ def _append_meta(dest: Path, options: TuneOptions, profile: Profile, result: Tun
     if measured_on.get("where") == "rpc":  # no CPU model over RPC: the device as RPC describes it
         cpu, cores = measured_on.get("description"), measured_on.get("cores")
     else:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
-        cores = _num_cores()
+        from tvmdeploy.runtime.probe import probe
+
+        cpu, cores = probe().cpu_model, _num_cores()
     meta["runs"].append({
         "model": Path(options.model).name, "buckets": options.buckets, "records": exported,
         "trials": result.summary.get("trials"), "new_trials": result.summary.get("new_trials"),

@@ -13,8 +13,8 @@ import sys
 from types import ModuleType
 
 #: Relax function of CPU artifacts that packs the weights for the artifact's kernels
-#: (compiler/pack_weights.py); run once when the weights are loaded.
-PREPARE_PARAMS = "transform_params"
+#: (compiler/pack_weights.py makes it); run once when the weights are loaded.
+TRANSFORM_PARAMS = "transform_params"
 
 
 def prepare_params(vm, params: list) -> list:
@@ -24,9 +24,9 @@ def prepare_params(vm, params: list) -> list:
     own vector width in `transform_params`, so it runs here, once per load (not per call); an
     artifact without it takes the weights as stored.
     """
-    if not vm.module.implements_function(PREPARE_PARAMS):
+    if not vm.module.implements_function(TRANSFORM_PARAMS):
         return list(params)
-    return list(vm[PREPARE_PARAMS](*params))
+    return list(vm[TRANSFORM_PARAMS](*params))
 
 
 def default_num_threads() -> int:

@@ -34,7 +34,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from ._tvm import PREPARE_PARAMS, import_tvm
+from ._tvm import TRANSFORM_PARAMS, import_tvm
 from .bundle import Bucket, Bundle
 from .errors import BundleError, IncompatibleDeviceError, RemoteError
 from .select import Choice
@@ -365,10 +365,10 @@ class RemoteVM:
             if missing:
                 raise BundleError(f"weights {missing[:3]} are missing from {params_name}; recompile the bundle")
             self.params = [get(by_name, n) for n in param_names]
-            if self.vm.module.implements_function(PREPARE_PARAMS):  # packed weights, see _tvm.prepare_params
-                self.vm.set_input(PREPARE_PARAMS, *self.params)
-                self.vm.invoke_stateful(PREPARE_PARAMS)
-                self.params = [self._output(PREPARE_PARAMS, k) for k in range(self._output_arity(PREPARE_PARAMS))]
+            if self.vm.module.implements_function(TRANSFORM_PARAMS):  # packed weights, see _tvm.prepare_params
+                self.vm.set_input(TRANSFORM_PARAMS, *self.params)
+                self.vm.invoke_stateful(TRANSFORM_PARAMS)
+                self.params = [self._output(TRANSFORM_PARAMS, k) for k in range(self._output_arity(TRANSFORM_PARAMS))]
 
     def close(self) -> None:
         """Drop the remote handles, then the session: the connection closes with the last of them."""

@@ -10,8 +10,8 @@ from tvm import relax
 from tvmdeploy.compiler import build as build_stage
 from tvmdeploy.compiler import importer, verify
 from tvmdeploy.compiler.compile import host_profile
-from tvmdeploy.compiler.cpu_schedule import fusion_passes, vector_lanes
-from tvmdeploy.compiler.pack_weights import TRANSFORM_PARAMS
+from tvmdeploy.compiler.cpu_schedule import vector_lanes
+from tvmdeploy.compiler.pack_weights import TRANSFORM_PARAMS, packing_passes
 from tvmdeploy.runtime._tvm import prepare_params
 
 #: Linear layers of the tiny BERT whose output width is a multiple of 4 (packable):
@@ -39,7 +39,7 @@ def profile():
 def test_every_weight_matmul_reads_a_packed_panel(imported, profile):
     target = build_stage.tvm_target(profile)
     with target:
-        fused = tvm.transform.Sequential(fusion_passes(target)[:3])(imported.mod)
+        fused = tvm.transform.Sequential(packing_passes(2 * vector_lanes(target)))(imported.mod)
     names = [gv.name_hint for gv in fused.get_global_vars()]
     assert TRANSFORM_PARAMS in names
     assert len(fused[TRANSFORM_PARAMS].params) == len(imported.params)  # flat: one argument per weight

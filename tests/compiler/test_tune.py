@@ -104,6 +104,28 @@ def test_record_is_applied_only_where_it_beats_the_rule_based_schedule(tuned, ti
         assert result is None or result.summary["kernels"]["applied"] == 0
 
 
+def test_export_writes_the_records_that_beat_the_rule_based_schedule(tuned, tiny_onnx, profile, top_task,
+                                                                      tmp_path, monkeypatch):
+    """`tune --export` (how the shipped set is made): the best record of each kernel that beats its
+    rule-based time, with that time beside it; a rerun within the budget measures nothing."""
+    cache, _, _ = tuned
+    monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
+    store = tune.RecordStore(tune.cache_path(profile))
+    best = store.best(top_task.key)[0]
+    faster = best.secs < store.rule_based_secs(top_task.key)
+    out = tmp_path / "export"
+    result = tune.tune_model(tune.TuneOptions(model=str(tiny_onnx), target=profile.name, trials=8, buckets=BUCKETS,
+                                              export_dir=str(out)))
+    assert result.summary["new_trials"] == 0
+    exported = tune.RecordStore(out)
+    assert exported.workload_keys() == ({top_task.key} if faster else set())
+    if faster:
+        assert exported.best(top_task.key)[0].secs == best.secs
+        assert exported.rule_based_secs(top_task.key) == store.rule_based_secs(top_task.key)
+    runs = json.loads((out / "meta.json").read_text())["runs"]
+    assert len(runs) == 1 and runs[0]["records"] == int(faster) and runs[0]["cpu"]
+
+
 def test_gather_kernels_survive_random_indices(tiny_import, profile, tmp_path):
     """The runner feeds random int64 ids to `take` kernels; SafeTake's wrap mode keeps them in
     bounds, so measuring them neither crashes the worker nor fails."""
