@@ -32,12 +32,13 @@ def distilbert_module(work: Path):
     import torch
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
     from tvmdeploy.compiler import export, importer
+    from tvmdeploy.compiler.options import parse_buckets
 
     model_dir = work / "distilbert"
     torch.manual_seed(0)
     DistilBertForSequenceClassification(DistilBertConfig(num_labels=2)).eval().save_pretrained(model_dir)
-    exported = export.export(model_dir, work / "onnx")
-    return importer.import_onnx(exported.onnx_path, importer.parse_buckets("1x128")).mod
+    exported = export.export_model(model_dir, work / "onnx")
+    return importer.import_onnx(exported.onnx_path, parse_buckets("1x128")).mod
 
 
 def in_task_set(task) -> bool:
@@ -46,18 +47,18 @@ def in_task_set(task) -> bool:
 
 def run_stock(mod, trials: int, build_timeout: float, work: Path) -> dict:
     from tvm.s_tir import meta_schedule as ms
-    from tvmdeploy.compiler import build, tune
+    from tvmdeploy.compiler import build, tuning
     from tvmdeploy.targets import get
 
-    target = build.tvm_target(get("x86-64-v4"), num_cores=tune._num_cores())
-    fused = tune.fused_module(mod, target)
+    target = build.tvm_target(get("x86-64-v4"), num_cores=tuning.num_cores())
+    fused = tuning.fused_module(mod, target)
     from tvm.s_tir.analysis import estimate_tir_flops
 
     tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
              if estimate_tir_flops(t.dispatched[0]) > 1e6]
     start = time.perf_counter()
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(work / "ms"), num_threads=tune._num_cores())
+        tasks, str(work / "ms"), num_threads=tuning.num_cores())
     builder = ms.builder.LocalBuilder(timeout_sec=build_timeout)
     database = ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work / "ms"),
                              max_trials_global=trials, builder=builder)
@@ -68,15 +69,15 @@ def run_stock(mod, trials: int, build_timeout: float, work: Path) -> dict:
 
 
 def run_tvmdeploy(mod, trials: int, work: Path) -> dict:
-    from tvmdeploy.compiler import tune
+    from tvmdeploy.compiler import tuning
     from tvmdeploy.targets import get
 
     os.environ["TVMDEPLOY_CACHE_DIR"] = str(work / "cache")  # start empty, like stock
     start = time.perf_counter()
-    result = tune.tune(mod, get("x86-64-v4"), trials, work / "out", task_filter=in_task_set)
+    result = tuning.tune(mod, get("x86-64-v4"), trials, work / "out", task_filter=in_task_set)
     seconds = time.perf_counter() - start
-    store = tune.RecordStore(tune.cache_path("x86-64-v4"))
-    valid = sum(1 for key in store.workload_keys() for r in store.records(key) if r.secs < tune.ERROR_SECS / 10)
+    store = tuning.RecordStore(tuning.cache_path("x86-64-v4"))
+    valid = sum(1 for key in store.workload_keys() for r in store.records(key) if r.secs < tuning.ERROR_SECS / 10)
     return {"tasks": result.summary["tuned_kernels"], "trials": result.summary["new_trials"],
             "valid_trials": valid, "seconds": seconds, "phase_seconds": result.summary["phase_seconds"]}
 

@@ -131,10 +131,10 @@ def ort_sessions(onnx_path: Path, work: Path, threads: int) -> tuple[dict, str |
 
 def model_flop(mod, profile) -> dict[str, float]:
     """FLOPs per bucket function, from the fused kernels (what tuning sees)."""
-    from tvmdeploy.compiler import build, tune
+    from tvmdeploy.compiler import build, tuning
 
     flop: dict[str, float] = {}
-    for task in tune.extract_tasks(mod, build.tvm_target(profile)):
+    for task in tuning.extract_tasks(mod, build.tvm_target(profile)):
         for bucket, n in task.calls.items():
             flop[bucket] = flop.get(bucket, 0.0) + n * task.flop
     return flop
@@ -159,37 +159,38 @@ def bench_model(name: str, model_dir: Path, work: Path, args, profile, threads: 
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification
-    from tvmdeploy.compiler import build, export, importer, tune
+    from tvmdeploy.compiler import build, export, importer, tuning
+    from tvmdeploy.compiler.options import parse_buckets
 
     log(f"{name}: export")
-    exported = export.export(model_dir, work / name / "onnx")
+    exported = export.export_model(model_dir, work / name / "onnx")
     sessions, o2_note = ort_sessions(exported.onnx_path, work / name, threads)
-    imported = importer.import_onnx(exported.onnx_path, importer.parse_buckets("1x" + ",".join(map(str, SEQS))))
+    imported = importer.import_onnx(exported.onnx_path, parse_buckets("1x" + ",".join(map(str, SEQS))))
     flop = model_flop(imported.mod, profile)
 
     log(f"{name}: build rule-based")
     empty_cache = work / name / "empty-cache"
     os.environ["TVMDEPLOY_CACHE_DIR"] = str(empty_cache)
-    rule_lib = build.build(imported.mod, profile, work / name / "rule-based").lib_path
+    rule_lib = build.build_artifact(imported.mod, profile, work / name / "rule-based").lib_path
 
-    tuning: dict = {}
+    tuning_info: dict = {}
     tuned_lib = None
     if name == "minilm-sentiment":
-        result = tune.lookup(imported.mod, profile, work / name / "records")  # shipped set only
-        meta = tune.shipped_path(profile) / "meta.json"
-        tuning = {"source": "shipped", "new_trials": 0,
+        result = tuning.lookup(imported.mod, profile, work / name / "records")  # shipped set only
+        meta = tuning.shipped_path(profile) / "meta.json"
+        tuning_info = {"source": "shipped", "new_trials": 0,
                   "shipped_run": json.loads(meta.read_text()) if meta.is_file() else None,
                   **({"summary": result.summary} if result else {"summary": None})}
         if result is not None:
-            tuned_lib = build.build(imported.mod, profile, work / name / "tuned", result.database).lib_path
+            tuned_lib = build.build_artifact(imported.mod, profile, work / name / "tuned", result.database).lib_path
     elif args.tune_minutes > 0:
         os.environ["TVMDEPLOY_CACHE_DIR"] = str(work / name / "cache")
         log(f"{name}: tune {args.tune_minutes:g} min from an empty cache")
         start = time.perf_counter()
-        result = tune.tune(imported.mod, profile, None, work / name / "records", minutes=args.tune_minutes)
-        tuning = {"source": "fresh", "wall_s": round(time.perf_counter() - start, 1), "summary": result.summary}
+        result = tuning.tune(imported.mod, profile, None, work / name / "records", minutes=args.tune_minutes)
+        tuning_info = {"source": "fresh", "wall_s": round(time.perf_counter() - start, 1), "summary": result.summary}
         if result.database is not None:
-            tuned_lib = build.build(imported.mod, profile, work / name / "tuned", result.database).lib_path
+            tuned_lib = build.build_artifact(imported.mod, profile, work / name / "tuned", result.database).lib_path
 
     torch.set_num_threads(threads)
     torch_model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
@@ -225,7 +226,7 @@ def bench_model(name: str, model_dir: Path, work: Path, args, profile, threads: 
             rows.append({"model": name, "batch": 1, "seq": seq, "engine": engine,
                          **{k: round(v, 3) for k, v in measured.items()},
                          "gflops": round(flop.get(f"b1_s{seq}", 0) / (measured["p50_ms"] / 1e3) / 1e9, 1)})
-    return {"rows": rows, "tuning": tuning, "o2_note": o2_note,
+    return {"rows": rows, "tuning": tuning_info, "o2_note": o2_note,
             "gflop": {k: round(v / 1e9, 3) for k, v in flop.items()}}
 
 
@@ -313,13 +314,13 @@ def main() -> None:
         args.tune_minutes = 0
     import tvmdeploy.compiler  # noqa: F401 - TVM_NUM_THREADS before TVM loads
     from tvmdeploy import targets
-    from tvmdeploy.compiler.compile import resolve_profiles
     from tvmdeploy.runtime.probe import missing_requirements, probe
+    from tvmdeploy.targets.resolve import resolve_profile
 
     threads = len(os.sched_getaffinity(0))
     profile = targets.get("x86-64-v4")
     if missing_requirements(profile.requires, probe()):
-        profile = resolve_profiles(["host"])[0]
+        profile = resolve_profile("host")
     load_before = os.getloadavg()
     report = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(), "threads": threads,
               "profile": profile.name, "runs": args.runs, "rounds": args.rounds,

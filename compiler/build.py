@@ -46,7 +46,7 @@ def relax_pipeline(profile: Profile, target, database=None):
     return cpu_pipeline(target) if database is None else cpu_pipeline(target, database=database)
 
 
-def build(mod, profile: Profile, out_dir: str | Path, database=None) -> BuildResult:
+def build_artifact(mod, profile: Profile, out_dir: str | Path, database=None) -> BuildResult:
     """Compile `mod` (all bucket functions) for `profile` into `out_dir/lib.so`."""
     import time
 

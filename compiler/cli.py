@@ -1,35 +1,98 @@
-"""`tvmdeploy` command line: parses arguments and calls the Python API; no work happens here."""
+"""`tvmdeploy` command line: parses arguments, calls the Python API, draws tables; no work happens here.
+
+Errors are caught once, in `_Commands.invoke`: a `TvmdeployError` prints its message (the
+traceback too with `-v`) and exits 2. Library modules report through `logging`; this module shows
+those records on stderr (`-q` keeps only warnings). The device-side commands (`inspect`, `bench`
+without baselines, `targets`, `report`, `verify`, `sign`, `keygen`) import only the runtime: no
+torch, transformers, onnx nor TVM's compiler library (docs/design.md).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from tvmdeploy import targets as target_profiles
 from tvmdeploy.runtime.errors import TvmdeployError
+from typer.core import TyperGroup
+
+from .help import HELP
 
 if not sys.stdout.isatty():  # logs and pipes: keep tables whole instead of rich's 80 columns
     os.environ.setdefault("COLUMNS", "160")
 
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"verbose": False}
+
+
+class _Commands(TyperGroup):
+    """The one place errors become messages and exit codes."""
+
+    def invoke(self, ctx):
+        from tvmdeploy.compiler.errors import TuningInterrupted
+
+        try:
+            return super().invoke(ctx)
+        except TuningInterrupted as stopped:
+            err.print(f"[yellow]{stopped}[/yellow]")
+            raise typer.Exit(128 + stopped.signum) from None
+        except TvmdeployError as error:
+            if _state["verbose"]:
+                err.print(traceback.format_exc(), markup=False)
+            err.print(f"[bold red]error:[/bold red] {error}", markup=True)
+            if not _state["verbose"]:
+                err.print("(run with -v for the traceback)", style="dim")
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
-    help="Compile fine-tuned transformers models with Apache TVM into one bundle; run and benchmark it.",
+    cls=_Commands,
+    help="Compile fine-tuned transformers models with Apache TVM into one bundle; run and "
+    "benchmark it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _fail(error: Exception) -> None:
-    err.print(f"[bold red]error:[/bold red] {error}")
-    raise typer.Exit(2)
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help=HELP["verbose"])] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help=HELP["quiet"])] = False,
+) -> None:
+    _state["verbose"] = verbose
+    _configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def _configure_logging(level: int) -> None:
+    """Show tvmdeploy's log records on stderr, plainly (the library never prints)."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("tvmdeploy")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_tvmdeploy_cli", False):
+            logger.removeHandler(handler)
+    handler = RichHandler(console=err, show_time=False, show_path=False, show_level=False,
+                          markup=False, highlighter=None)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._tvmdeploy_cli = True  # type: ignore[attr-defined]
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _device_side() -> None:
+    """Runtime-only TVM for a device-side command (the compiler package asks for the full one)."""
+    if "tvm" not in sys.modules:
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"
 
 
 def _ints(text: str) -> list[int]:
@@ -39,103 +102,131 @@ def _ints(text: str) -> list[int]:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+Opt = typer.Option
+Arg = typer.Argument
+
+
 @app.command("compile")
 def compile_cmd(
-    model: Annotated[str, typer.Argument(help="A local Hugging Face model directory, or an .onnx file.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Bundle directory to write (NAME.tvmd).")],
-    target: Annotated[list[str], typer.Option("-t", "--target", help="Target profile; repeat for several. 'host' = best for this machine. See `tvmdeploy targets`.")] = ["host"],  # noqa: B006
-    task: Annotated[str | None, typer.Option(help="Optimum task (e.g. text-classification); inferred from config.json by default.")] = None,
-    buckets: Annotated[str, typer.Option(help="Shape buckets as BATCHES x SEQS, e.g. '1,4x32,64,128,256'; join groups with ';'.")] = "1,4x32,64,128,256",
-    opset: Annotated[int | None, typer.Option(help="ONNX opset for the export.")] = None,
-    tune: Annotated[int, typer.Option("--tune", help="MetaSchedule trials per profile (0 = rule-based default schedules).")] = 0,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check against ONNX Runtime.")] = False,
-    name: Annotated[str | None, typer.Option(help="Model name recorded in the manifest.")] = None,
-    rpc: Annotated[str | None, typer.Option("--rpc", help="TVM RPC tracker HOST:PORT: verify the artifacts of the remote device's arch on it.")] = None,
-    rpc_key: Annotated[str | None, typer.Option("--rpc-key", help="Key of the device's rpc_server at the tracker.")] = None,
+    model: Annotated[str, Arg(help=HELP["model"])],
+    output: Annotated[Path, Opt("-o", "--output", help=HELP["output"])],
+    target: Annotated[list[str], Opt("-t", "--target", help=HELP["profiles"])] = ["host"],  # noqa: B006
+    task: Annotated[str | None, Opt(help=HELP["task"])] = None,
+    buckets: Annotated[str | None, Opt(help=HELP["buckets"])] = None,
+    opset: Annotated[int | None, Opt(help=HELP["opset"])] = None,
+    tune: Annotated[int, Opt("--tune", help=HELP["tune_trials"])] = 0,
+    no_verify: Annotated[bool, Opt("--no-verify", help=HELP["no_verify"])] = False,
+    name: Annotated[str | None, Opt(help=HELP["name"])] = None,
+    rpc: Annotated[str | None, Opt("--rpc", help=HELP["compile_rpc"])] = None,
+    rpc_key: Annotated[str | None, Opt("--rpc-key", help=HELP["rpc_key"])] = None,
+    json_output: Annotated[bool, Opt("--json", help=HELP["compile_json"])] = False,
 ) -> None:
-    """Export MODEL, build it for each target profile, verify parity against ONNX Runtime, and write one bundle."""
-    from .compile import CompileOptions, compile_model
+    """Export MODEL, build it for each target profile, verify parity against ONNX Runtime, and
+    write one bundle."""
+    from tvmdeploy.compiler import CompileOptions, compile_model
+    from tvmdeploy.compiler.options import DEFAULT_BUCKETS, RpcTarget, parse_buckets
 
-    options = CompileOptions(model=model, output=str(output), targets=target, task=task, buckets=buckets,
-                             opset=opset, tune_trials=tune, verify=not no_verify, name=name, rpc=rpc,
-                             rpc_key=rpc_key)
-    try:
-        compile_model(options)
-    except (TvmdeployError, ValueError, FileExistsError, target_profiles.UnknownTargetError) as error:
-        _fail(error)
+    buckets = buckets or DEFAULT_BUCKETS
+    parse_buckets(buckets)  # a bad string fails before the export
+    options = CompileOptions(model=model, output=str(output), profiles=target, task=task, buckets=buckets,
+                             opset=opset, tune_trials=tune, verify=not no_verify, name=name,
+                             rpc=RpcTarget.from_options(rpc, rpc_key))
+    written = compile_model(options)
+    if json_output:
+        _print_json(json.loads((written / "manifest.json").read_text()))
 
 
 @app.command("tune")
 def tune_cmd(
-    model: Annotated[str, typer.Argument(help="A local Hugging Face model directory, or an .onnx file.")],
-    target: Annotated[str, typer.Option("-t", "--target", help="CPU target profile this machine (or the --rpc device) can run; 'host' = best for this machine.")] = "host",
-    trials: Annotated[int | None, typer.Option("--trials", help="Trial budget for this model's kernels, counting records already in the cache (a rerun continues).")] = None,
-    minutes: Annotated[float | None, typer.Option("--minutes", help="Wall-time budget for this run, in minutes.")] = None,
-    buckets: Annotated[str, typer.Option(help="Shape buckets as BATCHES x SEQS (the same as you will compile).")] = "1,4x32,64,128,256",
-    task: Annotated[str | None, typer.Option(help="Optimum task; inferred from config.json by default.")] = None,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset for the export.")] = None,
-    export_records: Annotated[Path | None, typer.Option("--export", help="Also write this model's best records (one per kernel) to this directory, e.g. to ship them.")] = None,
-    rpc: Annotated[str | None, typer.Option("--rpc", help="TVM RPC tracker HOST:PORT: time every candidate on the remote device instead (timed there; network excluded).")] = None,
-    rpc_key: Annotated[str | None, typer.Option("--rpc-key", help="Key of the device's rpc_server at the tracker; its records go to a cache of their own (rpc-KEY), which `compile --rpc` reads.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON on stdout (trials, records, cache, and where the trials were measured).")] = False,
+    model: Annotated[str, Arg(help=HELP["model"])],
+    target: Annotated[str, Opt("-t", "--target", help=HELP["tune_profile"])] = "host",
+    trials: Annotated[int | None, Opt("--trials", help=HELP["trials"])] = None,
+    minutes: Annotated[float | None, Opt("--minutes", help=HELP["minutes"])] = None,
+    buckets: Annotated[str | None, Opt(help=HELP["tune_buckets"])] = None,
+    task: Annotated[str | None, Opt(help=HELP["task"])] = None,
+    opset: Annotated[int | None, Opt(help=HELP["opset"])] = None,
+    export_records: Annotated[Path | None, Opt("--export", help=HELP["export_records"])] = None,
+    rpc: Annotated[str | None, Opt("--rpc", help=HELP["tune_rpc"])] = None,
+    rpc_key: Annotated[str | None, Opt("--rpc-key", help=HELP["tune_rpc_key"])] = None,
+    json_output: Annotated[bool, Opt("--json", help=HELP["tune_json"])] = False,
 ) -> None:
-    """Tune MODEL's matmul kernels with MetaSchedule into the per-profile cache; `compile` then uses the records.
+    """Tune MODEL's matmul kernels with MetaSchedule into the per-profile cache; `compile` then
+    uses the records.
 
-    Resumable: Ctrl-C, SIGTERM or kill -9 lose no measured record, and the same command continues where it stopped.
+    Resumable: Ctrl-C, SIGTERM or kill -9 lose no measured record, and the same command continues
+    where it stopped.
 
-    With --rpc HOST:PORT --rpc-key KEY the candidates are built here (ARM ones linked with the profile's cross compiler) and timed on the device behind KEY, which must be of the profile's arch (checked first); its records are kept apart from this machine's, in the cache's rpc-KEY directory, and `compile --rpc HOST:PORT --rpc-key KEY` builds with them.
+    With --rpc HOST:PORT --rpc-key KEY the candidates are built here (ARM ones linked with the
+    profile's cross compiler) and timed on the device behind KEY, which must be of the profile's
+    arch (checked first); its records are kept apart from this machine's, in the cache's rpc-KEY
+    directory, and `compile --rpc HOST:PORT --rpc-key KEY` builds with them.
     """
-    from .tune import TuneOptions, TuningInterrupted, tune_model
+    from tvmdeploy.compiler import TuneOptions, tune_model
+    from tvmdeploy.compiler.errors import OptionError
+    from tvmdeploy.compiler.options import RpcTarget
+    from tvmdeploy.compiler.tuning import RichTuneProgress, task_table
 
     if not trials and not minutes:
-        _fail(ValueError("give a budget: --trials N, --minutes M, or both"))
-    if bool(rpc) != bool(rpc_key):
-        _fail(ValueError("tuning on a remote device needs both --rpc HOST:PORT and --rpc-key KEY"))
-    options = TuneOptions(model=model, target=target, trials=trials, minutes=minutes, buckets=buckets,
+        raise OptionError("give a budget: --trials N, --minutes M, or both")
+    bar = RichTuneProgress(target, console=err)
+    options = TuneOptions(model=model, profile=target, trials=trials, minutes=minutes, buckets=buckets,
                           task=task, opset=opset, export_dir=str(export_records) if export_records else None,
-                          rpc=rpc, rpc_key=rpc_key)
-    try:
+                          rpc=RpcTarget.from_options(rpc, rpc_key), progress=bar)
+    with bar:
         result = tune_model(options)
-    except TuningInterrupted as stopped:
-        err.print(f"[yellow]{stopped}[/yellow]")
-        raise typer.Exit(128 + stopped.signum) from None
-    except (TvmdeployError, ValueError, target_profiles.UnknownTargetError) as error:
-        _fail(error)
+    tuned = [t for t in result.tasks if t.tuned]
+    if tuned:
+        err.print(task_table(tuned, result.profile or target))
     if json_output:
-        summary = {"model": model, "profile": result.profile, "cache": str(result.cache), **result.summary}
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        _print_json({"model": model, "profile": result.profile, "cache": str(result.cache), **result.summary})
 
 
 @app.command()
 def bench(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    compare: Annotated[str | None, typer.Option(help="Baselines to time beside tvmdeploy: onnxruntime, torch (comma-separated, or ''). Default onnxruntime; none with --rpc (baselines run only locally).")] = None,
-    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
-    seq: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "32,128",
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per case.")] = 5,
-    runs: Annotated[int, typer.Option(help="Timed runs per case.")] = 30,
-    artifact: Annotated[str | None, typer.Option(help="Force a tvmdeploy artifact (profile name).")] = None,
-    torch_model: Annotated[Path | None, typer.Option(help="HF model directory for the PyTorch baseline (default: the manifest's source).")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the versioned JSON report here.")] = None,
-    rpc: Annotated[str | None, typer.Option("--rpc", help="TVM RPC tracker HOST:PORT: time tvmdeploy on the remote device instead (timed there; network excluded).")] = None,
-    rpc_key: Annotated[str | None, typer.Option("--rpc-key", help="Key of the device's rpc_server at the tracker.")] = None,
-    rpc_timeout: Annotated[float, typer.Option("--rpc-timeout", help="Seconds the remote session may last.")] = 600.0,
+    bundle: Annotated[Path, Arg(help=HELP["bundle"])],
+    compare: Annotated[str | None, Opt(help=HELP["compare"])] = None,
+    batch: Annotated[str, Opt(help=HELP["batch"])] = "1",
+    seq: Annotated[str, Opt(help=HELP["seq"])] = "32,128",
+    warmup: Annotated[int, Opt(help=HELP["warmup"])] = 5,
+    runs: Annotated[int, Opt(help=HELP["runs"])] = 30,
+    artifact: Annotated[str | None, Opt(help=HELP["artifact"])] = None,
+    torch_model: Annotated[Path | None, Opt(help=HELP["torch_model"])] = None,
+    json_out: Annotated[Path | None, Opt("--json", help=HELP["bench_json"])] = None,
+    rpc: Annotated[str | None, Opt("--rpc", help=HELP["bench_rpc"])] = None,
+    rpc_key: Annotated[str | None, Opt("--rpc-key", help=HELP["rpc_key"])] = None,
+    rpc_timeout: Annotated[float, Opt("--rpc-timeout", help=HELP["rpc_timeout"])] = 600.0,
 ) -> None:
-    """Time the bundle (and baselines) in one process: warm-up, then p50/p90/p99/mean/std and throughput.
+    """Time the bundle (and baselines) in one process: warm-up, then p50/p90/p99/mean/std and
+    sequences per second.
 
-    With --rpc HOST:PORT --rpc-key KEY the artifact runs on the remote device (the least demanding one of its arch unless --artifact names one), timed there by TVM's time_evaluator; baselines are refused, bench them locally and merge with `tvmdeploy report`.
+    With --rpc HOST:PORT --rpc-key KEY the artifact runs on the remote device (the least demanding
+    one of its arch unless --artifact names one), timed there by TVM's time_evaluator; baselines
+    are refused, bench them locally and merge with `tvmdeploy report`.
     """
-    from tvmdeploy.runtime.bench import BenchConfig, run_bench
+    _device_side()
+    from tvmdeploy.runtime.remote import RpcTarget
+    from tvmdeploy.runtime.timing import BenchConfig, run_bench
 
-    compare = compare if compare is not None else ("" if rpc else "onnxruntime")
+    remote = RpcTarget.from_options(rpc, rpc_key)
+    compare = compare if compare is not None else ("" if remote else "onnxruntime")
     engines = ["tvmdeploy"] + [e.strip() for e in compare.split(",") if e.strip()]
     config = BenchConfig(str(bundle), engines, _ints(batch), _ints(seq), warmup, runs, artifact,
                          str(torch_model) if torch_model else None, rpc, rpc_key, rpc_timeout)
-    try:
-        with err.status("benchmarking …") as status:
-            report = run_bench(config, progress=lambda msg: status.update(f"benchmarking {msg} …"))
-    except (TvmdeployError, ValueError) as error:
-        _fail(error)
+    baselines = [e for e in engines if e != "tvmdeploy"]
+    with err.status("benchmarking …") as status:
+        def progress(msg: str) -> None:
+            status.update(f"benchmarking {msg} …")
+
+        if baselines and not remote:  # tooling: PyTorch / ONNX Runtime beside tvmdeploy
+            from tvmdeploy.compiler.baselines import run_bench_with_baselines
+
+            report = run_bench_with_baselines(config, progress=progress)
+        else:
+            report = run_bench(config, progress=progress)
     table = Table(title=f"{report.bundle['name']} on {report.device['description']}")
     for column in ("engine", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "mean ms", "seq/s", "max|Δ| vs ORT"):
         table.add_column(column, justify="right" if column != "engine" else "left")
@@ -152,22 +243,19 @@ def bench(
 
 @app.command()
 def inspect(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print the raw manifest as JSON.")] = False,
-    check: Annotated[bool, typer.Option("--check", help="Verify every file's sha256.")] = False,
+    bundle: Annotated[Path, Arg(help=HELP["bundle"])],
+    json_output: Annotated[bool, Opt("--json", help=HELP["inspect_json"])] = False,
+    check: Annotated[bool, Opt("--check", help=HELP["check"])] = False,
 ) -> None:
     """Show a bundle's manifest: model, buckets, artifacts with parity, tuning and latency."""
+    _device_side()
     from tvmdeploy.runtime import Bundle, probe
+    from tvmdeploy.runtime.parity import parity_summary
     from tvmdeploy.runtime.probe import missing_requirements
 
-    from .verify import parity_summary
-
-    try:
-        b = Bundle(bundle)
-        if check:
-            b.verify()
-    except TvmdeployError as error:
-        _fail(error)
+    b = Bundle(bundle)
+    if check:
+        b.verify()
     if json_output:
         out.print_json(json.dumps(b.manifest))
         return
@@ -198,17 +286,18 @@ def inspect(
 
 @app.command()
 def targets(
-    json_output: Annotated[bool, typer.Option("--json", help="Print the profiles as JSON.")] = False,
+    json_output: Annotated[bool, Opt("--json", help=HELP["targets_json"])] = False,
 ) -> None:
     """List the target profiles (targets/*.toml) and whether this machine can run each."""
+    _device_side()
+    from tvmdeploy import targets as target_profiles
     from tvmdeploy.runtime import probe
     from tvmdeploy.runtime.probe import missing_requirements
 
     device = probe()
-    profiles = target_profiles.all()
+    profiles = target_profiles.all_profiles()
     if json_output:
-        rows = [p.to_dict() | {"runs_here": not missing_requirements(p.requires, device)} for p in profiles]
-        out.print_json(json.dumps(rows))
+        _print_json([p.to_dict() | {"runs_here": not missing_requirements(p.requires, device)} for p in profiles])
         return
     table = Table(title=f"target profiles (this machine: {device.description})")
     for column in ("name", "description", "TVM target", "requires", "runs here"):
@@ -222,45 +311,64 @@ def targets(
 
 @app.command()
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Where the fine-tuned model, bundle and results are cached.")] = Path("build/demo"),
-    target: Annotated[str, typer.Option("-t", "--target", help="Target profile for the demo bundle.")] = "host",
-    epochs: Annotated[float, typer.Option(help="Fine-tuning epochs (first run only; the model is cached).")] = 1.0,
+    work_dir: Annotated[Path, Opt(help=HELP["work_dir"])] = Path("build/demo"),
+    target: Annotated[str, Opt("-t", "--target", help=HELP["demo_profile"])] = "host",
+    epochs: Annotated[float, Opt(help=HELP["epochs"])] = 1.0,
+    json_output: Annotated[bool, Opt("--json", help=HELP["demo_json"])] = False,
 ) -> None:
-    """Fine-tune the packaged all-MiniLM-L6-v2 on VADER movie reviews, compile, verify, classify and compare."""
-    from .demo import run_demo
+    """Fine-tune the packaged all-MiniLM-L6-v2 on VADER movie reviews, compile, verify, classify
+    and compare."""
+    from tvmdeploy.compiler.drivers.demo import run_demo
 
-    try:
-        run_demo(work_dir, target, epochs)
-    except TvmdeployError as error:
-        _fail(error)
+    summary = run_demo(work_dir, target, epochs)
+    if json_output:
+        _print_json(summary)
+        return
+    seqs = list(summary["rows"][0]["latency_ms"])
+    table = Table(title=f"minilm-sentiment on {summary['device']} (batch 1)")
+    table.add_column("engine")
+    table.add_column(f"accuracy (n={summary['held_out']})", justify="right")
+    for seq in seqs:
+        table.add_column(f"seq {seq} p50 ms", justify="right")
+        table.add_column(f"seq {seq} p90 ms", justify="right")
+    table.add_column("vs ORT (seq 128 p50)", justify="right")
+    for row in summary["rows"]:
+        cells = [f"{row['accuracy']:.2%}"]
+        for seq in seqs:
+            cells += [f"{row['latency_ms'][seq]['p50']:.2f}", f"{row['latency_ms'][seq]['p90']:.2f}"]
+        table.add_row(row["engine"], *cells, f"{row['vs_onnxruntime_seq128']:.2f}x")
+    out.print(table)
 
 
 @app.command()
 def report(
-    files: Annotated[list[Path], typer.Argument(help="Bench JSONs written by `tvmdeploy bench --json`, e.g. one per device.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Self-contained HTML page to write (plots inline, no external URLs).")] = None,
-    md: Annotated[Path | None, typer.Option("--md", help="Markdown tables to write.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the merged rows (with speed-ups) as JSON on stdout.")] = False,
+    files: Annotated[list[Path], Arg(help=HELP["bench_files"])],
+    output: Annotated[Path | None, Opt("-o", "--output", help=HELP["html"])] = None,
+    md: Annotated[Path | None, Opt("--md", help=HELP["md"])] = None,
+    json_output: Annotated[bool, Opt("--json", help=HELP["report_json"])] = False,
 ) -> None:
-    """Merge bench JSONs from any number of devices into Markdown tables and one HTML page with plots.
+    """Merge bench JSONs from any number of devices into Markdown tables and one HTML page with
+    plots.
 
-    Tables per device × engine × batch × seq give p50/p90/p99, throughput, and the speed-up over ONNX Runtime and over PyTorch on the same device (baseline p50 ÷ engine p50, where that baseline was measured). The HTML page is self-contained and plots latency by device and engine, the speed-ups, and latency against sequence length. With neither -o, --md nor --json, the Markdown is printed.
+    Tables per device × engine × batch × seq give p50/p90/p99, throughput, and the speed-up over
+    ONNX Runtime and over PyTorch on the same device (baseline p50 ÷ engine p50, where that
+    baseline was measured). The HTML page is self-contained and plots latency by device and
+    engine, the speed-ups, and latency against sequence length. With neither -o, --md nor --json,
+    the Markdown is printed.
 
     Example: tvmdeploy report x86.json arm.json -o report.html --md report.md
     """
-    from tvmdeploy.runtime.report import build_report
+    _device_side()
+    from tvmdeploy.compiler.report import build_report
 
     written = []
-    try:
-        merged = build_report(files)
-        if output:
-            written.append(merged.write_html(output))
-        if md:
-            written.append(merged.write_markdown(md))
-    except TvmdeployError as error:
-        _fail(error)
+    merged = build_report(files)
+    if output:
+        written.append(merged.write_html(output))
+    if md:
+        written.append(merged.write_markdown(md))
     if json_output:
-        sys.stdout.write(json.dumps(merged.to_rows(), indent=2) + "\n")
+        _print_json(merged.to_rows())
     elif not written:
         sys.stdout.write(merged.markdown())
     for path in written:

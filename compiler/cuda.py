@@ -39,7 +39,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import TvmdeployError
+from .errors import CudaBuildError
 
 FATBIN = "cuda-fatbin"
 SOURCE = "cuda-source-in-library"
@@ -48,9 +48,6 @@ _CALLBACK = "tvm_callback_cuda_compile"
 _MAGIC_BYTES = struct.pack("<I", FATBIN_MAGIC)
 _U64 = struct.Struct("<Q")
 
-
-class CudaBuildError(TvmdeployError):
-    """nvcc could not compile TVM's kernels, or TVM's CUDA module has a layout we do not know."""
 
 
 # -- locating nvcc ----------------------------------------------------------------------------

@@ -1,19 +1,42 @@
-"""Compiler error types (the runtime's error types are shared: one hierarchy to catch)."""
+"""Every error the compiler side raises on purpose, under the one `TvmdeployError` callers catch.
+
+The runtime's errors (bundle, device, input, remote) live in `tvmdeploy.runtime.errors`, the
+profiles' in `tvmdeploy.targets.errors`; they are re-exported here so that a compiler module, the
+CLI or a script imports every error from one place. Each message says what to do next.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
 
 from tvmdeploy.runtime.errors import (
     BundleError,
     IncompatibleDeviceError,
     InputError,
+    OptionError,
+    RemoteError,
     TvmdeployError,
 )
+from tvmdeploy.targets.errors import NoProfileFitsError, ProfileError, UnknownTargetError
 
 __all__ = [
     "BundleError",
+    "CudaBuildError",
     "IncompatibleDeviceError",
     "InputError",
     "ModelLoadError",
+    "NoProfileFitsError",
+    "OptionError",
     "ParityError",
+    "ProfileError",
+    "QemuUnavailable",
+    "RemoteError",
+    "ReportError",
+    "TuningError",
+    "TuningInterrupted",
     "TvmdeployError",
+    "UnknownTargetError",
     "UnsupportedOperatorError",
 ]
 
@@ -35,3 +58,32 @@ class UnsupportedOperatorError(TvmdeployError):
 
 class ParityError(TvmdeployError):
     """A built artifact's outputs differ from the reference by more than the tolerance."""
+
+
+class TuningError(TvmdeployError):
+    """Tuning cannot run as asked (wrong kind of profile, a device this host cannot run, a busy
+    cache); the message says what to do instead."""
+
+
+class TuningInterrupted(TvmdeployError):
+    """SIGINT or SIGTERM stopped tuning. Every measured record is saved; rerun to continue."""
+
+    def __init__(self, signum: int, saved: int, cache: Path):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"tuning stopped by {name}; {saved} new record(s) are saved in {cache}. "
+            "Run the same command again to continue where it stopped."
+        )
+
+
+class QemuUnavailable(TvmdeployError):
+    """qemu-user or the arm64 Python sysroot is missing, so aarch64 code cannot be run here."""
+
+
+class CudaBuildError(TvmdeployError):
+    """nvcc could not compile TVM's kernels, or TVM's CUDA module has a layout we do not know."""
+
+
+class ReportError(TvmdeployError):
+    """A bench JSON is missing, unreadable, of another schema or version, or clashes with another."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tvmdeploy.runtime.inputs import synthetic_inputs
 
 from .errors import ModelLoadError
 
@@ -76,18 +77,8 @@ def infer_task(model_dir: Path, config: dict[str, Any]) -> str:
 
 
 def deterministic_inputs(config: dict[str, Any], input_names: list[str], batch: int, seq: int, seed: int = 0):
-    """Token ids from a seeded generator, a mask with a padded tail on the second row."""
-    rng = np.random.default_rng(seed)
-    vocab = int(config.get("vocab_size", 1000))
-    arrays = {"input_ids": rng.integers(0, vocab, (batch, seq), dtype=np.int64)}
-    if "attention_mask" in input_names:
-        mask = np.ones((batch, seq), np.int64)
-        if batch > 1 and seq > 2:
-            mask[1, seq // 2 :] = 0
-        arrays["attention_mask"] = mask
-    if "token_type_ids" in input_names:
-        arrays["token_type_ids"] = np.zeros((batch, seq), np.int64)
-    return arrays
+    """Seeded token ids within the config's vocabulary, a mask with a padded tail on the second row."""
+    return synthetic_inputs(input_names, int(config.get("vocab_size", 1000)), batch, seq, seed, padded_row=True)
 
 
 def torch_parity(model_dir: Path, task: str, onnx_path: Path, config: dict[str, Any], atol: float) -> dict[str, Any]:
@@ -109,7 +100,7 @@ def torch_parity(model_dir: Path, task: str, onnx_path: Path, config: dict[str, 
     return {"reference": "pytorch", "engine": "onnxruntime", "max_abs_diff": diff, "tolerance": atol, "ok": diff <= atol}
 
 
-def export(model_path: str | Path, work_dir: str | Path, task: str | None = None, opset: int | None = None,
+def export_model(model_path: str | Path, work_dir: str | Path, task: str | None = None, opset: int | None = None,
            atol: float = 1e-4) -> ExportResult:
     """Export `model_path` (HF directory or .onnx file) into `work_dir`; returns the ONNX path."""
     model_path = Path(model_path)

@@ -8,7 +8,6 @@ are made bounds-safe (safe_take.py) so no index can make a kernel read out of bo
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,21 +15,11 @@ from typing import Any
 import onnx
 
 from .errors import ModelLoadError, UnsupportedOperatorError
+from .options import DEFAULT_BUCKETS, BucketSpec, parse_buckets  # noqa: F401  (TEMP re-export during the move)
 from .safe_take import SafeTake
 
-DEFAULT_BUCKETS = "1,4x32,64,128,256"
 _ONNX_DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT: "float32",
                 onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BOOL: "bool"}
-
-
-@dataclass(frozen=True)
-class BucketSpec:
-    batch: int
-    seq: int
-
-    @property
-    def function(self) -> str:
-        return f"b{self.batch}_s{self.seq}"
 
 
 @dataclass
@@ -41,23 +30,6 @@ class ImportedModel:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     buckets: list[BucketSpec]
-
-
-def parse_buckets(text: str) -> list[BucketSpec]:
-    """'1,4x32,64' -> batch {1,4} x seq {32,64}. Several groups may be joined with ';'."""
-    buckets: set[BucketSpec] = set()
-    for group in filter(None, (g.strip() for g in text.split(";"))):
-        match = re.fullmatch(r"([\d,\s]+)x([\d,\s]+)", group)
-        if not match:
-            raise ValueError(f"bad bucket spec {group!r}; expected BATCHES x SEQS, e.g. '1,4x32,64,128'")
-        batches = [int(b) for b in match.group(1).split(",") if b.strip()]
-        seqs = [int(s) for s in match.group(2).split(",") if s.strip()]
-        if not batches or not seqs or min(batches + seqs) < 1:
-            raise ValueError(f"bad bucket spec {group!r}: sizes must be positive integers")
-        buckets.update(BucketSpec(b, s) for b in batches for s in seqs)
-    if not buckets:
-        raise ValueError("no buckets given")
-    return sorted(buckets, key=lambda b: (b.batch, b.seq))
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:

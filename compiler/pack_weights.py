@@ -1,6 +1,6 @@
 """Weight pre-packing for CPU matmuls: lay each weight out the way the GEMM kernel reads it, once.
 
-Why: a Linear layer's weight arrives as W[K, N]. The CPU GEMM (cpu_schedule.CPUMatmul) walks
+Why: a Linear layer's weight arrives as W[K, N]. The CPU GEMM (cpu_matmul.CPUMatmul) walks
 N in register tiles of `nr` columns, so reading W directly touches one 128-byte piece of a
 different row (and page) per k step: TLB- and prefetch-bound, and for big weights the kernel
 re-packed a [K, nr] panel on every call. ONNX Runtime avoids both by packing constant weights

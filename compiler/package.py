@@ -17,12 +17,13 @@ from typing import Any
 
 from tvmdeploy.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
+from .errors import BundleError
 from .export import TOKENIZER_FILES
 
 
 @dataclass
 class ArtifactEntry:
-    """What the manifest states about one artifact (DESIGN.md, Bundle)."""
+    """What the manifest states about one artifact (docs/design.md, "Bundle")."""
 
     profile: str
     family: str
@@ -47,6 +48,13 @@ def tool_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
+
+
+def weights_blob(names: list[str], params: list[Any]) -> bytes:
+    """The weights in TVM's param-dict format (`weights/<precision>.params`), keyed by name."""
+    import tvm
+
+    return tvm.runtime.save_param_dict(dict(zip(names, params, strict=True)))
 
 
 def _fsync_tree(root: Path) -> None:
@@ -133,7 +141,8 @@ def write_bundle(
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
             if not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
-                raise FileExistsError(f"{out_dir} exists and is not a tvmdeploy bundle; refusing to replace it")
+                raise BundleError(f"{out_dir} exists and is not a tvmdeploy bundle; refusing to replace it "
+                                  "(choose another -o path or remove it)")
             os.replace(out_dir, old)
         os.replace(staging, out_dir)
         shutil.rmtree(old, ignore_errors=True)

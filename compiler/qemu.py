@@ -16,6 +16,7 @@ import argparse
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import resource
 import shutil
@@ -30,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tvmdeploy.runtime.errors import TvmdeployError
-from tvmdeploy.runtime.select import cache_dir
+from tvmdeploy.runtime.paths import cache_dir
+
+from .errors import QemuUnavailable
+
+logger = logging.getLogger(__name__)
 
 RECIPE = 1  # bump when the sysroot recipe changes; a new recipe gets a new directory
 DEBIAN_PYTHON = "3.11"  # Debian 12 (bookworm)'s python3; the wheels are chosen for it
@@ -43,9 +47,6 @@ WHEEL_PLATFORM = "manylinux_2_28_aarch64"  # the tag the TVM wheel carries; glib
 WORKER = Path(__file__).with_name("qemu_worker.py")
 EM_AARCH64 = 183
 
-
-class QemuUnavailable(TvmdeployError):
-    """qemu-user or the arm64 Python sysroot is missing, so aarch64 code cannot be run here."""
 
 
 @dataclass(frozen=True)
@@ -268,10 +269,7 @@ def _prepare(path: Path, qemu: Path) -> None:
     """Build the sysroot in a staging directory beside `path`, check it, then rename it there."""
     pins = pinned_wheels()
     start = time.perf_counter()
-    print(
-        f"[tvmdeploy] preparing the arm64 Python sysroot in {path} (once; ~1-2 min)",
-        file=sys.stderr,
-    )
+    logger.info("preparing the arm64 Python sysroot in %s (once; ~1-2 min)", path)
     stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=path.parent))
     try:
         root = stage / "root"
@@ -294,9 +292,7 @@ def _prepare(path: Path, qemu: Path) -> None:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    print(
-        f"[tvmdeploy] arm64 sysroot ready in {time.perf_counter() - start:.0f} s", file=sys.stderr
-    )
+    logger.info("arm64 sysroot ready in %.0f s", time.perf_counter() - start)
 
 
 # -- running artifacts --------------------------------------------------------------------------
@@ -417,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prepare", action="store_true", help="prepare the arm64 Python sysroot if it is missing"
     )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[tvmdeploy] %(message)s")
     try:
         arm = ensure_arm64_python() if args.prepare else find_arm64_python()
     except QemuUnavailable as e:

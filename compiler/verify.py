@@ -15,13 +15,12 @@ from typing import Any
 
 import numpy as np
 from tvmdeploy.runtime._tvm import prepare_params
+from tvmdeploy.runtime.parity import Comparison, default_tolerance, parity_summary
 from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
 
+from .errors import QemuUnavailable
 from .export import deterministic_inputs
 from .importer import ImportedModel
-
-ATOL = 1e-4
-RTOL = 1e-4
 
 
 @dataclass
@@ -47,16 +46,6 @@ class Parity:
         return parity_summary(self.to_dict())
 
 
-def parity_summary(record: dict[str, Any]) -> str:
-    """One line for people from a manifest parity record: the diff and verdict, or why there is none."""
-    if record.get("ok") is None:
-        return f"not run ({record.get('detail', '')})"
-    diff = record.get("max_abs_diff")
-    diff_text = "no outputs" if diff is None else f"max abs diff {diff:.2e}"
-    text = f"{diff_text} [{'ok' if record['ok'] else 'FAILED'}] ({record.get('where')})"
-    return text if record["ok"] or not record.get("detail") else f"{text}: {record['detail']}"
-
-
 def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, Any]):
     """(bucket, inputs, ONNX Runtime outputs) for every bucket."""
     import onnxruntime
@@ -70,38 +59,20 @@ def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, 
     return cases
 
 
-def compare(outputs: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, bool, str]:
-    """Max abs diff over all outputs and whether |a - b| <= ATOL + RTOL*|b| everywhere."""
-    worst, ok, detail = 0.0, True, ""
-    for k, (got, want) in enumerate(zip(outputs, expected, strict=True)):
-        if got.shape != want.shape:
-            return float("inf"), False, f"output {k} has shape {got.shape}, ONNX Runtime gives {want.shape}"
-        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-        worst = max(worst, float(diff.max()))
-        bad = diff > ATOL + RTOL * np.abs(want)
-        if bad.any():
-            ok = False
-            detail = f"output {k}: {int(bad.sum())} of {bad.size} values outside tolerance"
-    return worst, ok, detail
-
-
 def run_native(lib_path: Path, imported: ImportedModel, cases, timing_runs: int = 10):
-    """Run the library in this process; returns the worst diff and a p50 latency per bucket."""
+    """Run the library in this process: its comparison with the reference, and a p50 latency per bucket."""
     import tvm
 
     vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
     params = prepare_params(vm, imported.params)
-    worst, ok, detail = 0.0, True, ""
+    comparison = Comparison()
     latencies = []
     for bucket, arrays, expected in cases:
         args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs] + params
         fn = vm[bucket.function]
         result = fn(*args)
         outputs = [result.numpy()] if hasattr(result, "numpy") else [o.numpy() for o in result]
-        diff, good, why = compare(outputs, expected)
-        worst = max(worst, diff)
-        if not good:
-            ok, detail = False, f"{bucket.function}: {why}"
+        comparison.add(bucket.function, outputs, expected)
         if timing_runs:
             times = []
             for _ in range(timing_runs):
@@ -109,7 +80,7 @@ def run_native(lib_path: Path, imported: ImportedModel, cases, timing_runs: int 
                 fn(*args)
                 times.append((time.perf_counter() - start) * 1e3)
             latencies.append({"batch": bucket.batch, "seq": bucket.seq, "p50_ms": float(np.median(times))})
-    return worst, ok, detail, latencies
+    return comparison, latencies
 
 
 def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None = None) -> Parity:
@@ -120,12 +91,12 @@ def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None 
     """
     from . import qemu
 
-    tolerance = {"atol": ATOL, "rtol": RTOL}
+    tolerance = default_tolerance()
     profile = build.profile
     cpu = qemu_cpu or profile.qemu_cpu
     try:
         arm = qemu.find_arm64_python()
-    except qemu.QemuUnavailable as e:
+    except QemuUnavailable as e:
         why = f"cannot verify under QEMU: {e}"
         return Parity("onnxruntime", "not-run", None, tolerance, None, why)
     run = qemu.run_cases(build.lib_path, imported, cases, cpu, arm)
@@ -134,13 +105,10 @@ def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None 
         if cpu != profile.qemu_cpu:
             detail += f" (profile {profile.name} is verified on qemu -cpu {profile.qemu_cpu})"
         return Parity("onnxruntime", f"qemu:{cpu}", None, tolerance, False, detail)
-    worst, ok, detail = 0.0, True, ""
+    comparison = Comparison()
     for (bucket, _, expected), outputs in zip(cases, run.outputs, strict=True):
-        diff, good, why = compare(outputs, expected)
-        worst = max(worst, diff)
-        if not good:
-            ok, detail = False, f"{bucket.function}: {why}"
-    return Parity("onnxruntime", f"qemu:{cpu}", worst, tolerance, ok, detail)
+        comparison.add(bucket.function, outputs, expected)
+    return _parity(f"qemu:{cpu}", comparison, tolerance)
 
 
 def verify_rpc(build, imported: ImportedModel, cases, rpc: str, rpc_key: str,
@@ -153,24 +121,22 @@ def verify_rpc(build, imported: ImportedModel, cases, rpc: str, rpc_key: str,
     import tvm
     from tvmdeploy.runtime import remote
 
-    tolerance = {"atol": ATOL, "rtol": RTOL}
+    tolerance = default_tolerance()
     where = f"rpc:{rpc_key}"
     profile = build.profile
     with remote.connect(rpc, rpc_key, session_timeout=session_timeout) as session:
         remote.check_artifact_runs(profile.requires, profile.is_gpu, profile.name, session.device)
         blob = tvm.runtime.save_param_dict(dict(zip(imported.param_names, imported.params)))
         names = [i["name"] for i in imported.inputs]
-        worst, ok, detail = 0.0, True, ""
+        comparison = Comparison()
         try:
             vm = remote.RemoteVM(session, build.lib_path, blob, imported.param_names, name=profile.name)
             for bucket, arrays, expected in cases:
-                diff, good, why = compare(vm.run(bucket.function, [arrays[n] for n in names]), expected)
-                worst = max(worst, diff)
-                if not good:
-                    ok, detail = False, f"{bucket.function}: {why}"
+                outputs = vm.run(bucket.function, [arrays[n] for n in names])
+                comparison.add(bucket.function, outputs, expected)
         except remote.RemoteError as err:
             return Parity("onnxruntime", where, None, tolerance, False, str(err))
-    return Parity("onnxruntime", where, worst, tolerance, ok, detail)
+    return _parity(where, comparison, tolerance)
 
 
 def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = None,
@@ -180,7 +146,7 @@ def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = No
     `qemu_cpu` forces emulation on that qemu CPU model (for profiles that name a `qemu_cpu`).
     """
     device = device or probe()
-    tolerance = {"atol": ATOL, "rtol": RTOL}
+    tolerance = default_tolerance()
     profile = build.profile
     missing = missing_requirements(profile.requires, device)
     if profile.qemu_cpu and (missing or qemu_cpu):
@@ -193,7 +159,11 @@ def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = No
         why = ("needs " + "; ".join(missing)) if missing else (
             "GPU verification at build time is not implemented")
         return Parity("onnxruntime", "not-run", None, tolerance, None, why), []
-    worst, ok, detail, latencies = run_native(build.lib_path, imported, cases, timing_runs)
+    comparison, latencies = run_native(build.lib_path, imported, cases, timing_runs)
     for entry in latencies:
         entry.update(fingerprint=device.fingerprint, device=device.description)
-    return Parity("onnxruntime", "native", worst, tolerance, ok, detail), latencies
+    return _parity("native", comparison, tolerance), latencies
+
+
+def _parity(where: str, comparison: Comparison, tolerance: dict[str, float]) -> Parity:
+    return Parity("onnxruntime", where, comparison.max_abs_diff, tolerance, comparison.ok, comparison.detail)

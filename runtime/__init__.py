@@ -1,12 +1,20 @@
 """tvmdeploy's thin runtime: load a bundle, pick the artifact this device runs best, run it.
 
-This package must never import the compiler: no torch, transformers, onnx or TVM's compiler
+What each module holds: docs/design.md. This package must never import the compiler: no torch, transformers, onnx or TVM's compiler
 library is loaded by `import tvmdeploy.runtime` or `load()` (TVM is imported runtime-only, and
 only when a compiled artifact is loaded). ONNX Runtime is imported only for its fallback engine.
 """
 
 from .bundle import Artifact, Bucket, Bundle
-from .errors import BundleError, IncompatibleDeviceError, InputError, RemoteError, TvmdeployError
+from .engine import Engine
+from .errors import (
+    BundleError,
+    IncompatibleDeviceError,
+    InputError,
+    OptionError,
+    RemoteError,
+    TvmdeployError,
+)
 from .model import Model, Prediction, load
 from .probe import DeviceInfo, probe
 from .select import Choice
@@ -18,9 +26,11 @@ __all__ = [
     "BundleError",
     "Choice",
     "DeviceInfo",
+    "Engine",
     "IncompatibleDeviceError",
     "InputError",
     "Model",
+    "OptionError",
     "Prediction",
     "RemoteError",
     "TvmdeployError",

@@ -19,3 +19,7 @@ class InputError(TvmdeployError, ValueError):
 
 class RemoteError(TvmdeployError):
     """A remote device over TVM RPC is unreachable, busy, unknown to the tracker, or failed a call."""
+
+
+class OptionError(TvmdeployError, ValueError):
+    """Options that are malformed or cannot work together (a bucket string, --rpc without --rpc-key)."""

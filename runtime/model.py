@@ -4,11 +4,15 @@ Inputs of any batch and sequence length up to the largest bucket are padded to t
 bucket that fits (padding masked out) and outputs are sliced back; batches larger than the
 largest bucket run in chunks. Token ids are range-checked here because TVM's embedding `take`
 is compiled without bounds checks and would read out of bounds (or segfault) on a bad id.
+
+A `Model` may be called from any number of threads at once (the engine keeps one VM per
+concurrent caller, engine.py); `last_latency_ms` is per thread.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,73 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from ._tvm import import_tvm, prepare_params
 from .bundle import Bucket, Bundle
-from .errors import BundleError, InputError
+from .engine import Arrays, Engine, OnnxRuntimeEngine, TvmEngine
+from .errors import BundleError, InputError, OptionError
+from .inputs import synthetic_inputs
 from .probe import DeviceInfo, probe
 from .select import ONNXRUNTIME, Choice, cached_latencies, remember_latencies, select
-
-Arrays = dict[str, np.ndarray]
-
-
-def cuda_index(requires: dict[str, Any], device: DeviceInfo) -> int:
-    """The first GPU that meets the artifact's compute capability (not simply GPU 0)."""
-    need = int(requires.get("cuda_arch", 0))
-    return next((c.index for c in device.cuda if c.compute_capability >= need), 0)
-
-
-class TvmEngine:
-    """Runs one compiled artifact with TVM's Relax VM; weights are loaded once, shared by buckets."""
-
-    def __init__(self, bundle: Bundle, profile: str, device: DeviceInfo):
-        tvm = import_tvm()
-        self.artifact = bundle.artifact(profile)
-        lib_path = bundle.file(self.artifact.file)
-        weights = bundle.weights_entry(self.artifact.precision)
-        params_path = bundle.file(weights["file"])
-        gpu = self.artifact.is_gpu
-        self.device = tvm.cuda(cuda_index(self.artifact.requires, device)) if gpu else tvm.cpu(0)
-        try:
-            lib = tvm.runtime.load_module(str(lib_path))
-        except Exception as err:  # noqa: BLE001 - a library this TVM cannot load, or no CUDA driver
-            hint = (
-                "; it carries CUDA source that TVM would have to compile on this device: recompile the "
-                "bundle where nvcc is installed so that its kernels are embedded as a fatbin"
-                if self.artifact.code_form == "cuda-source-in-library" else ""
-            )
-            raise BundleError(f"{lib_path}: TVM could not load this artifact: {err}{hint}") from None
-        self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
-        by_name = tvm.runtime.load_param_dict_from_file(str(params_path))
-        missing = [n for n in weights["names"] if n not in by_name]
-        if missing:
-            raise BundleError(f"{params_path}: weights {missing[:3]} are missing; recompile the bundle")
-        stored = [by_name[n].copyto(self.device) if self.artifact.is_gpu else by_name[n] for n in weights["names"]]
-        del by_name
-        self.params = prepare_params(self.vm, stored)
-        self._tensor = tvm.runtime.tensor
-        self.input_names = [i["name"] for i in bundle.inputs]
-
-    def run(self, bucket: Bucket | None, arrays: Arrays) -> list[np.ndarray]:
-        args = [self._tensor(arrays[name], self.device) for name in self.input_names]
-        result = self.vm[bucket.function](*args, *self.params)
-        outputs = [result] if hasattr(result, "numpy") else list(result)
-        return [o.numpy() for o in outputs]
-
-
-class OnnxRuntimeEngine:
-    """The bundle's ONNX model on ONNX Runtime: the fallback and the reference."""
-
-    def __init__(self, bundle: Bundle):
-        import onnxruntime
-
-        path = bundle.file("model.onnx")
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def run(self, bucket: Bucket | None, arrays: Arrays) -> list[np.ndarray]:
-        return self.session.run(None, {n: arrays[n] for n in self.input_names})
 
 
 @dataclass
@@ -95,11 +38,11 @@ class Prediction:
 class Model:
     """A loaded bundle: call it with token arrays, or `predict` with texts."""
 
-    def __init__(self, bundle: Bundle, engine: TvmEngine | OnnxRuntimeEngine, choice: Choice):
+    def __init__(self, bundle: Bundle, engine: Engine, choice: Choice):
         self.bundle = bundle
         self.engine = engine
         self.choice = choice
-        self.last_latency_ms: float | None = None
+        self._per_thread = threading.local()
         model = bundle.model
         self.vocab_size = int(model["vocab_size"])
         self.type_vocab_size = int(model.get("type_vocab_size", 1))
@@ -112,8 +55,15 @@ class Model:
     def __repr__(self) -> str:
         return f"Model({self.bundle.name!r}, engine={self.choice.artifact!r})"
 
+    @property
+    def last_latency_ms(self) -> float | None:
+        """Wall time of this thread's last call (ms), or None before its first call."""
+        return getattr(self._per_thread, "latency_ms", None)
+
     # -- inputs -----------------------------------------------------------------------------
-    def _validate(self, inputs: dict[str, Any]) -> Arrays:
+    def validate(self, inputs: dict[str, Any]) -> Arrays:
+        """Checked int64 arrays by input name, with defaults for the optional inputs; raises
+        InputError (naming the input and what to do) before anything reaches TVM."""
         unknown = set(inputs) - set(self.input_names)
         if unknown:
             raise InputError(f"unknown input(s) {sorted(unknown)}; this model takes {self.input_names}")
@@ -168,7 +118,8 @@ class Model:
             raise InputError(f"no bucket holds batch {batch} x seq {seq} (largest seq is {self.max_seq})")
         return min(fits, key=lambda b: (b.batch * b.seq, b.seq))
 
-    def _pad(self, arrays: Arrays, bucket: Bucket) -> Arrays:
+    def pad(self, arrays: Arrays, bucket: Bucket) -> Arrays:
+        """Arrays padded to the bucket's shape: pad tokens masked out, padding rows kept finite."""
         batch, seq = arrays["input_ids"].shape
         padded = {}
         for name, array in arrays.items():
@@ -194,22 +145,22 @@ class Model:
     def run_bucket(self, arrays: Arrays) -> list[np.ndarray]:
         """Run validated arrays of at most the largest bucket's batch; pad and slice as needed."""
         batch, seq = arrays["input_ids"].shape
-        if isinstance(self.engine, OnnxRuntimeEngine):
+        if not self.engine.fixed_shapes:
             return self.engine.run(None, arrays)
         bucket = self.bucket_for(batch, seq)
-        return self._slice(self.engine.run(bucket, self._pad(arrays, bucket)), batch, seq)
+        return self._slice(self.engine.run(bucket, self.pad(arrays, bucket)), batch, seq)
 
     def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
         """Run the model. Takes `input_ids` [batch, seq] and optionally `attention_mask`,
         `token_type_ids`; returns the model's outputs by name (e.g. `logits`)."""
-        arrays = self._validate(inputs)
+        arrays = self.validate(inputs)
         start = time.perf_counter()
         batch, seq = arrays["input_ids"].shape
         chunk = max(b.batch for b in self.bundle.buckets if b.seq >= seq)
         parts = [
             self.run_bucket({n: a[i : i + chunk] for n, a in arrays.items()}) for i in range(0, batch, chunk)
         ]
-        self.last_latency_ms = (time.perf_counter() - start) * 1e3
+        self._per_thread.latency_ms = (time.perf_counter() - start) * 1e3
         names = [o["name"] for o in self.bundle.outputs]
         return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
 
@@ -260,20 +211,19 @@ class Model:
         ]
 
 
-def make_engine(bundle: Bundle, name: str, device: DeviceInfo) -> TvmEngine | OnnxRuntimeEngine:
-    return OnnxRuntimeEngine(bundle) if name == ONNXRUNTIME else TvmEngine(bundle, name, device)
+def make_engine(bundle: Bundle, name: str, device: DeviceInfo, max_concurrency: int | None = None) -> Engine:
+    """The engine for a choice: ONNX Runtime, or the named artifact on TVM."""
+    if name == ONNXRUNTIME:
+        return OnnxRuntimeEngine(bundle)
+    return TvmEngine(bundle, name, device, max_concurrency)
 
 
 def measure_candidates(bundle: Bundle, device: DeviceInfo, candidates: list[str], runs: int = 10) -> dict[str, float]:
     """Time each candidate briefly (median ms) on a mid-sized bucket of batch 1."""
     batch_one = [b for b in bundle.buckets if b.batch == min(x.batch for x in bundle.buckets)]
     bucket = batch_one[len(batch_one) // 2]
-    rng = np.random.default_rng(0)
-    vocab = int(bundle.model["vocab_size"])
-    arrays = {i["name"]: np.zeros((bucket.batch, bucket.seq), np.int64) for i in bundle.inputs}
-    arrays["input_ids"] = rng.integers(0, vocab, (bucket.batch, bucket.seq), dtype=np.int64)
-    if "attention_mask" in arrays:
-        arrays["attention_mask"][:] = 1
+    names = [i["name"] for i in bundle.inputs]
+    arrays = synthetic_inputs(names, int(bundle.model["vocab_size"]), bucket.batch, bucket.seq)
     latencies = {}
     for name in candidates:
         model = Model(bundle, make_engine(bundle, name, device), Choice(name, "measuring"))
@@ -292,6 +242,7 @@ def load(
     artifact: str | None = None,
     policy: str = "auto",
     verify: bool = False,
+    max_concurrency: int | None = None,
 ) -> Model:
     """Load a bundle and pick the engine for this device.
 
@@ -299,9 +250,11 @@ def load(
     anything is loaded. `policy="measure"` times every compatible candidate once per device and
     caches the winner; `policy="auto"` uses measurements where they exist, else the rule.
     `verify=True` checks every file's checksum up front (the files used are always checked).
+    `max_concurrency` bounds how many threads run the model at once (default: one per core);
+    more callers wait for a free slot.
     """
     if policy not in ("auto", "measure"):
-        raise ValueError(f"policy must be 'auto' or 'measure', not {policy!r}")
+        raise OptionError(f"policy must be 'auto' or 'measure', not {policy!r}")
     bundle = Bundle(bundle_dir)
     if verify:
         bundle.verify()
@@ -313,4 +266,4 @@ def load(
         if set(candidates) - set(cached_latencies(bundle, device)):
             remember_latencies(bundle, device, measure_candidates(bundle, device, candidates))
     choice = select(bundle, device, artifact=artifact, onnxruntime_available=has_ort)
-    return Model(bundle, make_engine(bundle, choice.artifact, device), choice)
+    return Model(bundle, make_engine(bundle, choice.artifact, device, max_concurrency), choice)

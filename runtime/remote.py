@@ -25,6 +25,7 @@ import errno
 import json
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ import numpy as np
 
 from ._tvm import TRANSFORM_PARAMS, import_tvm
 from .bundle import Bucket, Bundle
-from .errors import BundleError, IncompatibleDeviceError, RemoteError
+from .errors import BundleError, IncompatibleDeviceError, OptionError, RemoteError
 from .select import Choice
 
 SESSION_TIMEOUT_S = 600.0  # the server ends a session after this long (TVM's `-timeout=`)
@@ -46,6 +47,30 @@ _RPC_TRACKER_MAGIC = 0x2F271  # tvm.rpc.base.RPC_TRACKER_MAGIC (kept here: no `i
 _TRACKER_SUMMARY = 6  # tvm.rpc.base.TrackerCode.SUMMARY
 _TRACKER_SUCCESS = 0
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv64", 3: "i386", 21: "ppc64le"}
+
+
+@dataclass(frozen=True)
+class RpcTarget:
+    """A remote device behind a TVM RPC tracker: the tracker's HOST:PORT and the device's key.
+
+    Parsed once, from `--rpc` and `--rpc-key`, by `from_options`; everything downstream takes one.
+    """
+
+    tracker: str
+    key: str
+
+    @classmethod
+    def from_options(cls, tracker: str | None, key: str | None) -> RpcTarget | None:
+        """None when neither is given; both or neither, and the tracker as HOST:PORT."""
+        if not tracker and not key:
+            return None
+        if not tracker or not key:
+            raise OptionError(
+                "remote work needs both --rpc HOST:PORT and --rpc-key KEY (the key the device's "
+                "rpc_server registered under at the tracker)"
+            )
+        parse_address(tracker)
+        return cls(tracker, key)
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -402,8 +427,11 @@ class RemoteVM:
 
 
 class RemoteEngine:
-    """A bundle artifact on a remote device, with TvmEngine's `run(bucket, arrays)` (so `Model` pads
-    and slices as it does locally) plus `time` on the device."""
+    """A bundle artifact on a remote device, an `Engine` (engine.py: `Model` pads and slices as it
+    does locally) plus `time` on the device. One RPC session carries one call at a time: calls
+    from several threads take turns."""
+
+    fixed_shapes = True
 
     def __init__(self, bundle: Bundle, profile: str, session: RemoteSession):
         self.artifact = bundle.artifact(profile)
@@ -414,12 +442,15 @@ class RemoteEngine:
         self.input_names = [i["name"] for i in bundle.inputs]
         self.session = session
         self.vm = RemoteVM(session, lib_path, params_blob, weights["names"], name=profile)
+        self._turn = threading.Lock()
 
     def run(self, bucket: Bucket | None, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.vm.run(bucket.function, [arrays[n] for n in self.input_names])
+        with self._turn:
+            return self.vm.run(bucket.function, [arrays[n] for n in self.input_names])
 
     def time(self, bucket: Bucket, arrays: dict[str, np.ndarray], warmup: int, runs: int) -> tuple[float, np.ndarray]:
-        return self.vm.time(bucket.function, [arrays[n] for n in self.input_names], warmup, runs)
+        with self._turn:
+            return self.vm.time(bucket.function, [arrays[n] for n in self.input_names], warmup, runs)
 
     def close(self) -> None:
         """Free the remote VM and weights and end the session (the server can serve the next one)."""

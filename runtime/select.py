@@ -1,4 +1,4 @@
-"""Choosing the artifact to run on this device (the rule in DESIGN.md).
+"""Choosing the artifact to run on this device (the runtime rule in docs/design.md).
 
 1. keep only artifacts whose `requires` the device meets (the others are never loaded);
 2. a latency measured on this device's fingerprint (in the bundle or the local cache) wins;
@@ -9,13 +9,13 @@ The ONNX Runtime fallback (`onnxruntime`) competes only where a latency for it w
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import write_json_atomic
 from .bundle import Bundle
 from .errors import IncompatibleDeviceError
+from .paths import cache_dir
 from .probe import DeviceInfo, missing_requirements
 
 ONNXRUNTIME = "onnxruntime"
@@ -33,13 +33,6 @@ class Choice:
 
     def __str__(self) -> str:
         return f"{self.artifact}: {self.reason}"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("TVMDEPLOY_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tvmdeploy"
-    )
-    return Path(base)
 
 
 def _choices_file() -> Path:
@@ -64,10 +57,7 @@ def remember_latencies(bundle: Bundle, device: DeviceInfo, latencies_ms: dict[st
     except (OSError, json.JSONDecodeError):
         entries = {}
     entries.setdefault(bundle.identity, {})[device.fingerprint] = latencies_ms
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".choices-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, entries)
 
 
 def bundle_latencies(bundle: Bundle, device: DeviceInfo) -> dict[str, float]:

@@ -2,7 +2,11 @@
 
 A profile says how to compile (the TVM target dict, a host target for GPUs, a cross compiler) and
 what a device must have to run the result (`requires`). Adding a device is adding a file here.
-This package must stay stdlib-only: both the compiler and the thin runtime import it.
+Names (docs/design.md): a *profile* is one of these files; its *target* is the TVM target dict it
+holds; an *artifact* is the code compiled for one profile and precision.
+
+This module is stdlib-only; `resolve` (which profile is `host`) reads the device probe, so the
+layering is runtime → targets → compiler, never the other way.
 """
 
 from __future__ import annotations
@@ -13,14 +17,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .errors import ProfileError, UnknownTargetError
+
 PROFILE_DIR = Path(__file__).parent
-
-
-class UnknownTargetError(KeyError):
-    """Raised for a profile name that has no TOML file."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def _load(path: Path) -> Profile:
     with path.open("rb") as f:
         data = tomllib.load(f)
     if data.get("name") != path.stem:
-        raise ValueError(f"{path.name}: 'name' must be {path.stem!r}, found {data.get('name')!r}")
+        raise ProfileError(f"{path}: 'name' must be {path.stem!r}, found {data.get('name')!r}; rename the file or fix the name")
     return Profile(
         name=data["name"],
         description=data["description"],
@@ -83,7 +82,7 @@ def _profiles() -> dict[str, Profile]:
     return {p.stem: _load(p) for p in sorted(PROFILE_DIR.glob("*.toml"))}
 
 
-def all() -> list[Profile]:
+def all_profiles() -> list[Profile]:
     """Every profile, sorted by name."""
     return list(_profiles().values())
 
@@ -101,3 +100,13 @@ def get(name: str) -> Profile:
             f"unknown target profile {name!r}; known profiles: {', '.join(names())} "
             "(or 'host' for the best profile for this machine)"
         ) from None
+
+
+__all__ = [
+    "Profile",
+    "ProfileError",
+    "UnknownTargetError",
+    "all_profiles",
+    "get",
+    "names",
+]

@@ -52,8 +52,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny BERT compiled for the host through the real pipeline (export → package)."""
-    from tvmdeploy.compiler.compile import CompileOptions, compile_model
+    from tvmdeploy.compiler import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.tvmd"
-    return compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out), targets=["host"],
+    return compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out), profiles=["host"],
                                         buckets=TINY_BUCKETS))
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tiny_model_dir, tmp_path_factory):
+    """The tiny BERT through the export stage once (ONNX file, config, PyTorch parity)."""
+    from tvmdeploy.compiler.export import export_model
+
+    return export_model(tiny_model_dir, tmp_path_factory.mktemp("tiny-export"))
+
+
+@pytest.fixture(scope="session")
+def tiny_imported(tiny_exported):
+    """The exported tiny BERT imported to Relax with the tiny buckets."""
+    from tvmdeploy.compiler.importer import import_onnx
+    from tvmdeploy.compiler.options import parse_buckets
+
+    return import_onnx(tiny_exported.onnx_path, parse_buckets(TINY_BUCKETS))

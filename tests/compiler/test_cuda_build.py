@@ -35,11 +35,11 @@ def cuda_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny BERT compiled for this CPU and for sm_80 GPUs into one bundle."""
     if cuda.find_nvcc() is None:
         pytest.skip("needs nvcc (the CUDA toolkit)")
-    from tvmdeploy.compiler.compile import CompileOptions, compile_model
+    from tvmdeploy.compiler import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("cuda") / "tiny-cuda.tvmd"
     return compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out),
-                                        targets=["host", "cuda-sm80"], buckets="1x16,32"))
+                                        profiles=["host", "cuda-sm80"], buckets="1x16,32"))
 
 
 def manifest(bundle: Path) -> dict:
@@ -130,7 +130,7 @@ def build_small(out_dir: Path):
     """A matmul + relu through the real CUDA build path (seconds, not the BERT's minutes)."""
     import tvm
     from tvm import relax
-    from tvmdeploy.compiler.build import build
+    from tvmdeploy.compiler.build import build_artifact
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((4, 8), "float32"))
@@ -140,7 +140,7 @@ def build_small(out_dir: Path):
             y = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, w)))
         bb.emit_func_output(y)
     mod: tvm.IRModule = bb.get()
-    return build(mod, targets.get("cuda-sm80"), out_dir)
+    return build_artifact(mod, targets.get("cuda-sm80"), out_dir)
 
 
 @pytest.mark.gpu

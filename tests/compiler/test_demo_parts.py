@@ -13,6 +13,7 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("vader")
 
 
+@pytest.mark.network
 def test_snippets_and_split(data_dir):
     rows = read_snippets(fetch_sdist(data_dir))
     # Ids run 1..10605 in the file; `wc -l` shows 10,604 because the last line has no newline.

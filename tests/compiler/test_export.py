@@ -4,32 +4,32 @@ import json
 
 import pytest
 from tvmdeploy.compiler.errors import ModelLoadError
-from tvmdeploy.compiler.export import export, infer_task, read_config
+from tvmdeploy.compiler.export import export_model, infer_task, read_config
 
 
 def test_missing_path(tmp_path):
     with pytest.raises(ModelLoadError, match="no such file"):
-        export(tmp_path / "nope", tmp_path / "out")
+        export_model(tmp_path / "nope", tmp_path / "out")
 
 
 def test_directory_without_config(tmp_path):
     (tmp_path / "model").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
-        export(tmp_path / "model", tmp_path / "out")
+        export_model(tmp_path / "model", tmp_path / "out")
 
 
 def test_unreadable_config(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="unreadable"):
-        export(tmp_path / "model", tmp_path / "out")
+        export_model(tmp_path / "model", tmp_path / "out")
 
 
 def test_corrupt_onnx_file(tmp_path):
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"\x08\x07garbage that is not a protobuf model")
     with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
-        export(bad, tmp_path / "out")
+        export_model(bad, tmp_path / "out")
 
 
 def test_task_inferred_from_architecture(tiny_model_dir):
@@ -44,7 +44,7 @@ def test_task_not_inferable(tmp_path):
 
 
 def test_export_records_parity_against_pytorch(tiny_model_dir, tmp_path):
-    result = export(tiny_model_dir, tmp_path / "onnx")
+    result = export_model(tiny_model_dir, tmp_path / "onnx")
     assert result.onnx_path.is_file() and result.task == "text-classification"
     assert result.parity["reference"] == "pytorch"
     assert result.parity["max_abs_diff"] < 1e-4

@@ -5,13 +5,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tvmdeploy.compiler.errors import UnsupportedOperatorError
-from tvmdeploy.compiler.importer import (
-    BucketSpec,
-    import_onnx,
-    io_spec,
-    parse_buckets,
-    unsupported_ops,
-)
+from tvmdeploy.compiler.importer import import_onnx, io_spec, unsupported_ops
+from tvmdeploy.compiler.options import BucketSpec, parse_buckets
 
 
 def test_parse_buckets_cross_product_and_groups():

@@ -9,10 +9,11 @@ import tvm
 from tvm import relax
 from tvmdeploy.compiler import build as build_stage
 from tvmdeploy.compiler import importer, verify
-from tvmdeploy.compiler.compile import host_profile
 from tvmdeploy.compiler.cpu_schedule import vector_lanes
+from tvmdeploy.compiler.options import parse_buckets
 from tvmdeploy.compiler.pack_weights import TRANSFORM_PARAMS, packing_passes
 from tvmdeploy.runtime._tvm import prepare_params
+from tvmdeploy.targets.resolve import host_profile
 
 #: Linear layers of the tiny BERT whose output width is a multiple of 4 (packable):
 #: q, k, v, attention output, FFN in, FFN out per layer (2 layers), and the pooler.
@@ -23,12 +24,12 @@ PACKABLE_LINEARS = 6 * 2 + 1
 def tiny_onnx(tiny_model_dir, tmp_path_factory) -> Path:
     from tvmdeploy.compiler import export
 
-    return export.export(tiny_model_dir, tmp_path_factory.mktemp("pack-onnx")).onnx_path
+    return export.export_model(tiny_model_dir, tmp_path_factory.mktemp("pack-onnx")).onnx_path
 
 
 @pytest.fixture(scope="module")
 def imported(tiny_onnx):
-    return importer.import_onnx(tiny_onnx, importer.parse_buckets("1,2x16"))
+    return importer.import_onnx(tiny_onnx, parse_buckets("1,2x16"))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_every_weight_matmul_reads_a_packed_panel(imported, profile):
 
 
 def test_transform_params_packs_each_weight_once_and_outputs_keep_parity(imported, tiny_onnx, profile, tmp_path):
-    built = build_stage.build(imported.mod, profile, tmp_path / "lib", None)
+    built = build_stage.build_artifact(imported.mod, profile, tmp_path / "lib", None)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(built.lib_path)), tvm.cpu())
     packed = prepare_params(vm, imported.params)
 

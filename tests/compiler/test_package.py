@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 from tvmdeploy.compiler.package import ArtifactEntry, write_bundle
-from tvmdeploy.runtime import Bundle
+from tvmdeploy.runtime import Bundle, BundleError
 
 
 def rewrite(src, out, lib_path=None):
@@ -53,6 +53,6 @@ def test_refuses_to_replace_a_non_bundle_directory(tiny_bundle, tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("do not delete")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(BundleError, match="not a tvmdeploy bundle; refusing to replace it"):
         rewrite(tiny_bundle, precious)
     assert (precious / "thesis.tex").read_text() == "do not delete"

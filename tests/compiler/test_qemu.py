@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from tvmdeploy import targets
 from tvmdeploy.compiler import qemu
+from tvmdeploy.compiler.options import parse_buckets
 
 pytestmark = pytest.mark.qemu
 
@@ -37,7 +38,7 @@ def _user_sysroot(monkeypatch, arm_python):
 
 @pytest.fixture(scope="module")
 def arm_bundle(tiny_model_dir, tmp_path_factory) -> Path:
-    from tvmdeploy.compiler.compile import CompileOptions, compile_model
+    from tvmdeploy.compiler import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("arm") / "tiny-arm.tvmd"
     with pytest.MonkeyPatch.context() as mp:
@@ -46,7 +47,7 @@ def arm_bundle(tiny_model_dir, tmp_path_factory) -> Path:
             CompileOptions(
                 model=str(tiny_model_dir),
                 output=str(out),
-                targets=["host", "arm64-neon"],
+                profiles=["host", "arm64-neon"],
                 buckets="1,2x16,32",
             )
         )
@@ -58,14 +59,14 @@ def sve_build(tiny_model_dir, tmp_path_factory):
     from tvmdeploy.compiler import build, export, importer, verify
 
     work = tmp_path_factory.mktemp("sve")
-    exported = export.export(str(tiny_model_dir), work / "onnx")
+    exported = export.export_model(str(tiny_model_dir), work / "onnx")
     imported = importer.import_onnx(
         exported.onnx_path,
-        importer.parse_buckets("1,2x16,32"),
+        parse_buckets("1,2x16,32"),
         exported.config.get("max_position_embeddings"),
     )
     cases = verify.reference_cases(exported.onnx_path, imported, exported.config)
-    built = build.build(imported.mod, targets.get("arm64-sve"), work / "arm64-sve")
+    built = build.build_artifact(imported.mod, targets.get("arm64-sve"), work / "arm64-sve")
     return built, imported, cases
 
 

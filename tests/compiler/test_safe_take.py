@@ -6,7 +6,8 @@ import sys
 SCRIPT = r"""
 import sys, numpy as np, onnx, tvm
 from tvm import relax
-from tvmdeploy.compiler.importer import import_onnx, parse_buckets
+from tvmdeploy.compiler.importer import import_onnx
+from tvmdeploy.compiler.options import parse_buckets
 imported = import_onnx(sys.argv[1], parse_buckets("1x4"))
 assert 'mode="fast"' not in imported.mod.script()
 target = tvm.target.Target({"kind": "llvm"})

@@ -1,4 +1,4 @@
-"""compiler/tune.py on the tiny BERT with tiny budgets: real MetaSchedule, real workers.
+"""compiler/tuning.py on the tiny BERT with tiny budgets: real MetaSchedule, real workers.
 
 Records are written as they are measured and reused (a rerun measures nothing), survive
 SIGTERM and kill -9 of the tuner with no worker left behind, a rerun continues from them, and
@@ -18,8 +18,10 @@ from pathlib import Path
 import psutil
 import pytest
 from tvmdeploy.compiler import build as build_stage
-from tvmdeploy.compiler import importer, tune, verify
-from tvmdeploy.compiler.compile import host_profile
+from tvmdeploy.compiler import importer, tuning, verify
+from tvmdeploy.compiler.drivers.tune import TuneOptions, tune_model
+from tvmdeploy.compiler.options import parse_buckets
+from tvmdeploy.targets.resolve import host_profile
 
 BUCKETS = "1x16"
 TVMDEPLOY = [sys.executable, "-m", "tvmdeploy.compiler.cli"]
@@ -35,19 +37,19 @@ def tiny_onnx(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny BERT exported once (the CLI accepts the .onnx file with its config beside it)."""
     from tvmdeploy.compiler import export
 
-    return export.export(tiny_model_dir, tmp_path_factory.mktemp("tiny-onnx")).onnx_path
+    return export.export_model(tiny_model_dir, tmp_path_factory.mktemp("tiny-onnx")).onnx_path
 
 
 @pytest.fixture(scope="module")
 def tiny_import(tiny_onnx):
-    return importer.import_onnx(tiny_onnx, importer.parse_buckets(BUCKETS))
+    return importer.import_onnx(tiny_onnx, parse_buckets(BUCKETS))
 
 
 @pytest.fixture(scope="module")
-def top_task(tiny_import, profile) -> tune.Task:
+def top_task(tiny_import, profile) -> tuning.Task:
     """The matmul kernel with the most FLOPs x calls: one task keeps the budgets tiny."""
     target = build_stage.tvm_target(profile)
-    return next(t for t in tune.extract_tasks(tiny_import.mod, target) if t.kind == "matmul")
+    return next(t for t in tuning.extract_tasks(tiny_import.mod, target) if t.kind == "matmul")
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,8 @@ def tuned(tiny_import, profile, top_task, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
         only_top = lambda t: t.key == top_task.key
-        first = tune.tune(tiny_import.mod, profile, 8, cache / "out1", progress=False, task_filter=only_top)
-        second = tune.tune(tiny_import.mod, profile, 8, cache / "out2", progress=False, task_filter=only_top)
+        first = tuning.tune(tiny_import.mod, profile, 8, cache / "out1", progress=False, task_filter=only_top)
+        second = tuning.tune(tiny_import.mod, profile, 8, cache / "out2", progress=False, task_filter=only_top)
     return cache, first, second
 
 
@@ -71,10 +73,10 @@ def test_records_are_written_in_metaschedule_format(tuned, profile, top_task):
     assert first.summary["new_trials"] == 8
     assert first.summary["rule_based_measured"] == 1
     db_dir = cache / "tuning" / profile.name
-    records = _lines(db_dir / tune.RECORD_FILE)
+    records = _lines(db_dir / tuning.RECORD_FILE)
     assert len(records) == 8
-    assert {w[0] for w in _lines(db_dir / tune.WORKLOAD_FILE)} == {top_task.key}
-    assert top_task.key in json.loads((db_dir / tune.RULE_BASED_FILE).read_text())
+    assert {w[0] for w in _lines(db_dir / tuning.WORKLOAD_FILE)} == {top_task.key}
+    assert top_task.key in json.loads((db_dir / tuning.RULE_BASED_FILE).read_text())
     # TVM's own JSONDatabase reads the cache as it is.
     from tvm.s_tir import meta_schedule as ms
 
@@ -93,13 +95,13 @@ def test_record_is_applied_only_where_it_beats_the_rule_based_schedule(tuned, ti
                                                                          tmp_path, monkeypatch):
     cache, _, _ = tuned
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
-    store = tune.RecordStore(tune.cache_path(profile))
+    store = tuning.RecordStore(tuning.cache_path(profile))
     faster = store.best(top_task.key)[0].secs < store.rule_based_secs(top_task.key)
-    result = tune.lookup(tiny_import.mod, profile, tmp_path, quiet=True)
+    result = tuning.lookup(tiny_import.mod, profile, tmp_path, quiet=True)
     if faster:
         assert result is not None and result.summary["kernels"]["applied"] == 1
         assert result.summary["source"] == "cache" and result.summary["new_trials"] == 0
-        assert {p.name for p in result.files} == {tune.WORKLOAD_FILE, tune.RECORD_FILE, tune.RULE_BASED_FILE}
+        assert {p.name for p in result.files} == {tuning.WORKLOAD_FILE, tuning.RECORD_FILE, tuning.RULE_BASED_FILE}
     else:  # the rule-based schedule stays: tuning never makes a kernel slower
         assert result is None or result.summary["kernels"]["applied"] == 0
 
@@ -110,14 +112,14 @@ def test_export_writes_the_records_that_beat_the_rule_based_schedule(tuned, tiny
     rule-based time, with that time beside it; a rerun within the budget measures nothing."""
     cache, _, _ = tuned
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
-    store = tune.RecordStore(tune.cache_path(profile))
+    store = tuning.RecordStore(tuning.cache_path(profile))
     best = store.best(top_task.key)[0]
     faster = best.secs < store.rule_based_secs(top_task.key)
     out = tmp_path / "export"
-    result = tune.tune_model(tune.TuneOptions(model=str(tiny_onnx), target=profile.name, trials=8, buckets=BUCKETS,
-                                              export_dir=str(out)))
+    result = tune_model(TuneOptions(model=str(tiny_onnx), profile=profile.name, trials=8, buckets=BUCKETS,
+                                    export_dir=str(out), progress=False))
     assert result.summary["new_trials"] == 0
-    exported = tune.RecordStore(out)
+    exported = tuning.RecordStore(out)
     assert exported.workload_keys() == ({top_task.key} if faster else set())
     if faster:
         assert exported.best(top_task.key)[0].secs == best.secs
@@ -130,13 +132,13 @@ def test_gather_kernels_survive_random_indices(tiny_import, profile, tmp_path):
     """The runner feeds random int64 ids to `take` kernels; SafeTake's wrap mode keeps them in
     bounds, so measuring them neither crashes the worker nor fails."""
     target = build_stage.tvm_target(profile)
-    takes = [t for t in tune.extract_tasks(tiny_import.mod, target) if t.name.startswith("take")]
+    takes = [t for t in tuning.extract_tasks(tiny_import.mod, target) if t.name.startswith("take")]
     assert takes
-    store = tune.RecordStore(tmp_path / "db")
-    workers = tune.Workers(1, build_timeout=120, run_timeout=30)
+    store = tuning.RecordStore(tmp_path / "db")
+    workers = tuning.Workers(1, build_timeout=120, run_timeout=30)
     try:
         with store.lock():
-            assert tune.measure_rule_based(takes, store, workers, target, tune.TuneSettings()) == len(takes)
+            assert tuning.measure_rule_based(takes, store, workers, target, tuning.TuneSettings()) == len(takes)
     finally:
         workers.close()
     for task in takes:
@@ -150,9 +152,9 @@ def _scheduled_kernel(mod, profile, key: str, database) -> str:
     from tvmdeploy.compiler.cpu_schedule import default_schedule_pass
 
     target = build_stage.tvm_target(profile)
-    fused = tune.fused_module(mod, target)
+    fused = tuning.fused_module(mod, target)
     name = next(gv.name_hint for gv, f in fused.functions_items()
-                if isinstance(f, tirx.PrimFunc) and tune.workload_key(_normalize_mod(f)) == key)
+                if isinstance(f, tirx.PrimFunc) and tuning.workload_key(_normalize_mod(f)) == key)
     with target:
         if database is not None:
             with database:
@@ -165,12 +167,12 @@ def test_tuned_code_differs_and_keeps_parity(tuned, tiny_import, tiny_onnx, prof
                                              monkeypatch):
     cache, _, _ = tuned
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
-    result = tune.lookup(tiny_import.mod, profile, tmp_path / "records", quiet=True, only_faster=False)
+    result = tuning.lookup(tiny_import.mod, profile, tmp_path / "records", quiet=True, only_faster=False)
     assert result is not None and result.summary["kernels"]["applied"] == 1
     assert _scheduled_kernel(tiny_import.mod, profile, top_task.key, result.database) != \
         _scheduled_kernel(tiny_import.mod, profile, top_task.key, None)
 
-    built = build_stage.build(tiny_import.mod, profile, tmp_path / "lib", result.database)
+    built = build_stage.build_artifact(tiny_import.mod, profile, tmp_path / "lib", result.database)
     config = json.loads((tiny_onnx.parent / "config.json").read_text())
     cases = verify.reference_cases(tiny_onnx, tiny_import, config)
     parity, _ = verify.verify(built, tiny_import, cases, timing_runs=0)
@@ -180,7 +182,7 @@ def test_tuned_code_differs_and_keeps_parity(tuned, tiny_import, tiny_onnx, prof
 
 def test_compile_of_another_model_with_the_same_kernels_uses_the_cache(tuned, profile, tmp_path, monkeypatch):
     """A second model (other weights, same architecture) compiles with zero new trials."""
-    from tvmdeploy.compiler.compile import CompileOptions, compile_model
+    from tvmdeploy.compiler import CompileOptions, compile_model
     from tvmdeploy.runtime import Bundle
 
     from tests.conftest import save_tiny_bert
@@ -189,16 +191,16 @@ def test_compile_of_another_model_with_the_same_kernels_uses_the_cache(tuned, pr
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
     other = save_tiny_bert(tmp_path / "other-bert", seed=1)
     bundle_dir = compile_model(CompileOptions(model=str(other), output=str(tmp_path / "other.tvmd"),
-                                              targets=[profile.name], buckets=BUCKETS))
+                                              profiles=[profile.name], buckets=BUCKETS))
     artifact = Bundle(bundle_dir).artifacts[0]
     assert artifact.parity["ok"] and artifact.parity["max_abs_diff"] <= 1e-4
     summary = artifact.tuning
-    store = tune.RecordStore(tune.cache_path(profile))
+    store = tuning.RecordStore(tuning.cache_path(profile))
     if any(store.best(k) and store.best(k)[0].secs < (store.rule_based_secs(k) or 1e9) for k in store.workload_keys()):
         assert summary["source"] == "cache" and summary["new_trials"] == 0 and summary["trials"] == 8
         assert summary["database"] == f"tuning/{profile.name}"
-        assert (bundle_dir / summary["database"] / tune.RECORD_FILE).is_file()
-        assert len(_lines(bundle_dir / summary["database"] / tune.RECORD_FILE)) == 1
+        assert (bundle_dir / summary["database"] / tuning.RECORD_FILE).is_file()
+        assert len(_lines(bundle_dir / summary["database"] / tuning.RECORD_FILE)) == 1
     else:
         assert summary["trials"] in (0, 8) and summary.get("new_trials", 0) == 0
 
@@ -207,17 +209,17 @@ def test_shipped_records_replay_with_this_tvm():
     """Every record shipped in the package applies to its workload (guards a TVM upgrade)."""
     from tvm.s_tir import meta_schedule as ms
 
-    shipped = tune.shipped_path("x86-64-v4")
-    store = tune.RecordStore(shipped)
+    shipped = tuning.shipped_path("x86-64-v4")
+    store = tuning.RecordStore(shipped)
     assert store.workload_keys(), f"no shipped records in {shipped}"
-    tune.import_tensor_intrinsics("x86")
+    tuning.import_tensor_intrinsics("x86")
     meta = json.loads((shipped / "meta.json").read_text())
     assert meta["trials"] > 0 and meta["runs"]
     for key in store.workload_keys():
         best = store.best(key)[0]
         assert best.secs < store.rule_based_secs(key), "a shipped record must beat the rule-based schedule"
         workload = ms.database.Workload.from_json(best.workload_json)
-        assert tune.workload_key(workload.mod) == key
+        assert tuning.workload_key(workload.mod) == key
         ms.database.TuningRecord.from_json(best.record_json, workload)
 
 
@@ -228,20 +230,20 @@ def test_shipped_records_cover_the_demo_model(tmp_path):
     from transformers import BertForSequenceClassification
     from tvmdeploy import targets
     from tvmdeploy.compiler import export
-    from tvmdeploy.compiler.demo import DEMO_BUCKETS
+    from tvmdeploy.compiler.drivers.demo import DEMO_BUCKETS
 
     from tests.conftest import minilm_dir
 
     torch.manual_seed(0)
     model_dir = tmp_path / "minilm-cls"
     BertForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=2).eval().save_pretrained(model_dir)
-    onnx_path = export.export(model_dir, tmp_path / "onnx").onnx_path
-    imported = importer.import_onnx(onnx_path, importer.parse_buckets(DEMO_BUCKETS))
+    onnx_path = export.export_model(model_dir, tmp_path / "onnx").onnx_path
+    imported = importer.import_onnx(onnx_path, parse_buckets(DEMO_BUCKETS))
     profile = targets.get("x86-64-v4")
-    task_keys = {t.key for t in tune.extract_tasks(imported.mod, build_stage.tvm_target(profile))}
-    shipped = tune.RecordStore(tune.shipped_path(profile)).workload_keys()
+    task_keys = {t.key for t in tuning.extract_tasks(imported.mod, build_stage.tvm_target(profile))}
+    shipped = tuning.RecordStore(tuning.shipped_path(profile)).workload_keys()
     assert shipped and set(shipped) <= task_keys, "shipped records for kernels the demo no longer has"
-    result = tune.lookup(imported.mod, profile, tmp_path / "records", quiet=True)
+    result = tuning.lookup(imported.mod, profile, tmp_path / "records", quiet=True)
     assert result is not None and result.summary["kernels"]["applied"] == len(shipped)
 
 
@@ -267,7 +269,7 @@ def _finish(proc: subprocess.Popen, timeout: float) -> str:
 
 
 def _record_count(cache: Path, profile) -> int:
-    path = cache / "tuning" / profile.name / tune.RECORD_FILE
+    path = cache / "tuning" / profile.name / tuning.RECORD_FILE
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
@@ -313,7 +315,7 @@ def test_sigterm_and_kill9_lose_no_record_leave_no_worker_and_a_rerun_continues(
     assert _gone(workers) == []
     after_term = _record_count(cache, profile)
     assert after_term >= 1
-    assert all(isinstance(r, list) for r in _lines(cache / "tuning" / profile.name / tune.RECORD_FILE))
+    assert all(isinstance(r, list) for r in _lines(cache / "tuning" / profile.name / tuning.RECORD_FILE))
 
     # kill -9 of a rerun: nothing recorded is lost and the workers die with their parent.
     proc = _start_tune(tiny_onnx, cache, trials=400)
@@ -326,7 +328,7 @@ def test_sigterm_and_kill9_lose_no_record_leave_no_worker_and_a_rerun_continues(
     assert after_kill > after_term
 
     # A rerun counts what is there toward the budget: 4 more trials, then done.
-    store = tune.RecordStore(cache / "tuning" / profile.name)
+    store = tuning.RecordStore(cache / "tuning" / profile.name)
     target = after_kill + 4
     proc = _start_tune(tiny_onnx, cache, trials=target)
     output = _finish(proc, 240)

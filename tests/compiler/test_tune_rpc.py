@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from tvmdeploy import targets
-from tvmdeploy.compiler import tune
+from tvmdeploy.compiler import tuning
+from tvmdeploy.compiler.errors import TuningError
 from tvmdeploy.runtime import remote
 from tvmdeploy.runtime.errors import RemoteError
 from typer.testing import CliRunner
@@ -47,9 +48,9 @@ def rpc_tuned(tiny_import, profile, top_task, tracker, x86_server, rpc_cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TVMDEPLOY_CACHE_DIR", str(rpc_cache))
         only_top = lambda t: t.key == top_task.key
-        first = tune.tune(tiny_import.mod, profile, TRIALS, rpc_cache / "out1", progress=False,
+        first = tuning.tune(tiny_import.mod, profile, TRIALS, rpc_cache / "out1", progress=False,
                           task_filter=only_top, rpc=tracker, rpc_key=x86_server)
-        second = tune.tune(tiny_import.mod, profile, TRIALS, rpc_cache / "out2", progress=False,
+        second = tuning.tune(tiny_import.mod, profile, TRIALS, rpc_cache / "out2", progress=False,
                            task_filter=only_top, rpc=tracker, rpc_key=x86_server)
     return first, second
 
@@ -65,34 +66,34 @@ def test_remote_records_go_to_the_per_key_cache_with_measured_times(rpc_tuned, r
     local = rpc_cache / "tuning" / profile.name
     per_key = local / f"rpc-{x86_server}"
     assert first.cache == per_key
-    records = _lines(per_key / tune.RECORD_FILE)
+    records = _lines(per_key / tuning.RECORD_FILE)
     assert len(records) == TRIALS
-    assert {w[0] for w in _lines(per_key / tune.WORKLOAD_FILE)} == {top_task.key}
+    assert {w[0] for w in _lines(per_key / tuning.WORKLOAD_FILE)} == {top_task.key}
     secs = [sum(r[1][1]) / len(r[1][1]) for r in records]
     assert all(0 < s for s in secs)
-    valid = [s for s in secs if s < tune.ERROR_SECS / 10]
+    valid = [s for s in secs if s < tuning.ERROR_SECS / 10]
     assert valid and all(s < 1 for s in valid), secs  # timed on the device, not failed candidates
-    rule_based = json.loads((per_key / tune.RULE_BASED_FILE).read_text())[top_task.key]
+    rule_based = json.loads((per_key / tuning.RULE_BASED_FILE).read_text())[top_task.key]
     assert 0 < rule_based["secs"] < 1
     # Nothing measured remotely is mixed into this machine's cache.
-    assert not (local / tune.RECORD_FILE).exists() and not (local / tune.RULE_BASED_FILE).exists()
+    assert not (local / tuning.RECORD_FILE).exists() and not (local / tuning.RULE_BASED_FILE).exists()
 
 
 def test_rerun_over_rpc_measures_nothing(rpc_tuned, rpc_cache, profile, x86_server):
     _, second = rpc_tuned
     assert second.summary["new_trials"] == 0 and second.summary["trials"] == TRIALS
     assert second.summary["rule_based_measured"] == 0
-    assert len(_lines(rpc_cache / "tuning" / profile.name / f"rpc-{x86_server}" / tune.RECORD_FILE)) == TRIALS
+    assert len(_lines(rpc_cache / "tuning" / profile.name / f"rpc-{x86_server}" / tuning.RECORD_FILE)) == TRIALS
 
 
 def test_lookup_reads_the_per_key_cache_only_when_asked(rpc_tuned, rpc_cache, tiny_import, profile, x86_server,
                                                         monkeypatch, tmp_path):
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(rpc_cache))
-    on_key = tune.lookup(tiny_import.mod, profile, tmp_path / "remote", quiet=True, only_faster=False,
+    on_key = tuning.lookup(tiny_import.mod, profile, tmp_path / "remote", quiet=True, only_faster=False,
                          rpc_key=x86_server)
     assert on_key is not None and on_key.summary["records"].get("cache") == 1
     assert on_key.summary["measured_on"] == {"where": "rpc", "key": x86_server}
-    local = tune.lookup(tiny_import.mod, profile, tmp_path / "local", quiet=True, only_faster=False)
+    local = tuning.lookup(tiny_import.mod, profile, tmp_path / "local", quiet=True, only_faster=False)
     assert local is None or not local.summary["records"].get("cache")
 
 
@@ -116,7 +117,7 @@ def test_wrong_key_fails_fast_and_clearly(tiny_import, profile, tracker, x86_ser
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(tmp_path / "cache"))
     started = time.perf_counter()
     with pytest.raises(RemoteError, match=r"no RPC server is registered under key 'no-such-board'.*x86-local"):
-        tune.tune(tiny_import.mod, profile, 4, tmp_path / "out", progress=False, rpc=tracker,
+        tuning.tune(tiny_import.mod, profile, 4, tmp_path / "out", progress=False, rpc=tracker,
                   rpc_key="no-such-board")
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "cache").exists()  # refused before any cache directory was made
@@ -124,11 +125,11 @@ def test_wrong_key_fails_fast_and_clearly(tiny_import, profile, tracker, x86_ser
 
 def test_device_of_another_arch_is_refused_before_building(tiny_import, tracker, x86_server, tmp_path):
     arm = targets.get("arm64-neon")
-    with pytest.raises(tune.TuningError, match=r"arm64-neon: its code is for aarch64, but the device behind "
+    with pytest.raises(TuningError, match=r"arm64-neon: its code is for aarch64, but the device behind "
                                                 r"RPC key 'x86-local' .* is x86_64"):
-        tune.tune(tiny_import.mod, arm, 4, tmp_path / "out", progress=False, rpc=tracker, rpc_key=x86_server)
-    with pytest.raises(tune.TuningError, match="needs both --rpc"):
-        tune.check_tunable(arm, rpc=tracker)
+        tuning.tune(tiny_import.mod, arm, 4, tmp_path / "out", progress=False, rpc=tracker, rpc_key=x86_server)
+    with pytest.raises(TuningError, match="needs both --rpc"):
+        tuning.check_tunable(arm, rpc=tracker)
 
 
 def test_device_lost_mid_run_stops_clearly_and_keeps_what_was_measured(tiny_import, profile, top_task, tracker,
@@ -142,19 +143,19 @@ def test_device_lost_mid_run_stops_clearly_and_keeps_what_was_measured(tiny_impo
                             "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)], log,
                            test_rpc._server_env())
 
-    def progress(status: tune.TuneStatus) -> None:
+    def progress(status: tuning.TuneStatus) -> None:
         if status.phase == "search" and status.done >= 2 and proc.poll() is None:
             test_rpc._stop(proc)
 
     try:
         remote.wait_for_server(tracker, "x86-flaky", timeout=60)
-        with pytest.raises(tune.TuningError, match=r"measuring on the remote device stopped: .*'x86-flaky'.*"
+        with pytest.raises(TuningError, match=r"measuring on the remote device stopped: .*'x86-flaky'.*"
                                                    r"run the same command again to continue"):
-            tune.tune(tiny_import.mod, profile, 8, tmp_path / "out", progress=progress,
+            tuning.tune(tiny_import.mod, profile, 8, tmp_path / "out", progress=progress,
                       task_filter=lambda t: t.key == top_task.key, rpc=tracker, rpc_key="x86-flaky")
     finally:
         test_rpc._stop(proc)
-    records = _lines(tmp_path / "cache" / "tuning" / profile.name / "rpc-x86-flaky" / tune.RECORD_FILE)
+    records = _lines(tmp_path / "cache" / "tuning" / profile.name / "rpc-x86-flaky" / tuning.RECORD_FILE)
     assert len(records) == 2
     assert all(0 < sum(r[1][1]) / len(r[1][1]) < 1 for r in records)
 
@@ -175,14 +176,14 @@ def test_arm_profile_tuned_on_the_emulated_aarch64_device(tiny_import, tracker, 
     from tvmdeploy.compiler import build as build_stage
 
     # The same kernel as the x86 top task, as extracted for the ARM target.
-    arm_task = next(t for t in tune.extract_tasks(tiny_import.mod, build_stage.tvm_target(arm))
+    arm_task = next(t for t in tuning.extract_tasks(tiny_import.mod, build_stage.tvm_target(arm))
                     if t.kind == "matmul")
-    result = tune.tune(tiny_import.mod, arm, 3, tmp_path / "out", progress=False,
+    result = tuning.tune(tiny_import.mod, arm, 3, tmp_path / "out", progress=False,
                        task_filter=lambda t: t.key == arm_task.key, rpc=tracker, rpc_key=arm_server)
     assert result.summary["new_trials"] == 3
     assert result.summary["measured_on"]["arch"] == "aarch64"
     per_key = Path(tmp_path / "cache" / "tuning" / "arm64-neon" / f"rpc-{arm_server}")
-    records = _lines(per_key / tune.RECORD_FILE)
+    records = _lines(per_key / tuning.RECORD_FILE)
     assert len(records) == 3
     secs = [sum(r[1][1]) / len(r[1][1]) for r in records]
-    assert any(0 < s < tune.ERROR_SECS / 10 for s in secs), secs
+    assert any(0 < s < tuning.ERROR_SECS / 10 for s in secs), secs

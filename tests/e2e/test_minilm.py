@@ -9,7 +9,7 @@ import onnxruntime
 import pytest
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
-from tvmdeploy.compiler.compile import CompileOptions, compile_model
+from tvmdeploy.compiler import CompileOptions, compile_model
 from tvmdeploy.runtime import load
 
 from tests.conftest import LABELS, minilm_dir
@@ -39,7 +39,7 @@ def classifier_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(classifier_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "minilm.tvmd"
-    return compile_model(CompileOptions(model=str(classifier_dir), output=str(out), targets=["host"],
+    return compile_model(CompileOptions(model=str(classifier_dir), output=str(out), profiles=["host"],
                                         buckets="1,4x32,64"))
 
 

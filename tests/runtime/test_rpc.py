@@ -23,6 +23,7 @@ import pytest
 from tvmdeploy.compiler import qemu, qemu_rpc
 from tvmdeploy.runtime import remote
 from tvmdeploy.runtime.errors import IncompatibleDeviceError, RemoteError
+from tvmdeploy.runtime.remote import RpcTarget
 from typer.testing import CliRunner
 
 from tests.conftest import TINY_BUCKETS
@@ -136,7 +137,7 @@ def arm_server(tracker, tmp_path_factory) -> Iterator[str]:
 
 
 def test_remote_model_matches_onnxruntime(tiny_bundle, tracker, x86_server):
-    from tvmdeploy.runtime.model import OnnxRuntimeEngine
+    from tvmdeploy.runtime.engine import OnnxRuntimeEngine
 
     model = remote.load_remote(tiny_bundle, tracker, x86_server)
     try:
@@ -173,7 +174,7 @@ def test_client_needs_only_the_tvm_runtime(tiny_bundle, tracker, x86_server):
 
 def test_bench_over_rpc_writes_a_valid_report(tiny_bundle, tracker, x86_server, tmp_path):
     from tvmdeploy.compiler.cli import app
-    from tvmdeploy.runtime.report import load_bench
+    from tvmdeploy.compiler.report import load_bench
 
     out = tmp_path / "remote.json"
     result = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--rpc", tracker, "--rpc-key", x86_server,
@@ -203,11 +204,11 @@ def test_baselines_are_refused_over_rpc(tiny_bundle, tracker):
 
 
 def test_compile_verifies_through_rpc(tiny_model_dir, tracker, x86_server, tmp_path):
-    from tvmdeploy.compiler.compile import CompileOptions, compile_model
+    from tvmdeploy.compiler import CompileOptions, compile_model
 
     bundle = compile_model(CompileOptions(model=str(tiny_model_dir), output=str(tmp_path / "v.tvmd"),
-                                          targets=["host"], buckets=TINY_BUCKETS, rpc=tracker,
-                                          rpc_key=x86_server))
+                                          profiles=["host"], buckets=TINY_BUCKETS,
+                                          rpc=RpcTarget(tracker, x86_server)))
     (artifact,) = json.loads((bundle / "manifest.json").read_text())["artifacts"]
     assert artifact["parity"]["where"] == "rpc:x86-local", artifact["parity"]
     assert artifact["parity"]["ok"] is True and artifact["parity"]["max_abs_diff"] < 1e-4
@@ -269,7 +270,7 @@ def test_tuning_measures_a_kernel_on_the_remote(tracker, x86_server, tmp_path):
     import tvm
     from tvm import te
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-    from tvmdeploy.compiler.rpc_tuning import measure_rpc
+    from tvmdeploy.compiler.tuning import measure_rpc
 
     a = te.placeholder((64, 64), name="A")
     b = te.placeholder((64, 64), name="B")
@@ -289,11 +290,11 @@ def test_tuning_measures_a_kernel_on_the_remote(tracker, x86_server, tmp_path):
 @pytest.fixture(scope="module")
 def arm_bundle(tiny_model_dir, tracker, arm_server, tmp_path_factory) -> Path:
     """The tiny BERT compiled for arm64-neon and verified on the emulated device through RPC."""
-    from tvmdeploy.compiler.compile import CompileOptions, compile_model
+    from tvmdeploy.compiler import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("arm-rpc") / "tiny-arm.tvmd"
-    return compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out), targets=["arm64-neon"],
-                                        buckets=TINY_BUCKETS, rpc=tracker, rpc_key=arm_server))
+    return compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out), profiles=["arm64-neon"],
+                                        buckets=TINY_BUCKETS, rpc=RpcTarget(tracker, arm_server)))
 
 
 @pytest.mark.qemu
@@ -308,8 +309,8 @@ def test_arm_artifact_verified_through_rpc_under_qemu(arm_bundle):
 
 @pytest.mark.qemu
 def test_arm_device_runs_the_arm_artifact_and_x86_refuses_it(arm_bundle, tracker, arm_server, x86_server):
-    from tvmdeploy.runtime.bench import bench_inputs
-    from tvmdeploy.runtime.model import OnnxRuntimeEngine
+    from tvmdeploy.runtime.engine import OnnxRuntimeEngine
+    from tvmdeploy.runtime.timing import bench_inputs
 
     with pytest.raises(IncompatibleDeviceError, match="needs arch aarch64.*'x86-local' is x86_64"):
         remote.load_remote(arm_bundle, tracker, x86_server, artifact="arm64-neon")

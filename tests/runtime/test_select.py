@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 from tvmdeploy import targets
-from tvmdeploy.runtime import Bundle, load
+from tvmdeploy.runtime import Bundle, BundleError, load
 from tvmdeploy.runtime.probe import CudaDevice, DeviceInfo, probe
 from tvmdeploy.runtime.select import ONNXRUNTIME, cached_latencies, select
 
@@ -76,7 +76,7 @@ def test_forcing_an_artifact(tiny_bundle):
     profile = Bundle(tiny_bundle).artifacts[0].profile
     model = load(tiny_bundle, artifact=profile)
     assert model.choice.artifact == profile and model.choice.reason == "forced by the caller"
-    with pytest.raises(Exception, match="no artifact for profile 'arm64-sve'"):
+    with pytest.raises(BundleError, match="no artifact for profile 'arm64-sve'"):
         load(tiny_bundle, artifact="arm64-sve")
     with pytest.raises(ValueError, match="policy"):
         load(tiny_bundle, policy="fastest")

@@ -4,8 +4,8 @@ Each device writes its own bench JSON; a report reads any number of them, checks
 report this version understands, and lays the results side by side. Speed-ups compare p50
 latencies on the same device, bundle, batch and sequence length, so a number never mixes machines.
 The HTML page is self-contained (plots are inline SVG drawn by matplotlib; no script, no URL) so it
-can be mailed or attached to a CI run. matplotlib is imported only when a page is drawn: the
-runtime package stays light.
+can be mailed or attached to a CI run. Tooling, not device code (docs/design.md); matplotlib is
+imported only when a page is drawn, so `tvmdeploy report --md` needs no plotting library.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import html
 import io
 import json
 import math
-import os
 import re
 import textwrap
 from collections import Counter
@@ -23,16 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .bench import ENGINES, SCHEMA, SCHEMA_VERSION
-from .errors import TvmdeployError
+from tvmdeploy.runtime.atomic import write_text_atomic
+from tvmdeploy.runtime.timing import ENGINES, SCHEMA, SCHEMA_VERSION
+
+from .errors import ReportError
 
 BASELINES = {"onnxruntime": "ONNX Runtime", "torch": "PyTorch"}
 _RESULT_FIELDS = ("engine", "batch", "seq", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
                   "throughput_per_s")
-
-
-class ReportError(TvmdeployError):
-    """A bench JSON is missing, unreadable, of another schema or version, or clashes with another."""
 
 
 @dataclass(frozen=True)
@@ -151,19 +148,6 @@ def build_report(paths: Iterable[str | Path]) -> Report:
     return Report(rows, [str(p) for p in paths])
 
 
-def _atomic_write(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: os.replace is atomic
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _sig(value: float | None) -> str:
     """Three significant digits without exponents (0.00631, 2.5, 427, 1580); – for None."""
     if value is None:
@@ -249,11 +233,11 @@ class Report:
 
     def write_markdown(self, path: str | Path) -> Path:
         """Write the Markdown tables atomically."""
-        return _atomic_write(path, self.markdown())
+        return write_text_atomic(path, self.markdown())
 
     def write_html(self, path: str | Path) -> Path:
         """Write the self-contained HTML page atomically."""
-        return _atomic_write(path, self.html())
+        return write_text_atomic(path, self.html())
 
 
 _CSS = """

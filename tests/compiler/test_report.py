@@ -15,8 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tvmdeploy.runtime.bench import BenchConfig, run_bench
-from tvmdeploy.runtime.report import ReportError, build_report
+from tvmdeploy.compiler.baselines import run_bench_with_baselines
+from tvmdeploy.compiler.report import ReportError, build_report
+from tvmdeploy.runtime.timing import BenchConfig
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
 SECOND_DEVICE = {"fingerprint": "0123456789abcdef", "description": "Second Test CPU (aarch64, 8 cores)"}
@@ -30,7 +31,7 @@ def bench_files(tiny_bundle, tmp_path_factory) -> list[Path]:
     """One real bench JSON from this machine, and one standing in for a second machine's file."""
     out = tmp_path_factory.mktemp("bench")
     config = BenchConfig(str(tiny_bundle), ["tvmdeploy", "onnxruntime", "torch"], [1], [16, 32], warmup=1, runs=5)
-    first = run_bench(config).write(out / "host.json")
+    first = run_bench_with_baselines(config).write(out / "host.json")
     # Stand-in for `tvmdeploy bench --json` run on a second machine: same schema and cases, another
     # device fingerprint and description, every latency scaled (throughput scaled inversely).
     data = json.loads(first.read_text())
@@ -149,9 +150,9 @@ def test_errors_name_the_file(bench_files, tmp_path):
         build_report([])
 
 
-def test_runtime_stays_light(bench_files):
+def test_markdown_reports_load_no_plotting(bench_files):
     """Importing the runtime, and Markdown reports, never load matplotlib."""
-    script = ("import sys, tvmdeploy.runtime, tvmdeploy.runtime.report as r; "
+    script = ("import sys, tvmdeploy.runtime, tvmdeploy.compiler.report as r; "
               "r.build_report(sys.argv[1:]).markdown(); print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script, *map(str, bench_files)], capture_output=True, text=True,
                          check=True, timeout=120)

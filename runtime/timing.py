@@ -1,41 +1,38 @@
-"""Latency benchmarks: tvmdeploy against ONNX Runtime and PyTorch, in one process, same inputs.
+"""Device-side timing: a bundle's latency on this device (or a remote one), in one process.
 
 A benchmark is a config in and a report out (`BenchConfig` → `BenchReport`, versioned JSON), as
 optimum-benchmark does it: warm-up reported apart from timed runs, p50/p90/p99/mean/std and
-throughput, and each engine's parity against ONNX Runtime on the inputs it was timed on.
-ONNX Runtime and PyTorch are imported only when they are asked for.
+sequences per second, and each engine's parity against ONNX Runtime on the inputs it was timed
+on. Baselines (PyTorch, ONNX Runtime as a user runs it) are tooling, not device code: the caller
+passes them in as runners (`compiler/baselines.py` makes them), so this module never imports
+torch or transformers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .bundle import Bundle
-from .errors import InputError, TvmdeployError
+from .engine import OnnxRuntimeEngine
+from .errors import InputError, OptionError, TvmdeployError
+from .inputs import synthetic_inputs
 from .probe import probe
+from .remote import RpcTarget
+
+#: A baseline: token arrays in, the first output out (e.g. PyTorch eager on the source model).
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 SCHEMA = "tvmdeploy.bench"
 SCHEMA_VERSION = 1
 ENGINES = ("tvmdeploy", "onnxruntime", "torch")
-
-_TASK_CLASSES = {
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "fill-mask": "AutoModelForMaskedLM",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "feature-extraction": "AutoModel",
-}
-
 
 @dataclass
 class BenchConfig:
@@ -91,13 +88,7 @@ class BenchReport:
 
     def write(self, path: str | Path) -> Path:
         """Write the JSON atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.to_dict(), indent=2)
 
 
 def timed(fn: Callable[[], Any], warmup: int, runs: int) -> tuple[float, np.ndarray]:
@@ -135,58 +126,39 @@ def make_report(device: dict[str, Any], model, config: BenchConfig, results: lis
 
 
 def bench_inputs(bundle: Bundle, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    arrays = {i["name"]: np.zeros((batch, seq), np.int64) for i in bundle.inputs}
-    arrays["input_ids"] = rng.integers(0, int(bundle.model["vocab_size"]), (batch, seq), dtype=np.int64)
-    if "attention_mask" in arrays:
-        arrays["attention_mask"][:] = 1
-    return arrays
+    """The token arrays every engine is timed on (seeded ids, full mask)."""
+    names = [i["name"] for i in bundle.inputs]
+    return synthetic_inputs(names, int(bundle.model["vocab_size"]), batch, seq, seed)
 
 
-def torch_runner(bundle: Bundle, model_dir: str | None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """PyTorch eager on the source model (the baseline a team starts from)."""
-    import torch
-    import transformers
+def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: None,
+              baselines: Mapping[str, Runner] | None = None) -> BenchReport:
+    """Benchmark tvmdeploy, and the given baseline runners, at every (batch, seq) of `config`
+    (tvmdeploy alone on a remote device with `config.rpc`).
 
-    source = model_dir or bundle.model.get("source")
-    if not source or not Path(source, "config.json").is_file():
-        raise TvmdeployError(
-            f"the PyTorch baseline needs the Hugging Face model directory; {source!r} is not one "
-            "(pass --torch-model DIR)"
-        )
-    cls = getattr(transformers, _TASK_CLASSES.get(bundle.model.get("task") or "", "AutoModel"))
-    model = cls.from_pretrained(source, local_files_only=True).eval()
-
-    def run(arrays: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            out = model(**{k: torch.from_numpy(v) for k, v in arrays.items()})
-        return out[0].numpy()
-
-    return run
-
-
-def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> BenchReport:
-    """Benchmark every engine at every (batch, seq) of `config` (on a remote device with `rpc`)."""
-    from .model import OnnxRuntimeEngine, load
-
-    if config.rpc:
-        return run_remote_bench(config, progress)
+    `config.engines` names what to time; every name but "tvmdeploy" needs a runner in `baselines`.
+    """
+    from .model import load
 
     unknown = set(config.engines) - set(ENGINES)
     if unknown:
-        raise ValueError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+        raise OptionError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    if config.rpc or config.rpc_key:
+        return run_remote_bench(config, progress)
+    missing = [e for e in config.engines if e != "tvmdeploy" and e not in (baselines or {})]
+    if missing:
+        raise OptionError(f"no runner for baseline(s) {', '.join(missing)}: baselines come from "
+                          "tvmdeploy.compiler.baselines (pip install 'tvmdeploy[compile]')")
     model = load(config.bundle, artifact=config.artifact)
     bundle = model.bundle
     reference = OnnxRuntimeEngine(bundle)
-    runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {}
     first_output = bundle.outputs[0]["name"]
+    runners: dict[str, Runner] = {}
     for engine in config.engines:
         if engine == "tvmdeploy":
             runners[engine] = lambda a: model(**a)[first_output]
-        elif engine == "onnxruntime":
-            runners[engine] = lambda a: reference.run(None, a)[0]
         else:
-            runners[engine] = torch_runner(bundle, config.torch_model)
+            runners[engine] = baselines[engine]
     results = []
     for batch in config.batches:
         for seq in config.seqs:
@@ -211,11 +183,9 @@ def run_remote_bench(config: BenchConfig, progress: Callable[[str], None] = lamb
     refused rather than timed here: a report's rows are all about one device, so bench them in a
     run without --rpc and merge both JSONs with `tvmdeploy report`.
     """
-    from .model import OnnxRuntimeEngine
-    from .remote import RemoteError, load_remote
+    from .remote import load_remote
 
-    if not config.rpc_key:
-        raise RemoteError("--rpc needs --rpc-key KEY: the key the device's rpc_server registered under")
+    RpcTarget.from_options(config.rpc, config.rpc_key)  # both or neither, HOST:PORT
     baselines = [e for e in config.engines if e != "tvmdeploy"]
     if baselines:
         raise TvmdeployError(
@@ -238,7 +208,7 @@ def run_remote_bench(config: BenchConfig, progress: Callable[[str], None] = lamb
             progress(f"tvmdeploy via RPC batch {batch} seq {seq}")
             got = model(**arrays)[bundle.outputs[0]["name"]]
             diff = float(np.abs(got - reference.run(None, arrays)[0]).max())
-            warmup_ms, times = engine.time(bucket, model._pad(model._validate(arrays), bucket),
+            warmup_ms, times = engine.time(bucket, model.pad(model.validate(arrays), bucket),
                                            config.warmup, config.runs)
             parity = {"reference": "onnxruntime", "max_abs_diff": diff}
             results.append(summarize("tvmdeploy", model.choice.artifact, batch, seq, config.warmup, warmup_ms,

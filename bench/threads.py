@@ -1,0 +1,80 @@
+"""Throughput of one loaded model shared by 1, 2 and 8 threads (a server's worker pool).
+
+Every thread calls the same `Model` with batch 1 inputs of one sequence length; the number is
+calls per second over the whole pool, after a warm-up. `--max-concurrency` compares the VM pool
+(default: one VM per core) with a single VM (1: calls take turns, as a lock would make them).
+
+    python bench/threads.py BUNDLE [--seq 16] [--seconds 5] [--json bench/results/threads.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def calls_per_second(model, ids: np.ndarray, threads: int, seconds: float) -> float:
+    """Calls per second of `threads` threads calling `model` for `seconds`."""
+    stop = time.perf_counter() + seconds
+    counts = [0] * threads
+
+    def work(k: int) -> None:
+        while time.perf_counter() < stop:
+            model(input_ids=ids)
+            counts[k] += 1
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    start = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--threads", default="1,2,8")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    from tvmdeploy.runtime import load
+
+    ids = np.random.default_rng(0).integers(0, 1000, (1, args.seq), dtype=np.int64)
+    rows = []
+    for engine, concurrency in (("tvmdeploy", None), ("tvmdeploy", 1), ("onnxruntime", None)):
+        model = load(args.bundle, artifact="onnxruntime" if engine == "onnxruntime" else None,
+                     max_concurrency=concurrency)
+        for _ in range(20):
+            model(input_ids=ids)
+        for threads in map(int, args.threads.split(",")):
+            rate = calls_per_second(model, ids, threads, args.seconds)
+            label = engine if engine == "onnxruntime" else (
+                f"tvmdeploy ({model.choice.artifact}, " + ("1 VM)" if concurrency == 1 else "VM pool)"))
+            rows.append({"engine": label, "threads": threads, "calls_per_s": round(rate, 1)})
+            print(f"{label:<40} {threads} threads: {rate:8.1f} calls/s", flush=True)
+    report = {"bundle": Path(args.bundle).name, "seq": args.seq, "cpu": cpu_name(), "cores": os.cpu_count(),
+              "when": time.strftime("%Y-%m-%d %H:%M"), "loadavg": os.getloadavg(), "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

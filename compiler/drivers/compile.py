@@ -1,0 +1,225 @@
+"""The compile driver: export → import → (tune) → build → verify → package, in that order.
+
+The CLI parses arguments into `CompileOptions` and calls `compile_model`; a script can do the same.
+Each stage lives in its own module; this one only orders them and reports progress through
+`logging` (the CLI shows those lines on stderr, with timings).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import onnx
+from tvmdeploy.targets import Profile
+from tvmdeploy.targets.resolve import resolve_profiles
+
+from .. import build, export, importer, package, tuning, verify
+from ..errors import ModelLoadError, ParityError, TuningError
+from ..options import DEFAULT_BUCKETS, RpcTarget, parse_buckets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileOptions:
+    """Everything `tvmdeploy compile` takes; `display()` says what will happen."""
+
+    model: str
+    output: str
+    profiles: list[str] = field(default_factory=lambda: ["host"])  # profile names; 'host' = this machine
+    task: str | None = None
+    buckets: str = DEFAULT_BUCKETS
+    opset: int | None = None
+    tune_trials: int = 0
+    verify: bool = True
+    strict_parity: bool = True
+    name: str | None = None
+    # A remote device: artifacts of its arch are verified there, and built with the tuning records
+    # measured there (tuned there with tune_trials).
+    rpc: RpcTarget | None = None
+
+    def display(self, profiles: list[Profile]) -> None:
+        """Say what will happen, before it happens."""
+        tuning_text = (f"{self.tune_trials} trials per profile" if self.tune_trials else
+                       "no new trials (tuning records from the shipped set or the cache where they exist)")
+        lines = [
+            f"tvmdeploy compile {self.model} → {self.output}",
+            f"  profiles: {', '.join(p.name for p in profiles)}",
+            f"  buckets : {self.buckets}  (batch x seq)",
+            f"  task    : {self.task or 'inferred from config'}",
+            f"  tuning  : {tuning_text}",
+        ]
+        if self.rpc:
+            lines.append(f"  verify  : artifacts of the remote's arch on RPC key {self.rpc.key!r} "
+                         f"(tracker {self.rpc.tracker}), built with the records measured there")
+        for line in lines:
+            logger.info(line)
+
+
+class Stages:
+    """Numbered stage lines with timings, through `logging`."""
+
+    def __init__(self, total: int):
+        self.total, self.index = total, 0
+
+    def __call__(self, title: str) -> _Stage:
+        self.index += 1
+        return _Stage(f"[{self.index}/{self.total}] {title}")
+
+
+class _Stage:
+    def __init__(self, title: str):
+        self.title = title
+
+    def __enter__(self) -> Self:
+        self.start = time.perf_counter()
+        logger.info("%s …", self.title)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        took = time.perf_counter() - self.start
+        logger.info("%s %s in %.1f s", self.title, "done" if exc_type is None else "failed", took)
+
+
+def graph_vocab_sizes(onnx_path: Path) -> dict[str, int]:
+    """Rows of the embedding tables that gather `input_ids` / `token_type_ids` (the true id range)."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    sizes = {}
+    for node in model.graph.node:
+        ids = node.input[1] if node.op_type == "Gather" and len(node.input) == 2 else None
+        if ids in ("input_ids", "token_type_ids") and node.input[0] in shapes:
+            sizes[ids] = shapes[node.input[0]][0]
+    return sizes
+
+
+def model_info(exported: export.ExportResult, imported: importer.ImportedModel, name: str) -> dict[str, Any]:
+    config = exported.config
+    sizes = graph_vocab_sizes(exported.onnx_path)
+    vocab = sizes.get("input_ids") or config.get("vocab_size")
+    if not vocab:
+        raise ModelLoadError("cannot tell the vocabulary size (no embedding Gather, no config.json)")
+    return {
+        "name": name,
+        "source": exported.source,
+        "task": exported.task,
+        "model_type": config.get("model_type"),
+        "vocab_size": int(vocab),
+        "type_vocab_size": int(sizes.get("token_type_ids") or config.get("type_vocab_size") or 1),
+        "pad_token_id": int(config.get("pad_token_id") or 0),
+        "max_position_embeddings": config.get("max_position_embeddings"),
+        "id2label": config.get("id2label", {}),
+        "inputs": imported.inputs,
+        "outputs": imported.outputs,
+    }
+
+
+def compile_model(options: CompileOptions) -> Path:
+    """Run the pipeline; returns the bundle path. Raises ParityError if an artifact is wrong."""
+    profiles = resolve_profiles(options.profiles)
+    options.display(profiles)
+    rpc = options.rpc
+    remote_device = None
+    if rpc:  # asked before the export: a wrong --rpc fails in seconds
+        from tvmdeploy.runtime import remote
+
+        remote_device = remote.probe_remote(rpc.tracker, rpc.key)
+
+    def on_remote(profile: Profile) -> bool:
+        """Whether the profile's artifact is for the remote: verified, tuned and looked up there."""
+        return (remote_device is not None and not profile.is_gpu
+                and profile.requires.get("arch") == remote_device.arch)
+
+    buckets = parse_buckets(options.buckets)
+    tunable = []
+    if options.tune_trials:
+        for profile in profiles:
+            try:
+                if on_remote(profile):
+                    tuning.check_tunable(profile, rpc.tracker, rpc.key)
+                else:
+                    tuning.check_tunable(profile)
+                tunable.append(profile)
+            except TuningError as why:
+                logger.warning("not tuning %s", why)
+    stages = Stages(4 + len(profiles) + len(tunable) + bool(options.verify) * len(profiles))
+    with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
+        work_dir = Path(work)
+        with stages("export (optimum, onnx checker, parity vs PyTorch)"):
+            exported = export.export_model(options.model, work_dir / "onnx", task=options.task,
+                                           opset=options.opset)
+        if exported.parity:
+            p = exported.parity
+            logger.info("  ONNX Runtime vs PyTorch: max abs diff %.2e (tolerance %.0e)",
+                        p["max_abs_diff"], p["tolerance"])
+        with stages(f"import to Relax ({len(buckets)} shape buckets)"):
+            imported = importer.import_onnx(
+                exported.onnx_path, buckets, exported.config.get("max_position_embeddings")
+            )
+        with stages("reference outputs from ONNX Runtime"):
+            cases = (verify.reference_cases(exported.onnx_path, imported, exported.config)
+                     if options.verify else [])
+
+        entries: list[package.ArtifactEntry] = []
+        for profile in profiles:
+            database, tuning_files = None, []
+            tuning_summary = {"trials": 0, "source": "none (rule-based default schedules)"}
+            tuning_dir = work_dir / "tuning" / profile.name
+            profile_rpc = rpc if on_remote(profile) else None
+            rpc_key = profile_rpc.key if profile_rpc else None
+            if profile in tunable:
+                where = f" on RPC key {rpc_key!r}" if rpc_key else ""
+                cache = tuning.cache_path(profile, rpc_key)
+                with stages(f"tune {profile.name} ({options.tune_trials} trials{where}, cache {cache})"):
+                    tuned = tuning.tune(imported.mod, profile, options.tune_trials, tuning_dir,
+                                        rpc=profile_rpc.tracker if profile_rpc else None, rpc_key=rpc_key)
+            else:  # records from the shipped set and the cache, zero new trials
+                tuned = tuning.lookup(imported.mod, profile, tuning_dir, rpc_key=rpc_key)
+            if tuned is not None:
+                database, tuning_summary, tuning_files = tuned.database, tuned.summary, tuned.files
+            with stages(f"build {profile.name}"):
+                built = build.build_artifact(imported.mod, profile, work_dir / "artifacts" / profile.name,
+                                             database)
+            parity, latency = {"where": "not-run", "detail": "verification disabled"}, []
+            if options.verify:
+                via = " via RPC" if profile_rpc else ""
+                with stages(f"verify {profile.name} against ONNX Runtime{via}"):
+                    if profile_rpc:
+                        record = verify.verify_rpc(built, imported, cases, profile_rpc.tracker, profile_rpc.key)
+                        latency = []
+                    else:
+                        record, latency = verify.verify(built, imported, cases)
+                parity = record.to_dict()
+                logger.info("  parity %s: %s", profile.name, record.summary())
+                if record.ok is False and options.strict_parity:
+                    raise ParityError(
+                        f"{profile.name}: verification against ONNX Runtime failed: {record.summary()} "
+                        f"(tolerance {record.tolerance}); no bundle written"
+                    )
+            entries.append(
+                package.ArtifactEntry(
+                    profile=profile.name, family=profile.family, target=built.target, requires=profile.requires,
+                    lib_path=built.lib_path, code_form=built.code_form, tuning=tuning_summary,
+                    parity=parity, latency=latency, tuning_files=tuning_files,
+                )
+            )
+
+        with stages("package bundle"):
+            name = options.name or Path(options.model).stem
+            out = package.write_bundle(
+                options.output,
+                exported.onnx_path,
+                {"float32": (imported.param_names, package.weights_blob(imported.param_names, imported.params))},
+                entries,
+                model_info(exported, imported, name),
+                [{"function": b.function, "batch": b.batch, "seq": b.seq} for b in buckets],
+                exported.tokenizer_dir,
+                exported.parity,
+            )
+    logger.info("bundle written: %s", out)
+    return out
