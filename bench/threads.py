@@ -21,10 +21,31 @@ import numpy as np
 
 
 def cpu_name() -> str:
+    """Model name, x86 family/model (the model name alone can hide the generation) and SIMD ISA."""
+    info: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", info.get("Features", "")).split())
+    isa = [
+        f
+        for f in (
+            "avx2",
+            "fma",
+            "avx512f",
+            "avx512_vnni",
+            "avx_vnni",
+            "avx512_bf16",
+            "amx_tile",
+            "asimd",
+            "asimddp",
+            "sve",
+        )
+        if f in flags
+    ]
+    family = f", family {info['cpu family']} model {info['model']}" if "cpu family" in info else ""
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return f"{name}{family} ({', '.join(isa)})"
 
 
 def calls_per_second(model, ids: np.ndarray, threads: int, seconds: float) -> float:
@@ -59,18 +80,34 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(0, 1000, (1, args.seq), dtype=np.int64)
     rows = []
     for engine, concurrency in (("tvmdeploy", None), ("tvmdeploy", 1), ("onnxruntime", None)):
-        model = load(args.bundle, artifact="onnxruntime" if engine == "onnxruntime" else None,
-                     max_concurrency=concurrency)
+        model = load(
+            args.bundle,
+            artifact="onnxruntime" if engine == "onnxruntime" else None,
+            max_concurrency=concurrency,
+        )
         for _ in range(20):
             model(input_ids=ids)
         for threads in map(int, args.threads.split(",")):
             rate = calls_per_second(model, ids, threads, args.seconds)
-            label = engine if engine == "onnxruntime" else (
-                f"tvmdeploy ({model.choice.artifact}, " + ("1 VM)" if concurrency == 1 else "VM pool)"))
+            label = (
+                engine
+                if engine == "onnxruntime"
+                else (
+                    f"tvmdeploy ({model.choice.artifact}, "
+                    + ("1 VM)" if concurrency == 1 else "VM pool)")
+                )
+            )
             rows.append({"engine": label, "threads": threads, "calls_per_s": round(rate, 1)})
             print(f"{label:<40} {threads} threads: {rate:8.1f} calls/s", flush=True)
-    report = {"bundle": Path(args.bundle).name, "seq": args.seq, "cpu": cpu_name(), "cores": os.cpu_count(),
-              "when": time.strftime("%Y-%m-%d %H:%M"), "loadavg": os.getloadavg(), "rows": rows}
+    report = {
+        "bundle": Path(args.bundle).name,
+        "seq": args.seq,
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "loadavg": os.getloadavg(),
+        "rows": rows,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

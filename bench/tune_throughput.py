@@ -36,7 +36,9 @@ def distilbert_module(work: Path):
 
     model_dir = work / "distilbert"
     torch.manual_seed(0)
-    DistilBertForSequenceClassification(DistilBertConfig(num_labels=2)).eval().save_pretrained(model_dir)
+    DistilBertForSequenceClassification(DistilBertConfig(num_labels=2)).eval().save_pretrained(
+        model_dir
+    )
     exported = export.export_model(model_dir, work / "onnx")
     return importer.import_onnx(exported.onnx_path, parse_buckets("1x128")).mod
 
@@ -54,18 +56,32 @@ def run_stock(mod, trials: int, build_timeout: float, work: Path) -> dict:
     fused = tuning.fused_module(mod, target)
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
-             if estimate_tir_flops(t.dispatched[0]) > 1e6]
+    tasks = [
+        t
+        for t in ms.relax_integration.extract_tasks(fused, target)
+        if estimate_tir_flops(t.dispatched[0]) > 1e6
+    ]
     start = time.perf_counter()
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(work / "ms"), num_threads=tuning.num_cores())
+        tasks, str(work / "ms"), num_threads=tuning.num_cores()
+    )
     builder = ms.builder.LocalBuilder(timeout_sec=build_timeout)
-    database = ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work / "ms"),
-                             max_trials_global=trials, builder=builder)
+    database = ms.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=str(work / "ms"),
+        max_trials_global=trials,
+        builder=builder,
+    )
     seconds = time.perf_counter() - start
     records = database.get_all_tuning_records()
     valid = [r for r in records if r.run_secs and float(r.run_secs[0]) < 1e9]
-    return {"tasks": len(tasks), "trials": len(records), "valid_trials": len(valid), "seconds": seconds}
+    return {
+        "tasks": len(tasks),
+        "trials": len(records),
+        "valid_trials": len(valid),
+        "seconds": seconds,
+    }
 
 
 def run_tvmdeploy(mod, trials: int, work: Path) -> dict:
@@ -77,16 +93,30 @@ def run_tvmdeploy(mod, trials: int, work: Path) -> dict:
     result = tuning.tune(mod, get("x86-64-v4"), trials, work / "out", task_filter=in_task_set)
     seconds = time.perf_counter() - start
     store = tuning.RecordStore(tuning.cache_path("x86-64-v4"))
-    valid = sum(1 for key in store.workload_keys() for r in store.records(key) if r.secs < tuning.ERROR_SECS / 10)
-    return {"tasks": result.summary["tuned_kernels"], "trials": result.summary["new_trials"],
-            "valid_trials": valid, "seconds": seconds, "phase_seconds": result.summary["phase_seconds"]}
+    valid = sum(
+        1
+        for key in store.workload_keys()
+        for r in store.records(key)
+        if r.secs < tuning.ERROR_SECS / 10
+    )
+    return {
+        "tasks": result.summary["tuned_kernels"],
+        "trials": result.summary["new_trials"],
+        "valid_trials": valid,
+        "seconds": seconds,
+        "phase_seconds": result.summary["phase_seconds"],
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", choices=["stock", "tvmdeploy"], required=True)
     parser.add_argument("--trials", type=int, default=128)
-    parser.add_argument("--build-timeout", type=float, default=30.0, help="stock LocalBuilder timeout (s)")
+    parser.add_argument(
+        "--build-timeout", type=float, default=30.0, help="stock LocalBuilder timeout (s)"
+    )
     args = parser.parse_args()
     import tvmdeploy.compiler  # noqa: F401 - sets TVM_NUM_THREADS before TVM loads
 
@@ -99,17 +129,19 @@ def main() -> None:
             row["build_timeout_s"] = args.build_timeout
         else:
             row = run_tvmdeploy(mod, args.trials, work)
-    row.update({
-        "mode": args.mode,
-        "budget": args.trials,
-        "trials_per_min": round(row["trials"] / row["seconds"] * 60, 2),
-        "valid_trials_per_min": round(row["valid_trials"] / row["seconds"] * 60, 2),
-        "seconds": round(row["seconds"], 1),
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "cpus": len(os.sched_getaffinity(0)),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-    })
+    row.update(
+        {
+            "mode": args.mode,
+            "budget": args.trials,
+            "trials_per_min": round(row["trials"] / row["seconds"] * 60, 2),
+            "valid_trials_per_min": round(row["valid_trials"] / row["seconds"] * 60, 2),
+            "seconds": round(row["seconds"], 1),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "cpus": len(os.sched_getaffinity(0)),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     rows.append(row)

@@ -2,7 +2,8 @@
 rule-based and tuned, at batch 1 x seq 32 and 128, for a DistilBERT-base-size classifier (random
 weights from `DistilBertConfig()`) and the demo's MiniLM classifier; plus this CPU's GEMM peak.
 
-    python bench/x86_latency.py                        # tune DistilBERT 30 min, MiniLM from the shipped records
+    python bench/x86_latency.py                        # tune DistilBERT 30 min, MiniLM from the
+    shipped records
     python bench/x86_latency.py --tune-minutes 10 --runs 30
     python bench/x86_latency.py --no-tune              # rule-based only (quick)
 
@@ -50,7 +51,10 @@ def gemm_peak(threads: int) -> dict:
         flop = 2 * n**3
         a, b = torch.randn(n, n), torch.randn(n, n)
         an, bn = a.numpy(), b.numpy()
-        runs = (("torch_gflops", lambda a=a, b=b: torch.mm(a, b)), ("numpy_gflops", lambda an=an, bn=bn: np.dot(an, bn)))
+        runs = (
+            ("torch_gflops", lambda a=a, b=b: torch.mm(a, b)),
+            ("numpy_gflops", lambda an=an, bn=bn: np.dot(an, bn)),
+        )
         for label, fn in runs:
             fn()
             best = min(_timed(fn) for _ in range(15 if n < 3072 else 6))
@@ -58,7 +62,9 @@ def gemm_peak(threads: int) -> dict:
                 out[label] = round(flop / best / 1e9, 1)
                 out[label.replace("gflops", "size")] = n
     out["gflops"] = max(out["torch_gflops"], out["numpy_gflops"])
-    out["size"] = out["torch_size"] if out["torch_gflops"] >= out["numpy_gflops"] else out["numpy_size"]
+    out["size"] = (
+        out["torch_size"] if out["torch_gflops"] >= out["numpy_gflops"] else out["numpy_size"]
+    )
     return out
 
 
@@ -77,8 +83,11 @@ def latency(fn, warmup: int, runs: int) -> dict:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
-    return {"p50_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
-            "mean_ms": statistics.fmean(times)}
+    return {
+        "p50_ms": statistics.median(times),
+        "p90_ms": times[int(0.9 * (len(times) - 1))],
+        "mean_ms": statistics.fmean(times),
+    }
 
 
 def make_models(work: Path) -> dict[str, Path]:
@@ -96,7 +105,9 @@ def make_models(work: Path) -> dict[str, Path]:
     models = {}
     distil = work / "distilbert-base"
     torch.manual_seed(0)
-    DistilBertForSequenceClassification(DistilBertConfig(num_labels=2)).eval().save_pretrained(distil)
+    DistilBertForSequenceClassification(DistilBertConfig(num_labels=2)).eval().save_pretrained(
+        distil
+    )
     BertTokenizerFast.from_pretrained(base).save_pretrained(distil)
     models["distilbert-base"] = distil
     demo = ROOT / "build" / "demo" / "minilm-sentiment"
@@ -104,7 +115,9 @@ def make_models(work: Path) -> dict[str, Path]:
         models["minilm-sentiment"] = demo
     else:  # same architecture as the demo's fine-tuned model; latency does not depend on weights
         minilm = work / "minilm-classifier"
-        BertForSequenceClassification.from_pretrained(base, num_labels=2).eval().save_pretrained(minilm)
+        BertForSequenceClassification.from_pretrained(base, num_labels=2).eval().save_pretrained(
+            minilm
+        )
         BertTokenizerFast.from_pretrained(base).save_pretrained(minilm)
         models["minilm-sentiment"] = minilm
     return models
@@ -115,7 +128,11 @@ def ort_sessions(onnx_path: Path, work: Path, threads: int) -> tuple[dict, str |
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    sessions = {"onnxruntime": ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])}
+    sessions = {
+        "onnxruntime": ort.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+    }
     try:
         from optimum.onnxruntime import ORTOptimizer
         from optimum.onnxruntime.configuration import AutoOptimizationConfig
@@ -125,7 +142,9 @@ def ort_sessions(onnx_path: Path, work: Path, threads: int) -> tuple[dict, str |
     optimizer = ORTOptimizer.from_pretrained(str(onnx_path.parent), file_names=[onnx_path.name])
     optimizer.optimize(save_dir=str(out), optimization_config=AutoOptimizationConfig.O2())
     optimized = next(out.glob("*.onnx"))
-    sessions["onnxruntime-O2"] = ort.InferenceSession(str(optimized), options, providers=["CPUExecutionProvider"])
+    sessions["onnxruntime-O2"] = ort.InferenceSession(
+        str(optimized), options, providers=["CPUExecutionProvider"]
+    )
     return sessions, None
 
 
@@ -146,11 +165,16 @@ def vm_runner(lib_path: Path, imported, seq: int):
 
     vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
     rng = np.random.default_rng(0)
-    arrays = {"input_ids": rng.integers(0, 1000, (1, seq), dtype=np.int64),
-              "attention_mask": np.ones((1, seq), np.int64), "token_type_ids": np.zeros((1, seq), np.int64)}
+    arrays = {
+        "input_ids": rng.integers(0, 1000, (1, seq), dtype=np.int64),
+        "attention_mask": np.ones((1, seq), np.int64),
+        "token_type_ids": np.zeros((1, seq), np.int64),
+    }
     from tvmdeploy.runtime._tvm import prepare_params
 
-    args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs] + prepare_params(vm, imported.params)
+    args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs] + prepare_params(
+        vm, imported.params
+    )
     fn = vm[f"b1_s{seq}"]
     return lambda: fn(*args)
 
@@ -165,7 +189,9 @@ def bench_model(name: str, model_dir: Path, work: Path, args, profile, threads: 
     log(f"{name}: export")
     exported = export.export_model(model_dir, work / name / "onnx")
     sessions, o2_note = ort_sessions(exported.onnx_path, work / name, threads)
-    imported = importer.import_onnx(exported.onnx_path, parse_buckets("1x" + ",".join(map(str, SEQS))))
+    imported = importer.import_onnx(
+        exported.onnx_path, parse_buckets("1x" + ",".join(map(str, SEQS)))
+    )
     flop = model_flop(imported.mod, profile)
 
     log(f"{name}: build rule-based")
@@ -178,19 +204,32 @@ def bench_model(name: str, model_dir: Path, work: Path, args, profile, threads: 
     if name == "minilm-sentiment":
         result = tuning.lookup(imported.mod, profile, work / name / "records")  # shipped set only
         meta = tuning.shipped_path(profile) / "meta.json"
-        tuning_info = {"source": "shipped", "new_trials": 0,
-                  "shipped_run": json.loads(meta.read_text()) if meta.is_file() else None,
-                  **({"summary": result.summary} if result else {"summary": None})}
+        tuning_info = {
+            "source": "shipped",
+            "new_trials": 0,
+            "shipped_run": json.loads(meta.read_text()) if meta.is_file() else None,
+            **({"summary": result.summary} if result else {"summary": None}),
+        }
         if result is not None:
-            tuned_lib = build.build_artifact(imported.mod, profile, work / name / "tuned", result.database).lib_path
+            tuned_lib = build.build_artifact(
+                imported.mod, profile, work / name / "tuned", result.database
+            ).lib_path
     elif args.tune_minutes > 0:
         os.environ["TVMDEPLOY_CACHE_DIR"] = str(work / name / "cache")
         log(f"{name}: tune {args.tune_minutes:g} min from an empty cache")
         start = time.perf_counter()
-        result = tuning.tune(imported.mod, profile, None, work / name / "records", minutes=args.tune_minutes)
-        tuning_info = {"source": "fresh", "wall_s": round(time.perf_counter() - start, 1), "summary": result.summary}
+        result = tuning.tune(
+            imported.mod, profile, None, work / name / "records", minutes=args.tune_minutes
+        )
+        tuning_info = {
+            "source": "fresh",
+            "wall_s": round(time.perf_counter() - start, 1),
+            "summary": result.summary,
+        }
         if result.database is not None:
-            tuned_lib = build.build_artifact(imported.mod, profile, work / name / "tuned", result.database).lib_path
+            tuned_lib = build.build_artifact(
+                imported.mod, profile, work / name / "tuned", result.database
+            ).lib_path
 
     torch.set_num_threads(threads)
     torch_model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
@@ -198,8 +237,11 @@ def bench_model(name: str, model_dir: Path, work: Path, args, profile, threads: 
     for seq in SEQS:
         rng = np.random.default_rng(0)
         ids = rng.integers(0, 1000, (1, seq), dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, seq), np.int64),
-                 "token_type_ids": np.zeros((1, seq), np.int64)}
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, seq), np.int64),
+            "token_type_ids": np.zeros((1, seq), np.int64),
+        }
         engines = {}
         accepted = inspect.signature(torch_model.forward).parameters
         torch_in = {k: torch.from_numpy(v) for k, v in feeds.items() if k in accepted}
@@ -223,11 +265,24 @@ def bench_model(name: str, model_dir: Path, work: Path, args, profile, threads: 
                 if engine not in best or measured["p50_ms"] < best[engine]["p50_ms"]:
                     best[engine] = measured
         for engine, measured in best.items():
-            rows.append({"model": name, "batch": 1, "seq": seq, "engine": engine,
-                         **{k: round(v, 3) for k, v in measured.items()},
-                         "gflops": round(flop.get(f"b1_s{seq}", 0) / (measured["p50_ms"] / 1e3) / 1e9, 1)})
-    return {"rows": rows, "tuning": tuning_info, "o2_note": o2_note,
-            "gflop": {k: round(v / 1e9, 3) for k, v in flop.items()}}
+            rows.append(
+                {
+                    "model": name,
+                    "batch": 1,
+                    "seq": seq,
+                    "engine": engine,
+                    **{k: round(v, 3) for k, v in measured.items()},
+                    "gflops": round(
+                        flop.get(f"b1_s{seq}", 0) / (measured["p50_ms"] / 1e3) / 1e9, 1
+                    ),
+                }
+            )
+    return {
+        "rows": rows,
+        "tuning": tuning_info,
+        "o2_note": o2_note,
+        "gflop": {k: round(v / 1e9, 3) for k, v in flop.items()},
+    }
 
 
 def markdown(report: dict) -> str:
@@ -236,14 +291,22 @@ def markdown(report: dict) -> str:
         BEGIN,
         "## x86 latency (batch 1): PyTorch, ONNX Runtime, tvmdeploy",
         "",
-        (f"Measured {report['when']} on {report['cpu']} ({report['threads']} threads; load average "
-         f"{report['loadavg_before'][0]:.1f} before, {report['loadavg_after'][0]:.1f} after"
-         f"{'; the machine was shared with other work' if report['shared'] else ''}). "
-         f"Best-of-{report['rounds']} p50 over {report['runs']} runs each. GEMM peak of this CPU: "
-         f"{peak:.0f} GFLOP/s (sgemm {report['gemm_peak']['size']}³, "
-         f"torch {report['gemm_peak']['torch_gflops']:.0f}, numpy {report['gemm_peak']['numpy_gflops']:.0f})."),
+        (
+            f"Measured {report['when']} on {report['cpu']} ({report['threads']} threads; load "
+            f"average "
+            f"{report['loadavg_before'][0]:.1f} before, {report['loadavg_after'][0]:.1f} after"
+            f"{'; the machine was shared with other work' if report['shared'] else ''}). "
+            f"Best-of-{report['rounds']} p50 over {report['runs']} runs each. GEMM peak of this "
+            f"CPU: "
+            f"{peak:.0f} GFLOP/s (sgemm {report['gemm_peak']['size']}³, "
+            f"torch {report['gemm_peak']['torch_gflops']:.0f}, numpy "
+            f"{report['gemm_peak']['numpy_gflops']:.0f})."
+        ),
         "",
-        "| model | seq | engine | p50 ms | p90 ms | GFLOP/s | % of GEMM peak | vs ORT | vs ORT O2 |",
+        (
+            "| model | seq | engine | p50 ms | p90 ms | GFLOP/s | % of GEMM peak | vs ORT "
+            "| vs ORT O2 |"
+        ),
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for model in report["models"].values():
@@ -252,10 +315,12 @@ def markdown(report: dict) -> str:
             ort = by.get((r["seq"], "onnxruntime"))
             o2 = by.get((r["seq"], "onnxruntime-O2"))
             lines.append(
-                f"| {r['model']} | {r['seq']} | {r['engine']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                f"| {r['model']} | {r['seq']} | {r['engine']} | {r['p50_ms']:.2f} | "
+                f"{r['p90_ms']:.2f} | "
                 f"{r['gflops']:.0f} | {100 * r['gflops'] / peak:.0f}% | "
                 f"{(r['p50_ms'] / ort['p50_ms']) if ort else float('nan'):.2f}x | "
-                f"{(r['p50_ms'] / o2['p50_ms']) if o2 else float('nan'):.2f}x |")
+                f"{(r['p50_ms'] / o2['p50_ms']) if o2 else float('nan'):.2f}x |"
+            )
     lines.append("")
     lines.append("Ratios are latency ÷ the baseline's latency (below 1.00x is faster).")
     for name, model in report["models"].items():
@@ -264,26 +329,45 @@ def markdown(report: dict) -> str:
             continue
         summary = tuning.get("summary") or {}
         if tuning.get("source") == "fresh":
-            lines.append(f"- {name}: tuned from an empty cache in {tuning['wall_s'] / 60:.1f} min wall time "
-                         f"({summary.get('new_trials')} trials on {summary.get('tuned_kernels')} matmul kernels; "
-                         f"{summary.get('kernels', {}).get('applied')} kernels use a tuned schedule, the rest "
-                         "keep the rule-based one because it measured faster).")
+            lines.append(
+                f"- {name}: tuned from an empty cache in {tuning['wall_s'] / 60:.1f} min wall time "
+                f"({summary.get('new_trials')} trials on {summary.get('tuned_kernels')} matmul "
+                f"kernels; "
+                f"{summary.get('kernels', {}).get('applied')} kernels use a tuned schedule, the "
+                f"rest "
+                "keep the rule-based one because it measured faster)."
+            )
         else:
             run = tuning.get("shipped_run") or {}
-            lines.append(f"- {name}: tuned = the records shipped in the package (0 new trials; "
-                         f"{summary.get('kernels', {}).get('applied', 0)} kernels use them; the shipped run "
-                         f"took {run.get('minutes', '?')} min, {run.get('trials', '?')} trials).")
+            lines.append(
+                f"- {name}: tuned = the records shipped in the package (0 new trials; "
+                f"{summary.get('kernels', {}).get('applied', 0)} kernels use them; the shipped run "
+                f"took {run.get('minutes', '?')} min, {run.get('trials', '?')} trials)."
+            )
         if model.get("o2_note"):
             lines.append(f"- {name}: {model['o2_note']}")
-    lines += ["", f"Reproduce: `{report['command']}` (writes `bench/results/x86_latency.json`).", END]
+    lines += [
+        "",
+        f"Reproduce: `{report['command']}` (writes `bench/results/x86_latency.json`).",
+        END,
+    ]
     return "\n".join(lines) + "\n"
 
 
 def update_docs(text: str) -> None:
     DOCS.parent.mkdir(parents=True, exist_ok=True)
-    current = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n\nMeasured numbers and the commands that produced them.\n\n"
+    current = (
+        DOCS.read_text()
+        if DOCS.is_file()
+        else "# Benchmarks\n\nMeasured numbers and the commands that produced them.\n\n"
+    )
     if BEGIN in current and END in current:
-        current = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", lambda _: text, current, flags=re.DOTALL)
+        current = re.sub(
+            re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?",
+            lambda _: text,
+            current,
+            flags=re.DOTALL,
+        )
     else:
         current = current.rstrip("\n") + "\n\n" + text
     DOCS.write_text(current)
@@ -300,8 +384,12 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tune-minutes", type=float, default=30.0, help="DistilBERT tuning budget (0 = none)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tune-minutes", type=float, default=30.0, help="DistilBERT tuning budget (0 = none)"
+    )
     parser.add_argument("--no-tune", action="store_true", help="same as --tune-minutes 0")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
@@ -322,10 +410,16 @@ def main() -> None:
     if missing_requirements(profile.requires, probe()):
         profile = resolve_profile("host")
     load_before = os.getloadavg()
-    report = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(), "threads": threads,
-              "profile": profile.name, "runs": args.runs, "rounds": args.rounds,
-              "command": "python bench/x86_latency.py " + " ".join(sys.argv[1:]),
-              "loadavg_before": [round(x, 2) for x in load_before]}
+    report = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu_name(),
+        "threads": threads,
+        "profile": profile.name,
+        "runs": args.runs,
+        "rounds": args.rounds,
+        "command": "python bench/x86_latency.py " + " ".join(sys.argv[1:]),
+        "loadavg_before": [round(x, 2) for x in load_before],
+    }
     log("GEMM peak")
     report["gemm_peak"] = gemm_peak(threads)
     report["models"] = {}

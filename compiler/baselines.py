@@ -54,7 +54,9 @@ def onnxruntime_runner(bundle: Bundle) -> Runner:
     return lambda arrays: session.run(None, arrays)[0]
 
 
-def baseline_runners(bundle: Bundle, engines: list[str], torch_model: str | None = None) -> dict[str, Runner]:
+def baseline_runners(
+    bundle: Bundle, engines: list[str], torch_model: str | None = None
+) -> dict[str, Runner]:
     """Runners for the baselines named in `engines` ("onnxruntime", "torch"; others are ignored)."""
     makers: dict[str, Callable[[], Runner]] = {
         "onnxruntime": lambda: onnxruntime_runner(bundle),
@@ -63,7 +65,9 @@ def baseline_runners(bundle: Bundle, engines: list[str], torch_model: str | None
     return {engine: makers[engine]() for engine in engines if engine in makers}
 
 
-def run_bench_with_baselines(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> BenchReport:
+def run_bench_with_baselines(
+    config: BenchConfig, progress: Callable[[str], None] = lambda _: None
+) -> BenchReport:
     """`run_bench` with the baselines `config.engines` names, made here."""
     bundle = Bundle(config.bundle)
     return run_bench(config, progress, baseline_runners(bundle, config.engines, config.torch_model))

@@ -8,11 +8,14 @@ ARM libraries are linked with the profile's cross compiler.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tvmdeploy.targets import Profile
+
+from .errors import ToolMissingError
 
 
 @dataclass
@@ -53,6 +56,11 @@ def build_artifact(mod, profile: Profile, out_dir: str | Path, database=None) ->
     import tvm
 
     start = time.perf_counter()
+    if profile.cross_cc and shutil.which(profile.cross_cc.split()[0]) is None:
+        raise ToolMissingError(
+            f"{profile.name}: its code is linked by {profile.cross_cc!r}, which is not on PATH; "
+            "install it (Debian: gcc-aarch64-linux-gnu) or leave this profile out"
+        )
     target = tvm_target(profile)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +70,9 @@ def build_artifact(mod, profile: Profile, out_dir: str | Path, database=None) ->
         from .cuda import compile_and_export
 
         code_form = compile_and_export(mod, target, pipeline, profile.target["arch"], lib_path)
-        return BuildResult(profile, lib_path, dict(profile.target), code_form, time.perf_counter() - start)
+        return BuildResult(
+            profile, lib_path, dict(profile.target), code_form, time.perf_counter() - start
+        )
     executable = tvm.compile(mod, target, relax_pipeline=pipeline)
     if profile.cross_cc:
         from tvm.support import cc
@@ -70,4 +80,6 @@ def build_artifact(mod, profile: Profile, out_dir: str | Path, database=None) ->
         executable.export_library(str(lib_path), fcompile=cc.cross_compiler(profile.cross_cc))
     else:
         executable.export_library(str(lib_path))
-    return BuildResult(profile, lib_path, dict(profile.target), "shared-library", time.perf_counter() - start)
+    return BuildResult(
+        profile, lib_path, dict(profile.target), "shared-library", time.perf_counter() - start
+    )

@@ -1,10 +1,13 @@
-"""`tvmdeploy` command line: parses arguments, calls the Python API, draws tables; no work happens here.
+"""`tvmdeploy` command line: parses arguments, calls the Python API, draws tables; no work here.
 
 Errors are caught once, in `_Commands.invoke`: a `TvmdeployError` prints its message (the
 traceback too with `-v`) and exits 2. Library modules report through `logging`; this module shows
 those records on stderr (`-q` keeps only warnings). The device-side commands (`inspect`, `bench`
 without baselines, `targets`, `report`, `verify`, `sign`, `keygen`) import only the runtime: no
 torch, transformers, onnx nor TVM's compiler library (docs/design.md).
+
+Why this module is long (~550 lines): it is one concern, the command line; each command is a
+thin parse, one API call and its table.
 """
 
 from __future__ import annotations
@@ -80,8 +83,14 @@ def _configure_logging(level: int) -> None:
     for handler in list(logger.handlers):
         if getattr(handler, "_tvmdeploy_cli", False):
             logger.removeHandler(handler)
-    handler = RichHandler(console=err, show_time=False, show_path=False, show_level=False,
-                          markup=False, highlighter=None)
+    handler = RichHandler(
+        console=err,
+        show_time=False,
+        show_path=False,
+        show_level=False,
+        markup=False,
+        highlighter=None,
+    )
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._tvmdeploy_cli = True  # type: ignore[attr-defined]
     handler.setLevel(level)
@@ -132,9 +141,18 @@ def compile_cmd(
 
     buckets = buckets or DEFAULT_BUCKETS
     parse_buckets(buckets)  # a bad string fails before the export
-    options = CompileOptions(model=model, output=str(output), profiles=target, task=task, buckets=buckets,
-                             opset=opset, tune_trials=tune, verify=not no_verify, name=name,
-                             rpc=RpcTarget.from_options(rpc, rpc_key))
+    options = CompileOptions(
+        model=model,
+        output=str(output),
+        profiles=target,
+        task=task,
+        buckets=buckets,
+        opset=opset,
+        tune_trials=tune,
+        verify=not no_verify,
+        name=name,
+        rpc=RpcTarget.from_options(rpc, rpc_key),
+    )
     written = compile_model(options)
     if json_output:
         _print_json(json.loads((written / "manifest.json").read_text()))
@@ -173,16 +191,32 @@ def tune_cmd(
     if not trials and not minutes:
         raise OptionError("give a budget: --trials N, --minutes M, or both")
     bar = RichTuneProgress(target, console=err)
-    options = TuneOptions(model=model, profile=target, trials=trials, minutes=minutes, buckets=buckets,
-                          task=task, opset=opset, export_dir=str(export_records) if export_records else None,
-                          rpc=RpcTarget.from_options(rpc, rpc_key), progress=bar)
+    options = TuneOptions(
+        model=model,
+        profile=target,
+        trials=trials,
+        minutes=minutes,
+        buckets=buckets,
+        task=task,
+        opset=opset,
+        export_dir=str(export_records) if export_records else None,
+        rpc=RpcTarget.from_options(rpc, rpc_key),
+        progress=bar,
+    )
     with bar:
         result = tune_model(options)
     tuned = [t for t in result.tasks if t.tuned]
     if tuned:
         err.print(task_table(tuned, result.profile or target))
     if json_output:
-        _print_json({"model": model, "profile": result.profile, "cache": str(result.cache), **result.summary})
+        _print_json(
+            {
+                "model": model,
+                "profile": result.profile,
+                "cache": str(result.cache),
+                **result.summary,
+            }
+        )
 
 
 @app.command()
@@ -214,10 +248,22 @@ def bench(
     remote = RpcTarget.from_options(rpc, rpc_key)
     compare = compare if compare is not None else ("" if remote else "onnxruntime")
     engines = ["tvmdeploy"] + [e.strip() for e in compare.split(",") if e.strip()]
-    config = BenchConfig(str(bundle), engines, _ints(batch), _ints(seq), warmup, runs, artifact,
-                         str(torch_model) if torch_model else None, rpc, rpc_key, rpc_timeout)
+    config = BenchConfig(
+        str(bundle),
+        engines,
+        _ints(batch),
+        _ints(seq),
+        warmup,
+        runs,
+        artifact,
+        str(torch_model) if torch_model else None,
+        rpc,
+        rpc_key,
+        rpc_timeout,
+    )
     baselines = [e for e in engines if e != "tvmdeploy"]
     with err.status("benchmarking …") as status:
+
         def progress(msg: str) -> None:
             status.update(f"benchmarking {msg} …")
 
@@ -228,12 +274,31 @@ def bench(
         else:
             report = run_bench(config, progress=progress)
     table = Table(title=f"{report.bundle['name']} on {report.device['description']}")
-    for column in ("engine", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "mean ms", "seq/s", "max|Δ| vs ORT"):
+    for column in (
+        "engine",
+        "batch",
+        "seq",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "mean ms",
+        "seq/s",
+        "max|Δ| vs ORT",
+    ):
         table.add_column(column, justify="right" if column != "engine" else "left")
     for r in report.results:
         label = f"{r.engine} ({r.artifact})" if r.artifact else r.engine
-        table.add_row(label, str(r.batch), str(r.seq), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
-                      f"{r.mean_ms:.2f}", f"{r.throughput_per_s:.1f}", f"{r.parity['max_abs_diff']:.1e}")
+        table.add_row(
+            label,
+            str(r.batch),
+            str(r.seq),
+            f"{r.p50_ms:.2f}",
+            f"{r.p90_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"{r.mean_ms:.2f}",
+            f"{r.throughput_per_s:.1f}",
+            f"{r.parity['max_abs_diff']:.1e}",
+        )
     out.print(table)
     out.print(f"choice: {report.bundle['choice']}")
     if json_out:
@@ -252,6 +317,7 @@ def inspect(
     from tvmdeploy.runtime import Bundle, probe
     from tvmdeploy.runtime.parity import parity_summary
     from tvmdeploy.runtime.probe import missing_requirements
+    from tvmdeploy.runtime.signing import read_signature
 
     b = Bundle(bundle)
     if check:
@@ -261,26 +327,57 @@ def inspect(
         return
     m = b.manifest
     model = m["model"]
-    out.print(f"[bold]{b.name}[/bold]  ({b.path})  format v{m['format_version']}, created {m.get('created')}")
-    out.print(f"  task {model.get('task')}, {model.get('model_type')}, vocab {model['vocab_size']}, labels {model.get('id2label') or '-'}")
-    out.print(f"  inputs {[i['name'] for i in b.inputs]} → outputs {[o['name'] for o in b.outputs]}")
+    out.print(
+        f"[bold]{b.name}[/bold]  ({b.path})  format v{m['format_version']}, created "
+        f"{m.get('created')}"
+    )
+    out.print(
+        f"  task {model.get('task')}, {model.get('model_type')}, vocab {model['vocab_size']}, "
+        f"labels {model.get('id2label') or '-'}"
+    )
+    out.print(
+        f"  inputs {[i['name'] for i in b.inputs]} → outputs {[o['name'] for o in b.outputs]}"
+    )
     out.print(f"  buckets (batch x seq): {', '.join(f'{x.batch}x{x.seq}' for x in b.buckets)}")
     out.print("  tools: " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()))
     if m.get("export_parity"):
         p = m["export_parity"]
-        out.print(f"  export parity: ONNX Runtime vs PyTorch max abs diff {p['max_abs_diff']:.2e} (tol {p['tolerance']})")
+        out.print(
+            f"  export parity: ONNX Runtime vs PyTorch max abs diff {p['max_abs_diff']:.2e} (tol "
+            f"{p['tolerance']})"
+        )
     if check:
         out.print(f"  checksums: all {len(m['files'])} files ok")
+    signature = read_signature(b.path)
+    out.print(f"  signature: {'signed by key ' + signature['key_id'] if signature else 'unsigned'}")
     device = probe()
     table = Table(title="artifacts")
-    for column in ("profile", "target", "code", "tuning", "parity", "latency p50 (build host)", "runs here"):
+    for column in (
+        "profile",
+        "target",
+        "code",
+        "tuning",
+        "parity",
+        "latency p50 (build host)",
+        "runs here",
+    ):
         table.add_column(column)
     for a in b.artifacts:
         ptext = parity_summary(a.parity)
-        lat = ", ".join(f"{e['batch']}x{e['seq']}: {e['p50_ms']:.1f} ms" for e in a.latency[:4]) or "-"
+        lat = (
+            ", ".join(f"{e['batch']}x{e['seq']}: {e['p50_ms']:.1f} ms" for e in a.latency[:4])
+            or "-"
+        )
         missing = missing_requirements(a.requires, device)
-        table.add_row(a.profile, json.dumps(a.target), a.code_form, str(a.tuning.get("trials", 0)) + " trials",
-                      ptext, lat, "yes" if not missing else "no: " + "; ".join(missing))
+        table.add_row(
+            a.profile,
+            json.dumps(a.target),
+            a.code_form,
+            str(a.tuning.get("trials", 0)) + " trials",
+            ptext,
+            lat,
+            "yes" if not missing else "no: " + "; ".join(missing),
+        )
     out.print(table)
 
 
@@ -297,7 +394,12 @@ def targets(
     device = probe()
     profiles = target_profiles.all_profiles()
     if json_output:
-        _print_json([p.to_dict() | {"runs_here": not missing_requirements(p.requires, device)} for p in profiles])
+        _print_json(
+            [
+                p.to_dict() | {"runs_here": not missing_requirements(p.requires, device)}
+                for p in profiles
+            ]
+        )
         return
     table = Table(title=f"target profiles (this machine: {device.description})")
     for column in ("name", "description", "TVM target", "requires", "runs here"):
@@ -305,7 +407,9 @@ def targets(
     for p in profiles:
         missing = missing_requirements(p.requires, device)
         req = ", ".join(p.requires.get("cpu_features", [])) or f"sm_{p.requires.get('cuda_arch')}"
-        table.add_row(p.name, p.description, json.dumps(p.target), req, "yes" if not missing else "no")
+        table.add_row(
+            p.name, p.description, json.dumps(p.target), req, "yes" if not missing else "no"
+        )
     out.print(table)
 
 
@@ -335,7 +439,10 @@ def demo(
     for row in summary["rows"]:
         cells = [f"{row['accuracy']:.2%}"]
         for seq in seqs:
-            cells += [f"{row['latency_ms'][seq]['p50']:.2f}", f"{row['latency_ms'][seq]['p90']:.2f}"]
+            cells += [
+                f"{row['latency_ms'][seq]['p50']:.2f}",
+                f"{row['latency_ms'][seq]['p90']:.2f}",
+            ]
         table.add_row(row["engine"], *cells, f"{row['vs_onnxruntime_seq128']:.2f}x")
     out.print(table)
 
@@ -373,6 +480,62 @@ def report(
         sys.stdout.write(merged.markdown())
     for path in written:
         (err if json_output else out).print(f"wrote {path}")
+
+
+@app.command()
+def keygen(
+    private_key: Annotated[Path, Arg(help=HELP["private_key"])],
+    public_key: Annotated[Path | None, Opt("--public", help=HELP["public_key_out"])] = None,
+) -> None:
+    """Make an Ed25519 key pair for signing bundles; devices trust the public key."""
+    _device_side()
+    from tvmdeploy.runtime.signing import generate_keypair
+
+    private, public, key = generate_keypair(private_key, public_key)
+    out.print(
+        f"key {key}: private {private} (keep it secret), public {public} (give it to devices)"
+    )
+
+
+@app.command()
+def sign(
+    bundle: Annotated[Path, Arg(help=HELP["bundle"])],
+    key: Annotated[Path, Opt("--key", help=HELP["sign_key"])],
+) -> None:
+    """Sign BUNDLE's manifest (which holds every file's sha256) with an Ed25519 private key."""
+    _device_side()
+    from tvmdeploy.runtime import Bundle
+    from tvmdeploy.runtime.signing import sign_bundle
+
+    Bundle(bundle).verify()  # sign only what is whole
+    record = sign_bundle(bundle, key)
+    out.print(f"signed {bundle} with key {record['key_id']}")
+
+
+@app.command("verify")
+def verify_cmd(
+    bundle: Annotated[Path, Arg(help=HELP["bundle"])],
+    key: Annotated[list[str] | None, Opt("--key", help=HELP["verify_keys"])] = None,
+    json_output: Annotated[bool, Opt("--json", help=HELP["verify_json"])] = False,
+) -> None:
+    """Check BUNDLE here: its signature, every file's checksum, and the parity of every artifact
+    this device can run against ONNX Runtime. Exits 1 when any check fails."""
+    _device_side()
+    from tvmdeploy.runtime.check import all_ok, check_bundle
+
+    rows = check_bundle(bundle, key or [])
+    if json_output:
+        _print_json([row.to_dict() for row in rows])
+    else:
+        table = Table(title=f"verify {bundle}")
+        for column in ("check", "status", "detail"):
+            table.add_column(column)
+        style = {"ok": "green", "failed": "bold red", "not-run": "yellow"}
+        for row in rows:
+            table.add_row(row.what, f"[{style[row.status]}]{row.status}[/]", row.detail)
+        out.print(table)
+    if not all_ok(rows):
+        raise typer.Exit(1)
 
 
 def main() -> None:

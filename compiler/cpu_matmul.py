@@ -227,7 +227,11 @@ class CPUMatmul(ScheduleRule):
 
     @staticmethod
     def _micro_tile(
-        target: Target, lanes: int, ext_i: int | None, ext_j: int | None, packed_nr: int | None = None
+        target: Target,
+        lanes: int,
+        ext_i: int | None,
+        ext_j: int | None,
+        packed_nr: int | None = None,
     ) -> tuple[int, int]:
         # Columns: two SIMD vectors when N allows it, else the widest power-of-two width
         # dividing N (a guarded, non-dividing width makes the vectorizer fall back to

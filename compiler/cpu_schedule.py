@@ -148,7 +148,9 @@ def default_schedule_pass(target: Target) -> tvm.transform.Pass:
     return _pass
 
 
-def fusion_passes(target: Target, fast_math: bool = True, pack: bool = True) -> list[tvm.transform.Pass]:
+def fusion_passes(
+    target: Target, fast_math: bool = True, pack: bool = True
+) -> list[tvm.transform.Pass]:
     """Weight packing, library dispatch, fast math, legalization and fusion: the part of
     :func:`cpu_pipeline` that decides which PrimFuncs exist. Tuning (compiler/tuning/) extracts
     its tasks after exactly these passes, so the workloads it records are the ones the build

@@ -49,8 +49,8 @@ _MAGIC_BYTES = struct.pack("<I", FATBIN_MAGIC)
 _U64 = struct.Struct("<Q")
 
 
-
 # -- locating nvcc ----------------------------------------------------------------------------
+
 
 def find_nvcc() -> Path | None:
     """nvcc from PATH, $CUDA_HOME/bin, $CUDA_PATH/bin or /usr/local/cuda/bin (first found)."""
@@ -68,7 +68,9 @@ def find_nvcc() -> Path | None:
 @cache
 def nvcc_version(nvcc: Path) -> str:
     """'13.0.88' from `nvcc --version` (empty if it cannot be read)."""
-    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=False).stdout
+    out = subprocess.run(
+        [str(nvcc), "--version"], capture_output=True, text=True, check=False
+    ).stdout
     found = re.search(r"V(\d+\.\d+\.\d+)", out)
     return found.group(1) if found else ""
 
@@ -76,7 +78,9 @@ def nvcc_version(nvcc: Path) -> str:
 @cache
 def nvcc_gpu_codes(nvcc: Path) -> frozenset[str]:
     """The real architectures this nvcc can emit SASS for (`nvcc --list-gpu-code`)."""
-    out = subprocess.run([str(nvcc), "--list-gpu-code"], capture_output=True, text=True, check=False).stdout
+    out = subprocess.run(
+        [str(nvcc), "--list-gpu-code"], capture_output=True, text=True, check=False
+    ).stdout
     return frozenset(out.split())
 
 
@@ -95,6 +99,7 @@ def _nvcc_on_path(nvcc: Path) -> Iterator[None]:
 
 
 # -- compiling --------------------------------------------------------------------------------
+
 
 def gencode_flags(arch: str, embed_ptx: bool = True) -> list[str]:
     """nvcc -gencode flags: SASS for `arch` (e.g. sm_80) and, for forward compatibility, its PTX.
@@ -124,8 +129,9 @@ def compile_fatbin(source: str, arch: str, nvcc: Path) -> bytes:
         )
     try:
         with _nvcc_on_path(nvcc), tvm.target.Target({"kind": "cuda", "arch": arch}):
-            binary = tvm_nvcc.compile_cuda(source, target_format="fatbin", arch=gencode_flags(arch),
-                                           compiler="nvcc")
+            binary = tvm_nvcc.compile_cuda(
+                source, target_format="fatbin", arch=gencode_flags(arch), compiler="nvcc"
+            )
     except RuntimeError as err:  # TVM puts the whole source first, nvcc's log after it
         log = str(err).rpartition("Compilation error:")[2].strip()
         raise CudaBuildError(
@@ -151,7 +157,9 @@ def codegen_compiles_with_nvcc(arch: str, nvcc: Path | None) -> Iterator[None]:
         yield
         return
     original = tvm_ffi.get_global_func(_CALLBACK, allow_missing=True)
-    tvm_ffi.register_global_func(_CALLBACK, lambda code: compile_fatbin(code, arch, nvcc), override=True)
+    tvm_ffi.register_global_func(
+        _CALLBACK, lambda code: compile_fatbin(code, arch, nvcc), override=True
+    )
     try:
         yield
     finally:
@@ -166,6 +174,7 @@ def codegen_compiles_with_nvcc(arch: str, nvcc: Path | None) -> Iterator[None]:
 # child_indices, then per module a u64-prefixed kind and, unless the kind is "_lib" (the host
 # DSO), u64-prefixed bytes from its SaveToBytes. A CUDA module saves [fmt][fmap][code], each
 # u64-prefixed where a string; `code` is always the last field.
+
 
 @dataclass
 class ImportRecord:
@@ -222,7 +231,9 @@ def cuda_record_code(payload: bytes) -> tuple[str, bytes]:
     raise CudaBuildError("cannot find the code in TVM's serialized CUDA module")
 
 
-def _with_fatbin(payload: bytes, sources: list[str], compile_source: Callable[[str], bytes]) -> bytes:
+def _with_fatbin(
+    payload: bytes, sources: list[str], compile_source: Callable[[str], bytes]
+) -> bytes:
     """A CUDA module record with its source (fmt "cuda") replaced by the compiled fatbin."""
     fmt, offset = _read_bytes(payload, 0)
     if fmt != b"cuda":
@@ -279,9 +290,12 @@ def _fatbin_packer(arch: str, nvcc: Path) -> Callable[..., str]:
                 )
         codegen_blob = tvm_ffi.get_global_func("codegen.codegen_blob", allow_missing=True)
         if codegen_blob is None:
-            raise CudaBuildError("this TVM has no LLVM backend (codegen.codegen_blob) to embed the kernels")
-        blob_module = codegen_blob(pack_imports(tree, records), is_system_lib, _llvm_target_string(mod),
-                                   symbol_prefix)
+            raise CudaBuildError(
+                "this TVM has no LLVM backend (codegen.codegen_blob) to embed the kernels"
+            )
+        blob_module = codegen_blob(
+            pack_imports(tree, records), is_system_lib, _llvm_target_string(mod), symbol_prefix
+        )
         path = os.path.join(workspace_dir, f"{symbol_prefix}devc.o")
         blob_module.write_to_file(path)
         return path
@@ -291,6 +305,7 @@ def _fatbin_packer(arch: str, nvcc: Path) -> Callable[..., str]:
 
 # -- reading a built library back ---------------------------------------------------------------
 
+
 def library_blob(lib_path: str | Path, symbol: str = "__tvm_ffi__library_bin") -> bytes:
     """The packed import blob of an exported TVM library, read from its ELF symbol table.
 
@@ -299,9 +314,11 @@ def library_blob(lib_path: str | Path, symbol: str = "__tvm_ffi__library_bin") -
     data = Path(lib_path).read_bytes()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise CudaBuildError(f"{lib_path}: not a 64-bit little-endian ELF library")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    sections = [
+        struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
+    ]
     wanted = symbol.encode()
     for sh in sections:
         if sh[1] not in (2, 11):  # SHT_SYMTAB, SHT_DYNSYM
@@ -334,7 +351,9 @@ def fatbin_entries(fatbin: bytes) -> list[FatbinEntry]:
         kind, _, entry_header, payload = struct.unpack_from("<HHIQ", fatbin, offset)
         (arch,) = struct.unpack_from("<I", fatbin, offset + 0x1C)
         ptx = kind == 1
-        entries.append(FatbinEntry("ptx" if ptx else "sass", f"{'compute' if ptx else 'sm'}_{arch}"))
+        entries.append(
+            FatbinEntry("ptx" if ptx else "sass", f"{'compute' if ptx else 'sm'}_{arch}")
+        )
         offset += entry_header + payload
     return entries
 
@@ -348,8 +367,10 @@ class DeviceCode:
 
     @property
     def code_form(self) -> str:
-        return FATBIN if self.code[:4] == _MAGIC_BYTES else (
-            SOURCE if self.fmt == "cuda" else f"cuda-{self.fmt}"
+        return (
+            FATBIN
+            if self.code[:4] == _MAGIC_BYTES
+            else (SOURCE if self.fmt == "cuda" else f"cuda-{self.fmt}")
         )
 
     @property
@@ -369,6 +390,7 @@ def device_code(lib_path: str | Path) -> list[DeviceCode]:
 
 # -- the build hook -----------------------------------------------------------------------------
 
+
 def code_form_of(lib_path: str | Path) -> str:
     """The manifest's `code_form` for a CUDA library, read from what it really embeds."""
     forms = {code.code_form for code in device_code(lib_path)}
@@ -386,9 +408,12 @@ def compile_and_export(mod: Any, target: Any, pipeline: Any, arch: str, lib_path
         executable = tvm.compile(mod, target, relax_pipeline=pipeline)
     if nvcc is None:
         warnings.warn(
-            f"nvcc not found (PATH, $CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin): the {arch} "
-            "artifact carries CUDA source, which TVM compiles when it is loaded, so the device needs "
-            "NVRTC (pip install cuda-bindings) and TVM's compiler package. Install the CUDA toolkit "
+            f"nvcc not found (PATH, $CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin): the "
+            f"{arch} "
+            "artifact carries CUDA source, which TVM compiles when it is loaded, so the device "
+            "needs "
+            "NVRTC (pip install cuda-bindings) and TVM's compiler package. Install the CUDA "
+            "toolkit "
             "and rebuild to embed a fatbin.",
             stacklevel=2,
         )

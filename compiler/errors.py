@@ -16,6 +16,7 @@ from tvmdeploy.runtime.errors import (
     InputError,
     OptionError,
     RemoteError,
+    SignatureError,
     TvmdeployError,
 )
 from tvmdeploy.targets.errors import NoProfileFitsError, ProfileError, UnknownTargetError
@@ -33,6 +34,8 @@ __all__ = [
     "QemuUnavailable",
     "RemoteError",
     "ReportError",
+    "SignatureError",
+    "ToolMissingError",
     "TuningError",
     "TuningInterrupted",
     "TvmdeployError",
@@ -77,6 +80,10 @@ class TuningInterrupted(TvmdeployError):
         )
 
 
+class ToolMissingError(TvmdeployError):
+    """A program the build needs (a profile's cross compiler) is not installed here."""
+
+
 class QemuUnavailable(TvmdeployError):
     """qemu-user or the arm64 Python sysroot is missing, so aarch64 code cannot be run here."""
 
@@ -86,4 +93,4 @@ class CudaBuildError(TvmdeployError):
 
 
 class ReportError(TvmdeployError):
-    """A bench JSON is missing, unreadable, of another schema or version, or clashes with another."""
+    """A bench JSON is missing, unreadable, of another schema or version, or clashes with one."""

@@ -20,7 +20,12 @@ from tvmdeploy.runtime.inputs import synthetic_inputs
 
 from .errors import ModelLoadError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 @dataclass
@@ -33,14 +38,48 @@ class ExportResult:
     parity: dict[str, Any] = field(default_factory=dict)  # ORT vs PyTorch
 
 
-def check_onnx(path: Path) -> None:
-    """Run onnx's checker; a broken graph is a ModelLoadError naming the file."""
+def external_data_files(path: Path) -> list[str]:
+    """The external-data files (relative to the model) its initializers name; a file that is not
+    a readable ONNX model is a ModelLoadError."""
     import onnx
 
     try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf's DecodeError, OSError...
+        raise ModelLoadError(
+            f"{path}: not a valid ONNX model ({str(err).splitlines()[0]}); check that the file was "
+            "copied whole, or export the model again"
+        ) from None
+    names = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(names)
+
+
+def check_onnx(path: Path) -> None:
+    """Run onnx's checker; a broken graph or a missing external-data file is a ModelLoadError
+    naming the file."""
+    import onnx
+
+    for name in external_data_files(path):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ModelLoadError(
+                f"{path}: an initializer's external data points outside the model's folder "
+                f"({name!r}); save the model with its data files beside it"
+            )
+        if not (path.parent / name).is_file():
+            raise ModelLoadError(
+                f"{path}: its weights live in the external-data file {name!r}, which is not beside "
+                "it; copy that file next to the model (or save the model with its data inside)"
+            )
+    try:
         onnx.checker.check_model(str(path))
     except Exception as err:  # noqa: BLE001 - onnx raises ValidationError, DecodeError, OSError...
-        raise ModelLoadError(f"{path}: not a valid ONNX model ({str(err).splitlines()[0]})") from None
+        raise ModelLoadError(
+            f"{path}: not a valid ONNX model ({str(err).splitlines()[0]}); check that the file was "
+            "copied whole, or export the model again"
+        ) from None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -76,18 +115,26 @@ def infer_task(model_dir: Path, config: dict[str, Any]) -> str:
     )
 
 
-def deterministic_inputs(config: dict[str, Any], input_names: list[str], batch: int, seq: int, seed: int = 0):
-    """Seeded token ids within the config's vocabulary, a mask with a padded tail on the second row."""
-    return synthetic_inputs(input_names, int(config.get("vocab_size", 1000)), batch, seq, seed, padded_row=True)
+def deterministic_inputs(
+    config: dict[str, Any], input_names: list[str], batch: int, seq: int, seed: int = 0
+):
+    """Seeded token ids within the config's vocabulary; the second row's mask has a padded tail."""
+    return synthetic_inputs(
+        input_names, int(config.get("vocab_size", 1000)), batch, seq, seed, padded_row=True
+    )
 
 
-def torch_parity(model_dir: Path, task: str, onnx_path: Path, config: dict[str, Any], atol: float) -> dict[str, Any]:
+def torch_parity(
+    model_dir: Path, task: str, onnx_path: Path, config: dict[str, Any], atol: float
+) -> dict[str, Any]:
     """Max abs diff of ONNX Runtime against PyTorch on the first output, batch 2 x seq 16."""
     import onnxruntime
     import torch
     from optimum.exporters.tasks import TasksManager
 
-    model = TasksManager.get_model_from_task(task, str(model_dir), framework="pt", local_files_only=True)
+    model = TasksManager.get_model_from_task(
+        task, str(model_dir), framework="pt", local_files_only=True
+    )
     model.eval()
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -97,11 +144,22 @@ def torch_parity(model_dir: Path, task: str, onnx_path: Path, config: dict[str, 
         out = model(**{n: torch.from_numpy(arrays[n]) for n in names})
     expected = (out[0] if isinstance(out, tuple) else next(iter(out.values()))).numpy()
     diff = float(np.abs(reference - expected).max())
-    return {"reference": "pytorch", "engine": "onnxruntime", "max_abs_diff": diff, "tolerance": atol, "ok": diff <= atol}
+    return {
+        "reference": "pytorch",
+        "engine": "onnxruntime",
+        "max_abs_diff": diff,
+        "tolerance": atol,
+        "ok": diff <= atol,
+    }
 
 
-def export_model(model_path: str | Path, work_dir: str | Path, task: str | None = None, opset: int | None = None,
-           atol: float = 1e-4) -> ExportResult:
+def export_model(
+    model_path: str | Path,
+    work_dir: str | Path,
+    task: str | None = None,
+    opset: int | None = None,
+    atol: float = 1e-4,
+) -> ExportResult:
     """Export `model_path` (HF directory or .onnx file) into `work_dir`; returns the ONNX path."""
     model_path = Path(model_path)
     work_dir = Path(work_dir)
@@ -114,9 +172,14 @@ def export_model(model_path: str | Path, work_dir: str | Path, task: str | None 
         check_onnx(model_path)
         onnx_path = work_dir / "model.onnx"
         shutil.copyfile(model_path, onnx_path)
+        for name in external_data_files(model_path):  # the weights travel with the graph
+            (work_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model_path.parent / name, work_dir / name)
         sibling_config = model_path.parent / "config.json"
         config = json.loads(sibling_config.read_text()) if sibling_config.is_file() else {}
-        tokenizer_dir = model_path.parent if (model_path.parent / "tokenizer.json").is_file() else None
+        tokenizer_dir = (
+            model_path.parent if (model_path.parent / "tokenizer.json").is_file() else None
+        )
         return ExportResult(onnx_path, task, config, tokenizer_dir, str(model_path))
 
     config = read_config(model_path)
@@ -130,8 +193,14 @@ def export_model(model_path: str | Path, work_dir: str | Path, task: str | None 
         with warnings.catch_warnings():  # tracer chatter; optimum's own validation still reports
             warnings.simplefilter("ignore")
             main_export(
-                str(model_path), output=str(work_dir), task=task, opset=opset, atol=atol,
-                no_post_process=True, local_files_only=True, library_name="transformers",
+                str(model_path),
+                output=str(work_dir),
+                task=task,
+                opset=opset,
+                atol=atol,
+                no_post_process=True,
+                local_files_only=True,
+                library_name="transformers",
             )
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{model_path}: optimum could not export this model: {err}") from None

@@ -15,7 +15,9 @@ from pathlib import Path
 from .sentiment_data import LABELS, Example
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, rng: random.Random
+) -> list[list[int]]:
     """Shuffled batches of similar-length examples: less padding, same randomness across epochs."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -73,8 +75,13 @@ def finetune(
             if step >= total:
                 break
             batch = [train[i] for i in indices]
-            encoded = tokenizer([e.text for e in batch], padding=True, truncation=True,
-                                max_length=max_length, return_tensors="pt")
+            encoded = tokenizer(
+                [e.text for e in batch],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             labels = torch.tensor([e.label for e in batch])
             loss = model(**encoded, labels=labels).loss
             loss.backward()

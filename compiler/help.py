@@ -1,13 +1,13 @@
-"""Help text of the `tvmdeploy` command's options, in one place (kept apart so cli.py stays readable)."""
+"""Help text of the `tvmdeploy` command's options, in one place (so cli.py stays readable)."""
 
 HELP = {
     "model": "A local Hugging Face model directory, or an .onnx file.",
     "output": "Bundle directory to write (NAME.tvmd).",
     "profiles": "Target profile; repeat for several. 'host' = best for this machine. "
-                "See `tvmdeploy targets`.",
+    "See `tvmdeploy targets`.",
     "task": "Optimum task (e.g. text-classification); inferred from config.json by default.",
     "buckets": "Shape buckets as BATCHES x SEQS, e.g. '1,4x32,64,128,256'; join groups with ';'. "
-               "Default: 1,4x32,64,128,256.",
+    "Default: 1,4x32,64,128,256.",
     "tune_buckets": "Shape buckets as BATCHES x SEQS, the same as you will compile.",
     "opset": "ONNX opset for the export.",
     "tune_trials": "MetaSchedule trials per profile (0 = rule-based default schedules).",
@@ -15,25 +15,26 @@ HELP = {
     "name": "Model name recorded in the manifest.",
     "rpc": "TVM RPC tracker HOST:PORT of a remote device (with --rpc-key).",
     "rpc_key": "Key of the device's rpc_server at the tracker.",
-    "compile_rpc": "TVM RPC tracker HOST:PORT of a remote device (with --rpc-key): artifacts of its "
-                   "arch are verified (and tuned) there.",
+    "compile_rpc": "TVM RPC tracker HOST:PORT of a remote device (with --rpc-key): artifacts of "
+    "its "
+    "arch are verified (and tuned) there.",
     "compile_json": "Print the written bundle's manifest as JSON on stdout.",
     "tune_profile": "CPU target profile this machine (or the --rpc device) can run; 'host' = best "
-                    "for this machine.",
+    "for this machine.",
     "trials": "Trial budget for this model's kernels, counting records already in the cache "
-              "(a rerun continues).",
+    "(a rerun continues).",
     "minutes": "Wall-time budget for this run, in minutes.",
     "export_records": "Also write this model's best records (one per kernel) to this directory, "
-                      "e.g. to ship them.",
+    "e.g. to ship them.",
     "tune_rpc": "TVM RPC tracker HOST:PORT of a remote device (with --rpc-key): every candidate "
-                "is timed there (network excluded).",
+    "is timed there (network excluded).",
     "tune_rpc_key": "Key of the device's rpc_server at the tracker; its records go to a cache of "
-                    "their own (rpc-KEY), which `compile --rpc` reads.",
+    "their own (rpc-KEY), which `compile --rpc` reads.",
     "tune_json": "Print the run's summary as JSON on stdout (trials, records, cache, and where the "
-                 "trials were measured).",
+    "trials were measured).",
     "bundle": "Bundle directory.",
     "compare": "Baselines to time beside tvmdeploy: onnxruntime, torch (comma-separated, or ''). "
-               "Default onnxruntime; none with --rpc (baselines run only locally).",
+    "Default onnxruntime; none with --rpc (baselines run only locally).",
     "batch": "Batch sizes, comma-separated.",
     "seq": "Sequence lengths, comma-separated.",
     "warmup": "Untimed warm-up runs per case.",
@@ -42,7 +43,7 @@ HELP = {
     "torch_model": "HF model directory for the PyTorch baseline (default: the manifest's source).",
     "bench_json": "Write the versioned JSON report here.",
     "bench_rpc": "TVM RPC tracker HOST:PORT of a remote device (with --rpc-key): tvmdeploy is "
-                 "timed there (network excluded).",
+    "timed there (network excluded).",
     "rpc_timeout": "Seconds the remote session may last.",
     "inspect_json": "Print the raw manifest as JSON.",
     "check": "Verify every file's sha256.",
@@ -55,6 +56,12 @@ HELP = {
     "html": "Self-contained HTML page to write (plots inline, no external URLs).",
     "md": "Markdown tables to write.",
     "report_json": "Print the merged rows (with speed-ups) as JSON on stdout.",
+    "private_key": "Ed25519 private key file to write (PEM, mode 0600).",
+    "public_key_out": "Public key file to write (default: PRIVATE with .pub).",
+    "sign_key": "Ed25519 private key (from `tvmdeploy keygen`).",
+    "verify_keys": "Trusted public key (file or 64 hex digits); repeat for several. Without it "
+    "the signature is only reported.",
+    "verify_json": "Print the checks as JSON on stdout.",
     "verbose": "Debug logging, and tracebacks with errors.",
     "quiet": "Only warnings and errors on stderr.",
 }

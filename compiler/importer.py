@@ -18,8 +18,13 @@ from .errors import ModelLoadError, UnsupportedOperatorError
 from .options import DEFAULT_BUCKETS, BucketSpec, parse_buckets  # noqa: F401  (TEMP re-export during the move)
 from .safe_take import SafeTake
 
-_ONNX_DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT: "float32",
-                onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BOOL: "bool"}
+_ONNX_DTYPES = {
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BOOL: "bool",
+}
 
 
 @dataclass
@@ -62,19 +67,35 @@ def io_spec(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str
     inputs = [i for i in model.graph.input if i.name not in initializers]
     names = [i.name for i in inputs]
     if "input_ids" not in names:
-        raise ModelLoadError(f"the ONNX graph has no 'input_ids' input (inputs: {names}); only token models are supported")
+        raise ModelLoadError(
+            f"the ONNX graph has no 'input_ids' input (inputs: {names}); only token models are "
+            f"supported"
+        )
     ids = next(i for i in inputs if i.name == "input_ids")
     batch_dim, seq_dim = (_dim_names(ids) + [None, None])[:2]
-    input_spec = [{"name": i.name, "dtype": _ONNX_DTYPES.get(i.type.tensor_type.elem_type, "int64")} for i in inputs]
+    input_spec = [
+        {"name": i.name, "dtype": _ONNX_DTYPES.get(i.type.tensor_type.elem_type, "int64")}
+        for i in inputs
+    ]
     output_spec = []
     for out in model.graph.output:
-        axes = ["batch" if d and d == batch_dim else "seq" if d and d == seq_dim else None for d in _dim_names(out)]
-        output_spec.append({"name": out.name, "dtype": _ONNX_DTYPES.get(out.type.tensor_type.elem_type, "float32"),
-                            "axes": axes})
+        axes = [
+            "batch" if d and d == batch_dim else "seq" if d and d == seq_dim else None
+            for d in _dim_names(out)
+        ]
+        output_spec.append(
+            {
+                "name": out.name,
+                "dtype": _ONNX_DTYPES.get(out.type.tensor_type.elem_type, "float32"),
+                "axes": axes,
+            }
+        )
     return input_spec, output_spec
 
 
-def import_onnx(onnx_path: str | Path, buckets: list[BucketSpec], max_positions: int | None = None) -> ImportedModel:
+def import_onnx(
+    onnx_path: str | Path, buckets: list[BucketSpec], max_positions: int | None = None
+) -> ImportedModel:
     """Import the ONNX model once per bucket and merge the functions into one module."""
     import tvm
     from tvm.relax.frontend import detach_params
@@ -87,7 +108,10 @@ def import_onnx(onnx_path: str | Path, buckets: list[BucketSpec], max_positions:
     if max_positions:
         too_long = [b for b in buckets if b.seq > max_positions]
         if too_long:
-            raise ValueError(f"bucket seq {too_long[0].seq} exceeds the model's max_position_embeddings ({max_positions})")
+            raise ValueError(
+                f"bucket seq {too_long[0].seq} exceeds the model's max_position_embeddings "
+                f"({max_positions})"
+            )
     inputs, outputs = io_spec(model)
 
     merged = tvm.IRModule()
@@ -99,11 +123,13 @@ def import_onnx(onnx_path: str | Path, buckets: list[BucketSpec], max_positions:
         mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
         mod, detached = detach_params(mod)
         func = mod["main"]
-        names = [p.name for p in func.params[len(inputs):]]
+        names = [p.name for p in func.params[len(inputs) :]]
         if not param_names:
             params, param_names = list(detached.get("main", [])), names
         elif names != param_names:
-            raise ModelLoadError(f"bucket {bucket.function}: weights differ from the first bucket's")
+            raise ModelLoadError(
+                f"bucket {bucket.function}: weights differ from the first bucket's"
+            )
         merged[bucket.function] = func.with_attr("global_symbol", bucket.function)
     merged = SafeTake()(merged)
     return ImportedModel(merged, params, param_names, inputs, outputs, buckets)

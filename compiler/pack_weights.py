@@ -56,7 +56,9 @@ def _packed_matmul(x: te.Tensor, wp: te.Tensor, nr: int, out_dtype: str) -> te.T
             a, b = a.astype(out_dtype), b.astype(out_dtype)
         return te.sum(a * b, axis=k)
 
-    return te.compute(tuple(x.shape[:-1]) + (n,), body, name="matmul_packed", attrs={PACKED_B_ATTR: nr})
+    return te.compute(
+        tuple(x.shape[:-1]) + (n,), body, name="matmul_packed", attrs={PACKED_B_ATTR: nr}
+    )
 
 
 @relax.expr_functor.mutator
@@ -71,7 +73,7 @@ class _Packer(relax.PyExprMutator):
     def visit_function_(self, func):
         num_input = func.attrs.get("num_input") if func.attrs is not None else None
         if num_input is not None:
-            self.weight_vars = {p for p in func.params[int(num_input):]}
+            self.weight_vars = {p for p in func.params[int(num_input) :]}
         return super().visit_function_(func)
 
     def _weight_only(self, expr) -> bool:
@@ -114,7 +116,12 @@ class _Packer(relax.PyExprMutator):
         )
         self.weight_vars.add(packed)
         return self.builder_.call_te(
-            _packed_matmul, self.visit_expr(x), packed, nr, out_dtype, primfunc_name_hint="matmul_packed"
+            _packed_matmul,
+            self.visit_expr(x),
+            packed,
+            nr,
+            out_dtype,
+            primfunc_name_hint="matmul_packed",
         )
 
 
@@ -125,7 +132,11 @@ def PackMatmulWeights(nr: int) -> tvm.transform.Pass:
     def _pass(mod: IRModule, _ctx) -> IRModule:
         packer = _Packer(mod, nr)
         for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function) and func.attrs is not None and "num_input" in func.attrs:
+            if (
+                isinstance(func, relax.Function)
+                and func.attrs is not None
+                and "num_input" in func.attrs
+            ):
                 new_func = packer.visit_expr(func)
                 packer.builder_.update_func(gvar, new_func)
         return packer.builder_.get()
@@ -137,7 +148,8 @@ def FlattenTransformParams() -> tvm.transform.Pass:
     """Give the lifted `transform_params` a flat signature: `transform_params(*weights)`.
 
     LiftTransformParams makes it take one tuple, which cannot be passed to a remote device over
-    RPC; flat, every caller (local, the emulated ARM worker, RPC) calls it like a bucket function."""
+    RPC; flat, every caller (local, the emulated ARM worker, RPC) calls it like a bucket
+    function."""
 
     @tvm.transform.module_pass(opt_level=0, name="FlattenTransformParams")
     def _pass(mod: IRModule, _ctx) -> IRModule:
@@ -150,7 +162,9 @@ def FlattenTransformParams() -> tvm.transform.Pass:
         packing = relax.BindingBlock([relax.VarBinding(tuple_param, relax.Tuple(weights))])
         body = relax.SeqExpr([packing, *func.body.blocks], func.body.body)
         builder = relax.BlockBuilder(mod)
-        builder.update_func(gvar, relax.Function(weights, body, func.ret_ty, func.is_pure, func.attrs))
+        builder.update_func(
+            gvar, relax.Function(weights, body, func.ret_ty, func.is_pure, func.attrs)
+        )
         return relax.transform.Normalize()(builder.get())
 
     return _pass
@@ -158,4 +172,8 @@ def FlattenTransformParams() -> tvm.transform.Pass:
 
 def packing_passes(nr: int) -> list[tvm.transform.Pass]:
     """Pack weight matmuls, then lift all weight-only computation into a flat `transform_params`."""
-    return [PackMatmulWeights(nr), relax.transform.LiftTransformParams(shared_transform=True), FlattenTransformParams()]
+    return [
+        PackMatmulWeights(nr),
+        relax.transform.LiftTransformParams(shared_transform=True),
+        FlattenTransformParams(),
+    ]

@@ -8,6 +8,7 @@ half of either. Every file's sha256 goes into the manifest; the runtime checks t
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import shutil
@@ -42,7 +43,16 @@ def tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("tvmdeploy", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime", "optimum-onnx", "transformers", "torch"):
+    for name in (
+        "tvmdeploy",
+        "apache-tvm",
+        "apache-tvm-ffi",
+        "onnx",
+        "onnxruntime",
+        "optimum-onnx",
+        "transformers",
+        "torch",
+    ):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -74,9 +84,15 @@ def write_bundle(
     tokenizer_dir: Path | None = None,
     export_parity: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `out_dir` (a `.tvmd` directory); replaces an existing bundle only once complete."""
+    """Write `out_dir` (a `.tvmd` directory); replaces an existing bundle only once complete.
+
+    Everything is staged in a hidden sibling directory and renamed into place, so a crash, a full
+    disk or `kill -9` at any moment leaves the previous bundle (or nothing) at `out_dir`, never a
+    partial one; what a killed run left beside it is cleaned up by the next run.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _recover(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -141,12 +157,46 @@ def write_bundle(
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
             if not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
-                raise BundleError(f"{out_dir} exists and is not a tvmdeploy bundle; refusing to replace it "
-                                  "(choose another -o path or remove it)")
+                raise BundleError(
+                    f"{out_dir} exists and is not a tvmdeploy bundle; refusing to replace it "
+                    "(choose another -o path or remove it)"
+                )
             os.replace(out_dir, old)
         os.replace(staging, out_dir)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        what_to_do = "free disk space" if full else "check the path and its permissions"
+        raise BundleError(
+            f"could not write the bundle {out_dir}: {err.strerror or err} "
+            f"({err.filename or 'while packaging'}); nothing was written there. "
+            f"{what_to_do.capitalize()} or choose another -o path, then compile again"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _recover(out_dir: Path) -> None:
+    """Clean up after packaging runs that were killed: remove their staging directories, and put
+    back a previous bundle a run had moved aside just before it died."""
+    for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.*-*")):
+        kind, _, pid = leftover.name.removeprefix(f".{out_dir.name}.").partition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out_dir.exists() and (leftover / MANIFEST).is_file():
+            os.replace(leftover, out_dir)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -48,7 +48,6 @@ WORKER = Path(__file__).with_name("qemu_worker.py")
 EM_AARCH64 = 183
 
 
-
 @dataclass(frozen=True)
 class ArmPython:
     """An aarch64 Python that runs here under qemu-user, with TVM's runtime importable."""
@@ -234,9 +233,25 @@ def _wheels(site: Path, pins: dict[str, str]) -> None:
     """The aarch64 wheels of the pinned versions, unpacked into `site` (no dependency solving)."""
     wanted = [f"{name}=={version}" for name, version in pins.items()]
     _run(
-        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "--target", str(site), "--no-deps", "--only-binary=:all:", "--platform", WHEEL_PLATFORM,
-         "--python-version", DEBIAN_PYTHON, "--implementation", "cp", *wanted],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            "--no-deps",
+            "--only-binary=:all:",
+            "--platform",
+            WHEEL_PLATFORM,
+            "--python-version",
+            DEBIAN_PYTHON,
+            "--implementation",
+            "cp",
+            *wanted,
+        ],
         f"pip: aarch64 wheels {', '.join(wanted)}",
     )
 

@@ -33,8 +33,20 @@ def server_command(
 ) -> list[str]:
     """argv of an emulated aarch64 RPC server registered with `tracker` under `key`."""
     return arm.command(
-        str(SERVER), "--tracker", tracker, "--key", key, "--host", host,
-        "--port", str(port), "--port-end", str(port_end), "--lifetime", str(lifetime), cpu=cpu,
+        str(SERVER),
+        "--tracker",
+        tracker,
+        "--key",
+        key,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--port-end",
+        str(port_end),
+        "--lifetime",
+        str(lifetime),
+        cpu=cpu,
     )
 
 
@@ -59,7 +71,10 @@ def start_server(
     try:
         return subprocess.Popen(
             server_command(arm, tracker, key, cpu, host, port, port_end, lifetime),
-            env=arm.env(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=arm.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     finally:
@@ -68,12 +83,17 @@ def start_server(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tvmdeploy.compiler.qemu_rpc",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tvmdeploy.compiler.qemu_rpc", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--tracker", required=True, help="HOST:PORT of the RPC tracker")
-    parser.add_argument("--key", default="arm64-qemu", help="key to register under (default arm64-qemu)")
+    parser.add_argument(
+        "--key", default="arm64-qemu", help="key to register under (default arm64-qemu)"
+    )
     parser.add_argument("--cpu", default="cortex-a72", help="qemu CPU model (default cortex-a72)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default loopback)"
+    )
     parser.add_argument("--port", type=int, default=9090)
     parser.add_argument("--lifetime", type=float, default=3600.0, help="seconds until it exits")
     args = parser.parse_args(argv)
@@ -82,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except qemu.QemuUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    command = server_command(arm, args.tracker, args.key, args.cpu, args.host, args.port,
-                             args.port + 100, args.lifetime)
+    command = server_command(
+        arm, args.tracker, args.key, args.cpu, args.host, args.port, args.port + 100, args.lifetime
+    )
     return subprocess.run(command, env=arm.env(), check=False).returncode
 
 

@@ -26,12 +26,22 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9090)
     parser.add_argument("--port-end", type=int, default=9199)
-    parser.add_argument("--lifetime", type=float, default=3600.0, help="seconds until the server exits")
+    parser.add_argument(
+        "--lifetime", type=float, default=3600.0, help="seconds until the server exits"
+    )
     args = parser.parse_args()
     host, port = args.tracker.rsplit(":", 1)
-    state = PopenRPCServerState(args.host, args.port, args.port_end, tracker_addr=(host, int(port)),
-                                key=args.key, silent=False)
-    print(f"tvm {tvm.__version__} rpc server on {args.host}:{state.port}, key {args.key}", flush=True)
+    state = PopenRPCServerState(
+        args.host,
+        args.port,
+        args.port_end,
+        tracker_addr=(host, int(port)),
+        key=args.key,
+        silent=False,
+    )
+    print(
+        f"tvm {tvm.__version__} rpc server on {args.host}:{state.port}, key {args.key}", flush=True
+    )
     state.thread.join(args.lifetime)
     os._exit(0)  # the listening thread never returns on its own
 

@@ -26,7 +26,9 @@ class _SafeTakeMutator(PyExprMutator):
         call = super().visit_call_(call)
         if call.op.same_as(_TAKE) and str(call.attrs.mode) == "fast":
             axis = call.attrs.axis
-            return relax.op.take(call.args[0], call.args[1], None if axis is None else int(axis), self.mode)
+            return relax.op.take(
+                call.args[0], call.args[1], None if axis is None else int(axis), self.mode
+            )
         return call
 
     def run(self) -> tvm.IRModule:

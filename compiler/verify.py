@@ -60,7 +60,7 @@ def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, 
 
 
 def run_native(lib_path: Path, imported: ImportedModel, cases, timing_runs: int = 10):
-    """Run the library in this process: its comparison with the reference, and a p50 latency per bucket."""
+    """Run the library here: its comparison with the reference, and p50 latency per bucket."""
     import tvm
 
     vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
@@ -79,7 +79,9 @@ def run_native(lib_path: Path, imported: ImportedModel, cases, timing_runs: int 
                 start = time.perf_counter()
                 fn(*args)
                 times.append((time.perf_counter() - start) * 1e3)
-            latencies.append({"batch": bucket.batch, "seq": bucket.seq, "p50_ms": float(np.median(times))})
+            latencies.append(
+                {"batch": bucket.batch, "seq": bucket.seq, "p50_ms": float(np.median(times))}
+            )
     return comparison, latencies
 
 
@@ -111,8 +113,9 @@ def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None 
     return _parity(f"qemu:{cpu}", comparison, tolerance)
 
 
-def verify_rpc(build, imported: ImportedModel, cases, rpc: str, rpc_key: str,
-               session_timeout: float = 600.0) -> Parity:
+def verify_rpc(
+    build, imported: ImportedModel, cases, rpc: str, rpc_key: str, session_timeout: float = 600.0
+) -> Parity:
     """Parity of an artifact run on the device behind `rpc_key` at the tracker `rpc` (HOST:PORT).
 
     Unreachable tracker, unknown key or another arch raise (the caller asked for this device); a
@@ -130,7 +133,9 @@ def verify_rpc(build, imported: ImportedModel, cases, rpc: str, rpc_key: str,
         names = [i["name"] for i in imported.inputs]
         comparison = Comparison()
         try:
-            vm = remote.RemoteVM(session, build.lib_path, blob, imported.param_names, name=profile.name)
+            vm = remote.RemoteVM(
+                session, build.lib_path, blob, imported.param_names, name=profile.name
+            )
             for bucket, arrays, expected in cases:
                 outputs = vm.run(bucket.function, [arrays[n] for n in names])
                 comparison.add(bucket.function, outputs, expected)
@@ -139,8 +144,14 @@ def verify_rpc(build, imported: ImportedModel, cases, rpc: str, rpc_key: str,
     return _parity(where, comparison, tolerance)
 
 
-def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = None,
-           timing_runs: int = 10, qemu_cpu: str | None = None):
+def verify(
+    build,
+    imported: ImportedModel,
+    cases,
+    device: DeviceInfo | None = None,
+    timing_runs: int = 10,
+    qemu_cpu: str | None = None,
+):
     """Parity record (and build-time latencies when run natively) for one built artifact.
 
     `qemu_cpu` forces emulation on that qemu CPU model (for profiles that name a `qemu_cpu`).
@@ -152,12 +163,18 @@ def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = No
     if profile.qemu_cpu and (missing or qemu_cpu):
         return verify_emulated(build, imported, cases, qemu_cpu), []
     if profile.family == "cuda" and not device.cuda:
-        why = (f"no CUDA device on the build host (the artifact needs compute capability >= "
-               f"{profile.requires.get('cuda_arch', 0) / 10:.1f}); `pytest -m gpu` on a GPU host checks it")
+        why = (
+            f"no CUDA device on the build host (the artifact needs compute capability >= "
+            f"{profile.requires.get('cuda_arch', 0) / 10:.1f}); `pytest -m gpu` on a GPU host "
+            f"checks it"
+        )
         return Parity("onnxruntime", "not-run", None, tolerance, None, why), []
     if profile.family == "cuda" or missing:
-        why = ("needs " + "; ".join(missing)) if missing else (
-            "GPU verification at build time is not implemented")
+        why = (
+            ("needs " + "; ".join(missing))
+            if missing
+            else ("GPU verification at build time is not implemented")
+        )
         return Parity("onnxruntime", "not-run", None, tolerance, None, why), []
     comparison, latencies = run_native(build.lib_path, imported, cases, timing_runs)
     for entry in latencies:
@@ -166,4 +183,6 @@ def verify(build, imported: ImportedModel, cases, device: DeviceInfo | None = No
 
 
 def _parity(where: str, comparison: Comparison, tolerance: dict[str, float]) -> Parity:
-    return Parity("onnxruntime", where, comparison.max_abs_diff, tolerance, comparison.ok, comparison.detail)
+    return Parity(
+        "onnxruntime", where, comparison.max_abs_diff, tolerance, comparison.ok, comparison.detail
+    )

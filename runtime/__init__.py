@@ -1,6 +1,7 @@
 """tvmdeploy's thin runtime: load a bundle, pick the artifact this device runs best, run it.
 
-What each module holds: docs/design.md. This package must never import the compiler: no torch, transformers, onnx or TVM's compiler
+What each module holds: docs/design.md. This package must never import the compiler: no torch,
+transformers, onnx or TVM's compiler
 library is loaded by `import tvmdeploy.runtime` or `load()` (TVM is imported runtime-only, and
 only when a compiled artifact is loaded). ONNX Runtime is imported only for its fallback engine.
 """
@@ -13,6 +14,7 @@ from .errors import (
     InputError,
     OptionError,
     RemoteError,
+    SignatureError,
     TvmdeployError,
 )
 from .model import Model, Prediction, load
@@ -33,6 +35,7 @@ __all__ = [
     "OptionError",
     "Prediction",
     "RemoteError",
+    "SignatureError",
     "TvmdeployError",
     "load",
     "probe",

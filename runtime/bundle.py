@@ -2,19 +2,23 @@
 
 The compiler writes bundles (compiler/package.py); this module only reads them, so the runtime
 can check a bundle without TVM's compiler. Every file is checked against the manifest's sha256
-before it is used: a truncated or altered file is a BundleError, never a crash in TVM.
+before it is used: a truncated or altered file is a BundleError, never a crash in TVM. Every path
+the manifest names must stay inside the bundle (no absolute paths, `..` or symlinks leading out),
+checked when the manifest is read. A bundle may be signed (runtime/signing.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import BundleError
+from .signing import trusted_keys_from_env, verify_manifest
 
 FORMAT = "tvmdeploy.bundle"
 FORMAT_VERSION = 1
@@ -75,38 +79,167 @@ class Artifact:
         )
 
 
+def _check_fields(manifest: dict[str, Any], where: Path) -> None:
+    """Every manifest field the runtime reads has the type it expects (a BundleError otherwise),
+    so a damaged or hostile manifest fails here, not deep inside with a TypeError."""
+
+    def bad(field: str, expected: str) -> BundleError:
+        return BundleError(
+            f"{where}: manifest field {field} is not {expected}; recompile the bundle"
+        )
+
+    def need(value: Any, kind: type | tuple[type, ...], field: str, expected: str) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise bad(field, expected)
+        return value
+
+    files = need(manifest.get("files"), dict, "files", "a map of path to sha256")
+    for relative, digest in files.items():
+        need(digest, str, f"files[{relative!r}]", "a sha256 string")
+    model = need(manifest.get("model"), dict, "model", "an object")
+    need(model.get("vocab_size"), int, "model.vocab_size", "an integer")
+    for key in ("inputs", "outputs"):
+        for k, spec in enumerate(need(model.get(key), list, f"model.{key}", "a list")):
+            need(
+                need(spec, dict, f"model.{key}[{k}]", "an object").get("name"),
+                str,
+                f"model.{key}[{k}].name",
+                "a string",
+            )
+            need(spec.get("axes", []), list, f"model.{key}[{k}].axes", "a list")
+    for k, bucket in enumerate(need(manifest.get("buckets"), list, "buckets", "a list")):
+        need(bucket, dict, f"buckets[{k}]", "an object")
+        need(bucket.get("function"), str, f"buckets[{k}].function", "a string")
+        for key in ("batch", "seq"):
+            if need(bucket.get(key), int, f"buckets[{k}].{key}", "an integer") < 1:
+                raise bad(f"buckets[{k}].{key}", "positive")
+    for precision, entry in need(manifest.get("weights"), dict, "weights", "an object").items():
+        need(entry, dict, f"weights.{precision}", "an object")
+        need(entry.get("file"), str, f"weights.{precision}.file", "a string")
+        names = need(entry.get("names"), list, f"weights.{precision}.names", "a list")
+        for name in names:
+            need(name, str, f"weights.{precision}.names[]", "a list of strings")
+    for k, entry in enumerate(need(manifest.get("artifacts"), list, "artifacts", "a list")):
+        need(entry, dict, f"artifacts[{k}]", "an object")
+        for key in ("profile", "file", "sha256"):
+            need(entry.get(key), str, f"artifacts[{k}].{key}", "a string")
+        for key in ("precision", "family", "code_form"):
+            need(entry.get(key, ""), str, f"artifacts[{k}].{key}", "a string")
+        for key in ("target", "requires"):
+            need(entry.get(key), dict, f"artifacts[{k}].{key}", "an object")
+        for key in ("tuning", "parity"):
+            need(entry.get(key, {}), dict, f"artifacts[{k}].{key}", "an object")
+        for m, item in enumerate(
+            need(entry.get("latency", []), list, f"artifacts[{k}].latency", "a list")
+        ):
+            need(item, dict, f"artifacts[{k}].latency[{m}]", "an object")
+            need(
+                item.get("p50_ms", 0.0),
+                (int, float),
+                f"artifacts[{k}].latency[{m}].p50_ms",
+                "a number",
+            )
+            need(
+                item.get("fingerprint", ""),
+                str,
+                f"artifacts[{k}].latency[{m}].fingerprint",
+                "a string",
+            )
+        tolerance = entry.get("parity", {}).get("tolerance", {})
+        for key, value in need(
+            tolerance, dict, f"artifacts[{k}].parity.tolerance", "an object"
+        ).items():
+            need(value, (int, float), f"artifacts[{k}].parity.tolerance.{key}", "a number")
+        requires = entry["requires"]
+        need(requires.get("arch", ""), str, f"artifacts[{k}].requires.arch", "a string")
+        need(requires.get("cuda_arch", 0), int, f"artifacts[{k}].requires.cuda_arch", "an integer")
+        for feature in need(
+            requires.get("cpu_features", []),
+            list,
+            f"artifacts[{k}].requires.cpu_features",
+            "a list",
+        ):
+            need(feature, str, f"artifacts[{k}].requires.cpu_features[]", "a list of strings")
+
+
 class Bundle:
     """A bundle directory with a validated manifest."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, trusted_keys: Sequence[str | Path] | None = None):
+        """Read and check the manifest. With `trusted_keys` (or `$TVMDEPLOY_TRUSTED_KEYS`), the
+        bundle must carry a valid signature by one of them (runtime/signing.py), checked on the
+        exact bytes parsed here, before anything else is read."""
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir():
-            raise BundleError(f"{self.path}: no such bundle directory (compile one with `tvmdeploy compile`)")
+            raise BundleError(
+                f"{self.path}: no such bundle directory (compile one with `tvmdeploy compile`)"
+            )
         try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+            self.manifest_bytes = manifest_path.read_bytes()
         except FileNotFoundError:
             raise BundleError(f"{self.path}: not a bundle, {MANIFEST} is missing") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BundleError(f"{manifest_path}: unreadable manifest ({err}); recompile the bundle") from None
-        if self.manifest.get("format") != FORMAT:
-            raise BundleError(f"{manifest_path}: not a tvmdeploy manifest (format={self.manifest.get('format')!r})")
+        except OSError as err:
+            raise BundleError(f"{manifest_path}: unreadable manifest ({err.strerror})") from None
+        keys = list(trusted_keys) if trusted_keys is not None else trusted_keys_from_env()
+        self.signer: str | None = (
+            verify_manifest(self.path, self.manifest_bytes, keys) if keys else None
+        )
+        try:
+            self.manifest: dict[str, Any] = json.loads(self.manifest_bytes)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BundleError(
+                f"{manifest_path}: unreadable manifest ({err}); recompile the bundle"
+            ) from None
+        found = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+        if found != FORMAT:
+            raise BundleError(f"{manifest_path}: not a tvmdeploy manifest (format={found!r})")
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise BundleError(
                 f"{self.path}: bundle format version {version}, this runtime reads version "
                 f"{FORMAT_VERSION}; recompile it or use a matching tvmdeploy"
             )
+        _check_fields(self.manifest, manifest_path)
         try:
             self.artifacts = [Artifact.from_manifest(a) for a in self.manifest["artifacts"]]
             self.buckets = sorted(
-                (Bucket(b["function"], int(b["batch"]), int(b["seq"])) for b in self.manifest["buckets"]),
+                (
+                    Bucket(b["function"], int(b["batch"]), int(b["seq"]))
+                    for b in self.manifest["buckets"]
+                ),
                 key=lambda b: (b.batch * b.seq, b.seq, b.batch),
             )
             self.inputs: list[dict[str, Any]] = self.manifest["model"]["inputs"]
             self.outputs: list[dict[str, Any]] = self.manifest["model"]["outputs"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise BundleError(f"{manifest_path}: manifest lacks a required field ({err!r}); recompile") from None
+            paths = [*self.manifest["files"], *(a.file for a in self.artifacts)]
+            paths += [w["file"] for w in self.manifest["weights"].values()]
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise BundleError(
+                f"{manifest_path}: manifest lacks a required field ({err!r}); recompile"
+            ) from None
+        for relative in paths:
+            self._confined(relative)
+
+    def _confined(self, relative: Any) -> Path:
+        """`relative` as a path inside the bundle; anything that could leave it is refused."""
+        parts = PurePosixPath(relative).parts if isinstance(relative, str) else ()
+        root = self.path.resolve()
+        inside = (root / relative).resolve() if parts else None
+        if (
+            not parts
+            or PurePosixPath(relative).is_absolute()
+            or ".." in parts
+            or "\\" in relative
+            or inside is None
+            or not inside.is_relative_to(root)
+        ):
+            raise BundleError(
+                f"{self.path}: the manifest names {relative!r}, which is not a path inside the "
+                "bundle (absolute, '..', or a symlink leading out); the bundle is unsafe, rebuild "
+                "it with `tvmdeploy compile`"
+            )
+        return inside
 
     @property
     def name(self) -> str:
@@ -119,16 +252,18 @@ class Bundle:
     @cached_property
     def identity(self) -> str:
         """A content hash of the manifest: names this bundle in local caches."""
-        return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()[:16]
+        return hashlib.sha256(self.manifest_bytes).hexdigest()[:16]
 
     def file(self, relative: str) -> Path:
         """A bundle file, checked against its sha256 in the manifest before it is returned."""
         expected = self.manifest.get("files", {}).get(relative)
-        path = self.path / relative
+        path = self._confined(relative)
         if expected is None:
             raise BundleError(f"{self.path}: manifest lists no checksum for {relative}")
         if not path.is_file():
-            raise BundleError(f"{self.path}: {relative} is missing; the bundle is incomplete, recompile it")
+            raise BundleError(
+                f"{self.path}: {relative} is missing; the bundle is incomplete, recompile it"
+            )
         actual = sha256_file(path)
         if actual != expected:
             raise BundleError(

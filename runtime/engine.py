@@ -54,7 +54,9 @@ def _on_a_live_pool(fn, *args):
         return fn(*args)
     with _fork_state["lock"]:
         if _fork_state["helper"] is None:
-            _fork_state["helper"] = ThreadPoolExecutor(default_num_threads(), thread_name_prefix="tvmdeploy-forked")
+            _fork_state["helper"] = ThreadPoolExecutor(
+                default_num_threads(), thread_name_prefix="tvmdeploy-forked"
+            )
     return _fork_state["helper"].submit(fn, *args).result()
 
 
@@ -81,7 +83,9 @@ class TvmEngine:
 
     fixed_shapes = True
 
-    def __init__(self, bundle: Bundle, profile: str, device: DeviceInfo, max_concurrency: int | None = None):
+    def __init__(
+        self, bundle: Bundle, profile: str, device: DeviceInfo, max_concurrency: int | None = None
+    ):
         tvm = import_tvm()
         self.artifact = bundle.artifact(profile)
         lib_path = bundle.file(self.artifact.file)
@@ -93,17 +97,23 @@ class TvmEngine:
             self.lib = tvm.runtime.load_module(str(lib_path))
         except Exception as err:  # noqa: BLE001 - a library this TVM cannot load, or no CUDA driver
             hint = (
-                "; it carries CUDA source that TVM would have to compile on this device: recompile the "
+                "; it carries CUDA source that TVM would have to compile on this device: recompile "
+                "the "
                 "bundle where nvcc is installed so that its kernels are embedded as a fatbin"
-                if self.artifact.code_form == "cuda-source-in-library" else ""
+                if self.artifact.code_form == "cuda-source-in-library"
+                else ""
             )
-            raise BundleError(f"{lib_path}: TVM could not load this artifact: {err}{hint}") from None
+            raise BundleError(
+                f"{lib_path}: TVM could not load this artifact: {err}{hint}"
+            ) from None
         self._new_vm = lambda: tvm.runtime.vm.VirtualMachine(self.lib, self.device)
         first = self._new_vm()
         by_name = tvm.runtime.load_param_dict_from_file(str(params_path))
         missing = [n for n in weights["names"] if n not in by_name]
         if missing:
-            raise BundleError(f"{params_path}: weights {missing[:3]} are missing; recompile the bundle")
+            raise BundleError(
+                f"{params_path}: weights {missing[:3]} are missing; recompile the bundle"
+            )
         stored = [by_name[n].copyto(self.device) if gpu else by_name[n] for n in weights["names"]]
         del by_name
         self.params = _on_a_live_pool(prepare_params, first, stored)
@@ -175,7 +185,9 @@ class OnnxRuntimeEngine:
         path = bundle.file("model.onnx")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, bucket: Bucket | None, arrays: Arrays) -> list[np.ndarray]:

@@ -18,8 +18,12 @@ class InputError(TvmdeployError, ValueError):
 
 
 class RemoteError(TvmdeployError):
-    """A remote device over TVM RPC is unreachable, busy, unknown to the tracker, or failed a call."""
+    """A remote device over TVM RPC is unreachable, busy, unknown to the tracker, or failed."""
 
 
 class OptionError(TvmdeployError, ValueError):
-    """Options that are malformed or cannot work together (a bucket string, --rpc without --rpc-key)."""
+    """Options that are malformed or do not go together (bad buckets, --rpc without --rpc-key)."""
+
+
+class SignatureError(BundleError):
+    """A bundle is unsigned, signed by a key that is not trusted, or changed after signing."""

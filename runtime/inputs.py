@@ -10,8 +10,14 @@ from collections.abc import Iterable
 import numpy as np
 
 
-def synthetic_inputs(input_names: Iterable[str], vocab_size: int, batch: int, seq: int, seed: int = 0,
-                     padded_row: bool = False) -> dict[str, np.ndarray]:
+def synthetic_inputs(
+    input_names: Iterable[str],
+    vocab_size: int,
+    batch: int,
+    seq: int,
+    seed: int = 0,
+    padded_row: bool = False,
+) -> dict[str, np.ndarray]:
     """int64 arrays [batch, seq] by input name: seeded ids in [0, vocab_size), a full attention
     mask, zero token types (and zeros for any other input).
 

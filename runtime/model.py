@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,18 @@ class Model:
         InputError (naming the input and what to do) before anything reaches TVM."""
         unknown = set(inputs) - set(self.input_names)
         if unknown:
-            raise InputError(f"unknown input(s) {sorted(unknown)}; this model takes {self.input_names}")
+            raise InputError(
+                f"unknown input(s) {sorted(unknown)}; this model takes {self.input_names}"
+            )
         if "input_ids" not in inputs:
             raise InputError("input_ids is required")
         arrays: Arrays = {}
         for name, value in inputs.items():
             array = np.asarray(value)
             if array.dtype.kind not in "iu":
-                raise InputError(f"{name} must hold integers (token ids or mask), got dtype {array.dtype}")
+                raise InputError(
+                    f"{name} must hold integers (token ids or mask), got dtype {array.dtype}"
+                )
             if array.ndim != 2:
                 raise InputError(
                     f"{name} must be 2-D [batch, sequence], got shape {array.shape}"
@@ -83,12 +88,15 @@ class Model:
         shape = arrays["input_ids"].shape
         for name, array in arrays.items():
             if array.shape != shape:
-                raise InputError(f"{name} has shape {array.shape} but input_ids has {shape}; they must match")
+                raise InputError(
+                    f"{name} has shape {array.shape} but input_ids has {shape}; they must match"
+                )
         if shape[0] == 0 or shape[1] == 0:
             raise InputError(f"empty input: input_ids has shape {shape}")
         if shape[1] > self.max_seq:
             raise InputError(
-                f"sequence length {shape[1]} exceeds the largest bucket ({self.max_seq}) of this bundle; "
+                f"sequence length {shape[1]} exceeds the largest bucket ({self.max_seq}) of this "
+                f"bundle; "
                 f"truncate the input or recompile with a larger --buckets seq"
             )
         ids = arrays["input_ids"]
@@ -115,7 +123,9 @@ class Model:
         """The smallest bucket (fewest padded tokens) that holds batch x seq."""
         fits = [b for b in self.bundle.buckets if b.batch >= batch and b.seq >= seq]
         if not fits:
-            raise InputError(f"no bucket holds batch {batch} x seq {seq} (largest seq is {self.max_seq})")
+            raise InputError(
+                f"no bucket holds batch {batch} x seq {seq} (largest seq is {self.max_seq})"
+            )
         return min(fits, key=lambda b: (b.batch * b.seq, b.seq))
 
     def pad(self, arrays: Arrays, bucket: Bucket) -> Arrays:
@@ -135,7 +145,11 @@ class Model:
         sliced = []
         for spec, array in zip(self.bundle.outputs, outputs, strict=True):
             index = tuple(
-                slice(0, batch) if axis == "batch" else slice(0, seq) if axis == "seq" else slice(None)
+                slice(0, batch)
+                if axis == "batch"
+                else slice(0, seq)
+                if axis == "seq"
+                else slice(None)
                 for axis in spec.get("axes", [])
             )
             sliced.append(array[index] if index else array)
@@ -158,7 +172,8 @@ class Model:
         batch, seq = arrays["input_ids"].shape
         chunk = max(b.batch for b in self.bundle.buckets if b.seq >= seq)
         parts = [
-            self.run_bucket({n: a[i : i + chunk] for n, a in arrays.items()}) for i in range(0, batch, chunk)
+            self.run_bucket({n: a[i : i + chunk] for n, a in arrays.items()})
+            for i in range(0, batch, chunk)
         ]
         self._per_thread.latency_ms = (time.perf_counter() - start) * 1e3
         names = [o["name"] for o in self.bundle.outputs]
@@ -170,7 +185,9 @@ class Model:
         """The bundle's fast tokenizer (`tokenizers` library), truncating to the largest bucket."""
         if self._tokenizer is None:
             if "tokenizer/tokenizer.json" not in self.bundle.manifest.get("files", {}):
-                raise BundleError(f"{self.bundle.path}: this bundle has no tokenizer; pass token ids instead")
+                raise BundleError(
+                    f"{self.bundle.path}: this bundle has no tokenizer; pass token ids instead"
+                )
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(self.bundle.file("tokenizer/tokenizer.json")))
@@ -211,14 +228,18 @@ class Model:
         ]
 
 
-def make_engine(bundle: Bundle, name: str, device: DeviceInfo, max_concurrency: int | None = None) -> Engine:
+def make_engine(
+    bundle: Bundle, name: str, device: DeviceInfo, max_concurrency: int | None = None
+) -> Engine:
     """The engine for a choice: ONNX Runtime, or the named artifact on TVM."""
     if name == ONNXRUNTIME:
         return OnnxRuntimeEngine(bundle)
     return TvmEngine(bundle, name, device, max_concurrency)
 
 
-def measure_candidates(bundle: Bundle, device: DeviceInfo, candidates: list[str], runs: int = 10) -> dict[str, float]:
+def measure_candidates(
+    bundle: Bundle, device: DeviceInfo, candidates: list[str], runs: int = 10
+) -> dict[str, float]:
     """Time each candidate briefly (median ms) on a mid-sized bucket of batch 1."""
     batch_one = [b for b in bundle.buckets if b.batch == min(x.batch for x in bundle.buckets)]
     bucket = batch_one[len(batch_one) // 2]
@@ -243,6 +264,7 @@ def load(
     policy: str = "auto",
     verify: bool = False,
     max_concurrency: int | None = None,
+    trusted_keys: Sequence[str | Path] | None = None,
 ) -> Model:
     """Load a bundle and pick the engine for this device.
 
@@ -251,15 +273,19 @@ def load(
     caches the winner; `policy="auto"` uses measurements where they exist, else the rule.
     `verify=True` checks every file's checksum up front (the files used are always checked).
     `max_concurrency` bounds how many threads run the model at once (default: one per core);
-    more callers wait for a free slot.
+    more callers wait for a free slot. `trusted_keys` (public key files or hex; default
+    `$TVMDEPLOY_TRUSTED_KEYS`) makes the load refuse, before any library is opened, a bundle that
+    is unsigned, signed by another key, or changed after signing.
     """
     if policy not in ("auto", "measure"):
         raise OptionError(f"policy must be 'auto' or 'measure', not {policy!r}")
-    bundle = Bundle(bundle_dir)
+    bundle = Bundle(bundle_dir, trusted_keys=trusted_keys)
     if verify:
         bundle.verify()
     device = probe()
-    has_ort = importlib.util.find_spec("onnxruntime") is not None and "model.onnx" in bundle.manifest.get("files", {})
+    has_ort = importlib.util.find_spec(
+        "onnxruntime"
+    ) is not None and "model.onnx" in bundle.manifest.get("files", {})
     if policy == "measure" and artifact is None:
         first = select(bundle, device, onnxruntime_available=has_ort)
         candidates = first.compatible + ([ONNXRUNTIME] if has_ort else [])

@@ -23,14 +23,20 @@ def default_tolerance() -> dict[str, float]:
 
 @dataclass
 class Comparison:
-    """The worst absolute difference, and whether every value was within tolerance (and if not, where)."""
+    """The worst absolute difference; whether every value was within tolerance (if not, where)."""
 
     max_abs_diff: float = 0.0
     ok: bool = True
     detail: str = ""
 
-    def add(self, label: str, outputs: Sequence[np.ndarray], expected: Sequence[np.ndarray],
-            atol: float = ATOL, rtol: float = RTOL) -> None:
+    def add(
+        self,
+        label: str,
+        outputs: Sequence[np.ndarray],
+        expected: Sequence[np.ndarray],
+        atol: float = ATOL,
+        rtol: float = RTOL,
+    ) -> None:
         """Fold in one case (e.g. one bucket); the first failing case's reason is kept."""
         diff, ok, why = compare(outputs, expected, atol, rtol)
         self.max_abs_diff = max(self.max_abs_diff, diff)
@@ -38,8 +44,12 @@ class Comparison:
             self.ok, self.detail = False, f"{label}: {why}"
 
 
-def compare(outputs: Sequence[np.ndarray], expected: Sequence[np.ndarray],
-            atol: float = ATOL, rtol: float = RTOL) -> tuple[float, bool, str]:
+def compare(
+    outputs: Sequence[np.ndarray],
+    expected: Sequence[np.ndarray],
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> tuple[float, bool, str]:
     """Max abs diff over all outputs and whether |a - b| <= atol + rtol*|b| everywhere."""
     worst, ok, detail = 0.0, True, ""
     if len(outputs) != len(expected):
@@ -47,7 +57,11 @@ def compare(outputs: Sequence[np.ndarray], expected: Sequence[np.ndarray],
     for k, (got, want) in enumerate(zip(outputs, expected, strict=True)):
         got, want = np.asarray(got), np.asarray(want)
         if got.shape != want.shape:
-            return float("inf"), False, f"output {k} has shape {got.shape}, the reference {want.shape}"
+            return (
+                float("inf"),
+                False,
+                f"output {k} has shape {got.shape}, the reference {want.shape}",
+            )
         diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
         if diff.size:
             worst = max(worst, float(np.nanmax(diff)) if not np.isnan(diff).all() else float("inf"))
@@ -58,8 +72,11 @@ def compare(outputs: Sequence[np.ndarray], expected: Sequence[np.ndarray],
     return worst, ok, detail
 
 
-def compare_cases(cases: Iterable[tuple[str, Sequence[np.ndarray], Sequence[np.ndarray]]],
-                  atol: float = ATOL, rtol: float = RTOL) -> Comparison:
+def compare_cases(
+    cases: Iterable[tuple[str, Sequence[np.ndarray], Sequence[np.ndarray]]],
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> Comparison:
     """`Comparison` over (label, outputs, expected) cases."""
     result = Comparison()
     for label, outputs, expected in cases:
@@ -68,7 +85,7 @@ def compare_cases(cases: Iterable[tuple[str, Sequence[np.ndarray], Sequence[np.n
 
 
 def parity_summary(record: dict[str, Any]) -> str:
-    """One line for people from a manifest parity record: the diff and verdict, or why there is none."""
+    """One line from a manifest parity record: the diff and verdict, or why there is none."""
     if record.get("ok") is None:
         return f"not run ({record.get('detail', '')})"
     diff = record.get("max_abs_diff")

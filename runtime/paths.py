@@ -1,4 +1,4 @@
-"""Where tvmdeploy keeps per-user state: one cache directory, shared by the runtime and the compiler.
+"""Where tvmdeploy keeps per-user state: one cache directory, for the runtime and the compiler.
 
 It holds the runtime's measured choices (`choices.json`), the tuner's records (`tuning/`) and the
 arm64 sysroot that verifies ARM artifacts under QEMU (`arm64-sysroot/`).

@@ -54,7 +54,9 @@ class DeviceInfo:
     @property
     def description(self) -> str:
         gpus = ", ".join(f"{c.name} (sm_{c.compute_capability})" for c in self.cuda)
-        return f"{self.cpu_model} ({self.arch}, {self.cores} cores)" + (f" + {gpus}" if gpus else "")
+        return f"{self.cpu_model} ({self.arch}, {self.cores} cores)" + (
+            f" + {gpus}" if gpus else ""
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -136,5 +138,7 @@ def missing_requirements(requires: dict, device: DeviceInfo) -> list[str]:
         if best is None:
             missing.append(f"a CUDA GPU of compute capability >= {cuda_arch / 10:.1f} (none found)")
         elif best < cuda_arch:
-            missing.append(f"CUDA compute capability >= {cuda_arch / 10:.1f} (best is {best / 10:.1f})")
+            missing.append(
+                f"CUDA compute capability >= {cuda_arch / 10:.1f} (best is {best / 10:.1f})"
+            )
     return missing

@@ -17,6 +17,9 @@ CPU artifacts only: CUDA artifacts are refused over RPC.
 
 Must never: import the compiler (`tvm.rpc` needs only libtvm_runtime, so the client side runs with
 TVM_USE_RUNTIME_LIB=1), or contact anything but the tracker and the server that it names.
+
+Why this module is long (~570 lines): running on a device over RPC is one concern; most of the
+lines turn TVM's RPC failures into errors that say what happened and what to do.
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
         return address[0], int(address[1])
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise RemoteError(f"--rpc takes the tracker as HOST:PORT (e.g. 127.0.0.1:9190), not {address!r}")
+        raise RemoteError(
+            f"--rpc takes the tracker as HOST:PORT (e.g. 127.0.0.1:9190), not {address!r}"
+        )
     return host.strip("[]"), int(port)
 
 
@@ -93,7 +98,9 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def tracker_summary(address: str | tuple[str, int], timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
+def tracker_summary(
+    address: str | tuple[str, int], timeout: float = CONNECT_TIMEOUT_S
+) -> dict[str, Any]:
     """The tracker's queue and server list, asked over one short-lived socket.
 
     TVM's own `connect_tracker` retries a refused connection for 60 s; this fails at once with
@@ -104,18 +111,23 @@ def tracker_summary(address: str | tuple[str, int], timeout: float = CONNECT_TIM
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(struct.pack("<i", _RPC_TRACKER_MAGIC))
             if struct.unpack("<i", _recv_exact(sock, 4))[0] != _RPC_TRACKER_MAGIC:
-                raise RemoteError(f"{host}:{port} answers, but it is not a TVM RPC tracker; check --rpc")
+                raise RemoteError(
+                    f"{host}:{port} answers, but it is not a TVM RPC tracker; check --rpc"
+                )
             request = json.dumps([_TRACKER_SUMMARY]).encode()
             sock.sendall(struct.pack("<i", len(request)) + request)
             size = struct.unpack("<i", _recv_exact(sock, 4))[0]
             reply = json.loads(_recv_exact(sock, size))
     except TimeoutError:
-        raise RemoteError(f"the RPC tracker at {host}:{port} did not answer within {timeout:.0f} s; "
-                          "check --rpc and that the tracker is running") from None
+        raise RemoteError(
+            f"the RPC tracker at {host}:{port} did not answer within {timeout:.0f} s; "
+            "check --rpc and that the tracker is running"
+        ) from None
     except OSError as err:
         why = "connection refused" if err.errno == errno.ECONNREFUSED else str(err)
         raise RemoteError(
-            f"no RPC tracker at {host}:{port} ({why}); start one with `python -m tvm.exec.rpc_tracker "
+            f"no RPC tracker at {host}:{port} ({why}); start one with `python -m "
+            f"tvm.exec.rpc_tracker "
             f"--host {host} --port {port}` or fix --rpc"
         ) from None
     if not (isinstance(reply, list) and reply and reply[0] == _TRACKER_SUCCESS):
@@ -217,11 +229,18 @@ class RemoteSession:
             text = _error_text(err)
             hint = ""
             if "expired" in text or "session_timeout" in text:
-                hint = f"; the {self.session_timeout:.0f} s session expired: raise the RPC session timeout"
+                hint = (
+                    f"; the {self.session_timeout:.0f} s session expired: raise the RPC session "
+                    "timeout"
+                )
             elif any(w in text.lower() for w in ("rpccode", "closed", "reset", "broken pipe")):
-                hint = ("; the session process on the device died (a crash, e.g. an illegal instruction "
-                        "from an artifact needing CPU features the device lacks); TVM's rpc_server stops "
-                        "serving after that: check its log and restart it")
+                hint = (
+                    "; the session process on the device died (a crash, e.g. an illegal "
+                    "instruction "
+                    "from an artifact needing CPU features the device lacks); TVM's rpc_server "
+                    "stops "
+                    "serving after that: check its log and restart it"
+                )
             raise RemoteError(f"{what} on RPC key {self.key!r} failed: {text}{hint}") from None
 
     @property
@@ -259,9 +278,13 @@ def _count_cpus(online: str) -> int:
 
 def _probe_cached(tracker: str, key: str, session: RemoteSession) -> RemoteDevice:
     if (tracker, key) not in _PROBED:
-        exe = session.download("/proc/self/exe")  # the server's own binary: its arch is the device's
+        exe = session.download(
+            "/proc/self/exe"
+        )  # the server's own binary: its arch is the device's
         try:
-            cores = _count_cpus(session.download("/sys/devices/system/cpu/online").split(b"\0")[0].decode())
+            cores = _count_cpus(
+                session.download("/sys/devices/system/cpu/online").split(b"\0")[0].decode()
+            )
         except (RemoteError, ValueError):
             cores = None
         _PROBED[(tracker, key)] = RemoteDevice(tracker, key, _elf_arch(exe[:20]), cores)
@@ -285,8 +308,10 @@ def connect(
     if key not in keys:
         known = ", ".join(f"{k} ({n})" for k, n in sorted(keys.items())) or "none"
         raise RemoteError(
-            f"no RPC server is registered under key {key!r} at tracker {tracker} (registered: {known}); "
-            f"start one on the device with `python -m tvm.exec.rpc_server --tracker {tracker} --key {key}` "
+            f"no RPC server is registered under key {key!r} at tracker {tracker} (registered: "
+            f"{known}); "
+            f"start one on the device with `python -m tvm.exec.rpc_server --tracker {tracker} "
+            f"--key {key}` "
             "or fix --rpc-key"
         )
     import_tvm()  # runtime-only unless TVM is already loaded
@@ -302,26 +327,35 @@ def connect(
         text = _error_text(err)
         if "timed out" in text:
             raise RemoteError(
-                f"no free RPC server for key {key!r} within {request_timeout:.0f} s: all {keys[key]} "
+                f"no free RPC server for key {key!r} within {request_timeout:.0f} s: all "
+                f"{keys[key]} "
                 f"registered are busy; retry later or register more servers under {key!r}"
             ) from None
-        raise RemoteError(f"could not open an RPC session for key {key!r} via tracker {tracker}: {text}") from None
+        raise RemoteError(
+            f"could not open an RPC session for key {key!r} via tracker {tracker}: {text}"
+        ) from None
     finally:
         if tracker_session is not None:
             tracker_session.close()
     return RemoteSession(remote, tracker, key, session_timeout)
 
 
-def probe_remote(address: str | tuple[str, int], key: str, request_timeout: float = REQUEST_TIMEOUT_S) -> RemoteDevice:
+def probe_remote(
+    address: str | tuple[str, int], key: str, request_timeout: float = REQUEST_TIMEOUT_S
+) -> RemoteDevice:
     """The device behind `key` (arch, cores), learned in one short session."""
     host, port = parse_address(address)
     if (f"{host}:{port}", key) in _PROBED:
         return _PROBED[(f"{host}:{port}", key)]
-    with connect((host, port), key, session_timeout=120, request_timeout=request_timeout) as session:
+    with connect(
+        (host, port), key, session_timeout=120, request_timeout=request_timeout
+    ) as session:
         return session.device
 
 
-def check_artifact_runs(requires: dict[str, Any], is_gpu: bool, name: str, device: RemoteDevice) -> None:
+def check_artifact_runs(
+    requires: dict[str, Any], is_gpu: bool, name: str, device: RemoteDevice
+) -> None:
     """Refuse what cannot run on the remote: another arch, or a CUDA artifact."""
     if is_gpu:
         raise IncompatibleDeviceError(
@@ -331,12 +365,13 @@ def check_artifact_runs(requires: dict[str, Any], is_gpu: bool, name: str, devic
     if arch and arch != device.arch:
         raise IncompatibleDeviceError(
             f"artifact {name!r} needs arch {arch}, but the device behind RPC key {device.key!r} is "
-            f"{device.arch}; pick an artifact compiled for {device.arch} (--artifact) or another key"
+            f"{device.arch}; pick an artifact compiled for {device.arch} (--artifact) or another "
+            f"key"
         )
 
 
 def select_remote(bundle: Bundle, device: RemoteDevice, artifact: str | None = None) -> Choice:
-    """The artifact to run on `device`: the named one (checked), else the least demanding of its arch."""
+    """The artifact to run on `device`: the named one (checked), else its arch's least demanding."""
     rejected = {}
     for a in bundle.artifacts:
         if a.is_gpu:
@@ -347,26 +382,40 @@ def select_remote(bundle: Bundle, device: RemoteDevice, artifact: str | None = N
     if artifact is not None:
         chosen = bundle.artifact(artifact)
         check_artifact_runs(chosen.requires, chosen.is_gpu, chosen.profile, device)
-        return Choice(chosen.profile, f"forced by the caller; run via RPC key {device.key!r}", names, rejected)
+        return Choice(
+            chosen.profile, f"forced by the caller; run via RPC key {device.key!r}", names, rejected
+        )
     if not names:
         raise IncompatibleDeviceError(
-            f"no artifact in {bundle.path} runs on the {device.arch} device behind RPC key {device.key!r} "
-            f"({', '.join(f'{k}: {v}' for k, v in rejected.items()) or 'no artifacts'}); compile one for "
+            f"no artifact in {bundle.path} runs on the {device.arch} device behind RPC key "
+            f"{device.key!r} "
+            f"({', '.join(f'{k}: {v}' for k, v in rejected.items()) or 'no artifacts'}); compile "
+            f"one for "
             f"{device.arch} (`tvmdeploy compile ... --target PROFILE`)"
         )
     # Features cannot be read over RPC: the fewest required features is the one that surely runs.
-    best = min((a for a in bundle.artifacts if a.profile in names),
-               key=lambda a: (len(a.requires.get("cpu_features", [])), a.profile))
-    reason = (f"the least demanding {device.arch} artifact (CPU features cannot be read over RPC; "
-              "name a more specific one with --artifact)")
+    best = min(
+        (a for a in bundle.artifacts if a.profile in names),
+        key=lambda a: (len(a.requires.get("cpu_features", [])), a.profile),
+    )
+    reason = (
+        f"the least demanding {device.arch} artifact (CPU features cannot be read over RPC; "
+        "name a more specific one with --artifact)"
+    )
     return Choice(best.profile, reason, names, rejected)
 
 
 class RemoteVM:
     """A library and its weights loaded in a Relax VM on the remote device."""
 
-    def __init__(self, session: RemoteSession, lib_path: Path, params_blob: bytes, param_names: Sequence[str],
-                 name: str = "lib"):
+    def __init__(
+        self,
+        session: RemoteSession,
+        lib_path: Path,
+        params_blob: bytes,
+        param_names: Sequence[str],
+        name: str = "lib",
+    ):
         tvm = import_tvm()
         self.session = session
         self._tensor = tvm.runtime.tensor
@@ -377,26 +426,36 @@ class RemoteVM:
             self.dev = session.rpc.cpu(0)
             module = session.rpc.load_module(lib_name)
             self.vm = tvm.runtime.vm.VirtualMachine(module, self.dev)
-            # Not VirtualMachine.get_outputs: its recursive closure makes a reference cycle that keeps
+            # Not VirtualMachine.get_outputs: its recursive closure makes a reference cycle that
+            # keeps
             # the VM, and so the session and the server, alive until the garbage collector runs.
             self._output_arity = self.vm.module["get_output_arity"]
             self._output = self.vm.module["get_output"]
         with session.calls("loading the weights"):
             # Loaded by the remote's own runtime: the weights cross the network once, as one file.
-            by_name = session.rpc.get_function("runtime.LoadParamsFromFile")(session.workpath(params_name))
+            by_name = session.rpc.get_function("runtime.LoadParamsFromFile")(
+                session.workpath(params_name)
+            )
             count = session.rpc.get_function("ffi.MapCount")
             get = session.rpc.get_function("ffi.MapGetItem")
             missing = [n for n in param_names if not count(by_name, n)]
             if missing:
-                raise BundleError(f"weights {missing[:3]} are missing from {params_name}; recompile the bundle")
+                raise BundleError(
+                    f"weights {missing[:3]} are missing from {params_name}; recompile the bundle"
+                )
             self.params = [get(by_name, n) for n in param_names]
-            if self.vm.module.implements_function(TRANSFORM_PARAMS):  # packed weights, see _tvm.prepare_params
+            if self.vm.module.implements_function(
+                TRANSFORM_PARAMS
+            ):  # packed weights, see _tvm.prepare_params
                 self.vm.set_input(TRANSFORM_PARAMS, *self.params)
                 self.vm.invoke_stateful(TRANSFORM_PARAMS)
-                self.params = [self._output(TRANSFORM_PARAMS, k) for k in range(self._output_arity(TRANSFORM_PARAMS))]
+                self.params = [
+                    self._output(TRANSFORM_PARAMS, k)
+                    for k in range(self._output_arity(TRANSFORM_PARAMS))
+                ]
 
     def close(self) -> None:
-        """Drop the remote handles, then the session: the connection closes with the last of them."""
+        """Drop the remote handles, then the session: the connection closes with the last one."""
         self.vm = self.params = self.dev = self._output = self._output_arity = None
         self.session.close()
 
@@ -414,15 +473,21 @@ class RemoteVM:
                 return [self._output(function).numpy()]
             return [self._output(function, k).numpy() for k in range(arity)]
 
-    def time(self, function: str, inputs: Sequence[np.ndarray], warmup: int, runs: int) -> tuple[float, np.ndarray]:
+    def time(
+        self, function: str, inputs: Sequence[np.ndarray], warmup: int, runs: int
+    ) -> tuple[float, np.ndarray]:
         """Warm-up total and per-run latencies (ms), measured on the device by `time_evaluator`."""
         with self.session.calls(f"timing {function}"):
             self._set_input(function, inputs)
             warmup_ms = 0.0
             if warmup:
-                warm = self.vm.time_evaluator("invoke_stateful", self.dev, number=warmup, repeat=1)(function)
+                warm = self.vm.time_evaluator("invoke_stateful", self.dev, number=warmup, repeat=1)(
+                    function
+                )
                 warmup_ms = float(warm.mean) * warmup * 1e3
-            timed = self.vm.time_evaluator("invoke_stateful", self.dev, number=1, repeat=runs)(function)
+            timed = self.vm.time_evaluator("invoke_stateful", self.dev, number=1, repeat=runs)(
+                function
+            )
             return warmup_ms, np.asarray(timed.results, dtype=np.float64) * 1e3
 
 
@@ -448,12 +513,16 @@ class RemoteEngine:
         with self._turn:
             return self.vm.run(bucket.function, [arrays[n] for n in self.input_names])
 
-    def time(self, bucket: Bucket, arrays: dict[str, np.ndarray], warmup: int, runs: int) -> tuple[float, np.ndarray]:
+    def time(
+        self, bucket: Bucket, arrays: dict[str, np.ndarray], warmup: int, runs: int
+    ) -> tuple[float, np.ndarray]:
         with self._turn:
-            return self.vm.time(bucket.function, [arrays[n] for n in self.input_names], warmup, runs)
+            return self.vm.time(
+                bucket.function, [arrays[n] for n in self.input_names], warmup, runs
+            )
 
     def close(self) -> None:
-        """Free the remote VM and weights and end the session (the server can serve the next one)."""
+        """Free the remote VM and weights, end the session (the server can serve the next one)."""
         self.vm.close()
 
 
@@ -465,11 +534,13 @@ def load_remote(
     session_timeout: float = SESSION_TIMEOUT_S,
     request_timeout: float = REQUEST_TIMEOUT_S,
 ):
-    """A `Model` whose artifact runs on the device behind `key` (the session lives as long as it)."""
+    """A `Model` whose artifact runs on the device behind `key` (the session lives as long)."""
     from .model import Model
 
     bundle = Bundle(bundle_dir)
-    session = connect(address, key, session_timeout=session_timeout, request_timeout=request_timeout)
+    session = connect(
+        address, key, session_timeout=session_timeout, request_timeout=request_timeout
+    )
     try:
         choice = select_remote(bundle, session.device, artifact)
         return Model(bundle, RemoteEngine(bundle, choice.artifact, session), choice)
@@ -478,14 +549,18 @@ def load_remote(
         raise
 
 
-def wait_for_server(address: str | tuple[str, int], key: str, timeout: float, poll: float = 0.5) -> None:
+def wait_for_server(
+    address: str | tuple[str, int], key: str, timeout: float, poll: float = 0.5
+) -> None:
     """Block until a free server is registered under `key` (bounded by `timeout` s)."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while time.monotonic() < deadline:
         try:
             summary = tracker_summary(address, timeout=min(CONNECT_TIMEOUT_S, timeout))
-            if summary.get("queue_info", {}).get(key, {}).get("free", 0) and key in registered_keys(summary):
+            if summary.get("queue_info", {}).get(key, {}).get("free", 0) and key in registered_keys(
+                summary
+            ):
                 return
             last = f"registered: {sorted(registered_keys(summary)) or 'none'}"
         except RemoteError as err:

@@ -66,7 +66,9 @@ def bundle_latencies(bundle: Bundle, device: DeviceInfo) -> dict[str, float]:
     for artifact in bundle.artifacts:
         for entry in artifact.latency:
             if entry.get("fingerprint") == device.fingerprint and "p50_ms" in entry:
-                found[artifact.profile] = min(found.get(artifact.profile, float("inf")), entry["p50_ms"])
+                found[artifact.profile] = min(
+                    found.get(artifact.profile, float("inf")), entry["p50_ms"]
+                )
     return found
 
 
@@ -110,7 +112,9 @@ def select(
         if len(measured) == 1:
             reason = f"the only candidate measured on this device ({measured[best]:.2f} ms p50)"
         else:
-            ranking = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(measured.items(), key=lambda kv: kv[1]))
+            ranking = ", ".join(
+                f"{k} {v:.2f} ms" for k, v in sorted(measured.items(), key=lambda kv: kv[1])
+            )
             reason = f"fastest measured on this device (p50: {ranking})"
         return Choice(best, reason, names, rejected, measured)
     if compatible:
@@ -123,7 +127,12 @@ def select(
             rejected,
         )
     if onnxruntime_available:
-        return Choice(ONNXRUNTIME, "no compiled artifact fits this device; ONNX Runtime fallback", names, rejected)
+        return Choice(
+            ONNXRUNTIME,
+            "no compiled artifact fits this device; ONNX Runtime fallback",
+            names,
+            rejected,
+        )
     raise IncompatibleDeviceError(
         f"no artifact in {bundle.path} can run on {device.description}: "
         + "; ".join(f"{k} needs {v}" for k, v in rejected.items())

@@ -34,6 +34,7 @@ SCHEMA = "tvmdeploy.bench"
 SCHEMA_VERSION = 1
 ENGINES = ("tvmdeploy", "onnxruntime", "torch")
 
+
 @dataclass
 class BenchConfig:
     bundle: str
@@ -43,7 +44,9 @@ class BenchConfig:
     warmup: int = 5
     runs: int = 30
     artifact: str | None = None  # force a tvmdeploy artifact
-    torch_model: str | None = None  # HF directory for the PyTorch baseline (default: manifest source)
+    torch_model: str | None = (
+        None  # HF directory for the PyTorch baseline (default: manifest source)
+    )
     rpc: str | None = None  # HOST:PORT of a TVM RPC tracker: time tvmdeploy on a remote device
     rpc_key: str | None = None  # the device's key at that tracker
     rpc_timeout: float = 600.0  # seconds the remote session may last
@@ -73,7 +76,9 @@ class BenchReport:
     bundle: dict[str, Any]
     config: dict[str, Any]
     results: list[BenchResult]
-    created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    created: str = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,21 +110,49 @@ def timed(fn: Callable[[], Any], warmup: int, runs: int) -> tuple[float, np.ndar
     return warmup_ms, times
 
 
-def summarize(engine: str, artifact: str | None, batch: int, seq: int, warmup: int, warmup_ms: float,
-              times: np.ndarray, parity: dict[str, Any]) -> BenchResult:
+def summarize(
+    engine: str,
+    artifact: str | None,
+    batch: int,
+    seq: int,
+    warmup: int,
+    warmup_ms: float,
+    times: np.ndarray,
+    parity: dict[str, Any],
+) -> BenchResult:
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
     mean = float(times.mean())
-    return BenchResult(engine, artifact, batch, seq, warmup, len(times), warmup_ms, float(p50), float(p90),
-                       float(p99), mean, float(times.std()), batch * 1e3 / mean, parity)
+    return BenchResult(
+        engine,
+        artifact,
+        batch,
+        seq,
+        warmup,
+        len(times),
+        warmup_ms,
+        float(p50),
+        float(p90),
+        float(p99),
+        mean,
+        float(times.std()),
+        batch * 1e3 / mean,
+        parity,
+    )
 
 
-def make_report(device: dict[str, Any], model, config: BenchConfig, results: list[BenchResult]) -> BenchReport:
+def make_report(
+    device: dict[str, Any], model, config: BenchConfig, results: list[BenchResult]
+) -> BenchReport:
     """The report for `results` measured with `model` on `device`."""
     bundle = model.bundle
     return BenchReport(
         device=device,
-        bundle={"name": bundle.name, "identity": bundle.identity, "path_name": bundle.path.name,
-                "choice": str(model.choice)},
+        bundle={
+            "name": bundle.name,
+            "identity": bundle.identity,
+            "path_name": bundle.path.name,
+            "choice": str(model.choice),
+        },
         config=asdict(config),
         results=results,
     )
@@ -131,8 +164,11 @@ def bench_inputs(bundle: Bundle, batch: int, seq: int, seed: int = 0) -> dict[st
     return synthetic_inputs(names, int(bundle.model["vocab_size"]), batch, seq, seed)
 
 
-def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: None,
-              baselines: Mapping[str, Runner] | None = None) -> BenchReport:
+def run_bench(
+    config: BenchConfig,
+    progress: Callable[[str], None] = lambda _: None,
+    baselines: Mapping[str, Runner] | None = None,
+) -> BenchReport:
     """Benchmark tvmdeploy, and the given baseline runners, at every (batch, seq) of `config`
     (tvmdeploy alone on a remote device with `config.rpc`).
 
@@ -147,8 +183,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
         return run_remote_bench(config, progress)
     missing = [e for e in config.engines if e != "tvmdeploy" and e not in (baselines or {})]
     if missing:
-        raise OptionError(f"no runner for baseline(s) {', '.join(missing)}: baselines come from "
-                          "tvmdeploy.compiler.baselines (pip install 'tvmdeploy[compile]')")
+        raise OptionError(
+            f"no runner for baseline(s) {', '.join(missing)}: baselines come from "
+            "tvmdeploy.compiler.baselines (pip install 'tvmdeploy[compile]')"
+        )
     model = load(config.bundle, artifact=config.artifact)
     bundle = model.bundle
     reference = OnnxRuntimeEngine(bundle)
@@ -167,14 +205,20 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
             for engine, run in runners.items():
                 progress(f"{engine} batch {batch} seq {seq}")
                 diff = float(np.abs(run(arrays) - expected).max())
-                warmup_ms, times = timed(lambda run=run, arrays=arrays: run(arrays), config.warmup, config.runs)
+                warmup_ms, times = timed(
+                    lambda run=run, arrays=arrays: run(arrays), config.warmup, config.runs
+                )
                 artifact = model.choice.artifact if engine == "tvmdeploy" else None
                 parity = {"reference": "onnxruntime", "max_abs_diff": diff}
-                results.append(summarize(engine, artifact, batch, seq, config.warmup, warmup_ms, times, parity))
+                results.append(
+                    summarize(engine, artifact, batch, seq, config.warmup, warmup_ms, times, parity)
+                )
     return make_report(probe().to_dict(), model, config, results)
 
 
-def run_remote_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> BenchReport:
+def run_remote_bench(
+    config: BenchConfig, progress: Callable[[str], None] = lambda _: None
+) -> BenchReport:
     """tvmdeploy on the device behind `config.rpc_key`, timed there by `time_evaluator`.
 
     The p50/p90/p99 are the bucket function alone on the device (inputs already uploaded, outputs
@@ -189,11 +233,18 @@ def run_remote_bench(config: BenchConfig, progress: Callable[[str], None] = lamb
     baselines = [e for e in config.engines if e != "tvmdeploy"]
     if baselines:
         raise TvmdeployError(
-            f"baselines ({', '.join(baselines)}) run only on this machine, not over RPC: bench them in a "
-            "separate run without --rpc (or pass --compare '') and merge the JSONs with `tvmdeploy report`"
+            f"baselines ({', '.join(baselines)}) run only on this machine, not over RPC: bench "
+            f"them in a "
+            "separate run without --rpc (or pass --compare '') and merge the JSONs with `tvmdeploy "
+            "report`"
         )
-    model = load_remote(config.bundle, config.rpc, config.rpc_key, artifact=config.artifact,
-                        session_timeout=config.rpc_timeout)
+    model = load_remote(
+        config.bundle,
+        config.rpc,
+        config.rpc_key,
+        artifact=config.artifact,
+        session_timeout=config.rpc_timeout,
+    )
     bundle, engine = model.bundle, model.engine
     reference = OnnxRuntimeEngine(bundle)
     results = []
@@ -203,16 +254,29 @@ def run_remote_bench(config: BenchConfig, progress: Callable[[str], None] = lamb
             try:
                 bucket = model.bucket_for(batch, seq)
             except InputError as err:
-                raise InputError(f"{err}; over RPC each case is one bucket call (larger batches are not "
-                                 "split): choose a smaller --batch") from None
+                raise InputError(
+                    f"{err}; over RPC each case is one bucket call (larger batches are not "
+                    "split): choose a smaller --batch"
+                ) from None
             progress(f"tvmdeploy via RPC batch {batch} seq {seq}")
             got = model(**arrays)[bundle.outputs[0]["name"]]
             diff = float(np.abs(got - reference.run(None, arrays)[0]).max())
-            warmup_ms, times = engine.time(bucket, model.pad(model.validate(arrays), bucket),
-                                           config.warmup, config.runs)
+            warmup_ms, times = engine.time(
+                bucket, model.pad(model.validate(arrays), bucket), config.warmup, config.runs
+            )
             parity = {"reference": "onnxruntime", "max_abs_diff": diff}
-            results.append(summarize("tvmdeploy", model.choice.artifact, batch, seq, config.warmup, warmup_ms,
-                                     times, parity))
+            results.append(
+                summarize(
+                    "tvmdeploy",
+                    model.choice.artifact,
+                    batch,
+                    seq,
+                    config.warmup,
+                    warmup_ms,
+                    times,
+                    parity,
+                )
+            )
     device = engine.session.device
     engine.close()
     return make_report(device.to_dict(), model, config, results)

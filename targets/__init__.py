@@ -63,7 +63,10 @@ def _load(path: Path) -> Profile:
     with path.open("rb") as f:
         data = tomllib.load(f)
     if data.get("name") != path.stem:
-        raise ProfileError(f"{path}: 'name' must be {path.stem!r}, found {data.get('name')!r}; rename the file or fix the name")
+        raise ProfileError(
+            f"{path}: 'name' must be {path.stem!r}, found {data.get('name')!r}; rename the file or "
+            f"fix the name"
+        )
     return Profile(
         name=data["name"],
         description=data["description"],

@@ -20,7 +20,8 @@ def host_profile(device: DeviceInfo | None = None, cpu_only: bool = True) -> Pro
     """The most specific profile this machine can run (CPU profiles unless cpu_only=False)."""
     device = device or probe()
     runnable = [
-        p for p in all_profiles()
+        p
+        for p in all_profiles()
         if not missing_requirements(p.requires, device) and (not cpu_only or not p.is_gpu)
     ]
     if not runnable:

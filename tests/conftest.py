@@ -31,8 +31,15 @@ def save_tiny_bert(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
     )
     BertForSequenceClassification(config).eval().save_pretrained(path)
     BertTokenizerFast.from_pretrained(str(minilm_dir())).save_pretrained(path)
@@ -55,8 +62,11 @@ def tiny_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     from tvmdeploy.compiler import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.tvmd"
-    return compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out), profiles=["host"],
-                                        buckets=TINY_BUCKETS))
+    return compile_model(
+        CompileOptions(
+            model=str(tiny_model_dir), output=str(out), profiles=["host"], buckets=TINY_BUCKETS
+        )
+    )
 
 
 @pytest.fixture(scope="session")

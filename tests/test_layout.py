@@ -1,4 +1,4 @@
-"""The layout keeps the design (docs/design.md): no import cycles, imports point one way, small modules.
+"""The layout keeps the design (docs/design.md): no import cycles, one-way imports, small modules.
 
 Imports are read from the source with `ast`, function-local ones included, so a cycle hidden in a
 function body fails here as well.
@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"compiler": "tvmdeploy.compiler", "runtime": "tvmdeploy.runtime", "targets": "tvmdeploy.targets"}
+PACKAGES = {
+    "compiler": "tvmdeploy.compiler",
+    "runtime": "tvmdeploy.runtime",
+    "targets": "tvmdeploy.targets",
+}
 MAX_LINES = 500
 
 
@@ -75,7 +79,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -102,25 +106,36 @@ def test_no_import_cycles_counting_function_local_imports():
 @pytest.mark.parametrize("lower", ["tvmdeploy.runtime", "tvmdeploy.targets"])
 def test_imports_point_one_way(lower):
     """runtime ← targets ← compiler: the runtime and the profiles never import the compiler."""
-    bad = {name: sorted(t for t in targets if t.startswith("tvmdeploy.compiler"))
-           for name, targets in graph().items() if name.startswith(lower)}
+    bad = {
+        name: sorted(t for t in targets if t.startswith("tvmdeploy.compiler"))
+        for name, targets in graph().items()
+        if name.startswith(lower)
+    }
     assert not {k: v for k, v in bad.items() if v}
     if lower == "tvmdeploy.runtime":
-        assert not any(t.startswith("tvmdeploy.targets") for name, targets in graph().items()
-                       if name.startswith(lower) for t in targets)
+        assert not any(
+            t.startswith("tvmdeploy.targets")
+            for name, targets in graph().items()
+            if name.startswith(lower)
+            for t in targets
+        )
 
 
 def test_stages_never_import_a_driver():
     drivers = "tvmdeploy.compiler.drivers"
     front = {"tvmdeploy.compiler", "tvmdeploy.compiler.cli"}
-    offenders = {name: sorted(t for t in targets if t.startswith(drivers))
-                 for name, targets in graph().items()
-                 if name.startswith("tvmdeploy.compiler") and not name.startswith(drivers) and name not in front}
+    offenders = {
+        name: sorted(t for t in targets if t.startswith(drivers))
+        for name, targets in graph().items()
+        if name.startswith("tvmdeploy.compiler")
+        and not name.startswith(drivers)
+        and name not in front
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
 def test_modules_are_small_or_say_why():
-    """Over ~500 lines needs a written reason in the module docstring ("Why this module is long")."""
+    """Over ~500 lines needs a reason in the module docstring (saying why it is long)."""
     too_long = []
     for name, path in modules().items():
         lines = len(path.read_text().splitlines())

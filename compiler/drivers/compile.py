@@ -31,7 +31,9 @@ class CompileOptions:
 
     model: str
     output: str
-    profiles: list[str] = field(default_factory=lambda: ["host"])  # profile names; 'host' = this machine
+    profiles: list[str] = field(
+        default_factory=lambda: ["host"]
+    )  # profile names; 'host' = this machine
     task: str | None = None
     buckets: str = DEFAULT_BUCKETS
     opset: int | None = None
@@ -45,8 +47,11 @@ class CompileOptions:
 
     def display(self, profiles: list[Profile]) -> None:
         """Say what will happen, before it happens."""
-        tuning_text = (f"{self.tune_trials} trials per profile" if self.tune_trials else
-                       "no new trials (tuning records from the shipped set or the cache where they exist)")
+        tuning_text = (
+            f"{self.tune_trials} trials per profile"
+            if self.tune_trials
+            else "no new trials (tuning records from the shipped set or the cache where they exist)"
+        )
         lines = [
             f"tvmdeploy compile {self.model} → {self.output}",
             f"  profiles: {', '.join(p.name for p in profiles)}",
@@ -55,8 +60,10 @@ class CompileOptions:
             f"  tuning  : {tuning_text}",
         ]
         if self.rpc:
-            lines.append(f"  verify  : artifacts of the remote's arch on RPC key {self.rpc.key!r} "
-                         f"(tracker {self.rpc.tracker}), built with the records measured there")
+            lines.append(
+                f"  verify  : artifacts of the remote's arch on RPC key {self.rpc.key!r} "
+                f"(tracker {self.rpc.tracker}), built with the records measured there"
+            )
         for line in lines:
             logger.info(line)
 
@@ -87,7 +94,7 @@ class _Stage:
 
 
 def graph_vocab_sizes(onnx_path: Path) -> dict[str, int]:
-    """Rows of the embedding tables that gather `input_ids` / `token_type_ids` (the true id range)."""
+    """Rows of the embedding tables that gather `input_ids` / `token_type_ids` (the id range)."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
     sizes = {}
@@ -98,12 +105,16 @@ def graph_vocab_sizes(onnx_path: Path) -> dict[str, int]:
     return sizes
 
 
-def model_info(exported: export.ExportResult, imported: importer.ImportedModel, name: str) -> dict[str, Any]:
+def model_info(
+    exported: export.ExportResult, imported: importer.ImportedModel, name: str
+) -> dict[str, Any]:
     config = exported.config
     sizes = graph_vocab_sizes(exported.onnx_path)
     vocab = sizes.get("input_ids") or config.get("vocab_size")
     if not vocab:
-        raise ModelLoadError("cannot tell the vocabulary size (no embedding Gather, no config.json)")
+        raise ModelLoadError(
+            "cannot tell the vocabulary size (no embedding Gather, no config.json)"
+        )
     return {
         "name": name,
         "source": exported.source,
@@ -132,8 +143,11 @@ def compile_model(options: CompileOptions) -> Path:
 
     def on_remote(profile: Profile) -> bool:
         """Whether the profile's artifact is for the remote: verified, tuned and looked up there."""
-        return (remote_device is not None and not profile.is_gpu
-                and profile.requires.get("arch") == remote_device.arch)
+        return (
+            remote_device is not None
+            and not profile.is_gpu
+            and profile.requires.get("arch") == remote_device.arch
+        )
 
     buckets = parse_buckets(options.buckets)
     tunable = []
@@ -151,19 +165,26 @@ def compile_model(options: CompileOptions) -> Path:
     with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
         work_dir = Path(work)
         with stages("export (optimum, onnx checker, parity vs PyTorch)"):
-            exported = export.export_model(options.model, work_dir / "onnx", task=options.task,
-                                           opset=options.opset)
+            exported = export.export_model(
+                options.model, work_dir / "onnx", task=options.task, opset=options.opset
+            )
         if exported.parity:
             p = exported.parity
-            logger.info("  ONNX Runtime vs PyTorch: max abs diff %.2e (tolerance %.0e)",
-                        p["max_abs_diff"], p["tolerance"])
+            logger.info(
+                "  ONNX Runtime vs PyTorch: max abs diff %.2e (tolerance %.0e)",
+                p["max_abs_diff"],
+                p["tolerance"],
+            )
         with stages(f"import to Relax ({len(buckets)} shape buckets)"):
             imported = importer.import_onnx(
                 exported.onnx_path, buckets, exported.config.get("max_position_embeddings")
             )
         with stages("reference outputs from ONNX Runtime"):
-            cases = (verify.reference_cases(exported.onnx_path, imported, exported.config)
-                     if options.verify else [])
+            cases = (
+                verify.reference_cases(exported.onnx_path, imported, exported.config)
+                if options.verify
+                else []
+            )
 
         entries: list[package.ArtifactEntry] = []
         for profile in profiles:
@@ -175,22 +196,33 @@ def compile_model(options: CompileOptions) -> Path:
             if profile in tunable:
                 where = f" on RPC key {rpc_key!r}" if rpc_key else ""
                 cache = tuning.cache_path(profile, rpc_key)
-                with stages(f"tune {profile.name} ({options.tune_trials} trials{where}, cache {cache})"):
-                    tuned = tuning.tune(imported.mod, profile, options.tune_trials, tuning_dir,
-                                        rpc=profile_rpc.tracker if profile_rpc else None, rpc_key=rpc_key)
+                with stages(
+                    f"tune {profile.name} ({options.tune_trials} trials{where}, cache {cache})"
+                ):
+                    tuned = tuning.tune(
+                        imported.mod,
+                        profile,
+                        options.tune_trials,
+                        tuning_dir,
+                        rpc=profile_rpc.tracker if profile_rpc else None,
+                        rpc_key=rpc_key,
+                    )
             else:  # records from the shipped set and the cache, zero new trials
                 tuned = tuning.lookup(imported.mod, profile, tuning_dir, rpc_key=rpc_key)
             if tuned is not None:
                 database, tuning_summary, tuning_files = tuned.database, tuned.summary, tuned.files
             with stages(f"build {profile.name}"):
-                built = build.build_artifact(imported.mod, profile, work_dir / "artifacts" / profile.name,
-                                             database)
+                built = build.build_artifact(
+                    imported.mod, profile, work_dir / "artifacts" / profile.name, database
+                )
             parity, latency = {"where": "not-run", "detail": "verification disabled"}, []
             if options.verify:
                 via = " via RPC" if profile_rpc else ""
                 with stages(f"verify {profile.name} against ONNX Runtime{via}"):
                     if profile_rpc:
-                        record = verify.verify_rpc(built, imported, cases, profile_rpc.tracker, profile_rpc.key)
+                        record = verify.verify_rpc(
+                            built, imported, cases, profile_rpc.tracker, profile_rpc.key
+                        )
                         latency = []
                     else:
                         record, latency = verify.verify(built, imported, cases)
@@ -198,14 +230,22 @@ def compile_model(options: CompileOptions) -> Path:
                 logger.info("  parity %s: %s", profile.name, record.summary())
                 if record.ok is False and options.strict_parity:
                     raise ParityError(
-                        f"{profile.name}: verification against ONNX Runtime failed: {record.summary()} "
+                        f"{profile.name}: verification against ONNX Runtime failed: "
+                        f"{record.summary()} "
                         f"(tolerance {record.tolerance}); no bundle written"
                     )
             entries.append(
                 package.ArtifactEntry(
-                    profile=profile.name, family=profile.family, target=built.target, requires=profile.requires,
-                    lib_path=built.lib_path, code_form=built.code_form, tuning=tuning_summary,
-                    parity=parity, latency=latency, tuning_files=tuning_files,
+                    profile=profile.name,
+                    family=profile.family,
+                    target=built.target,
+                    requires=profile.requires,
+                    lib_path=built.lib_path,
+                    code_form=built.code_form,
+                    tuning=tuning_summary,
+                    parity=parity,
+                    latency=latency,
+                    tuning_files=tuning_files,
                 )
             )
 
@@ -214,7 +254,12 @@ def compile_model(options: CompileOptions) -> Path:
             out = package.write_bundle(
                 options.output,
                 exported.onnx_path,
-                {"float32": (imported.param_names, package.weights_blob(imported.param_names, imported.params))},
+                {
+                    "float32": (
+                        imported.param_names,
+                        package.weights_blob(imported.param_names, imported.params),
+                    )
+                },
                 entries,
                 model_info(exported, imported, name),
                 [{"function": b.function, "batch": b.batch, "seq": b.seq} for b in buckets],

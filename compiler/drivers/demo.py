@@ -59,7 +59,9 @@ def ensure_finetuned(work_dir: Path, train: list[Example], epochs: float) -> Pat
     if (model_dir / "model.safetensors").is_file():
         logger.info("fine-tuned model: cached at %s", model_dir)
         return model_dir
-    logger.info("fine-tuning all-MiniLM-L6-v2 on %d movie-review snippets (%g epoch) …", len(train), epochs)
+    logger.info(
+        "fine-tuning all-MiniLM-L6-v2 on %d movie-review snippets (%g epoch) …", len(train), epochs
+    )
     shown = {"tenth": -1}
 
     def report(step: int, total: int, loss: float) -> None:
@@ -92,8 +94,12 @@ def ensure_bundle(work_dir: Path, model_dir: Path, target: str) -> Path:
     """Compile unless a bundle for this exact model, profile and shipped record set is there."""
     profile = resolve_profile(demo_target(target)).name
     bundle_dir = work_dir / f"minilm-sentiment-{profile}.tvmd"
-    key = {"model": model_digest(model_dir), "profile": profile, "buckets": DEMO_BUCKETS,
-           "records": records_digest(profile)}
+    key = {
+        "model": model_digest(model_dir),
+        "profile": profile,
+        "buckets": DEMO_BUCKETS,
+        "records": records_digest(profile),
+    }
     stamp = work_dir / f".{bundle_dir.name}.key.json"
     try:
         Bundle(bundle_dir).verify()
@@ -102,8 +108,15 @@ def ensure_bundle(work_dir: Path, model_dir: Path, target: str) -> Path:
             return bundle_dir
     except (BundleError, OSError, json.JSONDecodeError):
         pass
-    compile_model(CompileOptions(model=str(model_dir), output=str(bundle_dir), profiles=[profile],
-                                 buckets=DEMO_BUCKETS, name="minilm-sentiment"))
+    compile_model(
+        CompileOptions(
+            model=str(model_dir),
+            output=str(bundle_dir),
+            profiles=[profile],
+            buckets=DEMO_BUCKETS,
+            name="minilm-sentiment",
+        )
+    )
     write_json_atomic(stamp, key)
     return bundle_dir
 
@@ -127,7 +140,11 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
     train, test = load_split(work_dir / "data")
-    logger.info("data: VADER movie-review snippets, %d train / %d held-out (seeded split)", len(train), len(test))
+    logger.info(
+        "data: VADER movie-review snippets, %d train / %d held-out (seeded split)",
+        len(train),
+        len(test),
+    )
     model_dir = ensure_finetuned(work_dir, train, epochs)
     bundle_dir = ensure_bundle(work_dir, model_dir, target)
 
@@ -136,8 +153,12 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
     for artifact in model.bundle.artifacts:
         tuning = artifact.tuning
         if tuning.get("kernels"):
-            logger.info("tuning (%s): %s; %d new trials at build time", artifact.profile, describe(tuning),
-                        tuning.get("new_trials", 0))
+            logger.info(
+                "tuning (%s): %s; %d new trials at build time",
+                artifact.profile,
+                describe(tuning),
+                tuning.get("new_trials", 0),
+            )
         else:
             logger.info("tuning (%s): none, rule-based default schedules", artifact.profile)
     for sentence, prediction in zip(SENTENCES, model.predict(SENTENCES), strict=True):
@@ -157,31 +178,46 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
 
     seqs = [32, 128]
     logger.info("timing tvmdeploy, ONNX Runtime and PyTorch …")
-    report = run_bench_with_baselines(BenchConfig(str(bundle_dir), list(engines), [1], seqs, warmup=5, runs=30,
-                                                  torch_model=str(model_dir)))
+    report = run_bench_with_baselines(
+        BenchConfig(
+            str(bundle_dir), list(engines), [1], seqs, warmup=5, runs=30, torch_model=str(model_dir)
+        )
+    )
     report.write(work_dir / "demo-bench.json")
     by = {(r.engine, r.seq): r for r in report.results}
     ort_128 = by[("onnxruntime", 128)].p50_ms
     rows = []
     for engine in engines:
-        rows.append({
-            "engine": f"tvmdeploy ({model.choice.artifact})" if engine == "tvmdeploy" else engine,
-            "accuracy": accuracies[engine],
-            "latency_ms": {str(seq): {"p50": by[(engine, seq)].p50_ms, "p90": by[(engine, seq)].p90_ms}
-                           for seq in seqs},
-            "vs_onnxruntime_seq128": by[(engine, 128)].p50_ms / ort_128,
-        })
+        rows.append(
+            {
+                "engine": f"tvmdeploy ({model.choice.artifact})"
+                if engine == "tvmdeploy"
+                else engine,
+                "accuracy": accuracies[engine],
+                "latency_ms": {
+                    str(seq): {"p50": by[(engine, seq)].p50_ms, "p90": by[(engine, seq)].p90_ms}
+                    for seq in seqs
+                },
+                "vs_onnxruntime_seq128": by[(engine, 128)].p50_ms / ort_128,
+            }
+        )
     summary = {
         "bundle": str(bundle_dir),
         "choice": str(model.choice),
         "device": report.device["description"],
         "held_out": len(test),
         "accuracy": accuracies,
-        "latency_ms": {f"{e}/seq{s}": {"p50": r.p50_ms, "p90": r.p90_ms} for (e, s), r in by.items()},
+        "latency_ms": {
+            f"{e}/seq{s}": {"p50": r.p50_ms, "p90": r.p90_ms} for (e, s), r in by.items()
+        },
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
     write_json_atomic(work_dir / "demo-results.json", summary, indent=2)
-    logger.info("results: %s, %s (%.0f s)", work_dir / "demo-results.json", work_dir / "demo-bench.json",
-                summary["seconds"])
+    logger.info(
+        "results: %s, %s (%.0f s)",
+        work_dir / "demo-results.json",
+        work_dir / "demo-bench.json",
+        summary["seconds"],
+    )
     return summary

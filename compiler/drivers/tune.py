@@ -1,4 +1,4 @@
-"""The tune driver: export + import a model, tune its kernels into the cache, optionally export records.
+"""The tune driver: export + import a model, tune its kernels into the cache, export records.
 
 The CLI parses arguments into `TuneOptions` and calls `tune_model`; a script can do the same.
 """
@@ -54,8 +54,10 @@ class TuneOptions:
 
     def display(self, profile: Profile, device: Any = None) -> None:
         """Say what will happen, before it happens."""
-        budget = " and ".join(([f"{self.trials} trials"] if self.trials else [])
-                              + ([f"{self.minutes:g} min"] if self.minutes else []))
+        budget = " and ".join(
+            ([f"{self.trials} trials"] if self.trials else [])
+            + ([f"{self.minutes:g} min"] if self.minutes else [])
+        )
         key = self.rpc.key if self.rpc and device is not None else None
         logger.info("tvmdeploy tune %s for %s: budget %s", self.model, profile.name, budget)
         logger.info("  measure : %s", device.description if device is not None else "this machine")
@@ -76,15 +78,31 @@ def tune_model(options: TuneOptions) -> TuneResult:
     try:
         work_dir = Path(work)
         logger.info("export + import …")
-        exported = export.export_model(options.model, work_dir / "onnx", task=options.task, opset=options.opset)
-        imported = importer.import_onnx(exported.onnx_path, buckets, exported.config.get("max_position_embeddings"))
-        result = tune(imported.mod, profile, options.trials, work_dir / "tuning", minutes=options.minutes,
-                      progress=options.progress, rpc=tracker, rpc_key=key)
+        exported = export.export_model(
+            options.model, work_dir / "onnx", task=options.task, opset=options.opset
+        )
+        imported = importer.import_onnx(
+            exported.onnx_path, buckets, exported.config.get("max_position_embeddings")
+        )
+        result = tune(
+            imported.mod,
+            profile,
+            options.trials,
+            work_dir / "tuning",
+            minutes=options.minutes,
+            progress=options.progress,
+            rpc=tracker,
+            rpc_key=key,
+        )
         if options.export_dir:
             store = RecordStore(cache_path(profile, cache_key))
             picked = [pick(task, {"cache": store}, {}) for task in result.tasks]
             chosen = [record for _, record in filter(None, picked)]
-            rules = {r.key: store.rule_based_entry(r.key) for r in chosen if store.rule_based_entry(r.key)}
+            rules = {
+                r.key: store.rule_based_entry(r.key)
+                for r in chosen
+                if store.rule_based_entry(r.key)
+            }
             write_database(Path(options.export_dir), chosen, rules, merge=True)
             _append_meta(Path(options.export_dir), options, profile, result, len(chosen))
             logger.info("exported %d record(s) to %s", len(chosen), options.export_dir)
@@ -94,7 +112,9 @@ def tune_model(options: TuneOptions) -> TuneResult:
     return result
 
 
-def _append_meta(dest: Path, options: TuneOptions, profile: Profile, result: TuneResult, exported: int) -> None:
+def _append_meta(
+    dest: Path, options: TuneOptions, profile: Profile, result: TuneResult, exported: int
+) -> None:
     """`meta.json` beside exported records: which run produced them, on what, in how long."""
     path = dest / "meta.json"
     try:
@@ -106,13 +126,21 @@ def _append_meta(dest: Path, options: TuneOptions, profile: Profile, result: Tun
         cpu, cores = measured_on.get("description"), measured_on.get("cores")
     else:
         cpu, cores = probe().cpu_model, num_cores()
-    meta["runs"].append({
-        "model": Path(options.model).name, "buckets": options.buckets, "records": exported,
-        "trials": result.summary.get("trials"), "new_trials": result.summary.get("new_trials"),
-        "minutes": round(result.summary.get("seconds", 0) / 60, 1), "cpu": cpu, "cores": cores,
-        "measured_on": measured_on.get("where", "local"),
-        "tvm": tvm.__version__, "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    })
+    meta["runs"].append(
+        {
+            "model": Path(options.model).name,
+            "buckets": options.buckets,
+            "records": exported,
+            "trials": result.summary.get("trials"),
+            "new_trials": result.summary.get("new_trials"),
+            "minutes": round(result.summary.get("seconds", 0) / 60, 1),
+            "cpu": cpu,
+            "cores": cores,
+            "measured_on": measured_on.get("where", "local"),
+            "tvm": tvm.__version__,
+            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+    )
     meta["trials"] = sum(run.get("trials") or 0 for run in meta["runs"])
     meta["minutes"] = round(sum(run.get("minutes") or 0 for run in meta["runs"]), 1)
     write_json_atomic(path, meta, sort_keys=True)

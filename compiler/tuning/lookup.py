@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TuneResult:
-    """What the compile driver needs: the database to build with, the manifest summary, files to ship."""
+    """What the compile driver needs: the database to build with, the summary, files to ship."""
 
     database: Any  # ms.Database with one record per applied workload, or None
     summary: dict[str, Any]
@@ -35,8 +35,9 @@ class TuneResult:
     profile: str | None = None
 
 
-def pick(task: Task, stores: dict[str, RecordStore], fresh_keys: dict[str, int],
-          only_faster: bool = True) -> tuple[str, StoredRecord] | None:
+def pick(
+    task: Task, stores: dict[str, RecordStore], fresh_keys: dict[str, int], only_faster: bool = True
+) -> tuple[str, StoredRecord] | None:
     """The best record for a task across sources that beats that source's rule-based time."""
     options = []
     for source, store in stores.items():
@@ -49,7 +50,7 @@ def pick(task: Task, stores: dict[str, RecordStore], fresh_keys: dict[str, int],
         label = source
         if source == "cache" and task.key in fresh_keys:
             records = store.records(task.key)
-            if best[0] in records[fresh_keys[task.key]:]:
+            if best[0] in records[fresh_keys[task.key] :]:
                 label = "fresh"
         options.append((best[0].secs, label, best[0]))
     if not options:
@@ -58,9 +59,16 @@ def pick(task: Task, stores: dict[str, RecordStore], fresh_keys: dict[str, int],
     return label, record
 
 
-def lookup(mod, profile: Profile, work_dir: str | Path, tasks: list[Task] | None = None,
-           fresh_store: RecordStore | None = None, quiet: bool = False,
-           only_faster: bool = True, rpc_key: str | None = None) -> TuneResult | None:
+def lookup(
+    mod,
+    profile: Profile,
+    work_dir: str | Path,
+    tasks: list[Task] | None = None,
+    fresh_store: RecordStore | None = None,
+    quiet: bool = False,
+    only_faster: bool = True,
+    rpc_key: str | None = None,
+) -> TuneResult | None:
     """Records for `mod`'s kernels from the shipped set and the cache, with no measuring.
 
     Returns None for profiles tuning does not cover (CUDA) or when no kernel has a record that
@@ -76,11 +84,17 @@ def lookup(mod, profile: Profile, work_dir: str | Path, tasks: list[Task] | None
     cache = cache_path(profile, rpc_key)
     stores = {"shipped": RecordStore(shipped_path(profile)), "cache": RecordStore(cache)}
     for_whom = f"{profile.name} (RPC key {rpc_key!r})" if rpc_key else profile.name
-    how = f"`tvmdeploy tune MODEL -t {profile.name} --trials N" + (" --rpc HOST:PORT --rpc-key KEY" if rpc_key else "")
+    how = f"`tvmdeploy tune MODEL -t {profile.name} --trials N" + (
+        " --rpc HOST:PORT --rpc-key KEY" if rpc_key else ""
+    )
     how += "` tunes into the cache"
     if tasks is None and not any(store.workload_keys() for store in stores.values()):
         if not quiet:
-            logger.info("  tuning records for %s: none yet; rule-based default schedules (%s)", for_whom, how)
+            logger.info(
+                "  tuning records for %s: none yet; rule-based default schedules (%s)",
+                for_whom,
+                how,
+            )
         return None
     target = tvm_target(profile, num_cores=num_cores())
     if tasks is None:
@@ -105,8 +119,12 @@ def lookup(mod, profile: Profile, work_dir: str | Path, tasks: list[Task] | None
             workload = database.commit_workload(task.mod)
             record = ms.database.TuningRecord.from_json(stored.record_json, workload)
         except Exception as err:  # noqa: BLE001 - e.g. a record from another TVM version
-            logger.warning("%s: cannot replay its %s record (%s); using the rule-based schedule",
-                           task.name, label, str(err).splitlines()[0])
+            logger.warning(
+                "%s: cannot replay its %s record (%s); using the rule-based schedule",
+                task.name,
+                label,
+                str(err).splitlines()[0],
+            )
             continue
         database.commit_tuning_record(record)
         chosen.append(stored)
@@ -120,8 +138,12 @@ def lookup(mod, profile: Profile, work_dir: str | Path, tasks: list[Task] | None
     trials = sum(stores["cache"].count(t.key) for t in tasks)
     if not chosen:
         if not quiet:
-            logger.info("  tuning records for %s: none for these kernels; rule-based default schedules (%s)",
-                        for_whom, how)
+            logger.info(
+                "  tuning records for %s: none for these kernels; "
+                "rule-based default schedules (%s)",
+                for_whom,
+                how,
+            )
         if fresh_store is None:
             return None
     files = write_database(Path(work_dir), chosen, rule_based) if chosen else []
@@ -131,8 +153,11 @@ def lookup(mod, profile: Profile, work_dir: str | Path, tasks: list[Task] | None
         "seconds": 0.0,
         "source": "+".join(s for s in ("shipped", "cache", "fresh") if sources.get(s)) or "none",
         "records": sources,
-        "kernels": {"applied": len(chosen), "total": len(tasks),
-                    "matmul": sum(t.kind == "matmul" for t in tasks)},
+        "kernels": {
+            "applied": len(chosen),
+            "total": len(tasks),
+            "matmul": sum(t.kind == "matmul" for t in tasks),
+        },
         "kernel_speedup_vs_rule_based": _geomean(speedups),
     }
     if rpc_key:  # the cache's records were timed on that device (tune() says more when it measures)
@@ -152,8 +177,11 @@ def _geomean(values: list[float]) -> float | None:
 def describe(summary: dict[str, Any]) -> str:
     """One line: how many kernels got records, from where."""
     kernels = summary.get("kernels", {})
-    parts = [f"{n} from the {'shipped set' if s == 'shipped' else 'cache' if s == 'cache' else 'fresh run'}"
-             for s, n in summary.get("records", {}).items()]
+    parts = [
+        f"{n} from the "
+        f"{'shipped set' if s == 'shipped' else 'cache' if s == 'cache' else 'fresh run'}"
+        for s, n in summary.get("records", {}).items()
+    ]
     speed = summary.get("kernel_speedup_vs_rule_based")
     text = f"{kernels.get('applied', 0)} of {kernels.get('total', 0)} kernels use tuned schedules"
     if parts:

@@ -72,8 +72,14 @@ class RichTuneProgress:
         )
 
         self.profile = profile
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
         self._ids: dict[str, Any] = {}
 
     def __enter__(self) -> Self:
@@ -89,13 +95,21 @@ class RichTuneProgress:
             self._ids[status.phase] = self.bar.add_task(label, total=status.total, info="")
         estimate = ""
         if status.estimate_ms is not None and status.rule_based_ms:
-            estimate = f" · est. {status.estimate_ms:.2f} ms (rule-based {status.rule_based_ms:.2f} ms)"
-        self.bar.update(self._ids[status.phase], completed=status.done, total=status.total,
-                        info=f"{status.task}{estimate}")
+            estimate = (
+                f" · est. {status.estimate_ms:.2f} ms (rule-based {status.rule_based_ms:.2f} ms)"
+            )
+        self.bar.update(
+            self._ids[status.phase],
+            completed=status.done,
+            total=status.total,
+            info=f"{status.task}{estimate}",
+        )
 
 
-def progress_callback(progress: bool | Callable[[TuneStatus], None], profile: str) -> Callable[[TuneStatus], None]:
-    """The callback for `tune(progress=...)`: True → logging lines, False → silence, or the callable."""
+def progress_callback(
+    progress: bool | Callable[[TuneStatus], None], profile: str
+) -> Callable[[TuneStatus], None]:
+    """The callback for `tune(progress=...)`: True → log lines, False → silence, or the callable."""
     if callable(progress):
         return progress
     return LoggingProgress(profile) if progress else silent
@@ -111,7 +125,9 @@ def task_table(tasks: Sequence[Task], title: str) -> Any:
     for task in sorted(tasks, key=lambda t: -t.coefficient * t.current_secs):
         best = task.current_secs if (task.best_secs or task.rule_based_secs) else None
         table.add_row(
-            task.name, str(task.weight), f"{task.trials} (+{task.new_trials})",
+            task.name,
+            str(task.weight),
+            f"{task.trials} (+{task.new_trials})",
             f"{best * 1e6:.1f}" if best else "-",
             f"{task.flop / best / 1e9:.1f}" if best else "-",
             f"{task.rule_based_secs * 1e6:.1f}" if task.rule_based_secs else "-",

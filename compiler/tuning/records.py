@@ -205,7 +205,9 @@ class RecordStore:
         assert self._lock_fd is not None, "append() needs lock()"
         index = self._workload_line(key, workload_json)
         self._append(self.path / RECORD_FILE, json.dumps([index, record_json]))
-        run_secs = record_json[1] if isinstance(record_json, list) and len(record_json) > 1 else None
+        run_secs = (
+            record_json[1] if isinstance(record_json, list) and len(record_json) > 1 else None
+        )
         stored = StoredRecord(key, _mean(run_secs), record_json, workload_json)
         self._records.setdefault(key, []).append(stored)
         return stored
@@ -235,8 +237,9 @@ def compact_workload(workload_json: Any) -> Any:
         return workload_json
 
 
-def write_database(dest: Path, chosen: list[StoredRecord], rule_based: dict[str, Any],
-                   merge: bool = False) -> list[Path]:
+def write_database(
+    dest: Path, chosen: list[StoredRecord], rule_based: dict[str, Any], merge: bool = False
+) -> list[Path]:
     """Write `chosen` (one record per workload) as a MetaSchedule JSON database in `dest`.
 
     With `merge`, records already in `dest` for other workloads are kept (how the shipped set

@@ -8,6 +8,9 @@ Why this drives MetaSchedule's pieces itself instead of calling `ms.tune_tasks`:
 - The rule-based schedule of each tuned kernel is measured first, and the next batch goes to the
   kernel with the largest share of its buckets' measured time. A record is applied only where it
   beats the rule-based schedule, so tuning never makes a kernel slower than the default.
+
+Why this module is long (~500 lines): the loop and the per-run state it drives (signals, the
+search strategy, the clock) are one piece; the other concerns live in the package's other modules.
 """
 
 from __future__ import annotations
@@ -76,22 +79,30 @@ def check_tunable(profile: Profile, rpc: str | None = None, rpc_key: str | None 
     missing = missing_requirements(profile.requires, probe())
     if missing:
         raise TuningError(
-            f"{profile.name}: this machine cannot run the code it would measure ({'; '.join(missing)}). "
-            "Tune on a machine of that class (the records land in its cache) or compile without --tune."
+            f"{profile.name}: this machine cannot run the code it would measure "
+            f"({'; '.join(missing)}). "
+            "Tune on a machine of that class (the records land in its cache) or compile without "
+            "--tune."
         )
 
 
 def _check_remote(profile: Profile, rpc: str | None, rpc_key: str | None, local_arch: str):
     if not rpc or not rpc_key:
-        raise TuningError("tuning on a remote device needs both --rpc HOST:PORT (the TVM RPC tracker) and "
-                          "--rpc-key KEY (the key the device's rpc_server registered under)")
+        raise TuningError(
+            "tuning on a remote device needs both --rpc HOST:PORT (the TVM RPC tracker) and "
+            "--rpc-key KEY (the key the device's rpc_server registered under)"
+        )
     arch = profile.requires.get("arch")
     if arch and arch != local_arch and not profile.cross_cc:
-        raise TuningError(f"{profile.name}: its code is for {arch} and the profile names no cross_cc to link "
-                          f"it on this {local_arch} machine; tune it from a {arch} machine")
+        raise TuningError(
+            f"{profile.name}: its code is for {arch} and the profile names no cross_cc to link "
+            f"it on this {local_arch} machine; tune it from a {arch} machine"
+        )
     if profile.cross_cc and shutil.which(profile.cross_cc.split()[0]) is None:
-        raise TuningError(f"{profile.name}: the cross compiler {profile.cross_cc!r} that links its kernels is "
-                          "not on PATH; install it (e.g. Debian's gcc-aarch64-linux-gnu)")
+        raise TuningError(
+            f"{profile.name}: the cross compiler {profile.cross_cc!r} that links its kernels is "
+            "not on PATH; install it (e.g. Debian's gcc-aarch64-linux-gnu)"
+        )
     with remote.connect(rpc, rpc_key, session_timeout=120) as session:
         device = session.device
     if arch and device.arch != arch:
@@ -106,10 +117,21 @@ def _check_remote(profile: Profile, rpc: str | None, rpc_key: str | None, local_
 def _measured_on(device) -> dict[str, Any]:
     """Where a run's trials were timed: this machine, or the remote device (for summaries)."""
     if device is not None:
-        return {"where": "rpc", "tracker": device.tracker, "key": device.key, "arch": device.arch,
-                "cores": device.cores, "description": device.description}
+        return {
+            "where": "rpc",
+            "tracker": device.tracker,
+            "key": device.key,
+            "arch": device.arch,
+            "cores": device.cores,
+            "description": device.description,
+        }
     local = probe()
-    return {"where": "local", "arch": local.arch, "cores": local.cores, "description": local.description}
+    return {
+        "where": "local",
+        "arch": local.arch,
+        "cores": local.cores,
+        "description": local.description,
+    }
 
 
 class _Signals:
@@ -156,9 +178,15 @@ def _rule_based_mod(task: Task, target):
         return default_schedule_pass(target)(tvm.IRModule({"main": task.mod["main"]}))
 
 
-def measure_rule_based(tasks: list[Task], store: RecordStore, workers: Workers, target,
-                       settings: TuneSettings, display: Callable[[TuneStatus], None] | None = None,
-                       again: bool = False) -> int:
+def measure_rule_based(
+    tasks: list[Task],
+    store: RecordStore,
+    workers: Workers,
+    target,
+    settings: TuneSettings,
+    display: Callable[[TuneStatus], None] | None = None,
+    again: bool = False,
+) -> int:
     """Time the rule-based schedule of every task the store has no time for (kept in the
     store's rule_based.json, so each workload is measured once per cache).
 
@@ -212,10 +240,16 @@ class _Search:
         """Create the task's TuneContext, seeded with the best records the cache has."""
         ms = self.ms
         context = ms.TuneContext(
-            mod=task.mod, target=self.target, space_generator="post-order-apply",
-            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=self.settings.population),
-            task_name=task.name, rand_state=self.settings.seed + int(task.key) % 10007,
-            num_threads=self.num_cores, logger=self.logger,
+            mod=task.mod,
+            target=self.target,
+            space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=self.settings.population
+            ),
+            task_name=task.name,
+            rand_state=self.settings.seed + int(task.key) % 10007,
+            num_threads=self.num_cores,
+            logger=self.logger,
         )
         workload = self.database.commit_workload(task.mod)
         seeds, results = [], []
@@ -226,12 +260,18 @@ class _Search:
                 candidate = record.as_measure_candidate()
                 task.measured.add(_schedule_hash(candidate.sch.mod))
                 seeds.append(candidate)
-                results.append(ms.runner.RunnerResult([float(s) for s in stored.record_json[1]], None))
+                results.append(
+                    ms.runner.RunnerResult([float(s) for s in stored.record_json[1]], None)
+                )
         if seeds:  # warm the cost model with what earlier runs measured
             self.cost_model.update(context, seeds, results)
-        context.pre_tuning(max_trials=1 << 30, num_trials_per_iter=self.settings.batch,
-                           design_spaces=context.generate_design_space(), database=self.database,
-                           cost_model=self.cost_model)
+        context.pre_tuning(
+            max_trials=1 << 30,
+            num_trials_per_iter=self.settings.batch,
+            design_spaces=context.generate_design_space(),
+            database=self.database,
+            cost_model=self.cost_model,
+        )
         task.context = context
 
     def candidates(self, task: Task) -> list | None:
@@ -240,8 +280,9 @@ class _Search:
     def record(self, task: Task, candidate, run_secs: list[float]):
         ms = self.ms
         workload = self.database.commit_workload(task.mod)
-        record = ms.database.TuningRecord(candidate.sch.trace, workload, run_secs, self.target,
-                                          candidate.args_info)
+        record = ms.database.TuningRecord(
+            candidate.sch.trace, workload, run_secs, self.target, candidate.args_info
+        )
         self.database.commit_tuning_record(record)
         return record
 
@@ -273,10 +314,18 @@ class _Clock:
         return {k: round(v, 1) for k, v in self.seconds.items()}
 
 
-def tune(mod, profile: Profile, trials: int | None, work_dir: str | Path, minutes: float | None = None,
-         progress: bool | Callable[[TuneStatus], None] = True, settings: TuneSettings | None = None,
-         task_filter: Callable[[Task], bool] | None = None, rpc: str | None = None,
-         rpc_key: str | None = None) -> TuneResult:
+def tune(
+    mod,
+    profile: Profile,
+    trials: int | None,
+    work_dir: str | Path,
+    minutes: float | None = None,
+    progress: bool | Callable[[TuneStatus], None] = True,
+    settings: TuneSettings | None = None,
+    task_filter: Callable[[Task], bool] | None = None,
+    rpc: str | None = None,
+    rpc_key: str | None = None,
+) -> TuneResult:
     """Tune `mod`'s matmul-class kernels for `profile` into the per-profile cache, then return
     the records to build with (shipped, cached and fresh, the best per workload).
 
@@ -284,7 +333,8 @@ def tune(mod, profile: Profile, trials: int | None, work_dir: str | Path, minute
     rerun after an interruption continues and a rerun after completion measures nothing.
     `minutes` caps this run's wall time (either limit may be None, not both). `progress` is True
     for progress lines through `logging`, False for silence, or a callable that gets a TuneStatus
-    (the CLI passes a progress bar: tuning/progress.py). Raises TuningInterrupted on SIGINT/SIGTERM once the workers are gone; every
+    (the CLI passes a progress bar: tuning/progress.py). Raises TuningInterrupted on SIGINT/SIGTERM
+    once the workers are gone; every
     record measured until then is in the cache.
 
     With `rpc` (a TVM RPC tracker, HOST:PORT) and `rpc_key`, every candidate is timed on the
@@ -303,8 +353,9 @@ def tune(mod, profile: Profile, trials: int | None, work_dir: str | Path, minute
     # What the schedules assume (parallel loops): the cores of the device that runs the code.
     target = tvm_target(profile, num_cores=(device.cores if device and device.cores else cores))
     cache_key = rpc_key if device is not None else None
-    rpc_measure = (RpcMeasure(device.tracker, device.key, profile.cross_cc)
-                   if device is not None else None)
+    rpc_measure = (
+        RpcMeasure(device.tracker, device.key, profile.cross_cc) if device is not None else None
+    )
     with clock("extract"):
         tasks = extract_tasks(mod, target)
     tuned = select_tasks(tasks, settings.min_share)
@@ -330,10 +381,14 @@ def tune(mod, profile: Profile, trials: int | None, work_dir: str | Path, minute
 
         workers = None
         try:
-            workers = Workers(max(1, cores), settings.build_timeout, settings.run_timeout, rpc_measure)
+            workers = Workers(
+                max(1, cores), settings.build_timeout, settings.run_timeout, rpc_measure
+            )
             if tuned and remaining != 0:
                 with clock("rule-based"):
-                    measured_rule_based = measure_rule_based(tuned, store, workers, target, settings, display)
+                    measured_rule_based = measure_rule_based(
+                        tuned, store, workers, target, settings, display
+                    )
             for task in tuned:
                 task.rule_based_secs = store.rule_based_secs(task.key)
             set_coefficients(tuned)
@@ -389,16 +444,26 @@ def tune(mod, profile: Profile, trials: int | None, work_dir: str | Path, minute
                     if run_secs and (task.best_secs is None or run_secs[0] < task.best_secs):
                         task.best_secs = run_secs[0]
                     measured.append(candidate)
-                    results.append(search.ms.runner.RunnerResult(run_secs, None if run_secs else error))
+                    results.append(
+                        search.ms.runner.RunnerResult(run_secs, None if run_secs else error)
+                    )
                     show(task.name)
                 with clock("cost model"):
                     search.notify(task, measured, results)
                 task.stale = 0 if task.current_secs < before * 0.99 else task.stale + 1
-            winners = [t for t in tuned if t.new_trials and t.best_secs is not None
-                       and t.rule_based_secs is not None and t.best_secs < t.rule_based_secs]
+            winners = [
+                t
+                for t in tuned
+                if t.new_trials
+                and t.best_secs is not None
+                and t.rule_based_secs is not None
+                and t.best_secs < t.rule_based_secs
+            ]
             if winners:  # a tuned record replaces a rule-based schedule only on a fair comparison
                 with clock("rule-based"):
-                    measure_rule_based(winners, store, workers, target, settings, display, again=True)
+                    measure_rule_based(
+                        winners, store, workers, target, settings, display, again=True
+                    )
         except KeyboardInterrupt:
             interrupted = signals.received or signal.SIGINT
         except BaseException:
@@ -412,19 +477,30 @@ def tune(mod, profile: Profile, trials: int | None, work_dir: str | Path, minute
     if interrupted is not None:
         raise TuningInterrupted(interrupted, new_total, store.path)
     seconds = time.perf_counter() - started
-    result = lookup(mod, profile, work_dir, tasks=tasks, fresh_store=store, quiet=True, rpc_key=cache_key)
+    result = lookup(
+        mod, profile, work_dir, tasks=tasks, fresh_store=store, quiet=True, rpc_key=cache_key
+    )
     assert result is not None
-    result.summary.update({
-        "new_trials": new_total,
-        "seconds": round(seconds, 1),
-        "budget": {"trials": trials, "minutes": minutes},
-        "tuned_kernels": len(tuned),
-        "rule_based_measured": measured_rule_based,
-        "phase_seconds": clock.rounded(),
-        "measured_on": _measured_on(device),
-    })
+    result.summary.update(
+        {
+            "new_trials": new_total,
+            "seconds": round(seconds, 1),
+            "budget": {"trials": trials, "minutes": minutes},
+            "tuned_kernels": len(tuned),
+            "rule_based_measured": measured_rule_based,
+            "phase_seconds": clock.rounded(),
+            "measured_on": _measured_on(device),
+        }
+    )
     if progress is not False:
         where = f" on RPC key {device.key!r} ({device.arch})" if device is not None else ""
-        logger.info("tuning %s%s: %d new trial(s) in %.0f s (%d were already in the cache); %s",
-                    profile.name, where, new_total, seconds, done_before, describe(result.summary))
+        logger.info(
+            "tuning %s%s: %d new trial(s) in %.0f s (%d were already in the cache); %s",
+            profile.name,
+            where,
+            new_total,
+            seconds,
+            done_before,
+            describe(result.summary),
+        )
     return result

@@ -92,10 +92,20 @@ def extract_tasks(mod, target) -> list[Task]:
                     for block in _blocks(prim)
                     for iv in block.iter_vars
                 )
-                kind = "matmul" if is_matmul_like(prim) else "reduction" if has_reduction else "injective"
+                kind = (
+                    "matmul"
+                    if is_matmul_like(prim)
+                    else "reduction"
+                    if has_reduction
+                    else "injective"
+                )
                 tasks[key] = Task(
-                    name=extracted.task_name, mod=task_mod, key=key,
-                    flop=float(estimate_tir_flops(task_mod)), kind=kind, calls={},
+                    name=extracted.task_name,
+                    mod=task_mod,
+                    key=key,
+                    flop=float(estimate_tir_flops(task_mod)),
+                    kind=kind,
+                    calls={},
                 )
             calls = tasks[key].calls
             calls[gv.name_hint] = calls.get(gv.name_hint, 0) + int(extracted.weight)
@@ -119,7 +129,9 @@ def select_tasks(tasks: list[Task], min_share: float = 0.01) -> list[Task]:
         for bucket, n in task.calls.items():
             bucket_flop[bucket] = bucket_flop.get(bucket, 0.0) + n * task.flop
     for task in tasks:
-        shares = [n * task.flop / bucket_flop[b] for b, n in task.calls.items() if bucket_flop[b] > 0]
+        shares = [
+            n * task.flop / bucket_flop[b] for b, n in task.calls.items() if bucket_flop[b] > 0
+        ]
         task.tuned = task.kind == "matmul" and bool(shares) and max(shares) >= min_share
     return [t for t in tasks if t.tuned]
 
@@ -132,7 +144,9 @@ def set_coefficients(tasks: list[Task]) -> None:
         for bucket, n in task.calls.items():
             bucket_secs[bucket] = bucket_secs.get(bucket, 0.0) + n * task.current_secs
     for task in tasks:
-        task.coefficient = sum(n / bucket_secs[b] for b, n in task.calls.items() if bucket_secs[b] > 0)
+        task.coefficient = sum(
+            n / bucket_secs[b] for b, n in task.calls.items() if bucket_secs[b] > 0
+        )
 
 
 def import_tensor_intrinsics(family: str = "x86") -> None:

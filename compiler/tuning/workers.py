@@ -64,7 +64,9 @@ def _worker_init() -> None:
     import tvm.s_tir.meta_schedule  # noqa: F401 - pay the import once, at start
 
 
-def _build_candidate(mod, target, scratch: str, shared: bool = False, cross_cc: str | None = None) -> str:
+def _build_candidate(
+    mod, target, scratch: str, shared: bool = False, cross_cc: str | None = None
+) -> str:
     """Build one scheduled kernel to an artifact under `scratch` (runs in a build worker).
 
     A .tar of object files for the local runner (it links them itself), or with `shared` a linked
@@ -102,7 +104,9 @@ def cold_evaluator_config(repeat: int):
     """
     from tvm.s_tir.meta_schedule.runner.config import EvaluatorConfig
 
-    return EvaluatorConfig(number=1, repeat=max(10, 5 * repeat), min_repeat_ms=0, enable_cpu_cache_flush=True)
+    return EvaluatorConfig(
+        number=1, repeat=max(10, 5 * repeat), min_repeat_ms=0, enable_cpu_cache_flush=True
+    )
 
 
 def _measure_candidate(artifact: str, args_info: list, repeat: int) -> list[float]:
@@ -110,7 +114,9 @@ def _measure_candidate(artifact: str, args_info: list, repeat: int) -> list[floa
     `cold_evaluator_config`."""
     from tvm.s_tir.meta_schedule.runner.local_runner import _worker_func
 
-    costs = _worker_func(None, None, None, cold_evaluator_config(repeat), 1, artifact, "cpu", args_info)
+    costs = _worker_func(
+        None, None, None, cold_evaluator_config(repeat), 1, artifact, "cpu", args_info
+    )
     return [min(costs)]
 
 
@@ -131,20 +137,33 @@ class Workers:
     the remote device (`measure_rpc`) instead of here.
     """
 
-    def __init__(self, build_workers: int, build_timeout: float, run_timeout: float,
-                 rpc: RpcMeasure | None = None):
+    def __init__(
+        self,
+        build_workers: int,
+        build_timeout: float,
+        run_timeout: float,
+        rpc: RpcMeasure | None = None,
+    ):
         from tvm.support.popen_pool import PopenPoolExecutor
 
         self.build_timeout, self.run_timeout, self.rpc = build_timeout, run_timeout, rpc
         # Every artifact lives under one directory per run, removed on close (interrupted runs
         # leave built-but-unmeasured candidates behind otherwise).
         self.scratch = scratch_dir("tvmdeploy-scratch")
-        self.builders = PopenPoolExecutor(max_workers=build_workers, timeout=build_timeout,
-                                          initializer=_worker_init, maximum_process_uses=256)
+        self.builders = PopenPoolExecutor(
+            max_workers=build_workers,
+            timeout=build_timeout,
+            initializer=_worker_init,
+            maximum_process_uses=256,
+        )
         # Over RPC a measurement may first wait (bounded) for a free server of the key.
         runner_timeout = run_timeout + (rpc.request_timeout + 10 if rpc else 0)
-        self.runner = PopenPoolExecutor(max_workers=1, timeout=runner_timeout, initializer=_worker_init,
-                                        maximum_process_uses=2048)
+        self.runner = PopenPoolExecutor(
+            max_workers=1,
+            timeout=runner_timeout,
+            initializer=_worker_init,
+            maximum_process_uses=2048,
+        )
 
     def build(self, mods: list, target) -> list[tuple[str | None, str | None]]:
         """(artifact, None) or (None, error) per module, built in parallel."""
@@ -155,7 +174,8 @@ class Workers:
         shared = self.rpc is not None
         cross_cc = self.rpc.cross_cc if self.rpc else None
         for result in self.builders.map_with_error_catching(
-                lambda m: _build_candidate(m, target, scratch, shared, cross_cc), mods):
+            lambda m: _build_candidate(m, target, scratch, shared, cross_cc), mods
+        ):
             if result.status == StatusKind.COMPLETE:
                 results.append((result.value, None))
             elif result.status == StatusKind.TIMEOUT:
@@ -164,7 +184,9 @@ class Workers:
                 results.append((None, f"build failed: {_last_line(result.value)}"))
         return results
 
-    def measure(self, artifact: str, args_info: list, repeat: int) -> tuple[list[float] | None, str | None]:
+    def measure(
+        self, artifact: str, args_info: list, repeat: int
+    ) -> tuple[list[float] | None, str | None]:
         """([seconds], None) or (None, error) for one built kernel; the artifact is removed.
 
         Over RPC, a device that cannot be reached (tracker gone, key no longer registered, its
@@ -175,16 +197,24 @@ class Workers:
             if self.rpc is None:
                 future = self.runner.submit(_measure_candidate, artifact, args_info, repeat)
             else:
-                future = self.runner.submit(measure_rpc, artifact, args_info, repeat,
-                                            self.rpc.tracker, self.rpc.key, max(self.run_timeout, 10.0),
-                                            self.rpc.request_timeout)
+                future = self.runner.submit(
+                    measure_rpc,
+                    artifact,
+                    args_info,
+                    repeat,
+                    self.rpc.tracker,
+                    self.rpc.key,
+                    max(self.run_timeout, 10.0),
+                    self.rpc.request_timeout,
+                )
             return future.result(), None
         except TimeoutError:
             return None, f"run timed out after {self.run_timeout:.0f} s"
         except RemoteError as err:  # from the worker, its message is the worker's traceback
             why = _last_line(err).removeprefix(f"{RemoteError.__module__}.{RemoteError.__name__}: ")
             raise TuningError(
-                f"measuring on the remote device stopped: {why.rstrip('.')}. Every record measured until "
+                f"measuring on the remote device stopped: {why.rstrip('.')}. Every record measured "
+                f"until "
                 "now is saved; run the same command again to continue once the device is back"
             ) from None
         except Exception as err:  # noqa: BLE001 - a candidate that crashes is a failed trial
@@ -248,8 +278,13 @@ def rpc_config(address: str, key: str, session_timeout: float = 60.0):
     from tvm.s_tir.meta_schedule.runner import RPCConfig
 
     host, port = parse_address(address)
-    return RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
-                     session_priority=1, session_timeout_sec=int(session_timeout))
+    return RPCConfig(
+        tracker_host=host,
+        tracker_port=port,
+        tracker_key=key,
+        session_priority=1,
+        session_timeout_sec=int(session_timeout),
+    )
 
 
 def fill_random(tensor: Any) -> None:
@@ -266,15 +301,24 @@ def fill_random(tensor: Any) -> None:
     tensor.copyfrom(data)
 
 
-def alloc_arguments(session: Any, device: Any, args_info: list, alloc_repeat: int) -> list[list[Any]]:
+def alloc_arguments(
+    session: Any, device: Any, args_info: list, alloc_repeat: int
+) -> list[list[Any]]:
     """MetaSchedule's `f_alloc_argument`, filling tensors from numpy (see the module docstring)."""
     from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
 
     return alloc_argument_common(fill_random, device, args_info, alloc_repeat)
 
 
-def measure_rpc(artifact: str, args_info: list, repeat: int, address: str, key: str,
-                session_timeout: float = 60.0, request_timeout: float = 60.0) -> list[float]:
+def measure_rpc(
+    artifact: str,
+    args_info: list,
+    repeat: int,
+    address: str,
+    key: str,
+    session_timeout: float = 60.0,
+    request_timeout: float = 60.0,
+) -> list[float]:
     """Time one built kernel (`.so`) on the remote device; like `_measure_candidate`.
 
     Returns the best cold timing (seconds; see `cold_evaluator_config`), measured by
@@ -287,12 +331,23 @@ def measure_rpc(artifact: str, args_info: list, repeat: int, address: str, key: 
     """
     from tvm.s_tir.meta_schedule.runner.rpc_runner import _worker_func
 
-    session = remote.connect(address, key, session_timeout=session_timeout, request_timeout=request_timeout)
+    session = remote.connect(
+        address, key, session_timeout=session_timeout, request_timeout=request_timeout
+    )
     try:
-        costs = _worker_func(lambda _config: session.rpc, None, alloc_arguments, None, None,
-                             rpc_config(address, key, session_timeout),
-                             cold_evaluator_config(repeat), 1, artifact,
-                             "cpu", args_info)
+        costs = _worker_func(
+            lambda _config: session.rpc,
+            None,
+            alloc_arguments,
+            None,
+            None,
+            rpc_config(address, key, session_timeout),
+            cold_evaluator_config(repeat),
+            1,
+            artifact,
+            "cpu",
+            args_info,
+        )
     finally:
         session.close()  # the server is free for the next candidate as soon as this returns
     return [min(costs)]

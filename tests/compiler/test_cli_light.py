@@ -45,24 +45,49 @@ def run_command(tmp_path, *args) -> tuple[subprocess.CompletedProcess, dict]:
     dump.unlink(missing_ok=True)
     # A user's shell: none of the variables this test session (which imported the compiler) set.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TVM_", "TVMDEPLOY_"))}
-    env.update(PYTHONPATH=str(hook), TVMDEPLOY_TEST_DUMP=str(dump),
-               TVMDEPLOY_CACHE_DIR=str(tmp_path / "cache"))
-    result = subprocess.run([str(console_script()), *args], capture_output=True, text=True, env=env,
-                            timeout=300, check=False)
+    env.update(
+        PYTHONPATH=str(hook),
+        TVMDEPLOY_TEST_DUMP=str(dump),
+        TVMDEPLOY_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    result = subprocess.run(
+        [str(console_script()), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     return result, json.loads(dump.read_text())
 
 
-@pytest.mark.parametrize("command", [
-    ["targets", "--json"],
-    ["inspect", "{bundle}", "--check"],
-    ["bench", "{bundle}", "--compare", "", "--seq", "16", "--warmup", "1", "--runs", "3"],
-    ["report", "{bench_json}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["targets", "--json"],
+        ["inspect", "{bundle}", "--check"],
+        ["bench", "{bundle}", "--compare", "", "--seq", "16", "--warmup", "1", "--runs", "3"],
+        ["report", "{bench_json}"],
+    ],
+)
 def test_device_commands_load_no_compiler(command, tiny_bundle, tmp_path):
     bench_json = tmp_path / "b.json"
     if "{bench_json}" in command:  # a real bench file to merge, written by the bench command itself
-        made, _ = run_command(tmp_path, "bench", str(tiny_bundle), "--compare", "", "--seq", "16",
-                              "--warmup", "1", "--runs", "3", "--json", str(bench_json))
+        made, _ = run_command(
+            tmp_path,
+            "bench",
+            str(tiny_bundle),
+            "--compare",
+            "",
+            "--seq",
+            "16",
+            "--warmup",
+            "1",
+            "--runs",
+            "3",
+            "--json",
+            str(bench_json),
+        )
         assert made.returncode == 0, made.stderr
     args = [a.format(bundle=tiny_bundle, bench_json=bench_json) for a in command]
     result, loaded = run_command(tmp_path, *args)
@@ -76,6 +101,8 @@ def test_device_commands_load_no_compiler(command, tiny_bundle, tmp_path):
 
 def test_the_checker_sees_a_heavy_command(tmp_path):
     """The same probe does see the compiler where it is loaded: `compile` on a missing model."""
-    result, loaded = run_command(tmp_path, "compile", str(tmp_path / "missing"), "-o", str(tmp_path / "x.tvmd"))
+    result, loaded = run_command(
+        tmp_path, "compile", str(tmp_path / "missing"), "-o", str(tmp_path / "x.tvmd")
+    )
     assert result.returncode == 2 and "no such file" in result.stderr
     assert "tvmdeploy.compiler.drivers.compile" in loaded["modules"]

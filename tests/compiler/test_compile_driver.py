@@ -15,23 +15,31 @@ from tests.conftest import TINY_BUCKETS
 def test_bundle_holds_what_the_options_asked_for(tiny_bundle, tiny_model_dir):
     bundle = Bundle(tiny_bundle)
     bundle.verify()
-    assert {(b.batch, b.seq) for b in bundle.buckets} == {(b.batch, b.seq) for b in parse_buckets(TINY_BUCKETS)}
+    assert {(b.batch, b.seq) for b in bundle.buckets} == {
+        (b.batch, b.seq) for b in parse_buckets(TINY_BUCKETS)
+    }
     (artifact,) = bundle.artifacts
     assert artifact.parity["ok"] is True and artifact.parity["where"] == "native"
     assert bundle.model["source"] == str(tiny_model_dir.resolve())
     assert bundle.manifest["export_parity"]["ok"] is True
 
 
-def test_stages_are_logged_in_order_and_a_parity_failure_writes_nothing(tiny_model_dir, tmp_path, caplog,
-                                                                         monkeypatch):
+def test_stages_are_logged_in_order_and_a_parity_failure_writes_nothing(
+    tiny_model_dir, tmp_path, caplog, monkeypatch
+):
     real_cases = verify.reference_cases
 
     def wrong_reference(*args, **kwargs):  # ONNX Runtime's real outputs, shifted: verify must fail
-        return [(b, a, [e + 1.0 for e in expected]) for b, a, expected in real_cases(*args, **kwargs)]
+        return [
+            (b, a, [e + 1.0 for e in expected]) for b, a, expected in real_cases(*args, **kwargs)
+        ]
 
     monkeypatch.setattr(verify, "reference_cases", wrong_reference)
     out = tmp_path / "bad.tvmd"
-    with caplog.at_level(logging.INFO, logger="tvmdeploy"), pytest.raises(ParityError, match="no bundle written"):
+    with (
+        caplog.at_level(logging.INFO, logger="tvmdeploy"),
+        pytest.raises(ParityError, match="no bundle written"),
+    ):
         compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out), buckets="1x16"))
     assert not out.exists() and list(tmp_path.iterdir()) == []
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
@@ -51,15 +59,22 @@ def test_options_are_checked_before_any_work(tmp_path):
     assert RpcTarget.from_options("127.0.0.1:9190", "k") == RpcTarget("127.0.0.1:9190", "k")
     assert parse_buckets(DEFAULT_BUCKETS)[-1].seq == 256
     with pytest.raises(TvmdeployError, match="unknown target profile"):
-        compile_model(CompileOptions(model=str(tmp_path), output=str(tmp_path / "x.tvmd"), profiles=["nope"]))
+        compile_model(
+            CompileOptions(model=str(tmp_path), output=str(tmp_path / "x.tvmd"), profiles=["nope"])
+        )
     assert not (tmp_path / "x.tvmd").exists()
 
 
 def test_display_says_what_will_happen(caplog):
     from tvmdeploy.targets import get
 
-    options = CompileOptions(model="m", output="o.tvmd", profiles=["x86-64-v3"], tune_trials=5,
-                             rpc=RpcTarget("127.0.0.1:9190", "board"))
+    options = CompileOptions(
+        model="m",
+        output="o.tvmd",
+        profiles=["x86-64-v3"],
+        tune_trials=5,
+        rpc=RpcTarget("127.0.0.1:9190", "board"),
+    )
     with caplog.at_level(logging.INFO, logger="tvmdeploy"):
         options.display([get("x86-64-v3")])
     text = "\n".join(r.getMessage() for r in caplog.records)

@@ -17,7 +17,9 @@ from tvmdeploy.compiler import cuda
 from tvmdeploy.runtime import IncompatibleDeviceError, load, probe
 
 needs_nvcc = pytest.mark.skipif(cuda.find_nvcc() is None, reason="needs nvcc (the CUDA toolkit)")
-GPU_TOLERANCE = 1e-3  # fp32 on the GPU (fast-math, other reduction order) vs ONNX Runtime on the CPU
+GPU_TOLERANCE = (
+    1e-3  # fp32 on the GPU (fast-math, other reduction order) vs ONNX Runtime on the CPU
+)
 
 
 def has_gpu(min_capability: int = 0) -> bool:
@@ -38,8 +40,14 @@ def cuda_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     from tvmdeploy.compiler import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("cuda") / "tiny-cuda.tvmd"
-    return compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out),
-                                        profiles=["host", "cuda-sm80"], buckets="1x16,32"))
+    return compile_model(
+        CompileOptions(
+            model=str(tiny_model_dir),
+            output=str(out),
+            profiles=["host", "cuda-sm80"],
+            buckets="1x16,32",
+        )
+    )
 
 
 def manifest(bundle: Path) -> dict:
@@ -119,9 +127,16 @@ def test_source_form_without_nvcc(tmp_path, monkeypatch):
 
 
 def test_gencode_flags_always_name_the_arch():
-    assert cuda.gencode_flags("sm_80") == ["-gencode", "arch=compute_80,code=sm_80",
-                                           "-gencode", "arch=compute_80,code=compute_80"]
-    assert cuda.gencode_flags("sm_90a") == ["-gencode", "arch=compute_90a,code=sm_90a"]  # no portable PTX
+    assert cuda.gencode_flags("sm_80") == [
+        "-gencode",
+        "arch=compute_80,code=sm_80",
+        "-gencode",
+        "arch=compute_80,code=compute_80",
+    ]
+    assert cuda.gencode_flags("sm_90a") == [
+        "-gencode",
+        "arch=compute_90a,code=sm_90a",
+    ]  # no portable PTX
     with pytest.raises(cuda.CudaBuildError, match="sm_XY"):
         cuda.gencode_flags("ampere")
 
@@ -152,14 +167,17 @@ def test_cuda_artifact_matches_onnxruntime_on_gpu(request):
     cuda_bundle = request.getfixturevalue("cuda_bundle")
     model = load(cuda_bundle, artifact="cuda-sm80")
     assert str(model.engine.device).startswith("cuda")
-    session = onnxruntime.InferenceSession(str(cuda_bundle / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(cuda_bundle / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     rng = np.random.default_rng(0)
     for batch, seq in [(1, 16), (1, 7), (1, 32), (3, 20)]:
-        arrays = {"input_ids": rng.integers(0, 30522, (batch, seq), dtype=np.int64),
-                  "attention_mask": np.ones((batch, seq), np.int64),
-                  "token_type_ids": np.zeros((batch, seq), np.int64)}
-        arrays["attention_mask"][-1, seq // 2:] = 0
+        arrays = {
+            "input_ids": rng.integers(0, 30522, (batch, seq), dtype=np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "token_type_ids": np.zeros((batch, seq), np.int64),
+        }
+        arrays["attention_mask"][-1, seq // 2 :] = 0
         got = model(**arrays)["logits"]
         want = session.run(None, arrays)[0]
         np.testing.assert_allclose(got, want, atol=GPU_TOLERANCE, rtol=0)

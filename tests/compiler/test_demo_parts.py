@@ -1,4 +1,4 @@
-"""The demo's real data (VADER movie-review snippets from the vaderSentiment sdist) and fine-tuning."""
+"""The demo's real data (VADER movie-review snippets, vaderSentiment sdist) and fine-tuning."""
 
 import random
 

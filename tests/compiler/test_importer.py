@@ -10,7 +10,12 @@ from tvmdeploy.compiler.options import BucketSpec, parse_buckets
 
 
 def test_parse_buckets_cross_product_and_groups():
-    assert parse_buckets("1,4x32,64") == [BucketSpec(1, 32), BucketSpec(1, 64), BucketSpec(4, 32), BucketSpec(4, 64)]
+    assert parse_buckets("1,4x32,64") == [
+        BucketSpec(1, 32),
+        BucketSpec(1, 64),
+        BucketSpec(4, 32),
+        BucketSpec(4, 64),
+    ]
     assert parse_buckets("1x32;8x128") == [BucketSpec(1, 32), BucketSpec(8, 128)]
     assert BucketSpec(4, 64).function == "b4_s64"
 
@@ -23,12 +28,26 @@ def test_parse_buckets_rejects_bad_specs(bad):
 
 def embedding_graph(tail_op: str, path) -> str:
     """input_ids → Gather(embedding) → tail_op → output, with symbolic batch/seq dims."""
-    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "emb")
-    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"]), helper.make_node(tail_op, ["h"], ["out"])]
+    table = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "emb"
+    )
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+        helper.make_node(tail_op, ["h"], ["out"]),
+    ]
     graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch_size", "sequence_length", 8])],
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info(
+                "input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(
+                "out", TensorProto.FLOAT, ["batch_size", "sequence_length", 8]
+            )
+        ],
         [table],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

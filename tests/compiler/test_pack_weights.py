@@ -1,4 +1,4 @@
-"""Weight pre-packing: matmuls read packed panels, packing runs once at load, outputs keep parity."""
+"""Weight pre-packing: matmuls read packed panels, packed once at load, outputs keep parity."""
 
 import json
 from pathlib import Path
@@ -43,15 +43,23 @@ def test_every_weight_matmul_reads_a_packed_panel(imported, profile):
         fused = tvm.transform.Sequential(packing_passes(2 * vector_lanes(target)))(imported.mod)
     names = [gv.name_hint for gv in fused.get_global_vars()]
     assert TRANSFORM_PARAMS in names
-    assert len(fused[TRANSFORM_PARAMS].params) == len(imported.params)  # flat: one argument per weight
+    assert len(fused[TRANSFORM_PARAMS].params) == len(
+        imported.params
+    )  # flat: one argument per weight
     for bucket in imported.buckets:
         text = fused[bucket.function].script()
         assert text.count("R.call_tir(matmul_packed") == PACKABLE_LINEARS, bucket.function
         # No weight is transposed or packed per call any more: that moved to transform_params.
-        assert not [n for n in imported.param_names if f"R.permute_dims({n}" in text or f"R.reshape({n}" in text]
+        assert not [
+            n
+            for n in imported.param_names
+            if f"R.permute_dims({n}" in text or f"R.reshape({n}" in text
+        ]
 
 
-def test_transform_params_packs_each_weight_once_and_outputs_keep_parity(imported, tiny_onnx, profile, tmp_path):
+def test_transform_params_packs_each_weight_once_and_outputs_keep_parity(
+    imported, tiny_onnx, profile, tmp_path
+):
     built = build_stage.build_artifact(imported.mod, profile, tmp_path / "lib", None)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(built.lib_path)), tvm.cpu())
     packed = prepare_params(vm, imported.params)
@@ -70,7 +78,9 @@ def test_transform_params_packs_each_weight_once_and_outputs_keep_parity(importe
         assert nr <= nr_max
         # ONNX Gemm keeps a weight as [N, K] and transposes it: its panel comes from W.T.
         candidates = [v for w in originals for v in (w, w.T) if v.shape == (k, n_tiles * nr)]
-        assert any(np.array_equal(panel, v.reshape(k, n_tiles, nr).transpose(1, 0, 2)) for v in candidates)
+        assert any(
+            np.array_equal(panel, v.reshape(k, n_tiles, nr).transpose(1, 0, 2)) for v in candidates
+        )
 
     config = json.loads((tiny_onnx.parent / "config.json").read_text())
     cases = verify.reference_cases(tiny_onnx, imported, config)
@@ -86,11 +96,17 @@ def test_unpacked_and_packed_builds_agree(imported, profile):
 
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 30522, (2, 16), dtype=np.int64)
-    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    arrays = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+    }
     args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs]
     outputs = []
     for pack in (False, True):
-        executable = tvm.compile(imported.mod, target, relax_pipeline=cpu_pipeline(target, pack=pack))
+        executable = tvm.compile(
+            imported.mod, target, relax_pipeline=cpu_pipeline(target, pack=pack)
+        )
         vm = relax.VirtualMachine(executable, tvm.cpu())
         result = vm["b2_s16"](*args, *prepare_params(vm, imported.params))
         outputs.append((result if hasattr(result, "numpy") else result[0]).numpy().copy())

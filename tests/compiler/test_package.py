@@ -13,9 +13,18 @@ def rewrite(src, out, lib_path=None):
     b = Bundle(src)
     a = b.artifacts[0]
     weights = b.manifest["weights"]["float32"]
-    entry = ArtifactEntry(a.profile, a.family, a.target, a.requires, lib_path or src / a.file, parity=a.parity)
-    return write_bundle(out, src / "model.onnx", {"float32": (weights["names"], (src / weights["file"]).read_bytes())},
-                        [entry], b.model, b.manifest["buckets"], src / "tokenizer")
+    entry = ArtifactEntry(
+        a.profile, a.family, a.target, a.requires, lib_path or src / a.file, parity=a.parity
+    )
+    return write_bundle(
+        out,
+        src / "model.onnx",
+        {"float32": (weights["names"], (src / weights["file"]).read_bytes())},
+        [entry],
+        b.model,
+        b.manifest["buckets"],
+        src / "tokenizer",
+    )
 
 
 def leftovers(parent):
@@ -23,7 +32,7 @@ def leftovers(parent):
 
 
 def test_failed_write_leaves_no_bundle(tiny_bundle, tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(BundleError, match="missing-lib.so.*nothing was written there"):
         rewrite(tiny_bundle, tmp_path / "new.tvmd", lib_path=tmp_path / "missing-lib.so")
     assert not (tmp_path / "new.tvmd").exists()
     assert leftovers(tmp_path) == []
@@ -32,7 +41,7 @@ def test_failed_write_leaves_no_bundle(tiny_bundle, tmp_path):
 def test_failed_rewrite_keeps_the_old_bundle(tiny_bundle, tmp_path):
     target = shutil.copytree(tiny_bundle, tmp_path / "kept.tvmd")
     before = (target / "manifest.json").read_text()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(BundleError, match="missing-lib.so.*nothing was written there"):
         rewrite(tiny_bundle, target, lib_path=tmp_path / "missing-lib.so")
     assert (target / "manifest.json").read_text() == before
     Bundle(target).verify()
@@ -45,8 +54,10 @@ def test_rewrite_replaces_whole_bundle(tiny_bundle, tmp_path):
     rewrite(tiny_bundle, target)
     assert not (target / "stale-file").exists()
     Bundle(target).verify()
-    assert json.loads((target / "manifest.json").read_text())["files"].keys() == \
-        json.loads((tiny_bundle / "manifest.json").read_text())["files"].keys()
+    assert (
+        json.loads((target / "manifest.json").read_text())["files"].keys()
+        == json.loads((tiny_bundle / "manifest.json").read_text())["files"].keys()
+    )
 
 
 def test_refuses_to_replace_a_non_bundle_directory(tiny_bundle, tmp_path):

@@ -20,7 +20,10 @@ from tvmdeploy.compiler.report import ReportError, build_report
 from tvmdeploy.runtime.timing import BenchConfig
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
-SECOND_DEVICE = {"fingerprint": "0123456789abcdef", "description": "Second Test CPU (aarch64, 8 cores)"}
+SECOND_DEVICE = {
+    "fingerprint": "0123456789abcdef",
+    "description": "Second Test CPU (aarch64, 8 cores)",
+}
 # Per-engine slow-down of the second device: unequal, so its speed-ups differ from the first's.
 SCALE = {"tvmdeploy": 2.0, "onnxruntime": 3.0, "torch": 2.5}
 TIMES = ("warmup_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")
@@ -30,7 +33,9 @@ TIMES = ("warmup_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")
 def bench_files(tiny_bundle, tmp_path_factory) -> list[Path]:
     """One real bench JSON from this machine, and one standing in for a second machine's file."""
     out = tmp_path_factory.mktemp("bench")
-    config = BenchConfig(str(tiny_bundle), ["tvmdeploy", "onnxruntime", "torch"], [1], [16, 32], warmup=1, runs=5)
+    config = BenchConfig(
+        str(tiny_bundle), ["tvmdeploy", "onnxruntime", "torch"], [1], [16, 32], warmup=1, runs=5
+    )
     first = run_bench_with_baselines(config).write(out / "host.json")
     # Stand-in for `tvmdeploy bench --json` run on a second machine: same schema and cases, another
     # device fingerprint and description, every latency scaled (throughput scaled inversely).
@@ -57,8 +62,12 @@ def expected_speedups(paths: list[Path], baseline: str) -> dict[tuple, float]:
     """Baseline p50 / engine p50 per (device, engine, artifact, batch, seq), same device only."""
     results = inputs(paths)
     base = {(d, r["batch"], r["seq"]): r["p50_ms"] for d, r in results if r["engine"] == baseline}
-    return {(d, r["engine"], r["artifact"], r["batch"], r["seq"]): base[d, r["batch"], r["seq"]] / r["p50_ms"]
-            for d, r in results if (d, r["batch"], r["seq"]) in base}
+    return {
+        (d, r["engine"], r["artifact"], r["batch"], r["seq"]): base[d, r["batch"], r["seq"]]
+        / r["p50_ms"]
+        for d, r in results
+        if (d, r["batch"], r["seq"]) in base
+    }
 
 
 def parse_markdown(text: str) -> dict[tuple, list[str]]:
@@ -87,23 +96,34 @@ def test_markdown_matches_inputs(bench_files, tmp_path):
     host = json.loads(bench_files[0].read_text())["device"]["fingerprint"]
     artifact = next(r["artifact"] for _, r in results if r["engine"] == "tvmdeploy")
     case = ("tvmdeploy", artifact, 1, 16)
-    assert vs_ort[(SECOND_DEVICE["fingerprint"], *case)] == pytest.approx(vs_ort[(host, *case)] * 1.5)
+    assert vs_ort[(SECOND_DEVICE["fingerprint"], *case)] == pytest.approx(
+        vs_ort[(host, *case)] * 1.5
+    )
     for device, r in results:
         label = f"{r['engine']} ({r['artifact']})" if r["artifact"] else r["engine"]
         cells = table[device, label, r["batch"], r["seq"]]
         values = (r["p50_ms"], r["p90_ms"], r["p99_ms"], r["throughput_per_s"])
-        for cell, value, shown in zip(cells[3:7], values, (0.001, 0.001, 0.001, 0.1)):  # digits shown
+        for cell, value, shown in zip(
+            cells[3:7], values, (0.001, 0.001, 0.001, 0.1)
+        ):  # digits shown
             assert float(cell) == pytest.approx(value, abs=shown * 0.51), (label, cells)
         key = (device, r["engine"], r["artifact"], r["batch"], r["seq"])
-        assert float(cells[7]) == pytest.approx(vs_ort[key], rel=0.006)  # 3 significant digits shown
+        assert float(cells[7]) == pytest.approx(
+            vs_ort[key], rel=0.006
+        )  # 3 significant digits shown
         assert float(cells[8]) == pytest.approx(vs_torch[key], rel=0.006)
 
 
 def test_json_rows_from_cli(bench_files, tmp_path):
     html, md = tmp_path / "r.html", tmp_path / "r.md"
     cli = [sys.executable, "-m", "tvmdeploy.compiler.cli", "report"]
-    run = subprocess.run([*cli, *map(str, bench_files), "-o", str(html), "--md", str(md), "--json"],
-                         check=False, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [*cli, *map(str, bench_files), "-o", str(html), "--md", str(md), "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     rows = json.loads(run.stdout)
     assert html.is_file() and md.is_file() and "wrote" in run.stderr
@@ -112,10 +132,17 @@ def test_json_rows_from_cli(bench_files, tmp_path):
     assert len(got) == len(rows) == len(vs_ort) == 12
     for key, speedup in vs_ort.items():
         assert got[key]["speedup_vs_onnxruntime"] == pytest.approx(speedup, rel=1e-9)
-    help_text = subprocess.run([*cli, "--help"], check=False, capture_output=True, text=True, timeout=120).stdout
+    help_text = subprocess.run(
+        [*cli, "--help"], check=False, capture_output=True, text=True, timeout=120
+    ).stdout
     assert "report" in help_text and "Merge bench JSONs" in help_text
-    missing = subprocess.run([*cli, str(bench_files[0]), str(tmp_path / "gone.json")],
-                             check=False, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [*cli, str(bench_files[0]), str(tmp_path / "gone.json")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "gone.json" in missing.stderr
 
 
@@ -129,8 +156,14 @@ def _variant(src: Path, dst: Path, **changes) -> Path:
 def test_errors_name_the_file(bench_files, tmp_path):
     good = bench_files[0]
     cases = {
-        "schema": (_variant(good, tmp_path / "schema.json", schema="other.bench"), r"schema\.json: schema is 'other\.bench'"),
-        "version": (_variant(good, tmp_path / "v2.json", schema_version=2), r"v2\.json: .*schema_version 2 is not supported"),
+        "schema": (
+            _variant(good, tmp_path / "schema.json", schema="other.bench"),
+            r"schema\.json: schema is 'other\.bench'",
+        ),
+        "version": (
+            _variant(good, tmp_path / "v2.json", schema_version=2),
+            r"v2\.json: .*schema_version 2 is not supported",
+        ),
         "missing": (tmp_path / "absent.json", r"absent\.json: no such bench report"),
     }
     (tmp_path / "junk.json").write_text("{not json")
@@ -152,25 +185,45 @@ def test_errors_name_the_file(bench_files, tmp_path):
 
 def test_markdown_reports_load_no_plotting(bench_files):
     """Importing the runtime, and Markdown reports, never load matplotlib."""
-    script = ("import sys, tvmdeploy.runtime, tvmdeploy.compiler.report as r; "
-              "r.build_report(sys.argv[1:]).markdown(); print('matplotlib' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", script, *map(str, bench_files)], capture_output=True, text=True,
-                         check=True, timeout=120)
+    script = (
+        "import sys, tvmdeploy.runtime, tvmdeploy.compiler.report as r; "
+        "r.build_report(sys.argv[1:]).markdown(); print('matplotlib' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, *map(str, bench_files)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     assert out.stdout.strip() == "False"
 
 
 # --- the HTML page, rendered by headless Chromium ---------------------------------------------
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
 
 
 def chromium(page: Path, profile: Path, *args: str) -> str:
     exe = shutil.which("chromium")
     if exe is None:  # fail, never skip: .ci/setup.sh installs it
         pytest.fail("chromium is not installed; run .ci/setup.sh (apt-get install chromium)")
-    run = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
-                         check=False, capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
 
@@ -211,15 +264,20 @@ def test_html_page_renders(bench_files, tmp_path):
 
     dom = chromium(page, tmp_path / "profile-dom", "--dump-dom")
     assert dom.count("<svg") == 3
-    for title in ("Latency by device and engine", "Speed-up over ONNX Runtime and PyTorch",
-                  "Latency against sequence length"):
+    for title in (
+        "Latency by device and engine",
+        "Speed-up over ONNX Runtime and PyTorch",
+        "Latency against sequence length",
+    ):
         assert re.search(rf"<h2>{title}", dom), title
     results = inputs(bench_files)
     latency = bar_ends(dom, "latency-bar")
     assert len({low for low, _ in latency}) == 1  # one shared axis floor
     assert_log_scaled([r["p50_ms"] for _, r in results], [high for _, high in latency])
     for baseline in ("onnxruntime", "torch"):
-        expected = {k: v for k, v in expected_speedups(bench_files, baseline).items() if k[1] != baseline}
+        expected = {
+            k: v for k, v in expected_speedups(bench_files, baseline).items() if k[1] != baseline
+        }
         assert len(expected) == 8  # 2 devices × 2 other engines × 2 seqs
         ends = bar_ends(dom, f"speedup-{baseline}-bar")
         # Every bar has one end on the shared 1× line; the other end is its speed-up.
@@ -241,5 +299,9 @@ def test_html_page_renders(bench_files, tmp_path):
     with Image.open(shot) as image:
         assert image.size == (1280, 2000)
         colors = {rgb: n for n, rgb in image.convert("RGB").getcolors(1 << 20)}
-    for rgb in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C)):  # the three engines' bar colours
+    for rgb in (
+        (0x1F, 0x77, 0xB4),
+        (0xFF, 0x7F, 0x0E),
+        (0x2C, 0xA0, 0x2C),
+    ):  # the three engines' bar colours
         assert colors.get(rgb, 0) > 500, f"engine colour {rgb} hardly painted"

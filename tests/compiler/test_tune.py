@@ -59,8 +59,12 @@ def tuned(tiny_import, profile, top_task, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
         only_top = lambda t: t.key == top_task.key
-        first = tuning.tune(tiny_import.mod, profile, 8, cache / "out1", progress=False, task_filter=only_top)
-        second = tuning.tune(tiny_import.mod, profile, 8, cache / "out2", progress=False, task_filter=only_top)
+        first = tuning.tune(
+            tiny_import.mod, profile, 8, cache / "out1", progress=False, task_filter=only_top
+        )
+        second = tuning.tune(
+            tiny_import.mod, profile, 8, cache / "out2", progress=False, task_filter=only_top
+        )
     return cache, first, second
 
 
@@ -91,8 +95,9 @@ def test_rerun_measures_nothing(tuned):
     assert second.summary["trials"] == first.summary["trials"] == 8
 
 
-def test_record_is_applied_only_where_it_beats_the_rule_based_schedule(tuned, tiny_import, profile, top_task,
-                                                                         tmp_path, monkeypatch):
+def test_record_is_applied_only_where_it_beats_the_rule_based_schedule(
+    tuned, tiny_import, profile, top_task, tmp_path, monkeypatch
+):
     cache, _, _ = tuned
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
     store = tuning.RecordStore(tuning.cache_path(profile))
@@ -101,13 +106,18 @@ def test_record_is_applied_only_where_it_beats_the_rule_based_schedule(tuned, ti
     if faster:
         assert result is not None and result.summary["kernels"]["applied"] == 1
         assert result.summary["source"] == "cache" and result.summary["new_trials"] == 0
-        assert {p.name for p in result.files} == {tuning.WORKLOAD_FILE, tuning.RECORD_FILE, tuning.RULE_BASED_FILE}
+        assert {p.name for p in result.files} == {
+            tuning.WORKLOAD_FILE,
+            tuning.RECORD_FILE,
+            tuning.RULE_BASED_FILE,
+        }
     else:  # the rule-based schedule stays: tuning never makes a kernel slower
         assert result is None or result.summary["kernels"]["applied"] == 0
 
 
-def test_export_writes_the_records_that_beat_the_rule_based_schedule(tuned, tiny_onnx, profile, top_task,
-                                                                      tmp_path, monkeypatch):
+def test_export_writes_the_records_that_beat_the_rule_based_schedule(
+    tuned, tiny_onnx, profile, top_task, tmp_path, monkeypatch
+):
     """`tune --export` (how the shipped set is made): the best record of each kernel that beats its
     rule-based time, with that time beside it; a rerun within the budget measures nothing."""
     cache, _, _ = tuned
@@ -116,8 +126,16 @@ def test_export_writes_the_records_that_beat_the_rule_based_schedule(tuned, tiny
     best = store.best(top_task.key)[0]
     faster = best.secs < store.rule_based_secs(top_task.key)
     out = tmp_path / "export"
-    result = tune_model(TuneOptions(model=str(tiny_onnx), profile=profile.name, trials=8, buckets=BUCKETS,
-                                    export_dir=str(out), progress=False))
+    result = tune_model(
+        TuneOptions(
+            model=str(tiny_onnx),
+            profile=profile.name,
+            trials=8,
+            buckets=BUCKETS,
+            export_dir=str(out),
+            progress=False,
+        )
+    )
     assert result.summary["new_trials"] == 0
     exported = tuning.RecordStore(out)
     assert exported.workload_keys() == ({top_task.key} if faster else set())
@@ -138,7 +156,9 @@ def test_gather_kernels_survive_random_indices(tiny_import, profile, tmp_path):
     workers = tuning.Workers(1, build_timeout=120, run_timeout=30)
     try:
         with store.lock():
-            assert tuning.measure_rule_based(takes, store, workers, target, tuning.TuneSettings()) == len(takes)
+            assert tuning.measure_rule_based(
+                takes, store, workers, target, tuning.TuneSettings()
+            ) == len(takes)
     finally:
         workers.close()
     for task in takes:
@@ -153,8 +173,11 @@ def _scheduled_kernel(mod, profile, key: str, database) -> str:
 
     target = build_stage.tvm_target(profile)
     fused = tuning.fused_module(mod, target)
-    name = next(gv.name_hint for gv, f in fused.functions_items()
-                if isinstance(f, tirx.PrimFunc) and tuning.workload_key(_normalize_mod(f)) == key)
+    name = next(
+        gv.name_hint
+        for gv, f in fused.functions_items()
+        if isinstance(f, tirx.PrimFunc) and tuning.workload_key(_normalize_mod(f)) == key
+    )
     with target:
         if database is not None:
             with database:
@@ -163,14 +186,18 @@ def _scheduled_kernel(mod, profile, key: str, database) -> str:
     return fused[name].script()
 
 
-def test_tuned_code_differs_and_keeps_parity(tuned, tiny_import, tiny_onnx, profile, top_task, tmp_path,
-                                             monkeypatch):
+def test_tuned_code_differs_and_keeps_parity(
+    tuned, tiny_import, tiny_onnx, profile, top_task, tmp_path, monkeypatch
+):
     cache, _, _ = tuned
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
-    result = tuning.lookup(tiny_import.mod, profile, tmp_path / "records", quiet=True, only_faster=False)
+    result = tuning.lookup(
+        tiny_import.mod, profile, tmp_path / "records", quiet=True, only_faster=False
+    )
     assert result is not None and result.summary["kernels"]["applied"] == 1
-    assert _scheduled_kernel(tiny_import.mod, profile, top_task.key, result.database) != \
-        _scheduled_kernel(tiny_import.mod, profile, top_task.key, None)
+    assert _scheduled_kernel(
+        tiny_import.mod, profile, top_task.key, result.database
+    ) != _scheduled_kernel(tiny_import.mod, profile, top_task.key, None)
 
     built = build_stage.build_artifact(tiny_import.mod, profile, tmp_path / "lib", result.database)
     config = json.loads((tiny_onnx.parent / "config.json").read_text())
@@ -180,7 +207,9 @@ def test_tuned_code_differs_and_keeps_parity(tuned, tiny_import, tiny_onnx, prof
     assert parity.max_abs_diff <= 1e-4
 
 
-def test_compile_of_another_model_with_the_same_kernels_uses_the_cache(tuned, profile, tmp_path, monkeypatch):
+def test_compile_of_another_model_with_the_same_kernels_uses_the_cache(
+    tuned, profile, tmp_path, monkeypatch
+):
     """A second model (other weights, same architecture) compiles with zero new trials."""
     from tvmdeploy.compiler import CompileOptions, compile_model
     from tvmdeploy.runtime import Bundle
@@ -190,14 +219,25 @@ def test_compile_of_another_model_with_the_same_kernels_uses_the_cache(tuned, pr
     cache, _, _ = tuned
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(cache))
     other = save_tiny_bert(tmp_path / "other-bert", seed=1)
-    bundle_dir = compile_model(CompileOptions(model=str(other), output=str(tmp_path / "other.tvmd"),
-                                              profiles=[profile.name], buckets=BUCKETS))
+    bundle_dir = compile_model(
+        CompileOptions(
+            model=str(other),
+            output=str(tmp_path / "other.tvmd"),
+            profiles=[profile.name],
+            buckets=BUCKETS,
+        )
+    )
     artifact = Bundle(bundle_dir).artifacts[0]
     assert artifact.parity["ok"] and artifact.parity["max_abs_diff"] <= 1e-4
     summary = artifact.tuning
     store = tuning.RecordStore(tuning.cache_path(profile))
-    if any(store.best(k) and store.best(k)[0].secs < (store.rule_based_secs(k) or 1e9) for k in store.workload_keys()):
-        assert summary["source"] == "cache" and summary["new_trials"] == 0 and summary["trials"] == 8
+    if any(
+        store.best(k) and store.best(k)[0].secs < (store.rule_based_secs(k) or 1e9)
+        for k in store.workload_keys()
+    ):
+        assert (
+            summary["source"] == "cache" and summary["new_trials"] == 0 and summary["trials"] == 8
+        )
         assert summary["database"] == f"tuning/{profile.name}"
         assert (bundle_dir / summary["database"] / tuning.RECORD_FILE).is_file()
         assert len(_lines(bundle_dir / summary["database"] / tuning.RECORD_FILE)) == 1
@@ -217,7 +257,9 @@ def test_shipped_records_replay_with_this_tvm():
     assert meta["trials"] > 0 and meta["runs"]
     for key in store.workload_keys():
         best = store.best(key)[0]
-        assert best.secs < store.rule_based_secs(key), "a shipped record must beat the rule-based schedule"
+        assert best.secs < store.rule_based_secs(key), (
+            "a shipped record must beat the rule-based schedule"
+        )
         workload = ms.database.Workload.from_json(best.workload_json)
         assert tuning.workload_key(workload.mod) == key
         ms.database.TuningRecord.from_json(best.record_json, workload)
@@ -236,13 +278,17 @@ def test_shipped_records_cover_the_demo_model(tmp_path):
 
     torch.manual_seed(0)
     model_dir = tmp_path / "minilm-cls"
-    BertForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=2).eval().save_pretrained(model_dir)
+    BertForSequenceClassification.from_pretrained(
+        str(minilm_dir()), num_labels=2
+    ).eval().save_pretrained(model_dir)
     onnx_path = export.export_model(model_dir, tmp_path / "onnx").onnx_path
     imported = importer.import_onnx(onnx_path, parse_buckets(DEMO_BUCKETS))
     profile = targets.get("x86-64-v4")
     task_keys = {t.key for t in tuning.extract_tasks(imported.mod, build_stage.tvm_target(profile))}
     shipped = tuning.RecordStore(tuning.shipped_path(profile)).workload_keys()
-    assert shipped and set(shipped) <= task_keys, "shipped records for kernels the demo no longer has"
+    assert shipped and set(shipped) <= task_keys, (
+        "shipped records for kernels the demo no longer has"
+    )
     result = tuning.lookup(imported.mod, profile, tmp_path / "records", quiet=True)
     assert result is not None and result.summary["kernels"]["applied"] == len(shipped)
 
@@ -256,8 +302,21 @@ def _start_tune(onnx: Path, cache: Path, trials: int) -> subprocess.Popen:
     cache.mkdir(parents=True, exist_ok=True)
     log = (cache / f"tune-{time.monotonic_ns()}.log").open("w")
     proc = subprocess.Popen(
-        [*TVMDEPLOY, "tune", str(onnx), "-t", "host", "--trials", str(trials), "--buckets", BUCKETS],
-        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+        [
+            *TVMDEPLOY,
+            "tune",
+            str(onnx),
+            "-t",
+            "host",
+            "--trials",
+            str(trials),
+            "--buckets",
+            BUCKETS,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     proc.log_path = Path(log.name)  # type: ignore[attr-defined]
     return proc
@@ -273,7 +332,9 @@ def _record_count(cache: Path, profile) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def _wait_for_records(proc: subprocess.Popen, cache: Path, profile, more_than: int, timeout: float = 240) -> None:
+def _wait_for_records(
+    proc: subprocess.Popen, cache: Path, profile, more_than: int, timeout: float = 240
+) -> None:
     deadline = time.monotonic() + timeout
     while _record_count(cache, profile) <= more_than:
         if proc.poll() is not None:
@@ -300,7 +361,9 @@ def _gone(procs: list[psutil.Process], timeout: float = 10.0) -> list[int]:
     return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_sigterm_and_kill9_lose_no_record_leave_no_worker_and_a_rerun_continues(tiny_onnx, profile, tmp_path):
+def test_sigterm_and_kill9_lose_no_record_leave_no_worker_and_a_rerun_continues(
+    tiny_onnx, profile, tmp_path
+):
     cache = tmp_path / "cache"
 
     # SIGTERM once the first records are on disk: the tuner stops, its workers go with it.
@@ -315,7 +378,9 @@ def test_sigterm_and_kill9_lose_no_record_leave_no_worker_and_a_rerun_continues(
     assert _gone(workers) == []
     after_term = _record_count(cache, profile)
     assert after_term >= 1
-    assert all(isinstance(r, list) for r in _lines(cache / "tuning" / profile.name / tuning.RECORD_FILE))
+    assert all(
+        isinstance(r, list) for r in _lines(cache / "tuning" / profile.name / tuning.RECORD_FILE)
+    )
 
     # kill -9 of a rerun: nothing recorded is lost and the workers die with their parent.
     proc = _start_tune(tiny_onnx, cache, trials=400)

@@ -14,7 +14,9 @@ from tvmdeploy.targets.resolve import host_profile
 
 @pytest.fixture(scope="module")
 def host_build(tiny_imported, tmp_path_factory):
-    return build_artifact(tiny_imported.mod, host_profile(), tmp_path_factory.mktemp("verify") / "host")
+    return build_artifact(
+        tiny_imported.mod, host_profile(), tmp_path_factory.mktemp("verify") / "host"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,9 @@ def test_native_artifact_matches_onnx_runtime(host_build, tiny_imported, cases):
     assert record.ok is True and record.where == "native"
     assert 0 <= record.max_abs_diff < ATOL
     assert record.tolerance == {"atol": ATOL, "rtol": RTOL}
-    assert {(e["batch"], e["seq"]) for e in latencies} == {(b.batch, b.seq) for b in tiny_imported.buckets}
+    assert {(e["batch"], e["seq"]) for e in latencies} == {
+        (b.batch, b.seq) for b in tiny_imported.buckets
+    }
     assert all(e["p50_ms"] > 0 and e["fingerprint"] == probe().fingerprint for e in latencies)
 
 
@@ -40,7 +44,9 @@ def test_a_wrong_reference_fails_and_names_the_bucket(host_build, tiny_imported,
     assert record.detail.startswith(bucket.function) and "outside tolerance" in record.detail
 
 
-@pytest.mark.skipif(bool(probe().cuda), reason="this machine has a GPU: the CUDA path runs in the gpu tests")
+@pytest.mark.skipif(
+    bool(probe().cuda), reason="this machine has a GPU: the CUDA path runs in the gpu tests"
+)
 def test_cuda_artifact_without_a_gpu_is_not_run_with_the_reason(tiny_imported, cases):
     profile = targets.get("cuda-sm80")
     build = BuildResult(profile, Path("never-opened.so"), dict(profile.target), "cuda-fatbin", 0.0)
@@ -57,5 +63,7 @@ def test_compare_counts_nan_and_shape_as_failures():
     assert compare([nan], want)[1] is False
     diff, ok, detail = compare([np.zeros((3, 2), np.float32)], want)
     assert not ok and diff == float("inf") and "shape" in detail
-    merged = compare_cases([("a", want, want), ("b", [want[0] + 1], want), ("c", [want[0] + 2], want)])
+    merged = compare_cases(
+        [("a", want, want), ("b", [want[0] + 1], want), ("c", [want[0] + 2], want)]
+    )
     assert not merged.ok and merged.max_abs_diff == 2.0 and merged.detail.startswith("b:")

@@ -39,8 +39,11 @@ def classifier_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(classifier_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "minilm.tvmd"
-    return compile_model(CompileOptions(model=str(classifier_dir), output=str(out), profiles=["host"],
-                                        buckets="1,4x32,64"))
+    return compile_model(
+        CompileOptions(
+            model=str(classifier_dir), output=str(out), profiles=["host"], buckets="1,4x32,64"
+        )
+    )
 
 
 def test_manifest_records_real_verification(bundle):
@@ -67,7 +70,9 @@ def test_parity_with_pytorch_on_real_text(bundle, classifier_dir):
 
 def test_predict_matches_onnxruntime(bundle):
     model = load(bundle)
-    session = onnxruntime.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     arrays = model.encode(SENTENCES)
     logits = session.run(None, arrays)[0]
     predictions = model.predict(SENTENCES)

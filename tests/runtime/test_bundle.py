@@ -26,7 +26,9 @@ def test_layout_and_manifest(tiny_bundle):
     for rel, digest in m["files"].items():
         assert sha256_file(tiny_bundle / rel) == digest
     # Weights live once, outside the code: the library is far smaller than the weights.
-    assert (tiny_bundle / artifact.file).stat().st_size < (tiny_bundle / "weights/float32.params").stat().st_size
+    assert (tiny_bundle / artifact.file).stat().st_size < (
+        tiny_bundle / "weights/float32.params"
+    ).stat().st_size
 
 
 @pytest.fixture

@@ -17,7 +17,11 @@ def random_inputs(batch, seq, seed=0, vocab=30522):
     mask = np.ones((batch, seq), np.int64)
     if batch > 1:
         mask[-1, seq // 2 :] = 0  # a row with padding of its own
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros((batch, seq), np.int64)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": np.zeros((batch, seq), np.int64),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,9 @@ def model(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def ort_session(tiny_bundle):
-    return onnxruntime.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(
+        str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
 
 
 @pytest.mark.parametrize("batch,seq", [(1, 16), (1, 5), (2, 32), (2, 17), (1, 32), (5, 9), (3, 30)])
@@ -50,10 +56,18 @@ def test_parity_with_pytorch(model, tiny_model_dir):
 
 def test_optional_inputs_default_like_transformers(model, ort_session):
     ids = random_inputs(2, 12)["input_ids"]
-    want = ort_session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                                  "token_type_ids": np.zeros_like(ids)})[0]
+    want = ort_session.run(
+        None,
+        {
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+            "token_type_ids": np.zeros_like(ids),
+        },
+    )[0]
     np.testing.assert_allclose(model(input_ids=ids)["logits"], want, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(model(input_ids=ids.astype(np.int32))["logits"], want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        model(input_ids=ids.astype(np.int32))["logits"], want, atol=ATOL, rtol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,10 +79,19 @@ def test_optional_inputs_default_like_transformers(model, ort_session):
         ({"input_ids": np.array([1, 2, 3])}, "2-D"),
         ({"input_ids": np.ones((1, 2, 3), np.int64)}, "2-D"),
         ({"input_ids": np.ones((1, 33), np.int64)}, "largest bucket"),
-        ({"input_ids": np.ones((2, 4), np.int64), "attention_mask": np.ones((2, 5), np.int64)}, "must match"),
+        (
+            {"input_ids": np.ones((2, 4), np.int64), "attention_mask": np.ones((2, 5), np.int64)},
+            "must match",
+        ),
         ({"input_ids": np.ones((1, 4), np.int64), "attention_mask": np.full((1, 4), 2)}, "0 and 1"),
-        ({"input_ids": np.ones((1, 4), np.int64), "token_type_ids": np.full((1, 4), 2)}, "token_type_ids"),
-        ({"input_ids": np.ones((1, 4), np.int64), "pixel_values": np.ones((1, 4), np.int64)}, "unknown input"),
+        (
+            {"input_ids": np.ones((1, 4), np.int64), "token_type_ids": np.full((1, 4), 2)},
+            "token_type_ids",
+        ),
+        (
+            {"input_ids": np.ones((1, 4), np.int64), "pixel_values": np.ones((1, 4), np.int64)},
+            "unknown input",
+        ),
         ({"attention_mask": np.ones((1, 4), np.int64)}, "input_ids is required"),
         ({"input_ids": np.ones((0, 4), np.int64)}, "empty"),
     ],
@@ -92,7 +115,9 @@ def test_predict_uses_bundle_tokenizer(model, tiny_model_dir, ort_session):
 
     texts = ["great film", "an utterly boring, lifeless movie"]
     predictions = model.predict(texts)
-    assert [p.label for p in predictions] == [p.label for p in model.predict(list(reversed(texts)))][::-1]
+    assert [p.label for p in predictions] == [
+        p.label for p in model.predict(list(reversed(texts)))
+    ][::-1]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     encoded = tokenizer(texts, padding=True, return_tensors="np")
     logits = ort_session.run(None, {k: v.astype(np.int64) for k, v in encoded.items()})[0]
@@ -107,4 +132,6 @@ def test_onnxruntime_fallback_engine_matches(tiny_bundle, model):
     fallback = load(tiny_bundle, artifact="onnxruntime")
     assert fallback.choice.artifact == "onnxruntime"
     arrays = random_inputs(3, 11, seed=3)
-    np.testing.assert_allclose(fallback(**arrays)["logits"], model(**arrays)["logits"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        fallback(**arrays)["logits"], model(**arrays)["logits"], atol=ATOL, rtol=0
+    )

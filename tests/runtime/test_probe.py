@@ -47,17 +47,23 @@ def test_parse_arm_cpuinfo():
 
 
 def _device(arch, features, cuda=()):
-    return DeviceInfo(arch=arch, cpu_model="test", cpu_features=frozenset(features), cores=4, cuda=tuple(cuda))
+    return DeviceInfo(
+        arch=arch, cpu_model="test", cpu_features=frozenset(features), cores=4, cuda=tuple(cuda)
+    )
 
 
 def test_requirements_against_devices():
     skylake = _device("x86_64", parse_cpuinfo(X86_CPUINFO)[1])
     assert missing_requirements(targets.get("x86-64-v4").requires, skylake) == []
-    assert missing_requirements(targets.get("x86-avx512-vnni").requires, skylake) == ["CPU features avx512_vnni"]
+    assert missing_requirements(targets.get("x86-avx512-vnni").requires, skylake) == [
+        "CPU features avx512_vnni"
+    ]
     assert "arch aarch64" in missing_requirements(targets.get("arm64-neon").requires, skylake)[0]
     pi4 = _device("aarch64", parse_cpuinfo(ARM_CPUINFO)[1])
     assert missing_requirements(targets.get("arm64-neon").requires, pi4) == []
-    assert missing_requirements(targets.get("arm64-sve").requires, pi4) == ["CPU features asimddp, sve, i8mm, bf16"]
+    assert missing_requirements(targets.get("arm64-sve").requires, pi4) == [
+        "CPU features asimddp, sve, i8mm, bf16"
+    ]
     assert "none found" in missing_requirements(targets.get("cuda-sm80").requires, skylake)[0]
     t4 = _device("x86_64", [], [CudaDevice(0, "Tesla T4", 75)])
     assert missing_requirements(targets.get("cuda-sm75").requires, t4) == []
@@ -76,7 +82,12 @@ def test_probe_this_machine_agrees_with_lscpu():
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     flags_line = next(line for line in lscpu.splitlines() if line.startswith("Flags:"))
     assert set(flags_line.split(":", 1)[1].split()) == set(device.cpu_features)
-    # GPUs as the NVIDIA driver lists them (none where there is no driver), whatever this machine has.
+    # GPUs as the NVIDIA driver lists them (none where there is no driver), whatever this machine
+    # has.
     smi = shutil.which("nvidia-smi")
-    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, check=False).stdout if smi else ""
+    listed = (
+        subprocess.run([smi, "-L"], capture_output=True, text=True, check=False).stdout
+        if smi
+        else ""
+    )
     assert len(device.cuda) == sum(line.startswith("GPU ") for line in listed.splitlines())

@@ -44,9 +44,14 @@ def free_port() -> int:
 def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A process in its own session, so that killing its group also ends its children."""
     with open(log, "wb") as out:
-        return subprocess.Popen(["timeout", "-k", "5", str(LIFETIME_S), *argv], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            ["timeout", "-k", "5", str(LIFETIME_S), *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -71,8 +76,20 @@ def tracker(tmp_path_factory) -> Iterator[str]:
     """`python -m tvm.exec.rpc_tracker` on a free loopback port; yields HOST:PORT."""
     port = free_port()
     log = tmp_path_factory.mktemp("rpc") / "tracker.log"
-    proc = _start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                   "--port-end", str(port + 1)], log)
+    proc = _start(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        log,
+    )
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -100,8 +117,25 @@ def x86_server(tracker, tmp_path_factory) -> Iterator[str]:
     """`python -m tvm.exec.rpc_server` registered under x86-local; yields the key."""
     port = free_port()
     log = tmp_path_factory.mktemp("rpc") / "x86-server.log"
-    proc = _start([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", "x86-local",
-                   "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)], log, _server_env())
+    proc = _start(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_server",
+            "--tracker",
+            tracker,
+            "--key",
+            "x86-local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        log,
+        _server_env(),
+    )
     try:
         try:
             remote.wait_for_server(tracker, "x86-local", timeout=60)
@@ -120,8 +154,15 @@ def arm_server(tracker, tmp_path_factory) -> Iterator[str]:
         arm = qemu.ensure_arm64_python()  # raises QemuUnavailable with what to do: no silent skip
     port = free_port()
     log = tmp_path_factory.mktemp("rpc") / "arm-server.log"
-    argv = qemu_rpc.server_command(arm, tracker, "arm64-qemu", cpu="cortex-a72", port=port, port_end=port + 1,
-                                   lifetime=LIFETIME_S)
+    argv = qemu_rpc.server_command(
+        arm,
+        tracker,
+        "arm64-qemu",
+        cpu="cortex-a72",
+        port=port,
+        port_end=port + 1,
+        lifetime=LIFETIME_S,
+    )
     proc = _start(argv, log, arm.env())
     try:
         try:
@@ -166,8 +207,14 @@ print(json.dumps({"shape": list(logits.shape), "compiler_lib": "libtvm_compiler"
 
 def test_client_needs_only_the_tvm_runtime(tiny_bundle, tracker, x86_server):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TVM_", "TVMDEPLOY_"))}
-    out = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, str(tiny_bundle), tracker, x86_server],
-                         capture_output=True, text=True, check=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT_SCRIPT, str(tiny_bundle), tracker, x86_server],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=120,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"shape": [1, 2], "compiler_lib": False, "heavy": []}
 
@@ -177,14 +224,34 @@ def test_bench_over_rpc_writes_a_valid_report(tiny_bundle, tracker, x86_server, 
     from tvmdeploy.compiler.report import load_bench
 
     out = tmp_path / "remote.json"
-    result = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--rpc", tracker, "--rpc-key", x86_server,
-                                      "--batch", "1,2", "--seq", "16,32", "--warmup", "2", "--runs", "5",
-                                      "--json", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            str(tiny_bundle),
+            "--rpc",
+            tracker,
+            "--rpc-key",
+            x86_server,
+            "--batch",
+            "1,2",
+            "--seq",
+            "16,32",
+            "--warmup",
+            "2",
+            "--runs",
+            "5",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = load_bench(out)  # the schema `tvmdeploy report` reads
     device = data["device"]
     assert device["fingerprint"] == "rpc:x86-local:x86_64"
-    assert "via RPC key 'x86-local'" in device["description"] and device["rpc"]["key"] == "x86-local"
+    assert (
+        "via RPC key 'x86-local'" in device["description"] and device["rpc"]["key"] == "x86-local"
+    )
     assert data["config"]["rpc"] == tracker and data["config"]["engines"] == ["tvmdeploy"]
     assert [(r["batch"], r["seq"]) for r in data["results"]] == [(1, 16), (1, 32), (2, 16), (2, 32)]
     for r in data["results"]:
@@ -197,8 +264,19 @@ def test_bench_over_rpc_writes_a_valid_report(tiny_bundle, tracker, x86_server, 
 def test_baselines_are_refused_over_rpc(tiny_bundle, tracker):
     from tvmdeploy.compiler.cli import app
 
-    result = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--rpc", tracker, "--rpc-key", "x86-local",
-                                      "--compare", "onnxruntime"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            str(tiny_bundle),
+            "--rpc",
+            tracker,
+            "--rpc-key",
+            "x86-local",
+            "--compare",
+            "onnxruntime",
+        ],
+    )
     assert result.exit_code == 2
     assert "run only on this machine" in result.output and "tvmdeploy report" in result.output
 
@@ -206,9 +284,15 @@ def test_baselines_are_refused_over_rpc(tiny_bundle, tracker):
 def test_compile_verifies_through_rpc(tiny_model_dir, tracker, x86_server, tmp_path):
     from tvmdeploy.compiler import CompileOptions, compile_model
 
-    bundle = compile_model(CompileOptions(model=str(tiny_model_dir), output=str(tmp_path / "v.tvmd"),
-                                          profiles=["host"], buckets=TINY_BUCKETS,
-                                          rpc=RpcTarget(tracker, x86_server)))
+    bundle = compile_model(
+        CompileOptions(
+            model=str(tiny_model_dir),
+            output=str(tmp_path / "v.tvmd"),
+            profiles=["host"],
+            buckets=TINY_BUCKETS,
+            rpc=RpcTarget(tracker, x86_server),
+        )
+    )
     (artifact,) = json.loads((bundle / "manifest.json").read_text())["artifacts"]
     assert artifact["parity"]["where"] == "rpc:x86-local", artifact["parity"]
     assert artifact["parity"]["ok"] is True and artifact["parity"]["max_abs_diff"] < 1e-4
@@ -221,7 +305,9 @@ def test_unknown_key_and_closed_port_fail_fast_and_clearly(tracker, x86_server):
     text = str(unknown.value)
     assert "no-such-board" in text and "x86-local (1)" in text and "tvm.exec.rpc_server" in text
     closed = f"127.0.0.1:{free_port()}"
-    with pytest.raises(RemoteError, match=r"no RPC tracker at .*\(connection refused\).*tvm.exec.rpc_tracker"):
+    with pytest.raises(
+        RemoteError, match=r"no RPC tracker at .*\(connection refused\).*tvm.exec.rpc_tracker"
+    ):
         remote.connect(closed, "x86-local")
     with pytest.raises(RemoteError, match="HOST:PORT"):
         remote.connect("localhost", "x86-local")
@@ -238,21 +324,43 @@ def test_busy_key_times_out_clearly(tracker, x86_server):
 
 
 def test_crash_on_the_device_is_a_clear_error(tiny_bundle, tracker, tmp_path):
-    """A session process that dies (here: SIGILL sent to it) is reported as such, with what to do."""
+    """A session process that dies (here: SIGILL sent to it) is reported so, with what to do."""
     import psutil
 
     port = free_port()
     log = tmp_path / "crash-server.log"
-    proc = _start([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", "x86-crash",
-                   "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)], log, _server_env())
+    proc = _start(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_server",
+            "--tracker",
+            tracker,
+            "--key",
+            "x86-crash",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        log,
+        _server_env(),
+    )
     try:
         remote.wait_for_server(tracker, "x86-crash", timeout=60)
         model = remote.load_remote(tiny_bundle, tracker, "x86-crash")
-        session_proc = max(psutil.Process(proc.pid).children(recursive=True), key=lambda p: p.create_time())
+        session_proc = max(
+            psutil.Process(proc.pid).children(recursive=True), key=lambda p: p.create_time()
+        )
         session_proc.send_signal(signal.SIGILL)
         session_proc.wait(10)
-        with pytest.raises(RemoteError, match="running b1_s16 on RPC key 'x86-crash' failed.*session process "
-                                              "on the device died.*restart it"):
+        with pytest.raises(
+            RemoteError,
+            match="running b1_s16 on RPC key 'x86-crash' failed.*session process "
+            "on the device died.*restart it",
+        ):
             model(input_ids=np.ones((1, 8), np.int64))
     finally:
         _stop(proc)
@@ -261,8 +369,10 @@ def test_crash_on_the_device_is_a_clear_error(tiny_bundle, tracker, tmp_path):
 def test_cli_reports_unreachable_tracker(tiny_bundle):
     from tvmdeploy.compiler.cli import app
 
-    result = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--rpc", f"127.0.0.1:{free_port()}",
-                                      "--rpc-key", "x86-local"])
+    result = CliRunner().invoke(
+        app,
+        ["bench", str(tiny_bundle), "--rpc", f"127.0.0.1:{free_port()}", "--rpc-key", "x86-local"],
+    )
     assert result.exit_code == 2 and "no RPC tracker at 127.0.0.1" in result.output
 
 
@@ -293,8 +403,15 @@ def arm_bundle(tiny_model_dir, tracker, arm_server, tmp_path_factory) -> Path:
     from tvmdeploy.compiler import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("arm-rpc") / "tiny-arm.tvmd"
-    return compile_model(CompileOptions(model=str(tiny_model_dir), output=str(out), profiles=["arm64-neon"],
-                                        buckets=TINY_BUCKETS, rpc=RpcTarget(tracker, arm_server)))
+    return compile_model(
+        CompileOptions(
+            model=str(tiny_model_dir),
+            output=str(out),
+            profiles=["arm64-neon"],
+            buckets=TINY_BUCKETS,
+            rpc=RpcTarget(tracker, arm_server),
+        )
+    )
 
 
 @pytest.mark.qemu
@@ -308,7 +425,9 @@ def test_arm_artifact_verified_through_rpc_under_qemu(arm_bundle):
 
 
 @pytest.mark.qemu
-def test_arm_device_runs_the_arm_artifact_and_x86_refuses_it(arm_bundle, tracker, arm_server, x86_server):
+def test_arm_device_runs_the_arm_artifact_and_x86_refuses_it(
+    arm_bundle, tracker, arm_server, x86_server
+):
     from tvmdeploy.runtime.engine import OnnxRuntimeEngine
     from tvmdeploy.runtime.timing import bench_inputs
 
@@ -321,8 +440,12 @@ def test_arm_device_runs_the_arm_artifact_and_x86_refuses_it(arm_bundle, tracker
         assert model.choice.artifact == "arm64-neon"
         assert model.engine.session.device.fingerprint == "rpc:arm64-qemu:aarch64"
         arrays = bench_inputs(model.bundle, 2, 20)
-        np.testing.assert_allclose(model(**arrays)["logits"], OnnxRuntimeEngine(model.bundle).run(None, arrays)[0],
-                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            model(**arrays)["logits"],
+            OnnxRuntimeEngine(model.bundle).run(None, arrays)[0],
+            atol=1e-4,
+            rtol=0,
+        )
     finally:
         model.engine.close()
 

@@ -1,4 +1,4 @@
-"""Selection: only runnable artifacts, measured latency wins, else GPU first and most specific ISA."""
+"""Selection: runnable artifacts only, measured latency wins, else GPU first, most specific ISA."""
 
 import json
 import shutil
@@ -22,7 +22,9 @@ def multi_bundle(tiny_bundle, tmp_path):
     template = manifest["artifacts"][0]
     manifest["artifacts"] = [
         template | {"profile": p.name, "family": p.family, "requires": p.requires, "latency": []}
-        for p in map(targets.get, ["x86-64-v3", "x86-64-v4", "x86-avx512-vnni", "cuda-sm80", "arm64-neon"])
+        for p in map(
+            targets.get, ["x86-64-v3", "x86-64-v4", "x86-avx512-vnni", "cuda-sm80", "arm64-neon"]
+        )
     ]
     (path / "manifest.json").write_text(json.dumps(manifest))
     return Bundle(path)
@@ -48,9 +50,15 @@ def test_gpu_before_cpu(multi_bundle):
 def test_measured_latency_on_this_fingerprint_wins(multi_bundle):
     here = device(V4)
     manifest = multi_bundle.manifest
-    manifest["artifacts"][0]["latency"] = [{"fingerprint": here.fingerprint, "batch": 1, "seq": 16, "p50_ms": 1.0}]
-    manifest["artifacts"][1]["latency"] = [{"fingerprint": here.fingerprint, "batch": 1, "seq": 16, "p50_ms": 3.0}]
-    manifest["artifacts"][2]["latency"] = [{"fingerprint": "elsewhere", "batch": 1, "seq": 16, "p50_ms": 0.1}]
+    manifest["artifacts"][0]["latency"] = [
+        {"fingerprint": here.fingerprint, "batch": 1, "seq": 16, "p50_ms": 1.0}
+    ]
+    manifest["artifacts"][1]["latency"] = [
+        {"fingerprint": here.fingerprint, "batch": 1, "seq": 16, "p50_ms": 3.0}
+    ]
+    manifest["artifacts"][2]["latency"] = [
+        {"fingerprint": "elsewhere", "batch": 1, "seq": 16, "p50_ms": 0.1}
+    ]
     (multi_bundle.path / "manifest.json").write_text(json.dumps(manifest))
     bundle = Bundle(multi_bundle.path)
     choice = select(bundle, here)

@@ -1,4 +1,4 @@
-"""One loaded model shared by threads (a server's pool) or inherited across fork: same outputs, no crash.
+"""One model shared by threads (a server's pool) or inherited across fork: same outputs, no crash.
 
 Before the VM pool, 8 threads calling one model crashed the process (SIGSEGV in
 `StorageObj::AllocTensor`); here every threaded output must equal the single-threaded one.
@@ -47,8 +47,14 @@ THREADED = textwrap.dedent("""
 def run_child(script: str, *args, timeout: int = 600) -> dict:
     """Run `script` in a new process group; on a hang, kill the group (forked grandchildren too)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TVM_USE_RUNTIME_LIB")}
-    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -101,7 +107,8 @@ FORKED = textwrap.dedent("""
     parent = model(input_ids=ids)["logits"]
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child, as a gunicorn --preload worker: the inherited model, threads, a new load
+    # the child, as a gunicorn --preload worker: the inherited model, threads, a new load
+    if pid == 0:
         os.close(read)
         outcome = {"inherited": float(np.abs(model(input_ids=ids)["logits"] - parent).max())}
         with ThreadPoolExecutor(4) as pool:
@@ -122,7 +129,7 @@ FORKED = textwrap.dedent("""
 
 
 def test_a_model_loaded_before_fork_works_in_the_child(tiny_bundle, profile):
-    """TVM's kernels hang on the forking thread's stale thread pool unless the engine sidesteps it."""
+    """TVM's kernels hang on the forking thread's stale thread pool unless the engine avoids it."""
     result = run_child(FORKED, tiny_bundle, profile, timeout=120)
     assert result["status"] == 0
     assert result["child"] == {"inherited": 0.0, "threads": 0.0, "fresh": 0.0}

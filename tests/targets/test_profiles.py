@@ -4,8 +4,17 @@ import pytest
 from tvmdeploy import targets
 
 REQUIRED = {
-    "x86-64-v3", "x86-64-v4", "x86-avx512-vnni", "arm64-neon", "arm64-dotprod", "arm64-sve",
-    "cuda-sm75", "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90",
+    "x86-64-v3",
+    "x86-64-v4",
+    "x86-avx512-vnni",
+    "arm64-neon",
+    "arm64-dotprod",
+    "arm64-sve",
+    "cuda-sm75",
+    "cuda-sm80",
+    "cuda-sm86",
+    "cuda-sm89",
+    "cuda-sm90",
 }
 
 
@@ -18,7 +27,11 @@ def test_profile_builds_a_tvm_target(name):
     import tvm
 
     profile = targets.get(name)
-    target = tvm.target.Target(profile.target, host=profile.host) if profile.host else tvm.target.Target(profile.target)
+    target = (
+        tvm.target.Target(profile.target, host=profile.host)
+        if profile.host
+        else tvm.target.Target(profile.target)
+    )
     assert target.kind.name == profile.target["kind"]
     assert profile.requires["arch"] in ("x86_64", "aarch64")
     if profile.family == "arm":
@@ -30,7 +43,10 @@ def test_profile_builds_a_tvm_target(name):
 
 
 def test_isa_profiles_are_ordered_by_features():
-    v3, v4, vnni = (set(targets.get(n).requires["cpu_features"]) for n in ("x86-64-v3", "x86-64-v4", "x86-avx512-vnni"))
+    v3, v4, vnni = (
+        set(targets.get(n).requires["cpu_features"])
+        for n in ("x86-64-v3", "x86-64-v4", "x86-avx512-vnni")
+    )
     assert v3 < v4 < vnni
     assert "sve" in targets.get("arm64-sve").requires["cpu_features"]
 

@@ -11,16 +11,21 @@ AVX512 = AVX2 + ["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"]
 
 
 def device(arch, features):
-    return DeviceInfo(arch=arch, cpu_model="simulated", cpu_features=frozenset(features), cores=2, cuda=())
+    return DeviceInfo(
+        arch=arch, cpu_model="simulated", cpu_features=frozenset(features), cores=2, cuda=()
+    )
 
 
-@pytest.mark.parametrize(("arch", "features", "expected"), [
-    ("x86_64", AVX2, "x86-64-v3"),
-    ("x86_64", AVX512, "x86-64-v4"),
-    ("x86_64", AVX512 + ["avx512_vnni"], "x86-avx512-vnni"),
-    ("aarch64", ["asimd"], "arm64-neon"),
-    ("aarch64", ["asimd", "asimddp"], "arm64-dotprod"),
-])
+@pytest.mark.parametrize(
+    ("arch", "features", "expected"),
+    [
+        ("x86_64", AVX2, "x86-64-v3"),
+        ("x86_64", AVX512, "x86-64-v4"),
+        ("x86_64", AVX512 + ["avx512_vnni"], "x86-avx512-vnni"),
+        ("aarch64", ["asimd"], "arm64-neon"),
+        ("aarch64", ["asimd", "asimddp"], "arm64-dotprod"),
+    ],
+)
 def test_host_is_the_most_specific_profile_the_device_runs(arch, features, expected):
     assert host_profile(device(arch, features)).name == expected
 
