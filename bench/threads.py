@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -67,6 +69,45 @@ def calls_per_second(model, ids: np.ndarray, threads: int, seconds: float) -> fl
     return sum(counts) / (time.perf_counter() - start)
 
 
+CONFIGS = {
+    "pool": ("tvmdeploy", None),  # one VM per core (the default)
+    "one-vm": ("tvmdeploy", 1),  # calls take turns, as a lock would make them
+    "onnxruntime": ("onnxruntime", None),
+}
+
+
+def measure_config(
+    bundle: str, config: str, seq: int, threads: list[int], seconds: float
+) -> list[dict]:
+    """Rows for one configuration, measured in this (fresh) process."""
+    from tvmdeploy.runtime import load
+
+    engine, concurrency = CONFIGS[config]
+    ids = np.random.default_rng(0).integers(0, 1000, (1, seq), dtype=np.int64)
+    model = load(
+        bundle,
+        artifact="onnxruntime" if engine == "onnxruntime" else None,
+        max_concurrency=concurrency,
+    )
+    for _ in range(20):
+        model(input_ids=ids)
+    label = (
+        engine
+        if engine == "onnxruntime"
+        else (
+            f"tvmdeploy ({model.choice.artifact}, " + ("1 VM)" if concurrency == 1 else "VM pool)")
+        )
+    )
+    return [
+        {
+            "engine": label,
+            "threads": n,
+            "calls_per_s": round(calls_per_second(model, ids, n, seconds), 1),
+        }
+        for n in threads
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
@@ -74,31 +115,38 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", default="1,2,8")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--config", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from tvmdeploy.runtime import load
-
-    ids = np.random.default_rng(0).integers(0, 1000, (1, args.seq), dtype=np.int64)
+    threads = [int(n) for n in args.threads.split(",")]
+    if args.config:  # the child: one configuration, rows as JSON on stdout
+        print(json.dumps(measure_config(args.bundle, args.config, args.seq, threads, args.seconds)))
+        return
     rows = []
-    for engine, concurrency in (("tvmdeploy", None), ("tvmdeploy", 1), ("onnxruntime", None)):
-        model = load(
-            args.bundle,
-            artifact="onnxruntime" if engine == "onnxruntime" else None,
-            max_concurrency=concurrency,
+    for config in CONFIGS:  # each in a fresh process: a second model in one process measures slower
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                args.bundle,
+                "--config",
+                config,
+                "--seq",
+                str(args.seq),
+                "--seconds",
+                str(args.seconds),
+                "--threads",
+                args.threads,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
-        for _ in range(20):
-            model(input_ids=ids)
-        for threads in map(int, args.threads.split(",")):
-            rate = calls_per_second(model, ids, threads, args.seconds)
-            label = (
-                engine
-                if engine == "onnxruntime"
-                else (
-                    f"tvmdeploy ({model.choice.artifact}, "
-                    + ("1 VM)" if concurrency == 1 else "VM pool)")
-                )
+        for row in json.loads(done.stdout.strip().splitlines()[-1]):
+            rows.append(row)
+            print(
+                f"{row['engine']:<40} {row['threads']} threads: {row['calls_per_s']:8.1f} calls/s",
+                flush=True,
             )
-            rows.append({"engine": label, "threads": threads, "calls_per_s": round(rate, 1)})
-            print(f"{label:<40} {threads} threads: {rate:8.1f} calls/s", flush=True)
     report = {
         "bundle": Path(args.bundle).name,
         "seq": args.seq,
