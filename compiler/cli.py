@@ -137,10 +137,8 @@ def compile_cmd(
     """Export MODEL, build it for each target profile, verify parity against ONNX Runtime, and
     write one bundle."""
     from tvmdeploy.compiler import CompileOptions, compile_model
-    from tvmdeploy.compiler.options import DEFAULT_BUCKETS, RpcTarget, parse_buckets
+    from tvmdeploy.compiler.options import RpcTarget
 
-    buckets = buckets or DEFAULT_BUCKETS
-    parse_buckets(buckets)  # a bad string fails before the export
     options = CompileOptions(
         model=model,
         output=str(output),

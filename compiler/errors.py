@@ -35,6 +35,7 @@ __all__ = [
     "RemoteError",
     "ReportError",
     "SignatureError",
+    "StageError",
     "ToolMissingError",
     "TuningError",
     "TuningInterrupted",
@@ -57,6 +58,11 @@ class UnsupportedOperatorError(TvmdeployError):
             f"{model}: TVM's ONNX importer does not support operator(s) {', '.join(ops)}. "
             "Export with another opset (--opset) or simplify the model so these ops disappear."
         )
+
+
+class StageError(TvmdeployError):
+    """A compile stage failed inside TVM, ONNX or optimum; the message names the stage and what to
+    try, and the original error is kept as the cause (`-v` shows its traceback)."""
 
 
 class ParityError(TvmdeployError):

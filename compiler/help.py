@@ -7,8 +7,9 @@ HELP = {
     "See `tvmdeploy targets`.",
     "task": "Optimum task (e.g. text-classification); inferred from config.json by default.",
     "buckets": "Shape buckets as BATCHES x SEQS, e.g. '1,4x32,64,128,256'; join groups with ';'. "
-    "Default: 1,4x32,64,128,256.",
-    "tune_buckets": "Shape buckets as BATCHES x SEQS, the same as you will compile.",
+    "Default: batch 1,4 x seq 32,64,… up to the model's longest sequence (at most 512).",
+    "tune_buckets": "Shape buckets as BATCHES x SEQS, the same as you will compile (default: from "
+    "the model, as compile does).",
     "opset": "ONNX opset for the export.",
     "tune_trials": "MetaSchedule trials per profile (0 = rule-based default schedules).",
     "no_verify": "Skip the parity check against ONNX Runtime.",

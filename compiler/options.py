@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from tvmdeploy.runtime.errors import OptionError
 from tvmdeploy.runtime.remote import RpcTarget
 
-__all__ = ["DEFAULT_BUCKETS", "BucketSpec", "RpcTarget", "parse_buckets"]
+__all__ = ["DEFAULT_BUCKETS", "BucketSpec", "RpcTarget", "default_buckets", "parse_buckets"]
 
-#: Shape buckets when none are given: batch {1, 4} x seq {32, 64, 128, 256}.
+#: Shape buckets when none are given and the model does not say its longest sequence.
 DEFAULT_BUCKETS = "1,4x32,64,128,256"
+#: Sequence lengths default buckets are chosen from, up to the model's own limit.
+DEFAULT_SEQS = (32, 64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,15 @@ class BucketSpec:
     @property
     def function(self) -> str:
         return f"b{self.batch}_s{self.seq}"
+
+
+def default_buckets(max_positions: int | None) -> str:
+    """Batch {1, 4} x every default sequence length the model can take (its
+    `max_position_embeddings`, at most 512); `DEFAULT_BUCKETS` when the model does not say."""
+    if not max_positions or max_positions < 1:
+        return DEFAULT_BUCKETS
+    seqs = [s for s in DEFAULT_SEQS if s <= max_positions] or [int(max_positions)]
+    return "1,4x" + ",".join(map(str, seqs))
 
 
 def parse_buckets(text: str) -> list[BucketSpec]:

@@ -19,8 +19,8 @@ from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profiles
 
 from .. import build, export, importer, package, tuning, verify
-from ..errors import ModelLoadError, ParityError, TuningError
-from ..options import DEFAULT_BUCKETS, RpcTarget, parse_buckets
+from ..errors import ModelLoadError, ParityError, StageError, TuningError, TvmdeployError
+from ..options import RpcTarget, default_buckets, parse_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class CompileOptions:
         default_factory=lambda: ["host"]
     )  # profile names; 'host' = this machine
     task: str | None = None
-    buckets: str = DEFAULT_BUCKETS
+    buckets: str | None = None  # None: derived from the model (options.default_buckets)
     opset: int | None = None
     tune_trials: int = 0
     verify: bool = True
@@ -55,7 +55,7 @@ class CompileOptions:
         lines = [
             f"tvmdeploy compile {self.model} → {self.output}",
             f"  profiles: {', '.join(p.name for p in profiles)}",
-            f"  buckets : {self.buckets}  (batch x seq)",
+            f"  buckets : {self.buckets or 'from the model (up to its longest sequence, <= 512)'}",
             f"  task    : {self.task or 'inferred from config'}",
             f"  tuning  : {tuning_text}",
         ]
@@ -66,6 +66,20 @@ class CompileOptions:
             )
         for line in lines:
             logger.info(line)
+
+
+#: What to try when a stage fails inside TVM, ONNX or optimum (not with a tvmdeploy error).
+STAGE_HINTS = {
+    "export": "check that the model loads with transformers, or pass an exported .onnx file",
+    "import": "the ONNX graph uses something TVM's importer cannot take: try another --opset, "
+    "or simplify the graph (e.g. onnxslim) and compile the .onnx file",
+    "reference": "ONNX Runtime could not run the exported graph: check it with onnxruntime",
+    "tune": "compile without --tune (the rule-based schedules need no tuning)",
+    "build": "compile for another profile (-t), or without --tune; run with -v and report the "
+    "traceback",
+    "verify": "run with -v for the traceback; --no-verify skips the check (not recommended)",
+    "package": "check the output path and free disk space",
+}
 
 
 class Stages:
@@ -80,8 +94,12 @@ class Stages:
 
 
 class _Stage:
+    """One stage: logs its start and end; an unexpected error inside it (TVM's, ONNX's) becomes
+    a StageError naming the stage, with one line on what to try (traceback kept as the cause)."""
+
     def __init__(self, title: str):
         self.title = title
+        self.name = title.split("] ", 1)[-1].split(" ", 1)[0]
 
     def __enter__(self) -> Self:
         self.start = time.perf_counter()
@@ -91,6 +109,13 @@ class _Stage:
     def __exit__(self, exc_type, exc, tb) -> None:
         took = time.perf_counter() - self.start
         logger.info("%s %s in %.1f s", self.title, "done" if exc_type is None else "failed", took)
+        if exc is not None and isinstance(exc, Exception) and not isinstance(exc, TvmdeployError):
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise StageError(
+                f"{self.name} failed ({type(exc).__name__}: {first[:300]}); "
+                f"{STAGE_HINTS.get(self.name, 'run with -v for the traceback')}. "
+                "Nothing was written."
+            ) from exc
 
 
 def graph_vocab_sizes(onnx_path: Path) -> dict[str, int]:
@@ -149,7 +174,8 @@ def compile_model(options: CompileOptions) -> Path:
             and profile.requires.get("arch") == remote_device.arch
         )
 
-    buckets = parse_buckets(options.buckets)
+    if options.buckets:
+        parse_buckets(options.buckets)  # a bad string fails before the export
     tunable = []
     if options.tune_trials:
         for profile in profiles:
@@ -168,6 +194,10 @@ def compile_model(options: CompileOptions) -> Path:
             exported = export.export_model(
                 options.model, work_dir / "onnx", task=options.task, opset=options.opset
             )
+        max_positions = exported.config.get("max_position_embeddings")
+        buckets = parse_buckets(options.buckets or default_buckets(max_positions))
+        if not options.buckets:
+            logger.info("  buckets from the model: %s", default_buckets(max_positions))
         if exported.parity:
             p = exported.parity
             logger.info(
@@ -176,9 +206,7 @@ def compile_model(options: CompileOptions) -> Path:
                 p["tolerance"],
             )
         with stages(f"import to Relax ({len(buckets)} shape buckets)"):
-            imported = importer.import_onnx(
-                exported.onnx_path, buckets, exported.config.get("max_position_embeddings")
-            )
+            imported = importer.import_onnx(exported.onnx_path, buckets, max_positions)
         with stages("reference outputs from ONNX Runtime"):
             cases = (
                 verify.reference_cases(exported.onnx_path, imported, exported.config)

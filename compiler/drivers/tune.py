@@ -21,7 +21,7 @@ from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profile
 
 from .. import export, importer
-from ..options import DEFAULT_BUCKETS, RpcTarget, parse_buckets
+from ..options import RpcTarget, default_buckets, parse_buckets
 from ..tuning import (
     RecordStore,
     TuneResult,
@@ -73,7 +73,8 @@ def tune_model(options: TuneOptions) -> TuneResult:
     device = check_tunable(profile, tracker, key)  # a wrong --rpc fails before the export
     options.display(profile, device)
     cache_key = key if device is not None else None
-    buckets = parse_buckets(options.buckets or DEFAULT_BUCKETS)
+    if options.buckets:
+        parse_buckets(options.buckets)  # a bad string fails before the export
     work = scratch_dir("tvmdeploy-tune")
     try:
         work_dir = Path(work)
@@ -81,9 +82,9 @@ def tune_model(options: TuneOptions) -> TuneResult:
         exported = export.export_model(
             options.model, work_dir / "onnx", task=options.task, opset=options.opset
         )
-        imported = importer.import_onnx(
-            exported.onnx_path, buckets, exported.config.get("max_position_embeddings")
-        )
+        max_positions = exported.config.get("max_position_embeddings")
+        buckets = parse_buckets(options.buckets or default_buckets(max_positions))
+        imported = importer.import_onnx(exported.onnx_path, buckets, max_positions)
         result = tune(
             imported.mod,
             profile,

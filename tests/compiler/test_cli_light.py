@@ -68,6 +68,7 @@ def run_command(tmp_path, *args) -> tuple[subprocess.CompletedProcess, dict]:
         ["inspect", "{bundle}", "--check"],
         ["bench", "{bundle}", "--compare", "", "--seq", "16", "--warmup", "1", "--runs", "3"],
         ["report", "{bench_json}"],
+        ["verify", "{bundle}"],
     ],
 )
 def test_device_commands_load_no_compiler(command, tiny_bundle, tmp_path):

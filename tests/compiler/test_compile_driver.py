@@ -80,3 +80,79 @@ def test_display_says_what_will_happen(caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "x86-64-v3" in text and "5 trials per profile" in text and "'board'" in text
     assert json.dumps(options.buckets)
+
+
+def mean_pooling_graph(folder):
+    """Embedding + masked mean pooling with Clip, as sentence-transformers exports it. TVM 0.27
+    fails to build it (no definition of the `maximum` its Clip becomes): a real failure inside
+    TVM. When tvmdeploy learns to compile it, give this test another graph TVM cannot take."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    init = [
+        numpy_helper.from_array(rng.standard_normal((50, 8)).astype(np.float32), "emb"),
+        numpy_helper.from_array(np.array(1e-9, np.float32), "eps"),
+        numpy_helper.from_array(np.array([1], np.int64), "seq_axis"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask", "last"], ["mask3"]),
+        helper.make_node("Mul", ["h", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "seq_axis"], ["total"], keepdims=0),
+        helper.make_node("ReduceSum", ["mask3", "seq_axis"], ["count"], keepdims=0),
+        helper.make_node("Clip", ["count", "eps"], ["safe_count"]),
+        helper.make_node("Div", ["total", "safe_count"], ["embedding"]),
+    ]
+    ids = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+        for n in ("input_ids", "attention_mask")
+    ]
+    out = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 8])]
+    model = helper.make_model(
+        helper.make_graph(nodes, "pool", ids, out, init),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    folder.mkdir()
+    onnx.save(model, str(folder / "model.onnx"))
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 50}))
+    return folder / "model.onnx"
+
+
+def test_a_failure_inside_tvm_names_the_stage_and_writes_nothing(tmp_path):
+    from tvmdeploy.compiler.cli import app
+    from tvmdeploy.compiler.errors import StageError
+    from typer.testing import CliRunner
+
+    model = mean_pooling_graph(tmp_path / "pool")
+    out = tmp_path / "pool.tvmd"
+    with pytest.raises(
+        StageError, match=r"^build failed \(InternalError: .*\); .*Nothing was written"
+    ) as caught:
+        compile_model(CompileOptions(model=str(model), output=str(out), buckets="1x4"))
+    assert caught.value.__cause__ is not None  # TVM's error, for -v
+    assert not out.exists()
+    quiet = CliRunner().invoke(app, ["compile", str(model), "-o", str(out), "--buckets", "1x4"])
+    assert quiet.exit_code == 2 and "error: build failed" in quiet.output
+    assert "Traceback" not in quiet.output and "run with -v" in quiet.output
+    loud = CliRunner().invoke(
+        app, ["-v", "compile", str(model), "-o", str(out), "--buckets", "1x4"]
+    )
+    assert loud.exit_code == 2 and "Traceback" in loud.output
+    assert not out.exists()
+
+
+def test_default_buckets_follow_the_model(tiny_model_dir, tmp_path):
+    """The tiny BERT takes 128 positions: no 256-token bucket it could not run."""
+    from tvmdeploy.compiler.options import default_buckets
+
+    assert default_buckets(128) == "1,4x32,64,128"
+    assert default_buckets(514) == "1,4x32,64,128,256,512"
+    assert default_buckets(None) == DEFAULT_BUCKETS
+    assert default_buckets(20) == "1,4x20"
+    out = compile_model(CompileOptions(model=str(tiny_model_dir), output=str(tmp_path / "d.tvmd")))
+    seqs = {b.seq for b in Bundle(out).buckets}
+    assert seqs == {32, 64, 128}
