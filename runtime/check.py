@@ -15,6 +15,7 @@ from pathlib import Path
 from .bundle import Bundle
 from .errors import TvmdeployError
 from .inputs import synthetic_inputs
+from .model import load
 from .parity import ATOL, RTOL, Comparison
 from .probe import missing_requirements, probe
 from .signing import read_signature, verify_manifest
@@ -87,8 +88,6 @@ def _signature_row(bundle: Bundle, public_keys: Sequence[str | Path]) -> CheckRo
 
 
 def _reference(bundle: Bundle):
-    from .model import load
-
     try:
         return load(bundle.path, artifact="onnxruntime")
     except (TvmdeployError, ImportError):
@@ -96,8 +95,6 @@ def _reference(bundle: Bundle):
 
 
 def _parity_row(bundle: Bundle, artifact, reference, shapes) -> CheckRow:
-    from .model import load
-
     what = f"parity {artifact.profile}"
     tolerance = artifact.parity.get("tolerance") or {}
     atol, rtol = float(tolerance.get("atol", ATOL)), float(tolerance.get("rtol", RTOL))

@@ -126,13 +126,6 @@ class TvmEngine:
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    @property
-    def vm(self) -> Any:
-        """One VM of the pool (for callers that inspect the module, not for running)."""
-        vm = self._acquire()
-        self._idle.put(vm)
-        return vm
-
     def _reset_after_fork(self) -> None:
         """In a forked child, once: a fresh VM pool (VMs held by threads that did not survive
         the fork are gone)."""

@@ -14,12 +14,13 @@ signed by another key, or changed after signing. Ed25519 comes from `cryptograph
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from .atomic import write_json_atomic
-from .errors import OptionError, SignatureError
+from .errors import BundleError, OptionError, SignatureError
 
 SIGNATURE_FILE = "signature.json"
 FORMAT = "tvmdeploy.signature"
@@ -107,8 +108,6 @@ def sign_bundle(bundle_dir: str | Path, private_key_path: str | Path) -> dict:
     try:
         manifest_bytes = manifest.read_bytes()
     except OSError:
-        from .errors import BundleError
-
         raise BundleError(f"{bundle_dir}: not a bundle, manifest.json is missing") from None
     try:
         key = serialization.load_pem_private_key(Path(private_key_path).read_bytes(), password=None)
@@ -135,8 +134,6 @@ def sign_bundle(bundle_dir: str | Path, private_key_path: str | Path) -> dict:
 
 def read_signature(bundle_dir: Path) -> dict | None:
     """The bundle's signature record, None when unsigned; a malformed one is a SignatureError."""
-    import json
-
     path = Path(bundle_dir) / SIGNATURE_FILE
     if not path.is_file():
         return None
