@@ -18,7 +18,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import BundleError
-from .signing import trusted_keys_from_env, verify_manifest
+from .signing import (
+    SIGNATURE_FILE,
+    SignatureStatus,
+    signature_status,
+    trusted_keys_from_env,
+    verify_manifest,
+)
 
 FORMAT = "tvmdeploy.bundle"
 FORMAT_VERSION = 1
@@ -165,10 +171,21 @@ def _check_fields(manifest: dict[str, Any], where: Path) -> None:
 class Bundle:
     """A bundle directory with a validated manifest."""
 
-    def __init__(self, path: str | Path, trusted_keys: Sequence[str | Path] | None = None):
-        """Read and check the manifest. With `trusted_keys` (or `$TVMDEPLOY_TRUSTED_KEYS`), the
-        bundle must carry a valid signature by one of them (runtime/signing.py), checked on the
-        exact bytes parsed here, before anything else is read."""
+    def __init__(
+        self,
+        path: str | Path,
+        trusted_keys: Sequence[str | Path] | None = None,
+        *,
+        check_signature: bool = True,
+    ):
+        """Read and check the manifest; nothing else in the bundle is read here.
+
+        With `trusted_keys` (public key files or keys; when none are given,
+        `$TVMDEPLOY_TRUSTED_KEYS`), the bundle must carry a valid signature by one of them
+        (runtime/signing.py), checked on the exact bytes parsed here: SignatureError otherwise.
+        Every path the manifest names must stay inside the bundle: BundleError otherwise.
+        `check_signature=False` skips the signature check (`tvmdeploy verify` reports it itself).
+        """
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir():
@@ -176,13 +193,23 @@ class Bundle:
                 f"{self.path}: no such bundle directory (compile one with `tvmdeploy compile`)"
             )
         try:
+            outside = not manifest_path.resolve().is_relative_to(self.path.resolve())
+        except (OSError, RuntimeError):
+            outside = True
+        if outside:
+            raise BundleError(
+                f"{manifest_path} leads out of the bundle (a symlink); the bundle is unsafe, "
+                "rebuild it with `tvmdeploy compile`"
+            )
+        try:
             self.manifest_bytes = manifest_path.read_bytes()
         except FileNotFoundError:
             raise BundleError(f"{self.path}: not a bundle, {MANIFEST} is missing") from None
         except OSError as err:
             raise BundleError(f"{manifest_path}: unreadable manifest ({err.strerror})") from None
-        keys = list(trusted_keys) if trusted_keys is not None else trusted_keys_from_env()
-        self.signer: str | None = (
+        keys = (list(trusted_keys or ()) or trusted_keys_from_env()) if check_signature else []
+        #: The signature checked against trusted keys here; None when none were given.
+        self.verified_signature: SignatureStatus | None = (
             verify_manifest(self.path, self.manifest_bytes, keys) if keys else None
         )
         try:
@@ -214,6 +241,7 @@ class Bundle:
             self.outputs: list[dict[str, Any]] = self.manifest["model"]["outputs"]
             paths = [*self.manifest["files"], *(a.file for a in self.artifacts)]
             paths += [w["file"] for w in self.manifest["weights"].values()]
+            paths += [a.tuning["database"] for a in self.artifacts if "database" in a.tuning]
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise BundleError(
                 f"{manifest_path}: manifest lacks a required field ({err!r}); recompile"
@@ -223,23 +251,46 @@ class Bundle:
 
     def _confined(self, relative: Any) -> Path:
         """`relative` as a path inside the bundle; anything that could leave it is refused."""
-        parts = PurePosixPath(relative).parts if isinstance(relative, str) else ()
-        root = self.path.resolve()
-        inside = (root / relative).resolve() if parts else None
-        if (
-            not parts
-            or PurePosixPath(relative).is_absolute()
-            or ".." in parts
-            or "\\" in relative
-            or inside is None
-            or not inside.is_relative_to(root)
-        ):
+        inside = None
+        text = relative if isinstance(relative, str) else ""
+        if text and "\\" not in text and "\0" not in text:
+            pure = PurePosixPath(relative)
+            if pure.parts and not pure.is_absolute() and ".." not in pure.parts:
+                try:
+                    root = self.path.resolve()
+                    inside = (root / pure).resolve()
+                except (OSError, RuntimeError, ValueError):  # a symlink loop, for one
+                    inside = None
+                if inside is not None and not inside.is_relative_to(root):
+                    inside = None
+        if inside is None:
             raise BundleError(
                 f"{self.path}: the manifest names {relative!r}, which is not a path inside the "
                 "bundle (absolute, '..', or a symlink leading out); the bundle is unsafe, rebuild "
                 "it with `tvmdeploy compile`"
             )
         return inside
+
+    @property
+    def signed(self) -> bool:
+        """The bundle carries a signature (valid or not: see `signature`)."""
+        return (self.path / SIGNATURE_FILE).exists()
+
+    @property
+    def signer(self) -> str | None:
+        """The key id of the trusted key that signed this bundle, when trusted keys were checked."""
+        return self.verified_signature.key_id if self.verified_signature else None
+
+    @property
+    def signer_fingerprint(self) -> str | None:
+        """The full fingerprint of the trusted signer, when trusted keys were checked."""
+        return self.verified_signature.fingerprint if self.verified_signature else None
+
+    @cached_property
+    def signature(self) -> SignatureStatus:
+        """What the signature says about the manifest read here: `trusted` when checked against
+        trusted keys at load, else unsigned / valid (by the key it names) / invalid."""
+        return self.verified_signature or signature_status(self)
 
     @property
     def name(self) -> str:

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .bundle import Bundle
+from .bundle import MANIFEST, Bundle
 from .errors import TvmdeployError
 from .inputs import synthetic_inputs
 from .model import load
 from .parity import ATOL, RTOL, Comparison
 from .probe import missing_requirements, probe
-from .signing import read_signature, verify_manifest
+from .signing import INVALID, UNSIGNED, signature_status, trusted_keys_from_env, verify_manifest
 
 OK, FAILED, NOT_RUN = "ok", "failed", "not-run"
 
@@ -42,24 +42,38 @@ def all_ok(rows: Sequence[CheckRow]) -> bool:
 
 def check_bundle(
     bundle_dir: str | Path,
-    public_keys: Sequence[str | Path] = (),
+    public_keys: Sequence[str | Path] | None = None,
     shapes: Sequence[tuple[int, int]] = ((1, 16), (2, 32)),
 ) -> list[CheckRow]:
-    """Every check of the bundle, as rows; never raises for a failed check (a missing or
-    unreadable bundle still raises BundleError)."""
-    bundle = Bundle(bundle_dir)
-    rows = [_signature_row(bundle, public_keys)]
-    files = bundle.manifest.get("files", {})
-    for relative in files:
+    """Every check of the bundle, as rows; never raises for a failed check.
+
+    `public_keys` (files or keys; default `$TVMDEPLOY_TRUSTED_KEYS`) are the keys the signature
+    must be from; without any, the signature is only checked against the key it names (`not-run`
+    when valid: who signed is unproven). A manifest that is unreadable or names paths outside the
+    bundle is one `failed` row; a missing bundle directory or manifest raises BundleError. No
+    library is loaded from a bundle whose signature or checksums failed.
+    """
+    keys = list(public_keys or ()) or trusted_keys_from_env()
+    try:
+        bundle = Bundle(bundle_dir, check_signature=False)
+    except TvmdeployError as err:
+        if not (Path(bundle_dir) / MANIFEST).is_file():
+            raise  # not a bundle at all: nothing to report on
+        signature = signature_status(Path(bundle_dir))
+        row = CheckRow("signature", FAILED if signature.state == INVALID else NOT_RUN)
+        row.detail = signature.detail or signature.describe()
+        return [row, CheckRow("manifest", FAILED, str(err))]
+    rows = [_signature_row(bundle, keys)]
+    for relative in bundle.manifest["files"]:
         try:
             bundle.file(relative)
             rows.append(CheckRow(f"sha256 {relative}", OK))
         except TvmdeployError as err:
             rows.append(CheckRow(f"sha256 {relative}", FAILED, str(err)))
-    if any(row.status == FAILED for row in rows):
+    if not all_ok(rows):
         return rows  # never load code from a bundle that failed its signature or checksums
     device = probe()
-    reference = _reference(bundle)
+    reference = _reference(bundle, keys)
     for artifact in bundle.artifacts:
         what = f"parity {artifact.profile}"
         missing = missing_requirements(artifact.requires, device)
@@ -68,39 +82,43 @@ def check_bundle(
         elif reference is None:
             rows.append(CheckRow(what, NOT_RUN, "no ONNX Runtime or model.onnx to compare with"))
         else:
-            rows.append(_parity_row(bundle, artifact, reference, shapes))
+            rows.append(_parity_row(bundle, artifact, reference, shapes, keys))
     return rows
 
 
-def _signature_row(bundle: Bundle, public_keys: Sequence[str | Path]) -> CheckRow:
-    try:
-        if public_keys:
-            signer = verify_manifest(bundle.path, bundle.manifest_bytes, public_keys)
-            return CheckRow("signature", OK, f"signed by trusted key {signer}")
-        record = read_signature(bundle.path)
-    except TvmdeployError as err:
-        return CheckRow("signature", FAILED, str(err))
-    if record is None:
+def _signature_row(bundle: Bundle, keys: Sequence[str | Path]) -> CheckRow:
+    if keys:
+        try:
+            signer = verify_manifest(bundle.path, bundle.manifest_bytes, keys)
+        except TvmdeployError as err:
+            return CheckRow("signature", FAILED, str(err))
+        return CheckRow("signature", OK, f"signed by trusted key {signer.key_id}")
+    status = signature_status(bundle)
+    if status.state == INVALID:
+        return CheckRow("signature", FAILED, status.detail)
+    if status.state == UNSIGNED:
         return CheckRow("signature", NOT_RUN, "unsigned (sign with `tvmdeploy sign`)")
     return CheckRow(
-        "signature", NOT_RUN, f"signed by key {record['key_id']}; pass --key PUB to check it"
+        "signature",
+        NOT_RUN,
+        f"valid signature by key {status.key_id}; pass --key PUB to check it is a trusted key",
     )
 
 
-def _reference(bundle: Bundle):
+def _reference(bundle: Bundle, keys: Sequence[str | Path]):
     try:
-        return load(bundle.path, artifact="onnxruntime")
+        return load(bundle.path, artifact="onnxruntime", trusted_keys=keys or None)
     except (TvmdeployError, ImportError):
         return None
 
 
-def _parity_row(bundle: Bundle, artifact, reference, shapes) -> CheckRow:
+def _parity_row(bundle: Bundle, artifact, reference, shapes, keys) -> CheckRow:
     what = f"parity {artifact.profile}"
     tolerance = artifact.parity.get("tolerance") or {}
     atol, rtol = float(tolerance.get("atol", ATOL)), float(tolerance.get("rtol", RTOL))
     names = [i["name"] for i in bundle.inputs]
     try:
-        model = load(bundle.path, artifact=artifact.profile)
+        model = load(bundle.path, artifact=artifact.profile, trusted_keys=keys or None)
         comparison = Comparison()
         for batch, seq in shapes:
             seq = min(seq, model.max_seq)
@@ -111,6 +129,8 @@ def _parity_row(bundle: Bundle, artifact, reference, shapes) -> CheckRow:
             comparison.add(f"{batch}x{seq}", list(got.values()), list(want.values()), atol, rtol)
     except TvmdeployError as err:
         return CheckRow(what, FAILED, str(err))
+    except Exception as err:  # noqa: BLE001 - a crash inside TVM is this check failing
+        return CheckRow(what, FAILED, f"{type(err).__name__}: {err}")
     detail = f"max abs diff {comparison.max_abs_diff:.2e} (atol {atol:g}, rtol {rtol:g})"
     if comparison.ok:
         return CheckRow(what, OK, detail)

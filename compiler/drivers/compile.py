@@ -235,11 +235,15 @@ def compile_model(options: CompileOptions) -> Path:
                         rpc=profile_rpc.tracker if profile_rpc else None,
                         rpc_key=rpc_key,
                     )
-            else:  # records from the shipped set and the cache, zero new trials
-                tuned = tuning.lookup(imported.mod, profile, tuning_dir, rpc_key=rpc_key)
-            if tuned is not None:
-                database, tuning_summary, tuning_files = tuned.database, tuned.summary, tuned.files
             with stages(f"build {profile.name}"):
+                if profile not in tunable:  # records from the shipped set and the cache, no trials
+                    tuned = tuning.lookup(imported.mod, profile, tuning_dir, rpc_key=rpc_key)
+                if tuned is not None:
+                    database, tuning_summary, tuning_files = (
+                        tuned.database,
+                        tuned.summary,
+                        tuned.files,
+                    )
                 built = build.build_artifact(
                     imported.mod, profile, work_dir / "artifacts" / profile.name, database
                 )
