@@ -315,7 +315,6 @@ def inspect(
     from tvmdeploy.runtime import Bundle, probe
     from tvmdeploy.runtime.parity import parity_summary
     from tvmdeploy.runtime.probe import missing_requirements
-    from tvmdeploy.runtime.signing import read_signature
 
     b = Bundle(bundle)
     if check:
@@ -346,8 +345,7 @@ def inspect(
         )
     if check:
         out.print(f"  checksums: all {len(m['files'])} files ok")
-    signature = read_signature(b.path)
-    out.print(f"  signature: {'signed by key ' + signature['key_id'] if signature else 'unsigned'}")
+    out.print(f"  signature: {b.signature.describe()}")
     device = probe()
     table = Table(title="artifacts")
     for column in (

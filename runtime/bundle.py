@@ -274,7 +274,8 @@ class Bundle:
     @property
     def signed(self) -> bool:
         """The bundle carries a signature (valid or not: see `signature`)."""
-        return (self.path / SIGNATURE_FILE).exists()
+        path = self.path / SIGNATURE_FILE
+        return path.exists() or path.is_symlink()
 
     @property
     def signer(self) -> str | None:

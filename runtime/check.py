@@ -1,9 +1,10 @@
 """`tvmdeploy verify BUNDLE`: check a bundle on the device it landed on, before trusting it.
 
-Rows, in order: the signature (against the given public keys, or just whether there is one), every
-file's sha256, then each artifact this device can run, loaded and compared against ONNX Runtime on
-the bundle's own ONNX model (the tolerance its manifest recorded). Artifacts the device cannot run
-get a `not-run` row saying what it lacks. Only the runtime is imported.
+Rows, in order: the signature (against the given public keys or `$TVMDEPLOY_TRUSTED_KEYS`; without
+any, only against the key it names), every file's sha256, then each artifact this device can run,
+loaded and compared against ONNX Runtime on the bundle's own ONNX model (the tolerance its
+manifest recorded). Artifacts the device cannot run get a `not-run` row saying what it lacks.
+Only the runtime is imported.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from .inputs import synthetic_inputs
 from .model import load
 from .parity import ATOL, RTOL, Comparison
 from .probe import missing_requirements, probe
-from .signing import INVALID, UNSIGNED, signature_status, trusted_keys_from_env, verify_manifest
+from .signing import (
+    INVALID,
+    UNSIGNED,
+    signature_status,
+    trusted_keys_from_env,
+    verify_manifest,
+    verify_signature,
+)
 
 OK, FAILED, NOT_RUN = "ok", "failed", "not-run"
 
@@ -59,10 +67,7 @@ def check_bundle(
     except TvmdeployError as err:
         if not (Path(bundle_dir) / MANIFEST).is_file():
             raise  # not a bundle at all: nothing to report on
-        signature = signature_status(Path(bundle_dir))
-        row = CheckRow("signature", FAILED if signature.state == INVALID else NOT_RUN)
-        row.detail = signature.detail or signature.describe()
-        return [row, CheckRow("manifest", FAILED, str(err))]
+        return [_signature_row(Path(bundle_dir), keys), CheckRow("manifest", FAILED, str(err))]
     rows = [_signature_row(bundle, keys)]
     for relative in bundle.manifest["files"]:
         try:
@@ -86,10 +91,14 @@ def check_bundle(
     return rows
 
 
-def _signature_row(bundle: Bundle, keys: Sequence[str | Path]) -> CheckRow:
+def _signature_row(bundle: Bundle | Path, keys: Sequence[str | Path]) -> CheckRow:
+    """The signature against `keys`, or (none given) against the key it names."""
     if keys:
         try:
-            signer = verify_manifest(bundle.path, bundle.manifest_bytes, keys)
+            if isinstance(bundle, Bundle):
+                signer = verify_manifest(bundle.path, bundle.manifest_bytes, keys)
+            else:
+                signer = verify_signature(bundle, keys)
         except TvmdeployError as err:
             return CheckRow("signature", FAILED, str(err))
         return CheckRow("signature", OK, f"signed by trusted key {signer.key_id}")

@@ -90,3 +90,63 @@ def test_artifact_the_device_cannot_run_is_never_loaded(bundle_copy):
     model = load(bundle_copy)
     assert model.choice.artifact == "onnxruntime"
     assert artifact["profile"] in model.choice.rejected
+
+
+def _rewrite_manifest(bundle_dir, edit) -> None:
+    manifest = bundle_dir / "manifest.json"
+    data = json.loads(manifest.read_text())
+    edit(data)
+    manifest.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("where", ["artifact file", "files map", "weights file", "tuning database"])
+@pytest.mark.parametrize(
+    "bad_path", ["../outside/lib.so", "/etc/passwd", "artifacts/../../x", "link/lib.so", ""]
+)
+def test_manifest_paths_must_stay_inside_the_bundle(where, bad_path, bundle_copy, tmp_path):
+    """Every path the manifest names is checked when it is read, before any file is opened."""
+    (tmp_path / "outside").mkdir(exist_ok=True)
+    (tmp_path / "outside" / "lib.so").write_bytes(b"x")
+    (bundle_copy / "link").symlink_to(tmp_path / "outside")
+
+    def edit(data):
+        if where == "artifact file":
+            data["artifacts"][0]["file"] = bad_path
+        elif where == "files map":
+            data["files"][bad_path] = "0" * 64
+        elif where == "weights file":
+            data["weights"]["float32"]["file"] = bad_path
+        else:
+            data["artifacts"][0]["tuning"]["database"] = bad_path
+
+    _rewrite_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match="not a path inside the bundle.*unsafe"):
+        Bundle(bundle_copy)
+    with pytest.raises(BundleError, match="unsafe"):
+        load(bundle_copy)
+
+
+def test_a_file_symlinked_out_of_the_bundle_is_refused_though_its_checksum_matches(bundle_copy):
+    """A listed file replaced by a symlink to an identical copy outside: refused by path, at
+    `Bundle(...)`; a symlink that stays inside the bundle is fine."""
+    weights = bundle_copy / "weights" / "float32.params"
+    outside = bundle_copy.parent / "float32.params"
+    shutil.copyfile(weights, outside)
+    weights.unlink()
+    weights.symlink_to(outside)
+    with pytest.raises(BundleError, match="'weights/float32.params'.*unsafe, rebuild"):
+        Bundle(bundle_copy)
+    weights.unlink()
+    shutil.copyfile(outside, bundle_copy / "weights" / "real.params")
+    weights.symlink_to("real.params")
+    Bundle(bundle_copy).verify()
+
+
+def test_a_manifest_symlinked_out_of_the_bundle_is_refused(bundle_copy):
+    manifest = bundle_copy / "manifest.json"
+    outside = bundle_copy.parent / "manifest.json"
+    shutil.copyfile(manifest, outside)
+    manifest.unlink()
+    manifest.symlink_to(outside)
+    with pytest.raises(BundleError, match="leads out of the bundle.*unsafe"):
+        Bundle(bundle_copy)
