@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import BundleError
 from .signing import (
+    MANIFEST,
     SIGNATURE_FILE,
     SignatureStatus,
     signature_status,
@@ -28,7 +29,6 @@ from .signing import (
 
 FORMAT = "tvmdeploy.bundle"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 def sha256_file(path: Path) -> str:

@@ -31,6 +31,7 @@ from .atomic import write_json_atomic
 from .errors import BundleError, OptionError, SignatureError
 
 SIGNATURE_FILE = "signature.json"
+#: The bundle file a signature covers (bundle.py reads the same name from here).
 MANIFEST = "manifest.json"
 FORMAT = "tvmdeploy.signature"
 VERSION = 2
@@ -222,10 +223,7 @@ def sign_bundle(bundle_dir: str | Path, private_key_path: str | Path) -> dict[st
     """
     _, serialization, _ = _crypto()
     bundle_dir = Path(bundle_dir)
-    try:
-        manifest_bytes = (bundle_dir / MANIFEST).read_bytes()
-    except OSError:
-        raise BundleError(f"{bundle_dir}: not a bundle, {MANIFEST} is missing") from None
+    manifest_bytes = _manifest_bytes(bundle_dir)
     key = load_private_key(private_key_path)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     record = {
