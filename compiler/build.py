@@ -25,6 +25,7 @@ class BuildResult:
     target: dict[str, Any]  # the TVM target dict actually used
     code_form: str  # "shared-library" (CPU) or "cuda-source-in-library" / "cuda-fatbin"
     seconds: float
+    precision: str = "float32"  # what verification's tolerance and the manifest say
 
 
 def tvm_target(profile: Profile, num_cores: int | None = None):
@@ -49,8 +50,11 @@ def relax_pipeline(profile: Profile, target, database=None):
     return cpu_pipeline(target) if database is None else cpu_pipeline(target, database=database)
 
 
-def build_artifact(mod, profile: Profile, out_dir: str | Path, database=None) -> BuildResult:
-    """Compile `mod` (all bucket functions) for `profile` into `out_dir/lib.so`."""
+def build_artifact(
+    mod, profile: Profile, out_dir: str | Path, database=None, precision: str = "float32"
+) -> BuildResult:
+    """Compile `mod` (all bucket functions) for `profile` into `out_dir/lib.so`; `precision` is
+    what `mod` was made for (quantize.py rewrites it before this stage)."""
     import time
 
     import tvm
@@ -71,7 +75,12 @@ def build_artifact(mod, profile: Profile, out_dir: str | Path, database=None) ->
 
         code_form = compile_and_export(mod, target, pipeline, profile.target["arch"], lib_path)
         return BuildResult(
-            profile, lib_path, dict(profile.target), code_form, time.perf_counter() - start
+            profile,
+            lib_path,
+            dict(profile.target),
+            code_form,
+            time.perf_counter() - start,
+            precision,
         )
     executable = tvm.compile(mod, target, relax_pipeline=pipeline)
     if profile.cross_cc:
@@ -81,5 +90,10 @@ def build_artifact(mod, profile: Profile, out_dir: str | Path, database=None) ->
     else:
         executable.export_library(str(lib_path))
     return BuildResult(
-        profile, lib_path, dict(profile.target), "shared-library", time.perf_counter() - start
+        profile,
+        lib_path,
+        dict(profile.target),
+        "shared-library",
+        time.perf_counter() - start,
+        precision,
     )

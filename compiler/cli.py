@@ -24,6 +24,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from tvmdeploy.runtime.errors import TvmdeployError
+from tvmdeploy.runtime.precision import DEFAULT_ACCURACY_GATE
 from typer.core import TyperGroup
 
 from .help import HELP
@@ -132,10 +133,15 @@ def compile_cmd(
     name: Annotated[str | None, Opt(help=HELP["name"])] = None,
     rpc: Annotated[str | None, Opt("--rpc", help=HELP["compile_rpc"])] = None,
     rpc_key: Annotated[str | None, Opt("--rpc-key", help=HELP["rpc_key"])] = None,
+    precision: Annotated[str, Opt("--precision", help=HELP["precision"])] = "fp32",
+    eval_data: Annotated[Path | None, Opt("--eval-data", help=HELP["eval_data"])] = None,
+    accuracy_gate: Annotated[
+        float, Opt("--accuracy-gate", help=HELP["accuracy_gate"])
+    ] = DEFAULT_ACCURACY_GATE,
     json_output: Annotated[bool, Opt("--json", help=HELP["compile_json"])] = False,
 ) -> None:
-    """Export MODEL, build it for each target profile, verify parity against ONNX Runtime, and
-    write one bundle."""
+    """Export MODEL, build it for each target profile and precision, verify parity against ONNX
+    Runtime, and write one bundle."""
     from tvmdeploy.compiler import CompileOptions, compile_model
     from tvmdeploy.compiler.options import RpcTarget
 
@@ -150,6 +156,9 @@ def compile_cmd(
         verify=not no_verify,
         name=name,
         rpc=RpcTarget.from_options(rpc, rpc_key),
+        precisions=[p.strip() for p in precision.split(",") if p.strip()],
+        eval_data=str(eval_data) if eval_data else None,
+        accuracy_gate=accuracy_gate,
     )
     written = compile_model(options)
     if json_output:
@@ -366,7 +375,7 @@ def inspect(
         )
         missing = missing_requirements(a.requires, device)
         table.add_row(
-            a.profile,
+            a.name,
             json.dumps(a.target),
             a.code_form,
             str(a.tuning.get("trials", 0)) + " trials",
@@ -428,12 +437,13 @@ def demo(
     table = Table(title=f"minilm-sentiment on {summary['device']} (batch 1)")
     table.add_column("engine")
     table.add_column(f"accuracy (n={summary['held_out']})", justify="right")
+    table.add_column("agrees with fp32", justify="right")
     for seq in seqs:
         table.add_column(f"seq {seq} p50 ms", justify="right")
         table.add_column(f"seq {seq} p90 ms", justify="right")
     table.add_column("vs ORT (seq 128 p50)", justify="right")
     for row in summary["rows"]:
-        cells = [f"{row['accuracy']:.2%}"]
+        cells = [f"{row['accuracy']:.2%}", f"{row['agreement']:.2%}"]
         for seq in seqs:
             cells += [
                 f"{row['latency_ms'][seq]['p50']:.2f}",

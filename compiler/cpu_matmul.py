@@ -7,6 +7,8 @@ matmuls read B pre-packed in panels of two SIMD vectors (pack_weights.py).
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
@@ -128,6 +130,9 @@ class CPUMatmul(ScheduleRule):
 
     #: Pack B panels when B is larger than this many bytes (and M >= 32).
     pack_b_bytes = 4 << 20
+    #: Below this many multiply-adds the GEMM runs on the calling thread: waking the thread pool
+    #: costs more than the work (the per-call floor of small models and short sequences).
+    min_parallel_macs = 1 << 19
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -192,6 +197,8 @@ class CPUMatmul(ScheduleRule):
 
         s, i, j, k = sch.get_loops(main)
         ext_i, ext_j = loop_extent(sch, i), loop_extent(sch, j)
+        sizes = [loop_extent(sch, lp) for lp in (s, i, j, k)]
+        small = all(e is not None for e in sizes) and math.prod(sizes) < self.min_parallel_macs
 
         # Step 1. Pick the micro-kernel shape and tile.
         lanes = vector_lanes(target)
@@ -202,13 +209,15 @@ class CPUMatmul(ScheduleRule):
         sch.reorder(s, jo, io, k, ii, ji)
         if pack_b:
             outer = sch.fuse(s, jo)
-            sch.parallel(outer)
+            if not small:
+                sch.parallel(outer)
             sch.compute_at(reindex_b, outer, preserve_unit_loops=True)
             self._vectorize_tile(sch, reindex_b, nr)
             tile = io
         else:
             outer = sch.fuse(s, jo, io)
-            sch.parallel(outer)
+            if not small:
+                sch.parallel(outer)
             tile = outer
         if mr > 1:
             sch.unroll(ii)

@@ -8,6 +8,7 @@ loops and vectorizes the inner one to the target's SIMD width.
 from __future__ import annotations
 
 import contextlib
+import math
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
@@ -26,6 +27,9 @@ class CPURowReduction(ScheduleRule):
     partial accumulators so that the reduction itself is vectorized (a plain scalar
     reduction is latency bound: one dependent add per element).
     """
+
+    #: Below this many output elements a kernel runs on the calling thread.
+    min_parallel_elems = 8192
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -82,8 +86,10 @@ class CPURowReduction(ScheduleRule):
         blocks = sch.get_child_blocks(root)
         last = blocks[-1]
         loops = sch.get_loops(last)
+        exts = [loop_extent(sch, lp) for lp in loops]
         row = sch.fuse(*loops[:num_rows]) if num_rows > 1 else loops[0]
-        sch.parallel(row)
+        if any(e is None for e in exts) or math.prod(exts) >= self.min_parallel_elems:
+            sch.parallel(row)  # waking the thread pool costs more than a small kernel's work
         for blk in reversed(blocks[:-1]):
             sch.compute_at(blk, row, preserve_unit_loops=True)
 

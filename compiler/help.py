@@ -19,6 +19,14 @@ HELP = {
     "compile_rpc": "TVM RPC tracker HOST:PORT of a remote device (with --rpc-key): artifacts of "
     "its "
     "arch are verified (and tuned) there.",
+    "precision": "Precisions to build, comma-separated: fp32 (default), int8 (x86 and ARM CPUs: "
+    "VNNI, AVX-512, AVX2, sdot or NEON kernels, chosen per profile). One artifact per profile and "
+    "precision; the runtime picks with load(precision=...).",
+    "eval_data": "Labelled examples (JSONL with text and label, or a CSV with text,label columns): "
+    "each artifact's task accuracy is measured against fp32 and recorded in the bundle; "
+    "load(precision='auto') takes a reduced precision only when it is within --accuracy-gate.",
+    "accuracy_gate": "Accuracy points a reduced precision may lose against fp32 and still be "
+    "chosen by load(precision='auto').",
     "compile_json": "Print the written bundle's manifest as JSON on stdout.",
     "tune_profile": "CPU target profile this machine (or the --rpc device) can run; 'host' = best "
     "for this machine.",

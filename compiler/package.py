@@ -12,11 +12,13 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tvmdeploy.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from tvmdeploy.runtime.precision import DEFAULT_ACCURACY_GATE, artifact_name
 
 from .errors import BundleError
 from .export import TOKENIZER_FILES
@@ -37,6 +39,11 @@ class ArtifactEntry:
     parity: dict[str, Any] = field(default_factory=dict)
     latency: list[dict[str, Any]] = field(default_factory=list)
     tuning_files: list[Path] = field(default_factory=list)
+    weights: str = "float32"  # the weights entry it reads
+
+    @property
+    def name(self) -> str:
+        return artifact_name(self.profile, self.precision)
 
 
 def tool_versions() -> dict[str, str]:
@@ -83,12 +90,16 @@ def write_bundle(
     buckets: list[dict[str, Any]],
     tokenizer_dir: Path | None = None,
     export_parity: dict[str, Any] | None = None,
+    accuracy_gate: float = DEFAULT_ACCURACY_GATE,
+    evaluate: Callable[[Path], dict[str, dict[str, Any]]] | None = None,
 ) -> Path:
     """Write `out_dir` (a `.tvmd` directory); replaces an existing bundle only once complete.
 
     Everything is staged in a hidden sibling directory and renamed into place, so a crash, a full
     disk or `kill -9` at any moment leaves the previous bundle (or nothing) at `out_dir`, never a
     partial one; what a killed run left beside it is cleaned up by the next run.
+    `evaluate(staging_dir)` runs on the complete staged bundle and returns accuracy records by
+    artifact name (evaluate.py), written into the manifest before the bundle is moved in place.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -105,18 +116,19 @@ def write_bundle(
             weight_entries[precision] = {"file": f"weights/{precision}.params", "names": names}
         artifact_entries = []
         for artifact in artifacts:
-            rel = f"artifacts/{artifact.profile}/lib.so"
+            rel = f"artifacts/{artifact.name}/lib.so"
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(artifact.lib_path, staging / rel)
             tuning = dict(artifact.tuning)
             if artifact.tuning_files:
-                tuning_dir = staging / "tuning" / artifact.profile
+                tuning_dir = staging / "tuning" / artifact.name
                 tuning_dir.mkdir(parents=True, exist_ok=True)
                 for f in artifact.tuning_files:
                     shutil.copyfile(f, tuning_dir / f.name)
-                tuning["database"] = f"tuning/{artifact.profile}"
+                tuning["database"] = f"tuning/{artifact.name}"
             artifact_entries.append(
                 {
+                    "name": artifact.name,
                     "profile": artifact.profile,
                     "family": artifact.family,
                     "target": artifact.target,
@@ -124,6 +136,7 @@ def write_bundle(
                     "file": rel,
                     "sha256": sha256_file(staging / rel),
                     "precision": artifact.precision,
+                    "weights": artifact.weights,
                     "code_form": artifact.code_form,
                     "tuning": tuning,
                     "parity": artifact.parity,
@@ -150,9 +163,16 @@ def write_bundle(
             "buckets": buckets,
             "weights": weight_entries,
             "artifacts": artifact_entries,
+            "accuracy_gate": accuracy_gate,
             "files": files,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if evaluate is not None:
+            records = evaluate(staging)
+            for entry in artifact_entries:
+                if entry["name"] in records:
+                    entry["accuracy"] = records[entry["name"]]
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_tree(staging)
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from tvmdeploy.runtime._tvm import prepare_params
 from tvmdeploy.runtime.parity import Comparison, default_tolerance, parity_summary
+from tvmdeploy.runtime.precision import tolerance_for
 from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
 
 from .errors import QemuUnavailable
@@ -59,13 +60,27 @@ def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, 
     return cases
 
 
-def run_native(lib_path: Path, imported: ImportedModel, cases, timing_runs: int = 10):
+def tolerance_for_cases(precision: str, cases) -> dict[str, float]:
+    """The parity tolerance for an artifact of `precision` (runtime/precision.py), scaled for
+    reduced precisions by the range of the reference outputs."""
+    values = [np.asarray(o) for _, _, expected in cases for o in expected]
+    spread = max((float(v.max() - v.min()) for v in values if v.size), default=0.0)
+    return tolerance_for(precision, spread)
+
+
+def run_native(
+    lib_path: Path,
+    imported: ImportedModel,
+    cases,
+    timing_runs: int = 10,
+    tolerance: dict[str, float] | None = None,
+):
     """Run the library here: its comparison with the reference, and p50 latency per bucket."""
     import tvm
 
     vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
     params = prepare_params(vm, imported.params)
-    comparison = Comparison()
+    comparison = Comparison(**(tolerance or default_tolerance()))
     latencies = []
     for bucket, arrays, expected in cases:
         args = [tvm.runtime.tensor(arrays[i["name"]]) for i in imported.inputs] + params
@@ -93,7 +108,7 @@ def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None 
     """
     from . import qemu
 
-    tolerance = default_tolerance()
+    tolerance = tolerance_for_cases(build.precision, cases)
     profile = build.profile
     cpu = qemu_cpu or profile.qemu_cpu
     try:
@@ -107,7 +122,7 @@ def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None 
         if cpu != profile.qemu_cpu:
             detail += f" (profile {profile.name} is verified on qemu -cpu {profile.qemu_cpu})"
         return Parity("onnxruntime", f"qemu:{cpu}", None, tolerance, False, detail)
-    comparison = Comparison()
+    comparison = Comparison(**tolerance)
     for (bucket, _, expected), outputs in zip(cases, run.outputs, strict=True):
         comparison.add(bucket.function, outputs, expected)
     return _parity(f"qemu:{cpu}", comparison, tolerance)
@@ -124,14 +139,14 @@ def verify_rpc(
     import tvm
     from tvmdeploy.runtime import remote
 
-    tolerance = default_tolerance()
+    tolerance = tolerance_for_cases(build.precision, cases)
     where = f"rpc:{rpc_key}"
     profile = build.profile
     with remote.connect(rpc, rpc_key, session_timeout=session_timeout) as session:
         remote.check_artifact_runs(profile.requires, profile.is_gpu, profile.name, session.device)
         blob = tvm.runtime.save_param_dict(dict(zip(imported.param_names, imported.params)))
         names = [i["name"] for i in imported.inputs]
-        comparison = Comparison()
+        comparison = Comparison(**tolerance)
         try:
             vm = remote.RemoteVM(
                 session, build.lib_path, blob, imported.param_names, name=profile.name
@@ -157,7 +172,7 @@ def verify(
     `qemu_cpu` forces emulation on that qemu CPU model (for profiles that name a `qemu_cpu`).
     """
     device = device or probe()
-    tolerance = default_tolerance()
+    tolerance = tolerance_for_cases(build.precision, cases)
     profile = build.profile
     missing = missing_requirements(profile.requires, device)
     if profile.qemu_cpu and (missing or qemu_cpu):
@@ -176,7 +191,7 @@ def verify(
             else ("GPU verification at build time is not implemented")
         )
         return Parity("onnxruntime", "not-run", None, tolerance, None, why), []
-    comparison, latencies = run_native(build.lib_path, imported, cases, timing_runs)
+    comparison, latencies = run_native(build.lib_path, imported, cases, timing_runs, tolerance)
     for entry in latencies:
         entry.update(fingerprint=device.fingerprint, device=device.description)
     return _parity("native", comparison, tolerance), latencies

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import BundleError
+from .precision import DEFAULT_ACCURACY_GATE, PRECISIONS, artifact_name
 from .signing import (
     MANIFEST,
     SIGNATURE_FILE,
@@ -63,6 +64,9 @@ class Artifact:
     tuning: dict[str, Any]
     parity: dict[str, Any]
     latency: list[dict[str, Any]]
+    name: str = ""  # unique in the bundle: the profile, plus the precision unless fp32
+    weights: str = "float32"  # which weights entry it reads (int8 quantizes fp32 at load)
+    accuracy: dict[str, Any] | None = None  # task accuracy against fp32, where measured
 
     @property
     def is_gpu(self) -> bool:
@@ -70,6 +74,7 @@ class Artifact:
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> Artifact:
+        precision = entry.get("precision", "float32")
         return cls(
             profile=entry["profile"],
             family=entry.get("family", "cuda" if "cuda_arch" in entry["requires"] else "cpu"),
@@ -77,11 +82,14 @@ class Artifact:
             requires=entry["requires"],
             file=entry["file"],
             sha256=entry["sha256"],
-            precision=entry.get("precision", "float32"),
+            precision=precision,
             code_form=entry.get("code_form", "shared-library"),
             tuning=entry.get("tuning", {}),
             parity=entry.get("parity", {}),
             latency=entry.get("latency", []),
+            name=entry.get("name") or artifact_name(entry["profile"], precision),
+            weights=entry.get("weights", precision),
+            accuracy=entry.get("accuracy"),
         )
 
 
@@ -129,8 +137,14 @@ def _check_fields(manifest: dict[str, Any], where: Path) -> None:
         need(entry, dict, f"artifacts[{k}]", "an object")
         for key in ("profile", "file", "sha256"):
             need(entry.get(key), str, f"artifacts[{k}].{key}", "a string")
-        for key in ("precision", "family", "code_form"):
+        for key in ("precision", "family", "code_form", "name", "weights"):
             need(entry.get(key, ""), str, f"artifacts[{k}].{key}", "a string")
+        if entry.get("precision", "float32") not in PRECISIONS.values():
+            raise bad(f"artifacts[{k}].precision", f"one of {', '.join(PRECISIONS.values())}")
+        accuracy = need(entry.get("accuracy") or {}, dict, f"artifacts[{k}].accuracy", "an object")
+        for key in ("value", "fp32", "agreement"):
+            if accuracy.get(key) is not None:
+                need(accuracy[key], (int, float), f"artifacts[{k}].accuracy.{key}", "a number")
         for key in ("target", "requires"):
             need(entry.get(key), dict, f"artifacts[{k}].{key}", "an object")
         for key in ("tuning", "parity"):
@@ -151,6 +165,8 @@ def _check_fields(manifest: dict[str, Any], where: Path) -> None:
                 f"artifacts[{k}].latency[{m}].fingerprint",
                 "a string",
             )
+            for key in ("batch", "seq"):
+                need(item.get(key, 0), int, f"artifacts[{k}].latency[{m}].{key}", "an integer")
         tolerance = entry.get("parity", {}).get("tolerance", {})
         for key, value in need(
             tolerance, dict, f"artifacts[{k}].parity.tolerance", "an object"
@@ -329,12 +345,19 @@ class Bundle:
         for relative in self.manifest.get("files", {}):
             self.file(relative)
 
-    def artifact(self, profile: str) -> Artifact:
+    def artifact(self, name: str) -> Artifact:
+        """The artifact called `name` (a profile for fp32, `profile-int8` etc. otherwise)."""
         for artifact in self.artifacts:
-            if artifact.profile == profile:
+            if artifact.name == name:
                 return artifact
-        known = ", ".join(a.profile for a in self.artifacts) or "none"
-        raise BundleError(f"{self.path}: no artifact for profile {profile!r} (artifacts: {known})")
+        known = ", ".join(a.name for a in self.artifacts) or "none"
+        raise BundleError(f"{self.path}: no artifact {name!r} (artifacts: {known})")
+
+    @property
+    def accuracy_gate(self) -> float:
+        """Accuracy points a reduced precision may lose and still be chosen by `auto`."""
+        gate = self.manifest.get("accuracy_gate", DEFAULT_ACCURACY_GATE)
+        return float(gate) if isinstance(gate, (int, float)) else DEFAULT_ACCURACY_GATE
 
     def weights_entry(self, precision: str) -> dict[str, Any]:
         try:

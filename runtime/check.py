@@ -80,7 +80,7 @@ def check_bundle(
     device = probe()
     reference = _reference(bundle, keys)
     for artifact in bundle.artifacts:
-        what = f"parity {artifact.profile}"
+        what = f"parity {artifact.name}"
         missing = missing_requirements(artifact.requires, device)
         if missing:
             rows.append(CheckRow(what, NOT_RUN, "this device lacks " + "; ".join(missing)))
@@ -122,12 +122,12 @@ def _reference(bundle: Bundle, keys: Sequence[str | Path]):
 
 
 def _parity_row(bundle: Bundle, artifact, reference, shapes, keys) -> CheckRow:
-    what = f"parity {artifact.profile}"
+    what = f"parity {artifact.name}"
     tolerance = artifact.parity.get("tolerance") or {}
     atol, rtol = float(tolerance.get("atol", ATOL)), float(tolerance.get("rtol", RTOL))
     names = [i["name"] for i in bundle.inputs]
     try:
-        model = load(bundle.path, artifact=artifact.profile, trusted_keys=keys or None)
+        model = load(bundle.path, artifact=artifact.name, trusted_keys=keys or None)
         comparison = Comparison()
         for batch, seq in shapes:
             seq = min(seq, model.max_seq)

@@ -103,7 +103,8 @@ class Model:
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             bad = ids[(ids < 0) | (ids >= self.vocab_size)]
             raise InputError(f"input_ids must lie in [0, {self.vocab_size}); found {bad.flat[0]}")
-        if "attention_mask" in arrays and not np.isin(arrays["attention_mask"], (0, 1)).all():
+        mask = arrays.get("attention_mask")
+        if mask is not None and (mask.min() < 0 or mask.max() > 1):
             raise InputError("attention_mask must hold only 0 and 1")
         if "token_type_ids" in arrays:
             types = arrays["token_type_ids"]
@@ -131,6 +132,8 @@ class Model:
     def pad(self, arrays: Arrays, bucket: Bucket) -> Arrays:
         """Arrays padded to the bucket's shape: pad tokens masked out, padding rows kept finite."""
         batch, seq = arrays["input_ids"].shape
+        if (batch, seq) == (bucket.batch, bucket.seq):
+            return arrays  # an exact fit (the common case when buckets match the traffic)
         padded = {}
         for name, array in arrays.items():
             fill = self.pad_token_id if name == "input_ids" else 0
@@ -265,9 +268,13 @@ def load(
     verify: bool = False,
     max_concurrency: int | None = None,
     trusted_keys: Sequence[str | Path] | None = None,
+    precision: str = "auto",
 ) -> Model:
     """Load a bundle and pick the engine for this device.
 
+    `precision` ("auto", "fp32", "int8", "bf16", "fp16") restricts the choice to artifacts of
+    that precision; "auto" takes a reduced precision only where the bundle records its task
+    accuracy within the bundle's accuracy gate of fp32 (`model.choice` says which and why).
     `artifact` forces a profile (or "onnxruntime"); one this device cannot run is refused before
     anything is loaded. `policy="measure"` times every compatible candidate once per device and
     caches the winner; `policy="auto"` uses measurements where they exist, else the rule.
@@ -287,9 +294,13 @@ def load(
         "onnxruntime"
     ) is not None and "model.onnx" in bundle.manifest.get("files", {})
     if policy == "measure" and artifact is None:
-        first = select(bundle, device, onnxruntime_available=has_ort)
-        candidates = first.compatible + ([ONNXRUNTIME] if has_ort else [])
+        first = select(bundle, device, onnxruntime_available=has_ort, precision=precision)
+        eligible = [n for n in first.compatible if n not in first.rejected]
+        takes_ort = has_ort and precision in ("auto", "fp32", "float32")
+        candidates = eligible + ([ONNXRUNTIME] if takes_ort else [])
         if set(candidates) - set(cached_latencies(bundle, device)):
             remember_latencies(bundle, device, measure_candidates(bundle, device, candidates))
-    choice = select(bundle, device, artifact=artifact, onnxruntime_available=has_ort)
+    choice = select(
+        bundle, device, artifact=artifact, onnxruntime_available=has_ort, precision=precision
+    )
     return Model(bundle, make_engine(bundle, choice.artifact, device, max_concurrency), choice)

@@ -28,16 +28,20 @@ class Comparison:
     max_abs_diff: float = 0.0
     ok: bool = True
     detail: str = ""
+    atol: float = ATOL  # the tolerance `add` uses unless given one
+    rtol: float = RTOL
 
     def add(
         self,
         label: str,
         outputs: Sequence[np.ndarray],
         expected: Sequence[np.ndarray],
-        atol: float = ATOL,
-        rtol: float = RTOL,
+        atol: float | None = None,
+        rtol: float | None = None,
     ) -> None:
         """Fold in one case (e.g. one bucket); the first failing case's reason is kept."""
+        atol = self.atol if atol is None else atol
+        rtol = self.rtol if rtol is None else rtol
         diff, ok, why = compare(outputs, expected, atol, rtol)
         self.max_abs_diff = max(self.max_abs_diff, diff)
         if not ok and self.ok:

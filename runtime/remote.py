@@ -375,15 +375,15 @@ def select_remote(bundle: Bundle, device: RemoteDevice, artifact: str | None = N
     rejected = {}
     for a in bundle.artifacts:
         if a.is_gpu:
-            rejected[a.profile] = "a CUDA artifact (CPU artifacts only over RPC)"
+            rejected[a.name] = "a CUDA artifact (CPU artifacts only over RPC)"
         elif a.requires.get("arch", device.arch) != device.arch:
-            rejected[a.profile] = f"arch {a.requires['arch']}"
-    names = [a.profile for a in bundle.artifacts if a.profile not in rejected]
+            rejected[a.name] = f"arch {a.requires['arch']}"
+    names = [a.name for a in bundle.artifacts if a.name not in rejected]
     if artifact is not None:
         chosen = bundle.artifact(artifact)
-        check_artifact_runs(chosen.requires, chosen.is_gpu, chosen.profile, device)
+        check_artifact_runs(chosen.requires, chosen.is_gpu, chosen.name, device)
         return Choice(
-            chosen.profile, f"forced by the caller; run via RPC key {device.key!r}", names, rejected
+            chosen.name, f"forced by the caller; run via RPC key {device.key!r}", names, rejected
         )
     if not names:
         raise IncompatibleDeviceError(
@@ -395,14 +395,14 @@ def select_remote(bundle: Bundle, device: RemoteDevice, artifact: str | None = N
         )
     # Features cannot be read over RPC: the fewest required features is the one that surely runs.
     best = min(
-        (a for a in bundle.artifacts if a.profile in names),
-        key=lambda a: (len(a.requires.get("cpu_features", [])), a.profile),
+        (a for a in bundle.artifacts if a.name in names),
+        key=lambda a: (len(a.requires.get("cpu_features", [])), a.name),
     )
     reason = (
         f"the least demanding {device.arch} artifact (CPU features cannot be read over RPC; "
         "name a more specific one with --artifact)"
     )
-    return Choice(best.profile, reason, names, rejected)
+    return Choice(best.name, reason, names, rejected)
 
 
 class RemoteVM:
@@ -502,7 +502,7 @@ class RemoteEngine:
         self.artifact = bundle.artifact(profile)
         check_artifact_runs(self.artifact.requires, self.artifact.is_gpu, profile, session.device)
         lib_path = bundle.file(self.artifact.file)  # checksummed before anything is uploaded
-        weights = bundle.weights_entry(self.artifact.precision)
+        weights = bundle.weights_entry(self.artifact.weights)
         params_blob = bundle.file(weights["file"]).read_bytes()
         self.input_names = [i["name"] for i in bundle.inputs]
         self.session = session

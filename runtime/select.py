@@ -1,14 +1,18 @@
 """Choosing the artifact to run on this device (the runtime rule in docs/design.md).
 
 1. keep only artifacts whose `requires` the device meets (the others are never loaded);
-2. a latency measured on this device's fingerprint (in the bundle or the local cache) wins;
-3. otherwise GPU before CPU, then the most specific ISA.
+2. keep only the precision asked for; with `auto`, a reduced precision only where its recorded
+   task accuracy is within the bundle's accuracy gate of fp32 (fp32 is always allowed);
+3. a latency measured on this device's fingerprint (in the bundle or the local cache) wins;
+4. otherwise GPU before CPU, then the reduced precision (int8 before bf16/fp16 before fp32), then
+   the most specific ISA.
 The ONNX Runtime fallback (`onnxruntime`) competes only where a latency for it was measured.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from .atomic import write_json_atomic
 from .bundle import Bundle
 from .errors import IncompatibleDeviceError
 from .paths import cache_dir
+from .precision import PRECISIONS, canonical, short, within_gate
 from .probe import DeviceInfo, missing_requirements
 
 ONNXRUNTIME = "onnxruntime"
@@ -61,21 +66,57 @@ def remember_latencies(bundle: Bundle, device: DeviceInfo, latencies_ms: dict[st
 
 
 def bundle_latencies(bundle: Bundle, device: DeviceInfo) -> dict[str, float]:
-    """p50 latencies recorded in the manifest at build time on this very device."""
-    found: dict[str, float] = {}
+    """One latency (ms) per artifact, from the p50s recorded in the manifest at build time on this
+    very device: the geometric mean over the buckets every measured artifact has, so artifacts
+    are compared on the same shapes (one small, noisy bucket does not decide)."""
+    per_artifact: dict[str, dict[tuple, float]] = {}
     for artifact in bundle.artifacts:
         for entry in artifact.latency:
             if entry.get("fingerprint") == device.fingerprint and "p50_ms" in entry:
-                found[artifact.profile] = min(
-                    found.get(artifact.profile, float("inf")), entry["p50_ms"]
-                )
-    return found
+                key = (entry.get("batch"), entry.get("seq"))
+                found = per_artifact.setdefault(artifact.name, {})
+                found[key] = min(found.get(key, float("inf")), float(entry["p50_ms"]))
+    if not per_artifact:
+        return {}
+    common = set.intersection(*(set(v) for v in per_artifact.values()))
+    return {
+        name: math.exp(sum(math.log(max(v[k], 1e-9)) for k in common) / len(common))
+        if common
+        else min(v.values())
+        for name, v in per_artifact.items()
+    }
 
 
-def rank_key(is_gpu: bool, requires: dict, name: str) -> tuple:
-    """GPU before CPU, then the most specific ISA (more required features, newer CUDA arch)."""
+_SPEED_ORDER = list(reversed(PRECISIONS.values()))  # int8, bfloat16, float16, float32
+
+
+def rank_key(is_gpu: bool, requires: dict, name: str, precision: str = "float32") -> tuple:
+    """GPU before CPU, then the faster precision, then the most specific ISA (more required
+    features, newer CUDA arch)."""
     specificity = len(requires.get("cpu_features", [])) + int(requires.get("cuda_arch", 0))
-    return (not is_gpu, -specificity, name)
+    return (not is_gpu, _SPEED_ORDER.index(precision), -specificity, name)
+
+
+def _precision_filter(bundle: Bundle, compatible: list, precision: str) -> tuple[list, dict]:
+    """The compatible artifacts `precision` allows, and why each other one was held back."""
+    held: dict[str, str] = {}
+    if precision == "auto":
+        allowed = []
+        for a in compatible:
+            if a.precision == "float32":
+                allowed.append(a)
+                continue
+            ok, why = within_gate(a.accuracy, bundle.accuracy_gate)
+            if ok:
+                allowed.append(a)
+            else:
+                held[a.name] = f"{short(a.precision)} not taken by auto: {why}"
+        return allowed, held
+    dtype = canonical(precision)
+    for a in compatible:
+        if a.precision != dtype:
+            held[a.name] = f"precision {short(a.precision)}, not the {short(dtype)} asked for"
+    return [a for a in compatible if a.precision == dtype], held
 
 
 def select(
@@ -83,29 +124,43 @@ def select(
     device: DeviceInfo,
     artifact: str | None = None,
     onnxruntime_available: bool = False,
+    precision: str = "auto",
 ) -> Choice:
-    """Pick the engine for `bundle` on `device`; `artifact` forces one (and is still checked)."""
+    """Pick the engine for `bundle` on `device`; `artifact` forces one (and is still checked);
+    `precision` ("auto", "fp32", "int8", ...) restricts the choice to one precision."""
     rejected = {
-        a.profile: "; ".join(missing)
+        a.name: "; ".join(missing)
         for a in bundle.artifacts
         if (missing := missing_requirements(a.requires, device))
     }
-    compatible = [a for a in bundle.artifacts if a.profile not in rejected]
-    names = [a.profile for a in compatible]
+    compatible = [a for a in bundle.artifacts if a.name not in rejected]
+    names = [a.name for a in compatible]
+    if precision != "auto":
+        canonical(precision)  # an unknown name fails here, whatever else is asked
 
     if artifact is not None:
         if artifact == ONNXRUNTIME:
             return Choice(ONNXRUNTIME, "forced by the caller", names, rejected)
         chosen = bundle.artifact(artifact)
-        if chosen.profile in rejected:
+        if chosen.name in rejected:
             raise IncompatibleDeviceError(
                 f"artifact {artifact!r} cannot run on this device ({device.description}): it needs "
-                f"{rejected[chosen.profile]}. Compatible artifacts: {', '.join(names) or 'none'}"
+                f"{rejected[chosen.name]}. Compatible artifacts: {', '.join(names) or 'none'}"
             )
-        return Choice(chosen.profile, "forced by the caller", names, rejected)
+        return Choice(chosen.name, "forced by the caller", names, rejected)
 
+    eligible, held = _precision_filter(bundle, compatible, precision)
+    if compatible and not eligible:
+        raise IncompatibleDeviceError(
+            f"no {precision} artifact in {bundle.path} can run on {device.description}: "
+            + "; ".join(f"{k}: {v}" for k, v in {**rejected, **held}.items())
+        )
+    if held:
+        rejected = {**rejected, **held}
+    compatible = eligible
+    onnxruntime_available = onnxruntime_available and precision in ("auto", "fp32", "float32")
     measured = {**bundle_latencies(bundle, device), **cached_latencies(bundle, device)}
-    allowed = set(names) | ({ONNXRUNTIME} if onnxruntime_available else set())
+    allowed = {a.name for a in compatible} | ({ONNXRUNTIME} if onnxruntime_available else set())
     measured = {k: v for k, v in measured.items() if k in allowed}
     if measured:
         best = min(measured, key=measured.get)
@@ -118,11 +173,16 @@ def select(
             reason = f"fastest measured on this device (p50: {ranking})"
         return Choice(best, reason, names, rejected, measured)
     if compatible:
-        best_artifact = min(compatible, key=lambda a: rank_key(a.is_gpu, a.requires, a.profile))
+        best_artifact = min(
+            compatible, key=lambda a: rank_key(a.is_gpu, a.requires, a.name, a.precision)
+        )
         kind = "GPU" if best_artifact.is_gpu else "CPU"
+        why = f"fastest-precision, most specific {kind} artifact this device can run"
+        if best_artifact.precision != "float32":
+            why += f" ({within_gate(best_artifact.accuracy, bundle.accuracy_gate)[1]})"
         return Choice(
-            best_artifact.profile,
-            f"most specific {kind} artifact this device can run (no latency measured here yet)",
+            best_artifact.name,
+            f"{why}; no latency measured here yet",
             names,
             rejected,
         )

@@ -15,12 +15,22 @@ from pathlib import Path
 from typing import Any, Self
 
 import onnx
+from tvmdeploy.runtime.precision import DEFAULT_ACCURACY_GATE, artifact_name, canonical, short
 from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profiles
 
-from .. import build, export, importer, package, tuning, verify
-from ..errors import ModelLoadError, ParityError, StageError, TuningError, TvmdeployError
+from .. import build, evaluate, export, importer, package, tuning, verify
+from ..cpu_int8 import kernel_for
+from ..errors import (
+    ModelLoadError,
+    OptionError,
+    ParityError,
+    StageError,
+    TuningError,
+    TvmdeployError,
+)
 from ..options import RpcTarget, default_buckets, parse_buckets
+from ..quantize import quantize_int8, to_float16
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +54,12 @@ class CompileOptions:
     # A remote device: artifacts of its arch are verified there, and built with the tuning records
     # measured there (tuned there with tune_trials).
     rpc: RpcTarget | None = None
+    # One artifact per (profile, precision): "fp32", "int8" (runtime/precision.py).
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    # Labelled examples (JSONL/CSV file, or LabelledText objects) to measure each artifact's task
+    # accuracy against fp32; `auto` takes a reduced precision only within `accuracy_gate` points.
+    eval_data: str | list | None = None
+    accuracy_gate: float = DEFAULT_ACCURACY_GATE
 
     def display(self, profiles: list[Profile]) -> None:
         """Say what will happen, before it happens."""
@@ -55,6 +71,7 @@ class CompileOptions:
         lines = [
             f"tvmdeploy compile {self.model} → {self.output}",
             f"  profiles: {', '.join(p.name for p in profiles)}",
+            f"  precision: {', '.join(self.precisions)}",
             f"  buckets : {self.buckets or 'from the model (up to its longest sequence, <= 512)'}",
             f"  task    : {self.task or 'inferred from config'}",
             f"  tuning  : {tuning_text}",
@@ -63,6 +80,11 @@ class CompileOptions:
             lines.append(
                 f"  verify  : artifacts of the remote's arch on RPC key {self.rpc.key!r} "
                 f"(tracker {self.rpc.tracker}), built with the records measured there"
+            )
+        if self.eval_data is not None:
+            where = self.eval_data if isinstance(self.eval_data, str) else "examples given"
+            lines.append(
+                f"  accuracy: measured on {where}; gate {self.accuracy_gate:g} points vs fp32"
             )
         for line in lines:
             logger.info(line)
@@ -155,6 +177,55 @@ def model_info(
     }
 
 
+NO_TUNING = {"trials": 0, "source": "none (rule-based default schedules)"}
+
+
+def artifact_pairs(profiles: list[Profile], precisions: list[str]) -> dict[str, list[str]]:
+    """{profile: [dtype, ...]}: the artifacts to build. A precision a profile has no kernels for
+    is left out with a warning; one no profile can build is an OptionError (before any work)."""
+    dtypes = list(dict.fromkeys(canonical(p) for p in precisions))
+    if "bfloat16" in dtypes:
+        raise OptionError(
+            "precision bf16 is not built yet (its CPU kernels need avx512_bf16 tensorization); "
+            "use fp32 and/or int8 on CPUs, fp16 on CUDA"
+        )
+    pairs: dict[str, list[str]] = {}
+    for profile in profiles:
+        pairs[profile.name] = []
+        for dtype in dtypes:
+            if dtype == "int8" and kernel_for(profile) is None:
+                logger.warning("no int8 kernels for %s: no int8 artifact for it", profile.name)
+                continue
+            if dtype == "float16" and not profile.is_gpu:
+                logger.warning("fp16 is for CUDA profiles: no fp16 artifact for %s", profile.name)
+                continue
+            pairs[profile.name].append(dtype)
+    for dtype in dtypes:
+        if not any(dtype in v for v in pairs.values()):
+            raise OptionError(
+                f"no profile among {', '.join(pairs)} has {short(dtype)} kernels "
+                "(int8: the x86 and ARM CPU profiles; fp16: the CUDA profiles)"
+            )
+    return pairs
+
+
+def _evaluator(examples, stages: Stages):
+    def run(staging: Path) -> dict:
+        with stages(f"accuracy on {len(examples)} labelled examples vs fp32"):
+            records = evaluate.accuracy_records(staging, examples)
+        for name, record in records.items():
+            logger.info(
+                "  %s: accuracy %.2f%% (fp32 %.2f%%), agrees with fp32 on %.2f%%",
+                name,
+                record["value"],
+                record["fp32"],
+                record["agreement"],
+            )
+        return records
+
+    return run
+
+
 def compile_model(options: CompileOptions) -> Path:
     """Run the pipeline; returns the bundle path. Raises ParityError if an artifact is wrong."""
     profiles = resolve_profiles(options.profiles)
@@ -187,7 +258,11 @@ def compile_model(options: CompileOptions) -> Path:
                 tunable.append(profile)
             except TuningError as why:
                 logger.warning("not tuning %s", why)
-    stages = Stages(4 + len(profiles) + len(tunable) + bool(options.verify) * len(profiles))
+    pairs = artifact_pairs(profiles, options.precisions)
+    count = sum(len(v) for v in pairs.values())
+    stages = Stages(
+        4 + count + len(tunable) + bool(options.verify) * count + (options.eval_data is not None)
+    )
     with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
         work_dir = Path(work)
         with stages("export (optimum, onnx checker, parity vs PyTorch)"):
@@ -214,10 +289,16 @@ def compile_model(options: CompileOptions) -> Path:
                 else []
             )
 
+        examples = None
+        if options.eval_data is not None:
+            examples = (
+                evaluate.read_examples(options.eval_data, exported.config.get("id2label") or {})
+                if isinstance(options.eval_data, str)
+                else list(options.eval_data)
+            )
         entries: list[package.ArtifactEntry] = []
         for profile in profiles:
-            database, tuning_files = None, []
-            tuning_summary = {"trials": 0, "source": "none (rule-based default schedules)"}
+            tuned = None
             tuning_dir = work_dir / "tuning" / profile.name
             profile_rpc = rpc if on_remote(profile) else None
             rpc_key = profile_rpc.key if profile_rpc else None
@@ -235,51 +316,63 @@ def compile_model(options: CompileOptions) -> Path:
                         rpc=profile_rpc.tracker if profile_rpc else None,
                         rpc_key=rpc_key,
                     )
-            with stages(f"build {profile.name}"):
-                if profile not in tunable:  # records from the shipped set and the cache, no trials
-                    tuned = tuning.lookup(imported.mod, profile, tuning_dir, rpc_key=rpc_key)
-                if tuned is not None:
-                    database, tuning_summary, tuning_files = (
-                        tuned.database,
-                        tuned.summary,
-                        tuned.files,
-                    )
-                built = build.build_artifact(
-                    imported.mod, profile, work_dir / "artifacts" / profile.name, database
-                )
-            parity, latency = {"where": "not-run", "detail": "verification disabled"}, []
-            if options.verify:
-                via = " via RPC" if profile_rpc else ""
-                with stages(f"verify {profile.name} against ONNX Runtime{via}"):
-                    if profile_rpc:
-                        record = verify.verify_rpc(
-                            built, imported, cases, profile_rpc.tracker, profile_rpc.key
+            for dtype in pairs[profile.name]:
+                name = artifact_name(profile.name, dtype)
+                with stages(f"build {name}"):
+                    mod = imported.mod
+                    if dtype == "int8":
+                        kernel = kernel_for(profile)
+                        mod, count = quantize_int8(mod, kernel)
+                        logger.info("  int8: %d matmuls on the %s kernel", count, kernel.name)
+                    elif dtype == "float16":
+                        mod = to_float16(mod)
+                    found = tuned
+                    if found is None or dtype != "float32":  # shipped/cached records, no trials
+                        found = tuning.lookup(mod, profile, tuning_dir / dtype, rpc_key=rpc_key)
+                    database, tuning_summary, tuning_files = None, NO_TUNING, []
+                    if found is not None:
+                        database, tuning_summary, tuning_files = (
+                            found.database,
+                            found.summary,
+                            found.files,
                         )
-                        latency = []
-                    else:
-                        record, latency = verify.verify(built, imported, cases)
-                parity = record.to_dict()
-                logger.info("  parity %s: %s", profile.name, record.summary())
-                if record.ok is False and options.strict_parity:
-                    raise ParityError(
-                        f"{profile.name}: verification against ONNX Runtime failed: "
-                        f"{record.summary()} "
-                        f"(tolerance {record.tolerance}); no bundle written"
+                    built = build.build_artifact(
+                        mod, profile, work_dir / "artifacts" / name, database, dtype
                     )
-            entries.append(
-                package.ArtifactEntry(
-                    profile=profile.name,
-                    family=profile.family,
-                    target=built.target,
-                    requires=profile.requires,
-                    lib_path=built.lib_path,
-                    code_form=built.code_form,
-                    tuning=tuning_summary,
-                    parity=parity,
-                    latency=latency,
-                    tuning_files=tuning_files,
+                parity, latency = {"where": "not-run", "detail": "verification disabled"}, []
+                if options.verify:
+                    via = " via RPC" if profile_rpc else ""
+                    with stages(f"verify {name} against ONNX Runtime{via}"):
+                        if profile_rpc:
+                            record = verify.verify_rpc(
+                                built, imported, cases, profile_rpc.tracker, profile_rpc.key
+                            )
+                            latency = []
+                        else:
+                            record, latency = verify.verify(built, imported, cases)
+                    parity = record.to_dict()
+                    logger.info("  parity %s: %s", name, record.summary())
+                    if record.ok is False and options.strict_parity:
+                        raise ParityError(
+                            f"{name}: verification against ONNX Runtime failed: "
+                            f"{record.summary()} "
+                            f"(tolerance {record.tolerance}); no bundle written"
+                        )
+                entries.append(
+                    package.ArtifactEntry(
+                        profile=profile.name,
+                        family=profile.family,
+                        target=built.target,
+                        requires=profile.requires,
+                        lib_path=built.lib_path,
+                        precision=dtype,
+                        code_form=built.code_form,
+                        tuning=tuning_summary,
+                        parity=parity,
+                        latency=latency,
+                        tuning_files=tuning_files,
+                    )
                 )
-            )
 
         with stages("package bundle"):
             name = options.name or Path(options.model).stem
@@ -297,6 +390,8 @@ def compile_model(options: CompileOptions) -> Path:
                 [{"function": b.function, "batch": b.batch, "seq": b.seq} for b in buckets],
                 exported.tokenizer_dir,
                 exported.parity,
+                accuracy_gate=options.accuracy_gate,
+                evaluate=_evaluator(examples, stages) if examples else None,
             )
     logger.info("bundle written: %s", out)
     return out

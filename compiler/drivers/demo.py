@@ -25,6 +25,7 @@ from tvmdeploy.runtime.timing import BenchConfig
 from tvmdeploy.targets.resolve import resolve_profile
 
 from ..baselines import run_bench_with_baselines, torch_runner
+from ..evaluate import LabelledText
 from ..finetune import finetune
 from ..sentiment_data import Example, load_split
 from ..tuning import describe, shipped_path
@@ -32,6 +33,7 @@ from .compile import CompileOptions, compile_model
 
 logger = logging.getLogger(__name__)
 DEMO_BUCKETS = "1,8x16,32,64,128"
+DEMO_PRECISIONS = ["fp32", "int8"]
 #: The profile whose tuning records ship with the package (compiler/tuning_records/).
 DEMO_PROFILE = "x86-64-v4"
 SENTENCES = [
@@ -90,15 +92,25 @@ def records_digest(profile: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_bundle(work_dir: Path, model_dir: Path, target: str) -> Path:
-    """Compile unless a bundle for this exact model, profile and shipped record set is there."""
+def ensure_bundle(
+    work_dir: Path, model_dir: Path, target: str, held_out: list[Example] | None = None
+) -> Path:
+    """Compile unless a bundle for this exact model, profile and shipped record set is there.
+
+    fp32 and int8 artifacts; with `held_out`, each one's accuracy on it is recorded against fp32,
+    so `load(precision="auto")` takes int8 only if it is within the accuracy gate."""
     profile = resolve_profile(demo_target(target)).name
+    # The tuned profile plus this machine's own where it differs (its int8 kernel may be faster:
+    # VNNI on a CPU that also runs the x86-64-v4 records).
+    profiles = list(dict.fromkeys([profile, resolve_profile(target).name]))
     bundle_dir = work_dir / f"minilm-sentiment-{profile}.tvmd"
     key = {
         "model": model_digest(model_dir),
-        "profile": profile,
+        "profile": profiles,
         "buckets": DEMO_BUCKETS,
         "records": records_digest(profile),
+        "precisions": DEMO_PRECISIONS,
+        "held_out": len(held_out or []),
     }
     stamp = work_dir / f".{bundle_dir.name}.key.json"
     try:
@@ -112,23 +124,24 @@ def ensure_bundle(work_dir: Path, model_dir: Path, target: str) -> Path:
         CompileOptions(
             model=str(model_dir),
             output=str(bundle_dir),
-            profiles=[profile],
+            profiles=profiles,
             buckets=DEMO_BUCKETS,
             name="minilm-sentiment",
+            precisions=DEMO_PRECISIONS,
+            eval_data=[LabelledText(e.text, e.label) for e in held_out] if held_out else None,
         )
     )
     write_json_atomic(stamp, key)
     return bundle_dir
 
 
-def accuracy(logits_fn, model, test: list[Example], batch_size: int = 8) -> float:
-    """Share of held-out snippets whose argmax label matches the human rating's sign."""
-    correct = 0
+def predicted_labels(logits_fn, model, test: list[Example], batch_size: int = 8) -> np.ndarray:
+    """The argmax label of every held-out snippet."""
+    labels = []
     for start in range(0, len(test), batch_size):
         chunk = test[start : start + batch_size]
-        logits = logits_fn(model.encode([e.text for e in chunk]))
-        correct += int((logits.argmax(axis=-1) == np.array([e.label for e in chunk])).sum())
-    return correct / len(test)
+        labels.append(np.asarray(logits_fn(model.encode([e.text for e in chunk]))).argmax(-1))
+    return np.concatenate(labels)
 
 
 def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
@@ -146,7 +159,7 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
         len(test),
     )
     model_dir = ensure_finetuned(work_dir, train, epochs)
-    bundle_dir = ensure_bundle(work_dir, model_dir, target)
+    bundle_dir = ensure_bundle(work_dir, model_dir, target, test)
 
     model = load(bundle_dir)
     logger.info("runtime choice: %s", model.choice)
@@ -155,45 +168,70 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
         if tuning.get("kernels"):
             logger.info(
                 "tuning (%s): %s; %d new trials at build time",
-                artifact.profile,
+                artifact.name,
                 describe(tuning),
                 tuning.get("new_trials", 0),
             )
         else:
-            logger.info("tuning (%s): none, rule-based default schedules", artifact.profile)
+            logger.info("tuning (%s): none, rule-based default schedules", artifact.name)
     for sentence, prediction in zip(SENTENCES, model.predict(SENTENCES), strict=True):
         logger.info("  %-8s %.3f  %s", prediction.label, prediction.score, sentence)
 
     ort_model = load(bundle_dir, artifact="onnxruntime")
     torch_logits = torch_runner(model.bundle, str(model_dir))
+    by_precision = {p: load(bundle_dir, precision=p) for p in DEMO_PRECISIONS}
     engines = {
-        "tvmdeploy": lambda arrays: model(**arrays)["logits"],
-        "onnxruntime": lambda arrays: ort_model(**arrays)["logits"],
-        "torch": torch_logits,
+        f"tvmdeploy {p}": lambda arrays, m=m: m(**arrays)["logits"] for p, m in by_precision.items()
     }
-    accuracies = {}
-    for engine, fn in engines.items():
-        accuracies[engine] = accuracy(fn, model, test)
-        logger.info("accuracy %s: %.2f%% (n=%d)", engine, 100 * accuracies[engine], len(test))
+    engines["onnxruntime"] = lambda arrays: ort_model(**arrays)["logits"]
+    engines["torch"] = torch_logits
+    truth = np.array([e.label for e in test])
+    labels = {engine: predicted_labels(fn, model, test) for engine, fn in engines.items()}
+    accuracies = {engine: float((found == truth).mean()) for engine, found in labels.items()}
+    # Agreement with fp32 = with ONNX Runtime on the exported graph, the parity reference.
+    agreement = {e: float((found == labels["onnxruntime"]).mean()) for e, found in labels.items()}
+    for engine in engines:
+        logger.info(
+            "accuracy %s: %.2f%% (n=%d), agrees with fp32 on %.2f%%",
+            engine,
+            100 * accuracies[engine],
+            len(test),
+            100 * agreement[engine],
+        )
 
     seqs = [32, 128]
-    logger.info("timing tvmdeploy, ONNX Runtime and PyTorch …")
-    report = run_bench_with_baselines(
-        BenchConfig(
-            str(bundle_dir), list(engines), [1], seqs, warmup=5, runs=30, torch_model=str(model_dir)
+    logger.info("timing tvmdeploy fp32 and int8, ONNX Runtime and PyTorch …")
+    results = []
+    for k, (precision, m) in enumerate(by_precision.items()):
+        baselines = ["onnxruntime", "torch"] if k == 0 else []
+        report = run_bench_with_baselines(
+            BenchConfig(
+                str(bundle_dir),
+                ["tvmdeploy", *baselines],
+                [1],
+                seqs,
+                warmup=5,
+                runs=30,
+                artifact=m.choice.artifact,
+                torch_model=str(model_dir),
+            )
         )
-    )
-    report.write(work_dir / "demo-bench.json")
-    by = {(r.engine, r.seq): r for r in report.results}
+        report.write(work_dir / f"demo-bench-{precision}.json")
+        for r in report.results:
+            name = f"tvmdeploy {precision}" if r.engine == "tvmdeploy" else r.engine
+            results.append((name, r))
+    by = {(name, r.seq): r for name, r in results}
     ort_128 = by[("onnxruntime", 128)].p50_ms
     rows = []
     for engine in engines:
+        precision = engine.removeprefix("tvmdeploy ")
         rows.append(
             {
-                "engine": f"tvmdeploy ({model.choice.artifact})"
-                if engine == "tvmdeploy"
+                "engine": f"tvmdeploy ({by_precision[precision].choice.artifact})"
+                if engine.startswith("tvmdeploy")
                 else engine,
                 "accuracy": accuracies[engine],
+                "agreement": agreement[engine],
                 "latency_ms": {
                     str(seq): {"p50": by[(engine, seq)].p50_ms, "p90": by[(engine, seq)].p90_ms}
                     for seq in seqs
@@ -205,6 +243,7 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
         "bundle": str(bundle_dir),
         "choice": str(model.choice),
         "device": report.device["description"],
+        "artifacts_accuracy": {a.name: a.accuracy for a in model.bundle.artifacts},
         "held_out": len(test),
         "accuracy": accuracies,
         "latency_ms": {
@@ -217,7 +256,7 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
     logger.info(
         "results: %s, %s (%.0f s)",
         work_dir / "demo-results.json",
-        work_dir / "demo-bench.json",
+        work_dir / "demo-bench-*.json",
         summary["seconds"],
     )
     return summary

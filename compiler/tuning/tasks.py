@@ -20,6 +20,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir.dlight.analysis import get_root_block
 
+from ..cpu_int8 import INT8_GEMM_ATTR
 from ..cpu_schedule import fusion_passes, is_matmul_like
 
 
@@ -84,6 +85,8 @@ def extract_tasks(mod, target) -> list[Task]:
         one = tvm.IRModule({gv: func, **prim_funcs})
         for extracted in ms.relax_integration.extract_tasks(one, target):
             task_mod = extracted.dispatched[0]
+            if _hand_scheduled(task_mod["main"]):
+                continue  # the int8 kernels (cpu_int8.py): written per ISA, nothing to tune
             key = workload_key(task_mod)
             if key not in tasks:
                 prim = task_mod["main"]
@@ -110,6 +113,11 @@ def extract_tasks(mod, target) -> list[Task]:
             calls = tasks[key].calls
             calls[gv.name_hint] = calls.get(gv.name_hint, 0) + int(extracted.weight)
     return sorted(tasks.values(), key=lambda t: -t.flop * t.weight)
+
+
+def _hand_scheduled(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and (INT8_GEMM_ATTR in attrs or "tirx.is_scheduled" in attrs)
 
 
 def _blocks(func) -> list:

@@ -46,6 +46,7 @@ def cuda_bundle(tiny_model_dir, tmp_path_factory) -> Path:
             output=str(out),
             profiles=["host", "cuda-sm80"],
             buckets="1x16,32",
+            precisions=["fp32", "fp16"],
         )
     )
 
@@ -54,14 +55,17 @@ def manifest(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
 
 
-def artifact(bundle: Path, profile: str) -> dict:
-    return next(a for a in manifest(bundle)["artifacts"] if a["profile"] == profile)
+def artifact(bundle: Path, name: str) -> dict:
+    return next(a for a in manifest(bundle)["artifacts"] if a["name"] == name)
 
 
 def test_one_bundle_cpu_and_cuda_share_weights(cuda_bundle):
     entries = manifest(cuda_bundle)["artifacts"]
-    assert [a["family"] == "cuda" for a in entries] == [False, True]
-    cpu, gpu = entries
+    assert [a["family"] == "cuda" for a in entries] == [False, True, True]
+    cpu, gpu, fp16 = entries
+    assert fp16["name"] == "cuda-sm80-fp16" and fp16["precision"] == "float16"
+    assert fp16["weights"] == "float32" and fp16["code_form"] == "cuda-fatbin"
+    assert fp16["parity"]["where"] == "not-run"
     assert gpu["profile"] == "cuda-sm80" and gpu["target"] == {"kind": "cuda", "arch": "sm_80"}
     assert gpu["requires"]["cuda_arch"] == 80
     assert cpu["precision"] == gpu["precision"] == "float32"
@@ -181,3 +185,28 @@ def test_cuda_artifact_matches_onnxruntime_on_gpu(request):
         got = model(**arrays)["logits"]
         want = session.run(None, arrays)[0]
         np.testing.assert_allclose(got, want, atol=GPU_TOLERANCE, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_artifact_matches_onnxruntime_on_gpu(request):
+    if not has_gpu(80):
+        pytest.skip("needs a CUDA GPU of compute capability >= 8.0")
+    import onnxruntime
+    from tvmdeploy.runtime.precision import tolerance_for
+
+    cuda_bundle = request.getfixturevalue("cuda_bundle")
+    model = load(cuda_bundle, precision="fp16")
+    assert model.choice.artifact == "cuda-sm80-fp16"
+    session = onnxruntime.InferenceSession(
+        str(cuda_bundle / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(1)
+    arrays = {
+        "input_ids": rng.integers(0, 30522, (2, 32), dtype=np.int64),
+        "attention_mask": np.ones((2, 32), np.int64),
+        "token_type_ids": np.zeros((2, 32), np.int64),
+    }
+    want = session.run(None, arrays)[0]
+    got = model(**arrays)["logits"]
+    tol = tolerance_for("fp16", float(np.ptp(want)))
+    np.testing.assert_allclose(got, want, atol=tol["atol"], rtol=tol["rtol"])

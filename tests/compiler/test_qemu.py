@@ -139,3 +139,33 @@ def test_without_sysroot_arm_stays_not_run_and_says_how(sve_build, tmp_path, mon
     record, _ = verify.verify(built, imported, cases)
     assert record.ok is None and record.where == "not-run"
     assert "python -m tvmdeploy.compiler.qemu --prepare" in record.detail
+
+
+@pytest.mark.parametrize(
+    "profile_name,instruction", [("arm64-dotprod", "sdot"), ("arm64-neon", "smull")]
+)
+def test_arm_int8_runs_under_qemu_with_its_instructions(
+    sve_build, profile_name, instruction, tmp_path
+):
+    from tvmdeploy.compiler import build, verify
+    from tvmdeploy.compiler.cpu_int8 import kernel_for
+    from tvmdeploy.compiler.quantize import quantize_int8
+
+    _, imported, cases = sve_build
+    profile = targets.get(profile_name)
+    mod, _ = quantize_int8(imported.mod, kernel_for(profile))
+    built = build.build_artifact(mod, profile, tmp_path, precision="int8")
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    assert objdump, "aarch64-linux-gnu-objdump missing: run `bash .ci/setup.sh`"
+    listing = subprocess.run(
+        [objdump, "-d", str(built.lib_path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert len(re.findall(rf"\b{instruction}\b", listing)) > 10
+    record, latency = verify.verify(built, imported, cases)
+    assert record.where == f"qemu:{profile.qemu_cpu}" and latency == []
+    assert record.ok is True, record.detail
+    assert 0 < record.max_abs_diff < record.tolerance["atol"]
+    if instruction == "sdot":  # a core without the dot-product extension cannot run it
+        failed, _ = verify.verify(built, imported, cases, qemu_cpu="cortex-a72")
+        assert failed.ok is False and "SIGILL" in failed.detail
+    json.dumps(record.to_dict())

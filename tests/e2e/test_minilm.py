@@ -86,3 +86,69 @@ def test_long_text_is_truncated_to_largest_bucket(bundle):
     assert prediction.label in LABELS.values()
     with pytest.raises(ValueError, match="largest bucket"):
         model(input_ids=np.ones((1, 65), np.int64))
+
+
+#: Real sentences with an obvious sentiment, for label agreement and the accuracy gate.
+LABELLED = [
+    ("A gorgeous, moving film with a terrific cast.", "POSITIVE"),
+    ("Dull, predictable and far too long.", "NEGATIVE"),
+    ("I laughed, I cried, I want to see it again.", "POSITIVE"),
+    ("The plot makes no sense and the acting is wooden.", "NEGATIVE"),
+    ("One of the best films of the year.", "POSITIVE"),
+    ("A tedious, joyless slog.", "NEGATIVE"),
+    ("Charming, funny and beautifully shot.", "POSITIVE"),
+    ("I walked out after twenty minutes.", "NEGATIVE"),
+    ("The performances are wonderful and the script is sharp.", "POSITIVE"),
+    ("Boring characters, lazy writing, awful music.", "NEGATIVE"),
+    ("A delight from start to finish.", "POSITIVE"),
+    ("It is a mess, and not an interesting one.", "NEGATIVE"),
+] * 4
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(classifier_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("int8")
+    eval_file = work / "eval.jsonl"
+    eval_file.write_text("\n".join(f'{{"text": "{t}", "label": "{lab}"}}' for t, lab in LABELLED))
+    return compile_model(
+        CompileOptions(
+            model=str(classifier_dir),
+            output=str(work / "minilm-int8.tvmd"),
+            profiles=["host"],
+            buckets="1,4x32,64",
+            precisions=["fp32", "int8"],
+            eval_data=str(eval_file),
+        )
+    )
+
+
+def test_int8_agrees_with_onnxruntime_fp32_on_real_text(int8_bundle):
+    int8 = load(int8_bundle, precision="int8")
+    assert int8.choice.artifact.endswith("-int8")
+    session = onnxruntime.InferenceSession(
+        str(int8_bundle / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    texts = [t for t, _ in LABELLED[:12]]
+    arrays = int8.encode(texts)
+    want = session.run(None, arrays)[0]
+    got = int8(**arrays)["logits"]
+    # Quantization moves logits a little, not the decisions of a real encoder.
+    assert 0 < np.abs(got - want).max() < 0.05 * np.ptp(want) + 0.05
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 11 / 12
+
+
+def test_bundle_records_int8_accuracy_and_auto_follows_the_gate(int8_bundle):
+    import json
+
+    manifest = json.loads((int8_bundle / "manifest.json").read_text())
+    by_name = {a["name"]: a for a in manifest["artifacts"]}
+    (int8_name,) = [n for n in by_name if n.endswith("-int8")]
+    accuracy = by_name[int8_name]["accuracy"]
+    assert accuracy["examples"] == len(LABELLED)
+    assert accuracy["agreement"] >= 90.0
+    assert abs(accuracy["fp32"] - accuracy["value"]) <= 100 - accuracy["agreement"]
+    assert manifest["accuracy_gate"] == 1.0
+    auto = load(int8_bundle)
+    within = accuracy["fp32"] - accuracy["value"] <= manifest["accuracy_gate"]
+    assert auto.choice.artifact == (int8_name if within else int8_name.removesuffix("-int8"))
+    assert load(int8_bundle, precision="fp32").choice.artifact == int8_name.removesuffix("-int8")

@@ -6,6 +6,7 @@ import shutil
 import pytest
 from tvmdeploy import targets
 from tvmdeploy.runtime import Bundle, BundleError, load
+from tvmdeploy.runtime.errors import IncompatibleDeviceError, OptionError
 from tvmdeploy.runtime.probe import CudaDevice, DeviceInfo, probe
 from tvmdeploy.runtime.select import ONNXRUNTIME, cached_latencies, select
 
@@ -21,7 +22,14 @@ def multi_bundle(tiny_bundle, tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     template = manifest["artifacts"][0]
     manifest["artifacts"] = [
-        template | {"profile": p.name, "family": p.family, "requires": p.requires, "latency": []}
+        template
+        | {
+            "name": p.name,
+            "profile": p.name,
+            "family": p.family,
+            "requires": p.requires,
+            "latency": [],
+        }
         for p in map(
             targets.get, ["x86-64-v3", "x86-64-v4", "x86-avx512-vnni", "cuda-sm80", "arm64-neon"]
         )
@@ -84,7 +92,79 @@ def test_forcing_an_artifact(tiny_bundle):
     profile = Bundle(tiny_bundle).artifacts[0].profile
     model = load(tiny_bundle, artifact=profile)
     assert model.choice.artifact == profile and model.choice.reason == "forced by the caller"
-    with pytest.raises(BundleError, match="no artifact for profile 'arm64-sve'"):
+    with pytest.raises(BundleError, match="no artifact 'arm64-sve'"):
         load(tiny_bundle, artifact="arm64-sve")
     with pytest.raises(ValueError, match="policy"):
         load(tiny_bundle, policy="fastest")
+
+
+V3 = ["avx", "avx2", "fma", "f16c"]
+
+
+def precision_bundle(tiny_bundle, tmp_path, int8_accuracy):
+    """fp32 and int8 artifacts for x86-64-v3, int8 for x86-avx512-vnni; the int8 ones carry
+    `int8_accuracy` (None: not measured). Selection reads only the manifest."""
+    path = shutil.copytree(tiny_bundle, tmp_path / "precisions.tvmd")
+    manifest = json.loads((path / "manifest.json").read_text())
+    template = manifest["artifacts"][0]
+    artifacts = []
+    for profile, precision in [
+        ("x86-64-v3", "float32"),
+        ("x86-64-v3", "int8"),
+        ("x86-avx512-vnni", "int8"),
+    ]:
+        p = targets.get(profile)
+        entry = template | {"profile": profile, "requires": p.requires, "latency": []}
+        entry |= {"precision": precision, "weights": "float32"}
+        entry.pop("name", None)  # named from profile and precision, as packaging names it
+        if precision == "int8" and int8_accuracy is not None:
+            entry["accuracy"] = {"metric": "accuracy", "value": int8_accuracy, "fp32": 86.0}
+        artifacts.append(entry)
+    manifest["artifacts"] = artifacts
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return Bundle(path)
+
+
+def test_int8_vnni_artifact_is_refused_on_a_cpu_without_vnni(tiny_bundle, tmp_path):
+    bundle = precision_bundle(tiny_bundle, tmp_path, int8_accuracy=85.5)
+    assert [a.name for a in bundle.artifacts] == [
+        "x86-64-v3",
+        "x86-64-v3-int8",
+        "x86-avx512-vnni-int8",
+    ]
+    choice = select(bundle, device(V4))  # AVX-512 without VNNI
+    assert "avx512_vnni" in choice.rejected["x86-avx512-vnni-int8"]
+    assert choice.artifact == "x86-64-v3-int8"
+    assert "85.50 vs fp32 86.00" in choice.reason
+    with pytest.raises(IncompatibleDeviceError, match="avx512_vnni"):
+        select(bundle, device(V4), artifact="x86-avx512-vnni-int8")
+    assert select(bundle, device(V4 + ["avx512_vnni"])).artifact == "x86-avx512-vnni-int8"
+
+
+def test_auto_takes_int8_only_within_the_accuracy_gate(tiny_bundle, tmp_path):
+    within = precision_bundle(tiny_bundle, tmp_path / "a", int8_accuracy=85.2)
+    assert within.accuracy_gate == 1.0
+    assert select(within, device(V3)).artifact == "x86-64-v3-int8"
+    beyond = precision_bundle(tiny_bundle, tmp_path / "b", int8_accuracy=84.5)
+    choice = select(beyond, device(V3))
+    assert choice.artifact == "x86-64-v3"
+    assert "1.50 points lost, gate 1" in choice.rejected["x86-64-v3-int8"]
+    unmeasured = precision_bundle(tiny_bundle, tmp_path / "c", int8_accuracy=None)
+    choice = select(unmeasured, device(V3))
+    assert choice.artifact == "x86-64-v3"
+    assert "no accuracy measured" in choice.rejected["x86-64-v3-int8"]
+    # A wider gate written in the bundle lets the 1.5-point loss through.
+    manifest = json.loads((beyond.path / "manifest.json").read_text())
+    manifest["accuracy_gate"] = 2.0
+    (beyond.path / "manifest.json").write_text(json.dumps(manifest))
+    assert select(Bundle(beyond.path), device(V3)).artifact == "x86-64-v3-int8"
+
+
+def test_an_explicit_precision_is_honoured_or_refused(tiny_bundle, tmp_path):
+    bundle = precision_bundle(tiny_bundle, tmp_path, int8_accuracy=None)
+    assert select(bundle, device(V3), precision="int8").artifact == "x86-64-v3-int8"
+    assert select(bundle, device(V3), precision="fp32").artifact == "x86-64-v3"
+    with pytest.raises(IncompatibleDeviceError, match="no bf16 artifact"):
+        select(bundle, device(V3), precision="bf16")
+    with pytest.raises(OptionError, match="unknown precision 'int4'"):
+        select(bundle, device(V3), precision="int4")

