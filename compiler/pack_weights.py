@@ -61,20 +61,24 @@ def _packed_matmul(x: te.Tensor, wp: te.Tensor, nr: int, out_dtype: str) -> te.T
     )
 
 
-@relax.expr_functor.mutator
-class _Packer(relax.PyExprMutator):
-    """Tracks which bindings depend on weights only, and rewrites matmuls whose B is one of them."""
+class WeightMatmulRewriter(relax.PyExprMutator):
+    """A `relax.PyExprMutator` base (subclasses add `@relax.expr_functor.mutator`): tracks which
+    bindings depend on weights only (the parameters after a function's `num_input`, and what is
+    computed from them alone) and replaces every fp32 `matmul(x, W)` with a weight-derived, static
+    2-D W by what `rewrite_matmul` returns (None keeps it). The packer here and the int8
+    quantizer (quantize.py) are both one."""
 
-    def __init__(self, mod: IRModule, nr: int):
-        super().__init__(mod)
-        self.nr = nr
-        self.weight_vars: set = set()
+    weight_vars: set
 
     def visit_function_(self, func):
         num_input = func.attrs.get("num_input") if func.attrs is not None else None
         if num_input is not None:
-            self.weight_vars = {p for p in func.params[int(num_input) :]}
+            self.weight_vars = set(func.params[int(num_input) :])
+        self.start_function()
         return super().visit_function_(func)
+
+    def start_function(self) -> None:
+        """Reset per-function state (nothing by default)."""
 
     def _weight_only(self, expr) -> bool:
         free = relax.analysis.free_vars(expr)
@@ -102,6 +106,30 @@ class _Packer(relax.PyExprMutator):
             return None
         if str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32":
             return None
+        return self.rewrite_matmul(value, x, w, x_shape, w_shape)
+
+    def rewrite_matmul(self, value, x, w, x_shape: list[int], w_shape: list[int]):
+        raise NotImplementedError
+
+    def rewrite_module(self, mod: IRModule) -> IRModule:
+        """Every function with a `num_input` attribute, rewritten."""
+        for gvar, func in list(mod.functions_items()):
+            attrs = func.attrs if isinstance(func, relax.Function) else None
+            if attrs is not None and "num_input" in attrs:
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
+
+@relax.expr_functor.mutator
+class _Packer(WeightMatmulRewriter):
+    """Rewrites weight matmuls to read B packed in panels of `nr` columns."""
+
+    def __init__(self, mod: IRModule, nr: int):
+        super().__init__(mod)
+        self.nr = nr
+        self.weight_vars = set()
+
+    def rewrite_matmul(self, value, x, w, x_shape, w_shape):
         k, n = w_shape
         nr = self.nr
         while nr >= 4 and n % nr:
@@ -130,16 +158,7 @@ def PackMatmulWeights(nr: int) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="PackMatmulWeights")
     def _pass(mod: IRModule, _ctx) -> IRModule:
-        packer = _Packer(mod, nr)
-        for gvar, func in list(mod.functions_items()):
-            if (
-                isinstance(func, relax.Function)
-                and func.attrs is not None
-                and "num_input" in func.attrs
-            ):
-                new_func = packer.visit_expr(func)
-                packer.builder_.update_func(gvar, new_func)
-        return packer.builder_.get()
+        return _Packer(mod, nr).rewrite_module(mod)
 
     return _pass
 

@@ -25,7 +25,7 @@ from tvm import relax
 from tvm.ir import IRModule
 
 from .cpu_int8 import Int8Kernel, int8_gemm, quantize_rows
-from .pack_weights import _static_shape
+from .pack_weights import WeightMatmulRewriter
 
 #: Smallest scale, so an all-zero row or weight column does not divide by zero.
 _EPS = 1e-12
@@ -36,50 +36,22 @@ def _f32(value: float) -> relax.Constant:
 
 
 @relax.expr_functor.mutator
-class _Quantizer(relax.PyExprMutator):
+class _Quantizer(WeightMatmulRewriter):
     """Rewrites weight matmuls; quantizes each activation once even when several matmuls read it
     (the Q, K and V projections share theirs)."""
 
     def __init__(self, mod: IRModule, kernel: Int8Kernel):
         super().__init__(mod)
         self.kernel = kernel
-        self.weight_vars: set = set()
+        self.weight_vars = set()
         self.quantized: dict = {}  # activation var -> (q, a_scale, a_zero)
         self.funcs: dict = {}  # PrimFunc name -> GlobalVar
         self.count = 0
 
-    def visit_function_(self, func):
-        num_input = func.attrs.get("num_input") if func.attrs is not None else None
-        if num_input is not None:
-            self.weight_vars = set(func.params[int(num_input) :])
+    def start_function(self) -> None:
         self.quantized = {}
-        return super().visit_function_(func)
 
-    def _weight_only(self, expr) -> bool:
-        free = relax.analysis.free_vars(expr)
-        return bool(free) and all(v in self.weight_vars for v in free)
-
-    def visit_var_binding_(self, binding):
-        if self._weight_only(binding.value):
-            self.weight_vars.add(binding.var)
-        new_value = self._rewrite(binding.value)
-        if new_value is None:
-            super().visit_var_binding_(binding)
-            return
-        new_var = self.builder_.emit(new_value, name_hint=binding.var.name)
-        self.set_var_remap(binding.var, new_var)
-
-    def _rewrite(self, value):
-        if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.matmul"):
-            return None
-        x, w = value.args
-        if not (isinstance(w, relax.Var) and w in self.weight_vars):
-            return None
-        x_shape, w_shape = _static_shape(x.ty), _static_shape(w.ty)
-        if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
-            return None
-        if str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32":
-            return None
+    def rewrite_matmul(self, value, x, w, x_shape, w_shape):
         k, n = w_shape
         if n % self.kernel.lanes or k % 4 or x_shape[-1] != k:
             return None
@@ -153,11 +125,7 @@ class _Quantizer(relax.PyExprMutator):
 def quantize_int8(mod: IRModule, kernel: Int8Kernel) -> tuple[IRModule, int]:
     """`mod` with every eligible weight matmul as an int8 GEMM; returns it and how many."""
     quantizer = _Quantizer(mod, kernel)
-    for gvar, func in list(mod.functions_items()):
-        attrs = func.attrs if isinstance(func, relax.Function) else None
-        if attrs is not None and "num_input" in attrs:
-            quantizer.builder_.update_func(gvar, quantizer.visit_expr(func))
-    return relax.transform.Normalize()(quantizer.builder_.get()), quantizer.count
+    return relax.transform.Normalize()(quantizer.rewrite_module(mod)), quantizer.count
 
 
 def to_float16(mod: IRModule) -> IRModule:
