@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import statistics
 import sys
 import tempfile
 import time
@@ -29,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from x86_latency import latency, update_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "precision.json"
-DOCS = ROOT / "docs" / "benchmarks.md"
 SHAPES = ((1, 32), (1, 128), (8, 128))
 BEGIN, END = "<!-- precision:begin -->", "<!-- precision:end -->"
 DEMO_DIR = ROOT / "build" / "demo"
@@ -39,18 +39,6 @@ DEMO_DIR = ROOT / "build" / "demo"
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def latency(fn, warmup: int, runs: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {"p50_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))]}
 
 
 def cpu_description() -> str:
@@ -276,16 +264,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(text: str) -> None:
-    current = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    if BEGIN in current and END in current:
-        pattern = re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?"
-        current = re.sub(pattern, lambda _: text, current, flags=re.DOTALL)
-    else:
-        current = current.rstrip("\n") + "\n\n" + text
-    DOCS.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -320,7 +298,7 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     if not args.no_docs:
-        update_docs(text)
+        update_docs(text, BEGIN, END)
     print(text)
 
 

@@ -354,16 +354,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(text: str) -> None:
+def update_docs(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the docs/benchmarks.md section between `begin` and `end` (or append it)."""
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     current = (
         DOCS.read_text()
         if DOCS.is_file()
         else "# Benchmarks\n\nMeasured numbers and the commands that produced them.\n\n"
     )
-    if BEGIN in current and END in current:
+    if begin in current and end in current:
         current = re.sub(
-            re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?",
+            re.escape(begin) + r".*?" + re.escape(end) + r"\n?",
             lambda _: text,
             current,
             flags=re.DOTALL,
