@@ -20,8 +20,8 @@ HELP = {
     "its "
     "arch are verified (and tuned) there.",
     "precision": "Precisions to build, comma-separated: fp32 (default), int8 (x86 and ARM CPUs: "
-    "VNNI, AVX-512, AVX2, sdot or NEON kernels, chosen per profile). One artifact per profile and "
-    "precision; the runtime picks with load(precision=...).",
+    "VNNI, AVX-512, AVX2, sdot or NEON kernels, chosen per profile), fp16 (CUDA profiles). One "
+    "artifact per profile and precision; the runtime picks with load(precision=...).",
     "eval_data": "Labelled examples (JSONL with text and label, or a CSV with text,label columns): "
     "each artifact's task accuracy is measured against fp32 and recorded in the bundle; "
     "load(precision='auto') takes a reduced precision only when it is within --accuracy-gate.",
