@@ -16,6 +16,7 @@ from tvmdeploy.runtime.probe import missing_requirements, probe
 #: The x86 kernels and a profile whose features they need (the test runs those this CPU has).
 X86 = {
     "avx512-vnni": "x86-avx512-vnni",
+    "avx-vnni": "x86-64-v3-vnni",
     "avx512bw": "x86-64-v4",
     "avx2": "x86-64-v3",
 }
@@ -33,6 +34,7 @@ def _compile(func, profile_name: str):
 def test_each_profile_gets_the_kernel_of_its_instruction_set():
     expected = {
         "x86-avx512-vnni": "avx512-vnni",
+        "x86-64-v3-vnni": "avx-vnni",
         "x86-64-v4": "avx512bw",
         "x86-64-v3": "avx2",
         "arm64-dotprod": "arm-sdot",

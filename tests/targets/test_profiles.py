@@ -5,6 +5,7 @@ from tvmdeploy import targets
 
 REQUIRED = {
     "x86-64-v3",
+    "x86-64-v3-vnni",
     "x86-64-v4",
     "x86-avx512-vnni",
     "arm64-neon",
@@ -48,6 +49,7 @@ def test_isa_profiles_are_ordered_by_features():
         for n in ("x86-64-v3", "x86-64-v4", "x86-avx512-vnni")
     )
     assert v3 < v4 < vnni
+    assert v3 < set(targets.get("x86-64-v3-vnni").requires["cpu_features"])
     assert "sve" in targets.get("arm64-sve").requires["cpu_features"]
 
 

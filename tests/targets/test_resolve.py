@@ -20,6 +20,7 @@ def device(arch, features):
     ("arch", "features", "expected"),
     [
         ("x86_64", AVX2, "x86-64-v3"),
+        ("x86_64", AVX2 + ["avx_vnni"], "x86-64-v3-vnni"),
         ("x86_64", AVX512, "x86-64-v4"),
         ("x86_64", AVX512 + ["avx512_vnni"], "x86-avx512-vnni"),
         ("aarch64", ["asimd"], "arm64-neon"),
