@@ -240,6 +240,7 @@ def bench(
     rpc: Annotated[str | None, Opt("--rpc", help=HELP["bench_rpc"])] = None,
     rpc_key: Annotated[str | None, Opt("--rpc-key", help=HELP["rpc_key"])] = None,
     rpc_timeout: Annotated[float, Opt("--rpc-timeout", help=HELP["rpc_timeout"])] = 600.0,
+    precision: Annotated[str, Opt("--precision", help=HELP["bench_precision"])] = "auto",
 ) -> None:
     """Time the bundle (and baselines) in one process: warm-up, then p50/p90/p99/mean/std and
     sequences per second.
@@ -267,6 +268,7 @@ def bench(
         rpc,
         rpc_key,
         rpc_timeout,
+        precision,
     )
     baselines = [e for e in engines if e != "tvmdeploy"]
     with err.status("benchmarking …") as status:

@@ -50,6 +50,7 @@ class BenchConfig:
     rpc: str | None = None  # HOST:PORT of a TVM RPC tracker: time tvmdeploy on a remote device
     rpc_key: str | None = None  # the device's key at that tracker
     rpc_timeout: float = 600.0  # seconds the remote session may last
+    precision: str = "auto"  # the tvmdeploy artifact's precision, as load(precision=...) takes
 
 
 @dataclass
@@ -187,7 +188,7 @@ def run_bench(
             f"no runner for baseline(s) {', '.join(missing)}: baselines come from "
             "tvmdeploy.compiler.baselines (pip install 'tvmdeploy[compile]')"
         )
-    model = load(config.bundle, artifact=config.artifact)
+    model = load(config.bundle, artifact=config.artifact, precision=config.precision)
     bundle = model.bundle
     reference = OnnxRuntimeEngine(bundle)
     first_output = bundle.outputs[0]["name"]

@@ -57,3 +57,13 @@ def test_bench_inputs_are_seeded_and_in_vocabulary(tiny_bundle):
     a, b = bench_inputs(bundle, 2, 8), bench_inputs(bundle, 2, 8)
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     assert a["input_ids"].max() < bundle.model["vocab_size"] and a["attention_mask"].all()
+
+
+def test_bench_times_the_precision_asked_for(tiny_bundle):
+    from tvmdeploy.runtime.errors import IncompatibleDeviceError
+
+    config = BenchConfig(str(tiny_bundle), ["tvmdeploy"], [1], [16], 1, 2, precision="fp32")
+    (result,) = run_bench(config).results
+    assert not result.artifact.endswith("-int8")
+    with pytest.raises(IncompatibleDeviceError, match="no int8 artifact"):
+        run_bench(BenchConfig(str(tiny_bundle), ["tvmdeploy"], [1], [16], precision="int8"))
