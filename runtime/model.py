@@ -25,6 +25,7 @@ from .bundle import Bucket, Bundle
 from .engine import Arrays, Engine, OnnxRuntimeEngine, TvmEngine
 from .errors import BundleError, InputError, OptionError
 from .inputs import synthetic_inputs
+from .precision import admits_fp32
 from .probe import DeviceInfo, probe
 from .select import ONNXRUNTIME, Choice, cached_latencies, remember_latencies, select
 
@@ -296,8 +297,7 @@ def load(
     if policy == "measure" and artifact is None:
         first = select(bundle, device, onnxruntime_available=has_ort, precision=precision)
         eligible = [n for n in first.compatible if n not in first.rejected]
-        takes_ort = has_ort and precision in ("auto", "fp32", "float32")
-        candidates = eligible + ([ONNXRUNTIME] if takes_ort else [])
+        candidates = eligible + ([ONNXRUNTIME] if has_ort and admits_fp32(precision) else [])
         if set(candidates) - set(cached_latencies(bundle, device)):
             remember_latencies(bundle, device, measure_candidates(bundle, device, candidates))
     choice = select(

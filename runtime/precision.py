@@ -42,6 +42,12 @@ def canonical(precision: str) -> str:
         ) from None
 
 
+def admits_fp32(precision: str) -> bool:
+    """Whether a `load(precision=...)` policy may run fp32 (so the ONNX Runtime fallback, which
+    is fp32, may compete too)."""
+    return precision == "auto" or canonical(precision) == "float32"
+
+
 def short(precision: str) -> str:
     return _SHORT.get(precision, precision)
 

@@ -20,7 +20,7 @@ from .atomic import write_json_atomic
 from .bundle import Bundle
 from .errors import IncompatibleDeviceError
 from .paths import cache_dir
-from .precision import PRECISIONS, canonical, short, within_gate
+from .precision import PRECISIONS, admits_fp32, canonical, short, within_gate
 from .probe import DeviceInfo, missing_requirements
 
 ONNXRUNTIME = "onnxruntime"
@@ -158,7 +158,7 @@ def select(
     if held:
         rejected = {**rejected, **held}
     compatible = eligible
-    onnxruntime_available = onnxruntime_available and precision in ("auto", "fp32", "float32")
+    onnxruntime_available = onnxruntime_available and admits_fp32(precision)
     measured = {**bundle_latencies(bundle, device), **cached_latencies(bundle, device)}
     allowed = {a.name for a in compatible} | ({ONNXRUNTIME} if onnxruntime_available else set())
     measured = {k: v for k, v in measured.items() if k in allowed}
