@@ -50,13 +50,16 @@ class ModelLoadError(TvmdeployError):
 
 
 class UnsupportedOperatorError(TvmdeployError):
-    """The ONNX graph uses operators TVM's Relax importer does not implement."""
+    """The ONNX graph uses operators (or forms of them) that neither TVM's Relax importer nor
+    tvmdeploy's rewrites (onnx_contrib.py) take; the message names each op, domain and node."""
 
-    def __init__(self, ops: list[str], model: str):
+    def __init__(self, ops: list[str], model: str, detail: str = ""):
         self.ops = ops
+        where = f" ({detail})" if detail else ""
         super().__init__(
-            f"{model}: TVM's ONNX importer does not support operator(s) {', '.join(ops)}. "
-            "Export with another opset (--opset) or simplify the model so these ops disappear."
+            f"{model}: cannot compile operator(s) {', '.join(ops)}{where}. "
+            "Export with another opset (--opset) or without the fusions that produce them "
+            "(e.g. ONNX Runtime's transformer optimizer), or open an issue with the op and node."
         )
 
 

@@ -1,9 +1,11 @@
 """Stage 2, import: ONNX to one Relax module with a function per shape bucket.
 
 MetaSchedule tunes static shapes only, so each (batch, seq) bucket becomes its own Relax
-function (`b{batch}_s{seq}`). Weights are kept as function inputs (`keep_params_in_input`) and
-detached, so every bucket shares one weight set that is stored once beside the code. Gathers
-are made bounds-safe (safe_take.py) so no index can make a kernel read out of bounds.
+function (`b{batch}_s{seq}`), imported from the graph normalized for that bucket (normalize.py:
+contrib ops rewritten, shapes pinned, shape chains folded). Weights are kept as function
+inputs (`keep_params_in_input`) and detached, so every bucket shares one weight set that is
+stored once beside the code. Gathers are made bounds-safe (safe_take.py) so no index can make a
+kernel read out of bounds.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any
 
 import onnx
 
-from .errors import ModelLoadError, UnsupportedOperatorError
-from .options import DEFAULT_BUCKETS, BucketSpec, parse_buckets  # noqa: F401  (TEMP re-export during the move)
+from . import normalize
+from .errors import ModelLoadError, OptionError, StageError, UnsupportedOperatorError
+from .options import BucketSpec
 from .safe_take import SafeTake
 
 _ONNX_DTYPES = {
@@ -35,18 +38,31 @@ class ImportedModel:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     buckets: list[BucketSpec]
+    source_precision: str = "float32"  # what the user's graph computes in (normalize.py)
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
-    """ONNX op types in the graph (subgraphs included) that TVM's Relax importer lacks."""
+    """Ops in the graph (subgraphs included) that TVM's Relax importer lacks, as `Op` for the
+    standard domain and `domain.Op` for others (a contrib op left after onnx_contrib.py's
+    rewrites is refused even where TVM knows an op of that name: its meaning differs)."""
+    return sorted(_unsupported_nodes(model))
+
+
+def _unsupported_nodes(model: onnx.ModelProto) -> dict[str, str]:
+    """{op: the first node using it} for the ops `unsupported_ops` names."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    known = set(_get_convert_map())
-    seen: set[str] = set()
+    known = set(_get_convert_map()) | {"If"}  # the importer converts If itself
+    found: dict[str, str] = {}
 
     def walk(graph: onnx.GraphProto) -> None:
         for node in graph.node:
-            seen.add(node.op_type)
+            domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+            if domain or node.op_type not in known:
+                found.setdefault(
+                    f"{domain}.{node.op_type}" if domain else node.op_type,
+                    node.name or node.output[0],
+                )
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     walk(attr.g)
@@ -54,7 +70,7 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
                     walk(sub)
 
     walk(model.graph)
-    return sorted(seen - known)
+    return found
 
 
 def _dim_names(value_info: onnx.ValueInfoProto) -> list[str | None]:
@@ -94,34 +110,43 @@ def io_spec(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str
 
 
 def import_onnx(
-    onnx_path: str | Path, buckets: list[BucketSpec], max_positions: int | None = None
+    onnx_path: str | Path,
+    buckets: list[BucketSpec],
+    max_positions: int | None = None,
+    source: str | None = None,
 ) -> ImportedModel:
-    """Import the ONNX model once per bucket and merge the functions into one module."""
+    """Normalize the ONNX model for each bucket (normalize.py) and import each into one Relax
+    function of one module; every function takes the same weights. Errors name `source` (the
+    user's model) rather than the working copy at `onnx_path`."""
     import tvm
-    from tvm.relax.frontend import detach_params
-    from tvm.relax.frontend.onnx import from_onnx
 
     model = onnx.load(str(onnx_path))
-    missing = unsupported_ops(model)
-    if missing:
-        raise UnsupportedOperatorError(missing, str(onnx_path))
+    source = source or str(onnx_path)
     if max_positions:
         too_long = [b for b in buckets if b.seq > max_positions]
         if too_long:
-            raise ValueError(
+            raise OptionError(
                 f"bucket seq {too_long[0].seq} exceeds the model's max_position_embeddings "
-                f"({max_positions})"
+                f"({max_positions}); use --buckets with sequences up to {max_positions}"
             )
     inputs, outputs = io_spec(model)
+    prepared = normalize.prepare(model, source)
+    missing = _unsupported_nodes(prepared.model)
+    if missing:
+        nodes = "; ".join(f"{op} at node {node!r}" for op, node in sorted(missing.items()))
+        raise UnsupportedOperatorError(sorted(missing), source, detail=nodes)
+    dtypes = {i["name"]: "int64" for i in inputs}  # int32 ids are cast inside (normalize.py)
+    inputs = [dict(i, dtype="int64") for i in inputs]
+    if prepared.source_precision == "float16":  # computed in fp32, so returned in fp32
+        outputs = [dict(o, dtype="float32") if o["dtype"] == "float16" else o for o in outputs]
 
     merged = tvm.IRModule()
     params: list[Any] = []
     param_names: list[str] = []
     for bucket in buckets:
+        static = normalize.for_bucket(prepared, bucket.batch, bucket.seq)
         shapes = {i["name"]: [bucket.batch, bucket.seq] for i in inputs}
-        dtypes = {i["name"]: i["dtype"] for i in inputs}
-        mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
-        mod, detached = detach_params(mod)
+        mod, detached = _relax_function(static, shapes, dtypes, source)
         func = mod["main"]
         names = [p.name for p in func.params[len(inputs) :]]
         if not param_names:
@@ -130,6 +155,76 @@ def import_onnx(
             raise ModelLoadError(
                 f"bucket {bucket.function}: weights differ from the first bucket's"
             )
-        merged[bucket.function] = func.with_attr("global_symbol", bucket.function)
+        _add_bucket(merged, mod, bucket.function)
     merged = SafeTake()(merged)
-    return ImportedModel(merged, params, param_names, inputs, outputs, buckets)
+    return ImportedModel(
+        merged, params, param_names, inputs, outputs, buckets, prepared.source_precision
+    )
+
+
+def _add_bucket(merged, mod, name: str) -> None:
+    """Add a bucket's `main` to `merged` as `name`, with the TIR functions the importer made for
+    it (its `emit_te` ops, e.g. Clip) renamed `name_...`: every bucket has its own shapes."""
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Rename(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__()  # an empty module: add_func would reuse the existing names
+            self.renamed = {
+                gv: self.builder_.add_func(func, f"{name}_{gv.name_hint}")
+                for gv, func in mod.functions_items()
+                if gv.name_hint != "main"
+            }
+
+        def visit_global_var_(self, gv):
+            return self.renamed.get(gv, gv)
+
+    rename = Rename(mod)
+    main = rename.visit_expr(mod["main"]) if rename.renamed else mod["main"]
+    built = rename.builder_.get()
+    for new in rename.renamed.values():
+        merged[new] = built[new]
+    merged[name] = main.with_attr("global_symbol", name)
+
+
+def _relax_function(model: onnx.ModelProto, shapes, dtypes, onnx_path: str):
+    """TVM's ONNX importer on one static graph, weights kept as parameters and detached. A
+    failure inside it names the ONNX node and op it was converting (TVM only prints those)."""
+    import contextlib
+    import io
+
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+    class NamedImporter(ONNXGraphImporter):
+        def _convert_operator(self, op_name, inputs, attrs, opset):
+            try:
+                return super()._convert_operator(op_name, inputs, attrs, opset)
+            except Exception as err:
+                raise NodeImportError(op_name, attrs["tvm_custom"]["name"], err) from err
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    importer = NamedImporter(shapes, dtypes, keep_params_in_input=True, sanitize=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # TVM prints the failing op's inputs
+            mod = importer.from_onnx(model.graph, opset)
+    except NodeImportError as failed:
+        cause = failed.__cause__
+        lines = [x.strip() for x in str(cause).splitlines() if x.strip() and x[:1] != "#"]
+        first = " ".join(lines)[:300] or type(cause).__name__
+        raise StageError(
+            f"import failed at ONNX node {failed.node!r} (op {failed.op}) of {onnx_path}: "
+            f"{type(cause).__name__}: {first}. Try another --opset, or compile the graph after "
+            "`onnxslim` / without ONNX Runtime's fusions; -v shows the traceback. Nothing was "
+            "written."
+        ) from cause
+    return detach_params(mod)
+
+
+class NodeImportError(Exception):
+    """TVM's importer failed on one ONNX node (internal: becomes a StageError naming it)."""
+
+    def __init__(self, op: str, node: str, cause: Exception):
+        super().__init__(f"{op} at {node}: {cause}")
+        self.op, self.node = op, node

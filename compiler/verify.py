@@ -48,24 +48,32 @@ class Parity:
 
 
 def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, Any]):
-    """(bucket, inputs, ONNX Runtime outputs) for every bucket."""
+    """(bucket, inputs, ONNX Runtime outputs) for every bucket, on the user's original graph
+    (int64 inputs, cast for ORT where the graph takes int32 ids)."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    dtypes = {
+        i.name: np.int32 if i.type == "tensor(int32)" else np.int64 for i in session.get_inputs()
+    }
     names = [i["name"] for i in imported.inputs]
     cases = []
     for k, bucket in enumerate(imported.buckets):
         arrays = deterministic_inputs(config, names, bucket.batch, bucket.seq, seed=k)
-        cases.append((bucket, arrays, session.run(None, arrays)))
+        feed = {n: a.astype(dtypes[n], copy=False) for n, a in arrays.items()}
+        cases.append((bucket, arrays, session.run(None, feed)))
     return cases
 
 
-def tolerance_for_cases(precision: str, cases) -> dict[str, float]:
+def tolerance_for_cases(precision: str, cases, source: str = "float32") -> dict[str, float]:
     """The parity tolerance for an artifact of `precision` (runtime/precision.py), scaled for
-    reduced precisions by the range of the reference outputs."""
-    values = [np.asarray(o) for _, _, expected in cases for o in expected]
+    reduced precisions by the range of the reference outputs; the looser of the artifact's and
+    the source graph's, since ONNX Runtime computes an fp16 or quantized user graph's reference
+    in that precision (normalize.source_precision)."""
+    values = [np.asarray(o, dtype=np.float64) for _, _, expected in cases for o in expected]
     spread = max((float(v.max() - v.min()) for v in values if v.size), default=0.0)
-    return tolerance_for(precision, spread)
+    mine, theirs = tolerance_for(precision, spread), tolerance_for(source, spread)
+    return {key: max(mine[key], theirs[key]) for key in mine}
 
 
 def run_native(
@@ -108,7 +116,7 @@ def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None 
     """
     from . import qemu
 
-    tolerance = tolerance_for_cases(build.precision, cases)
+    tolerance = tolerance_for_cases(build.precision, cases, imported.source_precision)
     profile = build.profile
     cpu = qemu_cpu or profile.qemu_cpu
     try:
@@ -139,7 +147,7 @@ def verify_rpc(
     import tvm
     from tvmdeploy.runtime import remote
 
-    tolerance = tolerance_for_cases(build.precision, cases)
+    tolerance = tolerance_for_cases(build.precision, cases, imported.source_precision)
     where = f"rpc:{rpc_key}"
     profile = build.profile
     with remote.connect(rpc, rpc_key, session_timeout=session_timeout) as session:
@@ -172,7 +180,7 @@ def verify(
     `qemu_cpu` forces emulation on that qemu CPU model (for profiles that name a `qemu_cpu`).
     """
     device = device or probe()
-    tolerance = tolerance_for_cases(build.precision, cases)
+    tolerance = tolerance_for_cases(build.precision, cases, imported.source_precision)
     profile = build.profile
     missing = missing_requirements(profile.requires, device)
     if profile.qemu_cpu and (missing or qemu_cpu):

@@ -193,6 +193,12 @@ class OnnxRuntimeEngine:
             str(path), options, providers=["CPUExecutionProvider"]
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
+        # Arrays come in as int64; a graph that takes int32 ids gets them cast.
+        self.dtypes = {
+            i.name: np.int32 if i.type == "tensor(int32)" else np.int64
+            for i in self.session.get_inputs()
+        }
 
     def run(self, bucket: Bucket | None, arrays: Arrays) -> list[np.ndarray]:
-        return self.session.run(None, {n: arrays[n] for n in self.input_names})
+        feed = {n: arrays[n].astype(self.dtypes[n], copy=False) for n in self.input_names}
+        return self.session.run(None, feed)

@@ -152,6 +152,28 @@ def graph_vocab_sizes(onnx_path: Path) -> dict[str, int]:
     return sizes
 
 
+def graph_max_positions(onnx_path: Path) -> int | None:
+    """The longest sequence a graph without config.json can take: the rows of its position
+    embedding table (an initializer named `*position*embed*`), less the two rows RoBERTa-style
+    models (positions counted from the padding id with CumSum) never use for tokens."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    tables = [
+        i
+        for i in model.graph.initializer
+        if len(i.dims) == 2 and "position" in i.name.lower() and "embed" in i.name.lower()
+    ]
+    if len(tables) != 1:
+        return None
+    offset = 2 if any(n.op_type == "CumSum" for n in model.graph.node) else 0
+    return int(tables[0].dims[0]) - offset or None
+
+
+def max_positions_of(exported: export.ExportResult) -> int | None:
+    """The model's longest sequence: config.json's `max_position_embeddings`, else the graph's."""
+    from_config = exported.config.get("max_position_embeddings")
+    return from_config if from_config else graph_max_positions(exported.onnx_path)
+
+
 def model_info(
     exported: export.ExportResult, imported: importer.ImportedModel, name: str
 ) -> dict[str, Any]:
@@ -170,7 +192,7 @@ def model_info(
         "vocab_size": int(vocab),
         "type_vocab_size": int(sizes.get("token_type_ids") or config.get("type_vocab_size") or 1),
         "pad_token_id": int(config.get("pad_token_id") or 0),
-        "max_position_embeddings": config.get("max_position_embeddings"),
+        "max_position_embeddings": max_positions_of(exported),
         "id2label": config.get("id2label", {}),
         "inputs": imported.inputs,
         "outputs": imported.outputs,
@@ -269,7 +291,7 @@ def compile_model(options: CompileOptions) -> Path:
             exported = export.export_model(
                 options.model, work_dir / "onnx", task=options.task, opset=options.opset
             )
-        max_positions = exported.config.get("max_position_embeddings")
+        max_positions = max_positions_of(exported)
         buckets = parse_buckets(options.buckets or default_buckets(max_positions))
         if not options.buckets:
             logger.info("  buckets from the model: %s", default_buckets(max_positions))
@@ -281,7 +303,9 @@ def compile_model(options: CompileOptions) -> Path:
                 p["tolerance"],
             )
         with stages(f"import to Relax ({len(buckets)} shape buckets)"):
-            imported = importer.import_onnx(exported.onnx_path, buckets, max_positions)
+            imported = importer.import_onnx(
+                exported.onnx_path, buckets, max_positions, source=exported.source
+            )
         with stages("reference outputs from ONNX Runtime"):
             cases = (
                 verify.reference_cases(exported.onnx_path, imported, exported.config)

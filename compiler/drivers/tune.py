@@ -33,6 +33,7 @@ from ..tuning import (
     write_database,
 )
 from ..tuning.workers import num_cores, scratch_dir
+from .compile import max_positions_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,11 @@ def tune_model(options: TuneOptions) -> TuneResult:
         exported = export.export_model(
             options.model, work_dir / "onnx", task=options.task, opset=options.opset
         )
-        max_positions = exported.config.get("max_position_embeddings")
+        max_positions = max_positions_of(exported)
         buckets = parse_buckets(options.buckets or default_buckets(max_positions))
-        imported = importer.import_onnx(exported.onnx_path, buckets, max_positions)
+        imported = importer.import_onnx(
+            exported.onnx_path, buckets, max_positions, source=exported.source
+        )
         result = tune(
             imported.mod,
             profile,

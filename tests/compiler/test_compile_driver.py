@@ -82,10 +82,11 @@ def test_display_says_what_will_happen(caplog):
     assert json.dumps(options.buckets)
 
 
-def mean_pooling_graph(folder):
-    """Embedding + masked mean pooling with Clip, as sentence-transformers exports it. TVM 0.27
-    fails to build it (no definition of the `maximum` its Clip becomes): a real failure inside
-    TVM. When tvmdeploy learns to compile it, give this test another graph TVM cannot take."""
+def data_dependent_graph(folder, tail: str):
+    """An embedding followed by an op whose output shape depends on the token values, which no
+    static bucket can pin: `nonzero` (TVM 0.27 imports it, then fails to build it: "MatchCast is
+    not supported in global lifting") or `topk` (its k is computed; TVM's importer refuses it).
+    Real failures inside TVM; when tvmdeploy learns to compile one, give its test another."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -93,28 +94,25 @@ def mean_pooling_graph(folder):
     rng = np.random.default_rng(0)
     init = [
         numpy_helper.from_array(rng.standard_normal((50, 8)).astype(np.float32), "emb"),
-        numpy_helper.from_array(np.array(1e-9, np.float32), "eps"),
-        numpy_helper.from_array(np.array([1], np.int64), "seq_axis"),
-        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
     ]
-    nodes = [
-        helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
-        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["mask", "last"], ["mask3"]),
-        helper.make_node("Mul", ["h", "mask3"], ["masked"]),
-        helper.make_node("ReduceSum", ["masked", "seq_axis"], ["total"], keepdims=0),
-        helper.make_node("ReduceSum", ["mask3", "seq_axis"], ["count"], keepdims=0),
-        helper.make_node("Clip", ["count", "eps"], ["safe_count"]),
-        helper.make_node("Div", ["total", "safe_count"], ["embedding"]),
-    ]
-    ids = [
-        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
-        for n in ("input_ids", "attention_mask")
-    ]
-    out = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 8])]
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed")]
+    if tail == "nonzero":
+        nodes += [
+            helper.make_node("NonZero", ["input_ids"], ["nz"], name="where_nonzero"),
+            helper.make_node("Cast", ["nz"], ["out"], to=TensorProto.FLOAT, name="as_float"),
+        ]
+    else:
+        nodes += [
+            helper.make_node("ReduceMax", ["input_ids"], ["top"], keepdims=1, name="largest_id"),
+            helper.make_node("Reshape", ["top", "one"], ["k"], name="k"),
+            helper.make_node("TopK", ["h", "k"], ["out", "idx"], axis=1, name="top_k_by_id"),
+        ]
+    ids = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    dims = ["two", "found"] if tail == "nonzero" else ["batch", "k", 8]
+    out = [helper.make_tensor_value_info("out", TensorProto.FLOAT, dims)]
     model = helper.make_model(
-        helper.make_graph(nodes, "pool", ids, out, init),
-        opset_imports=[helper.make_opsetid("", 17)],
+        helper.make_graph(nodes, tail, ids, out, init), opset_imports=[helper.make_opsetid("", 17)]
     )
     folder.mkdir()
     onnx.save(model, str(folder / "model.onnx"))
@@ -127,8 +125,8 @@ def test_a_failure_inside_tvm_names_the_stage_and_writes_nothing(tmp_path):
     from tvmdeploy.compiler.errors import StageError
     from typer.testing import CliRunner
 
-    model = mean_pooling_graph(tmp_path / "pool")
-    out = tmp_path / "pool.tvmd"
+    model = data_dependent_graph(tmp_path / "nonzero", "nonzero")
+    out = tmp_path / "nonzero.tvmd"
     with pytest.raises(
         StageError, match=r"^build failed \(InternalError: .*\); .*Nothing was written"
     ) as caught:
@@ -142,6 +140,22 @@ def test_a_failure_inside_tvm_names_the_stage_and_writes_nothing(tmp_path):
         app, ["-v", "compile", str(model), "-o", str(out), "--buckets", "1x4"]
     )
     assert loud.exit_code == 2 and "Traceback" in loud.output
+    assert not out.exists()
+
+
+def test_an_import_failure_names_the_onnx_node_and_op(tmp_path, capsys):
+    """TVM's importer only prints the failing op; the error names the node, the op and the
+    user's file (not the working copy), and TVM's printout does not reach the terminal."""
+    from tvmdeploy.compiler.errors import StageError
+
+    model = data_dependent_graph(tmp_path / "topk", "topk")
+    out = tmp_path / "topk.tvmd"
+    with pytest.raises(StageError) as caught:
+        compile_model(CompileOptions(model=str(model), output=str(out), buckets="1x4"))
+    message = str(caught.value)
+    assert "node 'top_k_by_id' (op TopK)" in message and str(model) in message
+    assert "k must be a constant" in message and "Nothing was written" in message
+    assert "Error converting operator" not in capsys.readouterr().out
     assert not out.exists()
 
 
