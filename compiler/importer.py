@@ -10,6 +10,7 @@ kernel read out of bounds.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from . import normalize
 from .errors import ModelLoadError, OptionError, StageError, UnsupportedOperatorError
 from .options import BucketSpec
 from .safe_take import SafeTake
+
+logger = logging.getLogger(__name__)
 
 _ONNX_DTYPES = {
     onnx.TensorProto.INT64: "int64",
@@ -39,6 +42,9 @@ class ImportedModel:
     outputs: list[dict[str, Any]]
     buckets: list[BucketSpec]
     source_precision: str = "float32"  # what the user's graph computes in (normalize.py)
+    # The symbolic-length function for sequences beyond the largest bucket (batch 1, up to
+    # `fallback.seq` tokens), or None where the graph does not import with a symbolic length.
+    fallback: BucketSpec | None = None
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
@@ -109,15 +115,22 @@ def io_spec(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str
     return input_spec, output_spec
 
 
+#: The symbolic-length function: batch 1, any sequence up to the model's limit.
+FALLBACK_FUNCTION = "b1_sdyn"
+
+
 def import_onnx(
     onnx_path: str | Path,
     buckets: list[BucketSpec],
     max_positions: int | None = None,
     source: str | None = None,
+    fallback: bool = False,
 ) -> ImportedModel:
     """Normalize the ONNX model for each bucket (normalize.py) and import each into one Relax
     function of one module; every function takes the same weights. Errors name `source` (the
-    user's model) rather than the working copy at `onnx_path`."""
+    user's model) rather than the working copy at `onnx_path`. With `fallback` and a model
+    limit longer than the largest bucket, also a symbolic-length function (FALLBACK_FUNCTION)
+    for the sequences in between, where the graph imports that way."""
     import tvm
 
     model = onnx.load(str(onnx_path))
@@ -156,10 +169,57 @@ def import_onnx(
                 f"bucket {bucket.function}: weights differ from the first bucket's"
             )
         _add_bucket(merged, mod, bucket.function)
+    longest = max(b.seq for b in buckets)
+    spec = None
+    if fallback and max_positions and max_positions > longest:
+        spec = _add_fallback(merged, prepared, inputs, param_names, max_positions, source)
     merged = SafeTake()(merged)
     return ImportedModel(
-        merged, params, param_names, inputs, outputs, buckets, prepared.source_precision
+        merged, params, param_names, inputs, outputs, buckets, prepared.source_precision, spec
     )
+
+
+def _add_fallback(merged, prepared, inputs, param_names, max_seq: int, source: str):
+    """Import the graph once more with a symbolic sequence length (batch 1): longer inputs than
+    the largest bucket run through it, untuned. A graph that does not import that way (its shape
+    chains need static shapes) gets none, with a warning: long inputs are then refused."""
+    import tvm
+
+    seq = tvm.tirx.Var("seq", "int64")
+    shapes = {i["name"]: [1, seq] for i in inputs}
+    try:
+        mod, _ = _relax_function(
+            normalize.symbolic(prepared), shapes, {i["name"]: "int64" for i in inputs}, source
+        )
+        names = [p.name for p in mod["main"].params[len(inputs) :]]
+        if names != param_names:
+            raise ModelLoadError("its weights differ from the buckets'")
+    except Exception as err:  # noqa: BLE001 - any failure only means no fallback
+        lines = [x for x in str(err).splitlines() if x.strip()]
+        logger.warning(
+            "  no symbolic-length fallback (%s): sequences beyond the largest bucket will be "
+            "refused; compile a larger --buckets seq to run them",
+            (lines[0] if lines else type(err).__name__)[:200],
+        )
+        return None
+    _add_bucket(merged, mod, FALLBACK_FUNCTION)
+    logger.info(
+        "  symbolic-length fallback %s: batch 1, up to %d tokens", FALLBACK_FUNCTION, max_seq
+    )
+    return BucketSpec(1, max_seq, FALLBACK_FUNCTION)
+
+
+def without_fallback(mod):
+    """The module without the fallback function and the TIR functions imported for it: what
+    tuning sees (MetaSchedule tunes static shapes; the fallback runs untuned)."""
+    import tvm
+
+    keep = {
+        gv: func
+        for gv, func in mod.functions_items()
+        if not gv.name_hint.startswith(FALLBACK_FUNCTION)
+    }
+    return tvm.IRModule(keep, attrs=mod.attrs)
 
 
 def _add_bucket(merged, mod, name: str) -> None:

@@ -181,6 +181,14 @@ def for_bucket(prepared: Prepared, batch: int, seq: int) -> onnx.ModelProto:
     return slim
 
 
+def symbolic(prepared: Prepared) -> onnx.ModelProto:
+    """The graph with its own (symbolic) input shapes and the same weights as every bucket's:
+    what the symbolic-length fallback function is imported from."""
+    model = onnx.ModelProto.FromString(prepared.model.SerializeToString())
+    _constants_inline(model, prepared)
+    return model
+
+
 def _restore_inputs(model: onnx.ModelProto, originals: dict, batch: int, seq: int) -> None:
     """Every input of the user's graph, in its order (folding may drop one the outputs do not
     need; the runtime still passes it)."""

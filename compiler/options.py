@@ -26,10 +26,13 @@ class BucketSpec:
 
     batch: int
     seq: int
+    #: A function name of its own: the symbolic-length fallback (importer.FALLBACK_FUNCTION),
+    #: whose `seq` is the longest sequence it takes.
+    name: str | None = None
 
     @property
     def function(self) -> str:
-        return f"b{self.batch}_s{self.seq}"
+        return self.name or f"b{self.batch}_s{self.seq}"
 
 
 def default_buckets(max_positions: int | None) -> str:

@@ -40,6 +40,7 @@ class ArtifactEntry:
     latency: list[dict[str, Any]] = field(default_factory=list)
     tuning_files: list[Path] = field(default_factory=list)
     weights: str = "float32"  # the weights entry it reads
+    fallback: bool = False  # holds the symbolic-length function (model["fallback"])
 
     @property
     def name(self) -> str:
@@ -141,6 +142,7 @@ def write_bundle(
                     "tuning": tuning,
                     "parity": artifact.parity,
                     "latency": artifact.latency,
+                    "fallback": artifact.fallback,
                 }
             )
         if tokenizer_dir is not None:

@@ -22,6 +22,7 @@ from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
 from .errors import QemuUnavailable
 from .export import deterministic_inputs
 from .importer import ImportedModel
+from .options import BucketSpec
 
 
 @dataclass
@@ -58,11 +59,21 @@ def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, 
     }
     names = [i["name"] for i in imported.inputs]
     cases = []
-    for k, bucket in enumerate(imported.buckets):
+    checked = list(imported.buckets)
+    if imported.fallback:  # an odd length near the model's limit, beyond every bucket
+        longest = max(b.seq for b in imported.buckets)
+        length = max(longest + 1, imported.fallback.seq - 3)
+        checked.append(BucketSpec(1, length, imported.fallback.function))
+    for k, bucket in enumerate(checked):
         arrays = deterministic_inputs(config, names, bucket.batch, bucket.seq, seed=k)
         feed = {n: a.astype(dtypes[n], copy=False) for n, a in arrays.items()}
         cases.append((bucket, arrays, session.run(None, feed)))
     return cases
+
+
+def without_fallback_case(cases) -> list:
+    """The cases of an artifact built without the fallback function."""
+    return [case for case in cases if case[0].name is None]
 
 
 def tolerance_for_cases(precision: str, cases, source: str = "float32") -> dict[str, float]:
@@ -96,7 +107,7 @@ def run_native(
         result = fn(*args)
         outputs = [result.numpy()] if hasattr(result, "numpy") else [o.numpy() for o in result]
         comparison.add(bucket.function, outputs, expected)
-        if timing_runs:
+        if timing_runs and bucket.name is None:  # buckets only: the fallback is not chosen by time
             times = []
             for _ in range(timing_runs):
                 start = time.perf_counter()

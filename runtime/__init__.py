@@ -17,9 +17,10 @@ from .errors import (
     SignatureError,
     TvmdeployError,
 )
-from .model import Model, Prediction, load
+from .model import Model, load
 from .probe import DeviceInfo, probe
 from .select import Choice
+from .tasks import Entity, Prediction
 
 __all__ = [
     "Artifact",
@@ -29,6 +30,7 @@ __all__ = [
     "Choice",
     "DeviceInfo",
     "Engine",
+    "Entity",
     "IncompatibleDeviceError",
     "InputError",
     "Model",

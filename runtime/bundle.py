@@ -67,6 +67,7 @@ class Artifact:
     name: str = ""  # unique in the bundle: the profile, plus the precision unless fp32
     weights: str = "float32"  # which weights entry it reads (int8 quantizes fp32 at load)
     accuracy: dict[str, Any] | None = None  # task accuracy against fp32, where measured
+    fallback: bool = False  # holds the bundle's symbolic-length function (Bundle.fallback)
 
     @property
     def is_gpu(self) -> bool:
@@ -90,6 +91,7 @@ class Artifact:
             name=entry.get("name") or artifact_name(entry["profile"], precision),
             weights=entry.get("weights", precision),
             accuracy=entry.get("accuracy"),
+            fallback=bool(entry.get("fallback", False)),
         )
 
 
@@ -121,6 +123,11 @@ def _check_fields(manifest: dict[str, Any], where: Path) -> None:
                 "a string",
             )
             need(spec.get("axes", []), list, f"model.{key}[{k}].axes", "a list")
+    fallback = need(model.get("fallback") or {}, dict, "model.fallback", "an object")
+    if fallback:
+        need(fallback.get("function"), str, "model.fallback.function", "a string")
+        if need(fallback.get("max_seq"), int, "model.fallback.max_seq", "an integer") < 1:
+            raise bad("model.fallback.max_seq", "positive")
     for k, bucket in enumerate(need(manifest.get("buckets"), list, "buckets", "a list")):
         need(bucket, dict, f"buckets[{k}]", "an object")
         need(bucket.get("function"), str, f"buckets[{k}].function", "a string")
@@ -145,6 +152,7 @@ def _check_fields(manifest: dict[str, Any], where: Path) -> None:
         for key in ("value", "fp32", "agreement"):
             if accuracy.get(key) is not None:
                 need(accuracy[key], (int, float), f"artifacts[{k}].accuracy.{key}", "a number")
+        need(entry.get("fallback", False), bool, f"artifacts[{k}].fallback", "a boolean")
         for key in ("target", "requires"):
             need(entry.get(key), dict, f"artifacts[{k}].{key}", "an object")
         for key in ("tuning", "parity"):
@@ -252,6 +260,12 @@ class Bundle:
                     for b in self.manifest["buckets"]
                 ),
                 key=lambda b: (b.batch * b.seq, b.seq, b.batch),
+            )
+            fallback = self.manifest["model"].get("fallback")
+            #: The symbolic-length function (batch 1, `seq` = the longest it takes), run for
+            #: inputs longer than the largest bucket by the artifacts that hold it.
+            self.fallback: Bucket | None = (
+                Bucket(fallback["function"], 1, int(fallback["max_seq"])) if fallback else None
             )
             self.inputs: list[dict[str, Any]] = self.manifest["model"]["inputs"]
             self.outputs: list[dict[str, Any]] = self.manifest["model"]["outputs"]

@@ -122,7 +122,7 @@ class TvmEngine:
         self.max_concurrency = max(1, max_concurrency or default_num_threads())
         self._idle: queue.LifoQueue = queue.LifoQueue()
         self._idle.put(first)
-        self._staged: dict[int, dict[str, list]] = {}  # id(vm) -> bucket function -> inputs
+        self._staged: dict[int, dict[tuple, list]] = {}  # id(vm) -> bucket shape -> inputs
         self._created = 1
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -161,10 +161,11 @@ class TvmEngine:
             # Input tensors per VM and bucket, allocated once and refilled: a fresh allocation per
             # input and call was a measurable part of a small model's per-call time.
             staged = self._staged.setdefault(id(vm), {})
-            args = staged.get(bucket.function)
+            key = (bucket.function, bucket.batch, bucket.seq)  # the fallback takes any length
+            args = staged.get(key)
             if args is None:
                 args = [self._tensor(arrays[name], self.device) for name in self.input_names]
-                staged[bucket.function] = args
+                staged[key] = args
             else:
                 for arg, name in zip(args, self.input_names, strict=True):
                     arg.copyfrom(np.ascontiguousarray(arrays[name]))

@@ -15,7 +15,6 @@ import importlib.util
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,19 @@ from .inputs import synthetic_inputs
 from .precision import admits_fp32
 from .probe import DeviceInfo, probe
 from .select import ONNXRUNTIME, Choice, cached_latencies, remember_latencies, select
+from .tasks import (
+    CLASSIFICATION,
+    EMBEDDING,
+    TOKEN_CLASSIFICATION,
+    Entity,
+    Prediction,
+    entities,
+    labels,
+    task_of,
+    vectors,
+)
 
-
-@dataclass
-class Prediction:
-    label: str
-    score: float
-    label_id: int
+__all__ = ["Entity", "Model", "Prediction", "load"]
 
 
 class Model:
@@ -52,6 +57,17 @@ class Model:
         self.input_names = [i["name"] for i in bundle.inputs]
         self.max_batch = max(b.batch for b in bundle.buckets)
         self.max_seq = max(b.seq for b in bundle.buckets)
+        #: The function for inputs longer than the largest bucket (batch 1, symbolic length),
+        #: where the chosen artifact holds one; ONNX Runtime takes any length itself.
+        artifact = getattr(engine, "artifact", None)
+        self.fallback = bundle.fallback if artifact is not None and artifact.fallback else None
+        limit = bundle.model.get("max_position_embeddings")
+        if self.fallback is not None:
+            self.max_input_seq = self.fallback.seq
+        elif not engine.fixed_shapes and isinstance(limit, int) and limit > self.max_seq:
+            self.max_input_seq = limit
+        else:
+            self.max_input_seq = self.max_seq
         self._tokenizer = None
 
     def __repr__(self) -> str:
@@ -94,11 +110,15 @@ class Model:
                 )
         if shape[0] == 0 or shape[1] == 0:
             raise InputError(f"empty input: input_ids has shape {shape}")
-        if shape[1] > self.max_seq:
+        if shape[1] > self.max_input_seq:
+            if self.max_input_seq > self.max_seq:
+                raise InputError(
+                    f"sequence length {shape[1]} exceeds this model's limit of "
+                    f"{self.max_input_seq} tokens; truncate the input"
+                )
             raise InputError(
                 f"sequence length {shape[1]} exceeds the largest bucket ({self.max_seq}) of this "
-                f"bundle; "
-                f"truncate the input or recompile with a larger --buckets seq"
+                f"bundle; truncate the input or recompile with a larger --buckets seq"
             )
         ids = arrays["input_ids"]
         if ids.min() < 0 or ids.max() >= self.vocab_size:
@@ -174,6 +194,10 @@ class Model:
         arrays = self.validate(inputs)
         start = time.perf_counter()
         batch, seq = arrays["input_ids"].shape
+        if seq > self.max_seq:
+            outputs = self._run_long(arrays)
+            self._per_thread.latency_ms = (time.perf_counter() - start) * 1e3
+            return outputs
         chunk = max(b.batch for b in self.bundle.buckets if b.seq >= seq)
         parts = [
             self.run_bucket({n: a[i : i + chunk] for n, a in arrays.items()})
@@ -183,10 +207,25 @@ class Model:
         names = [o["name"] for o in self.bundle.outputs]
         return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
 
+    def _run_long(self, arrays: Arrays) -> dict[str, np.ndarray]:
+        """Inputs longer than every bucket: ONNX Runtime as they are, or the artifact's
+        symbolic-length function one row at a time (it is compiled for batch 1)."""
+        names = [o["name"] for o in self.bundle.outputs]
+        if not self.engine.fixed_shapes:
+            return dict(zip(names, self.engine.run(None, arrays), strict=True))
+        seq = arrays["input_ids"].shape[1]
+        bucket = Bucket(self.fallback.function, 1, seq)
+        rows = [
+            self.engine.run(bucket, {n: a[i : i + 1] for n, a in arrays.items()})
+            for i in range(arrays["input_ids"].shape[0])
+        ]
+        return {name: np.concatenate([r[k] for r in rows]) for k, name in enumerate(names)}
+
     # -- text -------------------------------------------------------------------------------
     @property
     def tokenizer(self):
-        """The bundle's fast tokenizer (`tokenizers` library), truncating to the largest bucket."""
+        """The bundle's fast tokenizer (`tokenizers` library), truncating to the longest input
+        this model takes."""
         if self._tokenizer is None:
             if "tokenizer/tokenizer.json" not in self.bundle.manifest.get("files", {}):
                 raise BundleError(
@@ -196,13 +235,15 @@ class Model:
 
             tokenizer = Tokenizer.from_file(str(self.bundle.file("tokenizer/tokenizer.json")))
             tokenizer.no_padding()
-            tokenizer.enable_truncation(max_length=self.max_seq)
+            tokenizer.enable_truncation(max_length=self.max_input_seq)
             self._tokenizer = tokenizer
         return self._tokenizer
 
-    def encode(self, texts: list[str]) -> Arrays:
-        """Token arrays for `texts`, padded to the longest one."""
-        encodings = self.tokenizer.encode_batch(list(texts))
+    def encode(self, texts: list[str], encodings=None) -> Arrays:
+        """Token arrays for `texts`, padded to the longest one (`encodings`: the tokenizer's,
+        where the caller has them already)."""
+        if encodings is None:
+            encodings = self.tokenizer.encode_batch(list(texts))
         longest = max(len(e.ids) for e in encodings)
         arrays = {name: np.zeros((len(texts), longest), np.int64) for name in self.input_names}
         if "input_ids" in arrays:
@@ -216,20 +257,37 @@ class Model:
                 arrays["token_type_ids"][row, :n] = encoding.type_ids
         return arrays
 
-    def predict(self, texts: list[str] | str) -> list[Prediction]:
-        """Classify texts: the top label and its softmax score for each."""
+    @property
+    def task(self) -> str:
+        """The model's task (runtime/tasks.py): text-classification, token-classification,
+        feature-extraction, question-answering, or unknown."""
+        return task_of(self.bundle.model, self.bundle.outputs)
+
+    def predict(self, texts: list[str] | str) -> list[Prediction] | list[list[Entity]] | np.ndarray:
+        """What the task calls for, per text: the top label and its softmax score
+        (classification), the entities found (token classification), or one vector
+        (embedding models: [len(texts), dim])."""
         if isinstance(texts, str):
             texts = [texts]
+        task = self.task
+        if task not in (CLASSIFICATION, TOKEN_CLASSIFICATION, EMBEDDING):
+            raise InputError(
+                f"predict() covers classification, token classification and embeddings; this "
+                f"model's task is {task}: call the model with token arrays instead"
+            )
         if not texts:
-            return []
-        logits = self(**self.encode(texts))["logits"]
-        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs = shifted / shifted.sum(axis=-1, keepdims=True)
+            return np.zeros((0, 0), np.float32) if task == EMBEDDING else []
+        encodings = self.tokenizer.encode_batch(list(texts))
+        arrays = self.encode(texts, encodings)
+        outputs = self(**arrays)
         id2label = {int(k): v for k, v in self.bundle.model.get("id2label", {}).items()}
-        return [
-            Prediction(id2label.get(int(i), str(int(i))), float(p[i]), int(i))
-            for p, i in zip(probs, probs.argmax(axis=-1))
-        ]
+        if task == EMBEDDING:
+            mask = arrays.get("attention_mask", np.ones_like(arrays["input_ids"]))
+            return vectors(outputs, mask)
+        logits = outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
+        if task == TOKEN_CLASSIFICATION:
+            return entities(logits, id2label, list(texts), encodings)
+        return labels(logits, id2label)
 
 
 def make_engine(

@@ -208,9 +208,9 @@ def model(tiny_bundle):
         ({"input_ids": np.ones((1, 2, 3), np.int64)}, "must be 2-D"),
         ({"input_ids": np.ones((0, 4), np.int64)}, "empty input"),
         ({"input_ids": np.ones((1, 0), np.int64)}, "empty input"),
-        (
-            {"input_ids": np.ones((1, 33), np.int64)},
-            "exceeds the largest bucket.*truncate the input",
+        (  # beyond its 32-token buckets the fallback function takes it, up to the model's 128
+            {"input_ids": np.ones((1, 129), np.int64)},
+            "exceeds this model's limit of 128 tokens; truncate the input",
         ),
         ({"input_ids": [[1, 2]], "attention_mask": [[1, 2]]}, "only 0 and 1"),
         ({"input_ids": [[1, 2]], "attention_mask": [[1, 1, 1]]}, "must match"),

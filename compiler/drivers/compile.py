@@ -194,6 +194,11 @@ def model_info(
         "pad_token_id": int(config.get("pad_token_id") or 0),
         "max_position_embeddings": max_positions_of(exported),
         "id2label": config.get("id2label", {}),
+        "fallback": (
+            {"function": imported.fallback.function, "batch": 1, "max_seq": imported.fallback.seq}
+            if imported.fallback
+            else None
+        ),
         "inputs": imported.inputs,
         "outputs": imported.outputs,
     }
@@ -246,6 +251,26 @@ def _evaluator(examples, stages: Stages):
         return records
 
     return run
+
+
+def _build(mod, profile: Profile, out_dir: Path, database, dtype: str, imported):
+    """Build the artifact with the symbolic-length fallback function where it builds for this
+    profile; else without it (with a warning): (BuildResult, whether it has the fallback)."""
+    if imported.fallback is None:
+        return build.build_artifact(mod, profile, out_dir, database, dtype), False
+    try:
+        return build.build_artifact(mod, profile, out_dir, database, dtype), True
+    except TvmdeployError:
+        raise
+    except Exception as err:  # noqa: BLE001 - TVM's; the buckets alone may still build
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        logger.warning(
+            "  %s: the symbolic-length fallback does not build (%s); built without it",
+            profile.name,
+            first,
+        )
+    mod = importer.without_fallback(mod)
+    return build.build_artifact(mod, profile, out_dir, database, dtype), False
 
 
 def compile_model(options: CompileOptions) -> Path:
@@ -304,7 +329,7 @@ def compile_model(options: CompileOptions) -> Path:
             )
         with stages(f"import to Relax ({len(buckets)} shape buckets)"):
             imported = importer.import_onnx(
-                exported.onnx_path, buckets, max_positions, source=exported.source
+                exported.onnx_path, buckets, max_positions, source=exported.source, fallback=True
             )
         with stages("reference outputs from ONNX Runtime"):
             cases = (
@@ -333,7 +358,7 @@ def compile_model(options: CompileOptions) -> Path:
                     f"tune {profile.name} ({options.tune_trials} trials{where}, cache {cache})"
                 ):
                     tuned = tuning.tune(
-                        imported.mod,
+                        importer.without_fallback(imported.mod),
                         profile,
                         options.tune_trials,
                         tuning_dir,
@@ -352,7 +377,12 @@ def compile_model(options: CompileOptions) -> Path:
                         mod = to_float16(mod)
                     found = tuned
                     if found is None or dtype != "float32":  # shipped/cached records, no trials
-                        found = tuning.lookup(mod, profile, tuning_dir / dtype, rpc_key=rpc_key)
+                        found = tuning.lookup(
+                            importer.without_fallback(mod),
+                            profile,
+                            tuning_dir / dtype,
+                            rpc_key=rpc_key,
+                        )
                     database, tuning_summary, tuning_files = None, NO_TUNING, []
                     if found is not None:
                         database, tuning_summary, tuning_files = (
@@ -360,20 +390,21 @@ def compile_model(options: CompileOptions) -> Path:
                             found.summary,
                             found.files,
                         )
-                    built = build.build_artifact(
-                        mod, profile, work_dir / "artifacts" / name, database, dtype
+                    built, has_fallback = _build(
+                        mod, profile, work_dir / "artifacts" / name, database, dtype, imported
                     )
+                checked = cases if has_fallback else verify.without_fallback_case(cases)
                 parity, latency = {"where": "not-run", "detail": "verification disabled"}, []
                 if options.verify:
                     via = " via RPC" if profile_rpc else ""
                     with stages(f"verify {name} against ONNX Runtime{via}"):
                         if profile_rpc:
                             record = verify.verify_rpc(
-                                built, imported, cases, profile_rpc.tracker, profile_rpc.key
+                                built, imported, checked, profile_rpc.tracker, profile_rpc.key
                             )
                             latency = []
                         else:
-                            record, latency = verify.verify(built, imported, cases)
+                            record, latency = verify.verify(built, imported, checked)
                     parity = record.to_dict()
                     logger.info("  parity %s: %s", name, record.summary())
                     if record.ok is False and options.strict_parity:
@@ -395,6 +426,7 @@ def compile_model(options: CompileOptions) -> Path:
                         parity=parity,
                         latency=latency,
                         tuning_files=tuning_files,
+                        fallback=has_fallback,
                     )
                 )
 

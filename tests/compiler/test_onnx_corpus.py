@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from tvmdeploy.compiler import CompileOptions, compile_model
-from tvmdeploy.runtime import load
+from tvmdeploy.runtime import InputError, load
 
 from bench.onnx_corpus import ENTRIES, inputs_for, make, reference
 
@@ -39,8 +39,20 @@ def test_corpus_entry_compiles_and_matches_onnxruntime(name, tmp_path):
     feed = inputs_for(path)
     got = model(**feed)
     expected = reference(path, feed)
-    assert set(got) == set(expected)
     quantized_or_half = any(k in name for k in ("int8", "nbits", "fp16"))
+    compare(name, got, expected, quantized_or_half)
+    # Longer than every bucket: the symbolic-length function where the graph imports with a
+    # symbolic length, else a refusal that names the limit.
+    long_feed = inputs_for(path, batch=2, seq=40)
+    if model.fallback is not None:
+        compare(name, model(**long_feed), reference(path, long_feed), quantized_or_half)
+    else:
+        with pytest.raises(InputError, match="exceeds the largest bucket \\(16\\)"):
+            model(**long_feed)
+
+
+def compare(name, got, expected, quantized_or_half):
+    assert set(got) == set(expected)
     for key, want in expected.items():
         want = want.astype(np.float64)
         have = np.asarray(got[key], np.float64)

@@ -46,6 +46,19 @@ def test_parity_with_onnxruntime_any_shape(model, ort_session, batch, seq):
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("batch,seq", [(1, 33), (3, 77), (2, 128)])
+def test_longer_than_every_bucket_runs_the_symbolic_length_function(
+    model, ort_session, batch, seq
+):
+    """The buckets stop at 32 tokens; the model takes 128: the artifact's fallback function
+    (batch 1, any length) runs the rest, row by row, and matches ORT."""
+    assert model.fallback is not None and model.max_input_seq == 128
+    arrays = random_inputs(batch, seq, seed=seq)
+    got = model(**arrays)["logits"]
+    want = ort_session.run(None, arrays)[0]
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
 def test_parity_with_pytorch(model, tiny_model_dir):
     torch_model = BertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
     arrays = random_inputs(2, 20, seed=7)
@@ -78,7 +91,7 @@ def test_optional_inputs_default_like_transformers(model, ort_session):
         ({"input_ids": np.array([[1.0, 2.0]])}, "integers"),
         ({"input_ids": np.array([1, 2, 3])}, "2-D"),
         ({"input_ids": np.ones((1, 2, 3), np.int64)}, "2-D"),
-        ({"input_ids": np.ones((1, 33), np.int64)}, "largest bucket"),
+        ({"input_ids": np.ones((1, 129), np.int64)}, "model's limit of 128 tokens"),
         (
             {"input_ids": np.ones((2, 4), np.int64), "attention_mask": np.ones((2, 5), np.int64)},
             "must match",
