@@ -489,7 +489,7 @@ def inputs_for(path, batch: int = 2, seq: int = 12) -> dict:
             feed[i.name] = rng.integers(5, VOCAB, (batch, seq))
         elif i.name == "attention_mask":
             mask = np.ones((batch, seq), np.int64)
-            mask[1, seq // 2 :] = 0
+            mask[1:2, seq // 2 :] = 0
             feed[i.name] = mask
         else:
             feed[i.name] = np.zeros((batch, seq), np.int64)

@@ -132,8 +132,12 @@ def torch_parity(
     import torch
     from optimum.exporters.tasks import TasksManager
 
-    model = TasksManager.get_model_from_task(
-        task, str(model_dir), framework="pt", local_files_only=True
+    model = TasksManager.get_model_from_task(  # the transformers model, as exported (a
+        task,  # sentence-transformers folder would otherwise load its pooling wrapper)
+        str(model_dir),
+        framework="pt",
+        local_files_only=True,
+        library_name="transformers",
     )
     model.eval()
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

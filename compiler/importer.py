@@ -19,7 +19,7 @@ import onnx
 
 from . import normalize
 from .errors import ModelLoadError, OptionError, StageError, UnsupportedOperatorError
-from .options import BucketSpec
+from .options import FALLBACK_FUNCTION, BucketSpec
 from .safe_take import SafeTake
 
 logger = logging.getLogger(__name__)
@@ -113,10 +113,6 @@ def io_spec(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str
             }
         )
     return input_spec, output_spec
-
-
-#: The symbolic-length function: batch 1, any sequence up to the model's limit.
-FALLBACK_FUNCTION = "b1_sdyn"
 
 
 def import_onnx(

@@ -20,6 +20,11 @@ DEFAULT_BUCKETS = "1,4x32,64,128,256"
 DEFAULT_SEQS = (32, 64, 128, 256, 512)
 
 
+#: The symbolic-length function of an artifact: batch 1, any sequence up to the model's limit,
+#: for inputs longer than the largest bucket (importer.py adds it, the runtime calls it).
+FALLBACK_FUNCTION = "b1_sdyn"
+
+
 @dataclass(frozen=True)
 class BucketSpec:
     """One static shape; each becomes its own Relax function."""

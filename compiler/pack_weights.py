@@ -25,6 +25,8 @@ from tvm import relax, te
 from tvm.ir import IRModule
 from tvmdeploy.runtime._tvm import TRANSFORM_PARAMS
 
+from .options import FALLBACK_FUNCTION
+
 PACKED_B_ATTR = "tvmdeploy.packed_b"
 
 
@@ -189,10 +191,27 @@ def FlattenTransformParams() -> tvm.transform.Pass:
     return _pass
 
 
+def LiftBucketTransforms() -> tvm.transform.Pass:
+    """LiftTransformParams over the bucket functions only. The symbolic-length fallback
+    (FALLBACK_FUNCTION) reads the weights as stored: its matmuls are not packed (their row count
+    is not static), and a transform shared with it would keep nothing but the raw weights, so
+    every bucket would pack its weights on every call."""
+
+    @tvm.transform.module_pass(opt_level=0, name="LiftBucketTransforms")
+    def _pass(mod: IRModule, _ctx) -> IRModule:
+        buckets = [
+            gv.name_hint
+            for gv, func in mod.functions_items()
+            if isinstance(func, relax.Function)
+            and func.attrs is not None
+            and "num_input" in func.attrs
+            and gv.name_hint != FALLBACK_FUNCTION
+        ]
+        return relax.transform.LiftTransformParams(shared_transform=buckets)(mod)
+
+    return _pass
+
+
 def packing_passes(nr: int) -> list[tvm.transform.Pass]:
     """Pack weight matmuls, then lift all weight-only computation into a flat `transform_params`."""
-    return [
-        PackMatmulWeights(nr),
-        relax.transform.LiftTransformParams(shared_transform=True),
-        FlattenTransformParams(),
-    ]
+    return [PackMatmulWeights(nr), LiftBucketTransforms(), FlattenTransformParams()]

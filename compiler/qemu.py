@@ -382,7 +382,11 @@ def run_cases(
         spec = {
             "param_names": list(imported.param_names),
             "cases": [
-                {"function": bucket.function, "inputs": [f"c{k}.{n}" for n in names]}
+                {
+                    "function": bucket.function,
+                    "inputs": [f"c{k}.{n}" for n in names],
+                    "raw_weights": bucket.name is not None,  # the fallback: weights as stored
+                }
                 for k, (bucket, _, _) in enumerate(cases)
             ],
         }

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._tvm import default_num_threads, import_tvm, prepare_params
+from ._tvm import TRANSFORM_PARAMS, default_num_threads, import_tvm, prepare_params
 from .bundle import Bucket, Bundle
 from .errors import BundleError
 from .probe import DeviceInfo
@@ -117,6 +117,13 @@ class TvmEngine:
         stored = [by_name[n].copyto(self.device) if gpu else by_name[n] for n in weights["names"]]
         del by_name
         self.params = _on_a_live_pool(prepare_params, first, stored)
+        # The symbolic-length function reads the weights as stored (its matmuls are not packed):
+        # loaded from the file the first time a long input comes, then kept.
+        fallback = bundle.fallback if self.artifact.fallback else None
+        self._raw_for = fallback.function if fallback else None
+        transformed = first.module.implements_function(TRANSFORM_PARAMS)
+        self._raw_params: list | None = None if transformed else self.params
+        self._weights = (params_path, weights["names"], gpu)
         self._tensor = tvm.runtime.tensor
         self.input_names = [i["name"] for i in bundle.inputs]
         self.max_concurrency = max(1, max_concurrency or default_num_threads())
@@ -150,6 +157,19 @@ class TvmEngine:
                 self._created += 1
         return self._new_vm() if grow else self._idle.get()
 
+    def _raw(self) -> list:
+        """The weights as stored, for the fallback function (loaded once, on first use)."""
+        with self._lock:
+            if self._raw_params is None:
+                import tvm
+
+                path, names, gpu = self._weights
+                by_name = tvm.runtime.load_param_dict_from_file(str(path))
+                self._raw_params = [
+                    by_name[n].copyto(self.device) if gpu else by_name[n] for n in names
+                ]
+            return self._raw_params
+
     def run(self, bucket: Bucket | None, arrays: Arrays) -> list[np.ndarray]:
         if self._pid != os.getpid():
             self._reset_after_fork()
@@ -169,7 +189,8 @@ class TvmEngine:
             else:
                 for arg, name in zip(args, self.input_names, strict=True):
                     arg.copyfrom(np.ascontiguousarray(arrays[name]))
-            result = vm[bucket.function](*args, *self.params)
+            params = self._raw() if bucket.function == self._raw_for else self.params
+            result = vm[bucket.function](*args, *params)
             outputs = [result] if hasattr(result, "numpy") else list(result)
             return [o.numpy() for o in outputs]
         finally:

@@ -415,9 +415,13 @@ class RemoteVM:
         params_blob: bytes,
         param_names: Sequence[str],
         name: str = "lib",
+        raw_weights_for: Sequence[str] = (),
     ):
         tvm = import_tvm()
         self.session = session
+        #: Functions that read the weights as stored (an artifact's symbolic-length fallback).
+        self.raw_weights_for = set(raw_weights_for)
+        self.raw_params: list = []
         self._tensor = tvm.runtime.tensor
         lib_name, params_name = f"{name}.so", f"{name}.params"
         session.upload(Path(lib_path).read_bytes(), lib_name)
@@ -444,6 +448,8 @@ class RemoteVM:
                     f"weights {missing[:3]} are missing from {params_name}; recompile the bundle"
                 )
             self.params = [get(by_name, n) for n in param_names]
+            if self.raw_weights_for:
+                self.raw_params = list(self.params)
             if self.vm.module.implements_function(
                 TRANSFORM_PARAMS
             ):  # packed weights, see _tvm.prepare_params
@@ -457,11 +463,13 @@ class RemoteVM:
     def close(self) -> None:
         """Drop the remote handles, then the session: the connection closes with the last one."""
         self.vm = self.params = self.dev = self._output = self._output_arity = None
+        self.raw_params = []
         self.session.close()
 
     def _set_input(self, function: str, inputs: Sequence[np.ndarray]) -> None:
         args = [self._tensor(np.ascontiguousarray(a), self.dev) for a in inputs]
-        self.vm.set_input(function, *args, *self.params)
+        params = self.raw_params if function in self.raw_weights_for else self.params
+        self.vm.set_input(function, *args, *params)
 
     def run(self, function: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run `function` on the remote; its outputs, downloaded."""

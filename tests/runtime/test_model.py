@@ -47,9 +47,7 @@ def test_parity_with_onnxruntime_any_shape(model, ort_session, batch, seq):
 
 
 @pytest.mark.parametrize("batch,seq", [(1, 33), (3, 77), (2, 128)])
-def test_longer_than_every_bucket_runs_the_symbolic_length_function(
-    model, ort_session, batch, seq
-):
+def test_longer_than_every_bucket_runs_the_symbolic_length_function(model, ort_session, batch, seq):
     """The buckets stop at 32 tokens; the model takes 128: the artifact's fallback function
     (batch 1, any length) runs the rest, row by row, and matches ORT."""
     assert model.fallback is not None and model.max_input_seq == 128
