@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .onnx_contrib import rewrite_contrib_ops
+from .onnx_quantized import dequantize_weights
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,13 @@ def prepare(model: onnx.ModelProto, model_path: str) -> Prepared:
     if rewritten:
         logger.info(
             "  rewrote %d ONNX Runtime contrib / quantized op(s) into standard ONNX", rewritten
+        )
+    if precision == "int8":
+        lifted = dequantize_weights(model)
+        logger.info(
+            "  quantized graph: %d int8 weight(s) dequantized to fp32 at compile time, simulated "
+            "activation quantization dropped (--precision int8 uses tvmdeploy's int8 kernels)",
+            lifted,
         )
     for index, node in enumerate(model.graph.node):  # errors name nodes; some exporters don't
         if not node.name:

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import UnsupportedOperatorError
 from .onnx_quantized import (
+    drop_unused_initializers,
     dynamic_quantize_matmul,
     matmul_integer_to_float,
     matmul_nbits,
@@ -437,7 +438,7 @@ def rewrite_contrib_ops(model: onnx.ModelProto, model_path: str = "model.onnx") 
         new_nodes.extend(emitter.nodes)
     del graph.node[:]
     graph.node.extend(new_nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return len(targets)
 
 
@@ -451,21 +452,3 @@ def _width(facts: dict, name: str, emitter: _Emitter) -> int:
 def _add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> str:
     graph.initializer.append(numpy_helper.from_array(array, name))
     return name
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    """Initializers no node reads any more (a MatMulNBits' packed weight once dequantized)."""
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for node in graph.node:  # subgraphs read outer names too
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                used |= {i for n in sub.node for i in n.input}
-    dropped = {i.name for i in graph.initializer if i.name not in used}
-    if not dropped:
-        return
-    keep = [i for i in graph.initializer if i.name not in dropped]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    inputs = [i for i in graph.input if i.name not in dropped]
-    del graph.input[:]
-    graph.input.extend(inputs)

@@ -80,10 +80,14 @@ def tolerance_for_cases(precision: str, cases, source: str = "float32") -> dict[
     """The parity tolerance for an artifact of `precision` (runtime/precision.py), scaled for
     reduced precisions by the range of the reference outputs; the looser of the artifact's and
     the source graph's, since ONNX Runtime computes an fp16 or quantized user graph's reference
-    in that precision (normalize.source_precision)."""
+    in that precision (normalize.source_precision); twice int8's for a quantized graph."""
     values = [np.asarray(o, dtype=np.float64) for _, _, expected in cases for o in expected]
     spread = max((float(v.max() - v.min()) for v in values if v.size), default=0.0)
     mine, theirs = tolerance_for(precision, spread), tolerance_for(source, spread)
+    if source == "int8":
+        # ORT's reference carries its own activation rounding, which tvmdeploy does not repeat
+        # (normalize.py lifts the weights to float): two independent quantization errors.
+        theirs = {key: 2 * value for key, value in theirs.items()}
     return {key: max(mine[key], theirs[key]) for key in mine}
 
 

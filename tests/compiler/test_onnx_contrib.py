@@ -337,3 +337,62 @@ def _rewritten(model):
     copy = onnx.ModelProto.FromString(model.SerializeToString())
     rewrite_contrib_ops(copy)
     return copy
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qdq"])
+def test_quantized_graphs_are_lifted_back_to_float_weights(form, tmp_path):
+    """ORT's quantizers on a two-layer MLP: the lifted graph has float weights and no integer
+    ops (so TVM's fp32 and int8 kernels run it), and computes the quantized model's weights:
+    ORT on it matches ORT on the original within the activation rounding it drops."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from tvmdeploy.compiler.onnx_quantized import dequantize_weights
+
+    w1, w2 = _x(H, 64) * 0.2, _x(64, 8) * 0.2
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    init = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    model = _model(nodes, [_vi("x", FLOAT, [B, S, H])], [_vi("y", FLOAT, [B, S, 8])], init)
+    source, quantized = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, source)
+    feed = {"x": _x(B, S, H)}
+    if form == "dynamic":
+        quantize_dynamic(str(source), str(quantized), weight_type=QuantType.QInt8)
+    else:
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.batches = iter([{"x": _x(B, S, H)} for _ in range(4)])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        quantize_static(str(source), str(quantized), Reader(), quant_format=QuantFormat.QDQ)
+    original = onnx.load(quantized)
+    lifted = onnx.ModelProto.FromString(original.SerializeToString())
+    assert dequantize_weights(lifted) == 2
+    integer_ops = {"MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}
+    assert not integer_ops & {n.op_type for n in lifted.graph.node}
+    weights = {i.name: numpy_helper.to_array(i) for i in lifted.graph.initializer}
+    assert all(w.dtype == np.float32 for w in weights.values())
+    if form == "qdq":  # ORT folded the ReLU into r's quantization range: a Clip keeps it
+        assert "Clip" in {n.op_type for n in lifted.graph.node}
+    # The lifted weights are the quantized ones: within half a quantization step of the floats.
+    w1_lifted = next(w for w in weights.values() if w.shape == w1.shape)
+    step = np.abs(w1).max() / 127
+    assert np.abs(w1_lifted - w1).max() <= step / 2 + 1e-6
+    (want,) = _run(original, feed)
+    (got,) = _run(lifted, feed)
+    (exact,) = _run(model, feed)
+    spread = float(exact.max() - exact.min())
+    np.testing.assert_allclose(got, want, atol=0.05 * spread)
+    # Only the weights' rounding is left: closer to the float model than ORT's int8 run.
+    assert np.abs(got - exact).max() <= np.abs(want - exact).max() + 1e-6
