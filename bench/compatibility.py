@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.onnx_corpus import ENTRIES, make
 from bench.precision import cpu_description, log
+from bench.x86_latency import latency
 
 RESULTS = ROOT / "bench" / "results" / "compatibility.json"
 DOCS = ROOT / "docs" / "compatibility.md"
@@ -33,13 +33,7 @@ BEGIN, END = "<!-- compatibility:begin -->", "<!-- compatibility:end -->"
 
 
 def p50(fn, runs: int = 50) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return latency(fn, warmup=2, runs=runs)["p50_ms"]
 
 
 def run_entry(name: str, work: Path) -> dict:

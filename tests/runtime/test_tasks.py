@@ -14,7 +14,7 @@ from tvmdeploy.compiler import CompileOptions, compile_model
 from tvmdeploy.runtime import load
 from tvmdeploy.runtime.tasks import task_of
 
-from tests.conftest import minilm_dir
+from tests.conftest import save_tiny_bert
 
 TEXTS = [
     "Ada Lovelace wrote programs in London for the Analytical Engine.",
@@ -23,37 +23,13 @@ TEXTS = [
 NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
 
 
-def _tiny(model_class, path, **extra):
-    from transformers import BertConfig, BertTokenizerFast
-
-    torch.manual_seed(3)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **extra,
-    )
-    model = model_class(config).eval()
-    model.save_pretrained(path)
-    BertTokenizerFast.from_pretrained(str(minilm_dir())).save_pretrained(path)
-    return model
-
-
 @pytest.fixture(scope="module")
 def ner(tmp_path_factory):
     from transformers import BertForTokenClassification
 
     folder = tmp_path_factory.mktemp("ner")
-    model = _tiny(
-        BertForTokenClassification,
-        folder / "hf",
-        num_labels=5,
-        id2label=NER_LABELS,
-        label2id={v: k for k, v in NER_LABELS.items()},
-    )
+    save_tiny_bert(folder / "hf", 3, BertForTokenClassification, NER_LABELS)
+    model = BertForTokenClassification.from_pretrained(folder / "hf").eval()
     out = compile_model(
         CompileOptions(model=str(folder / "hf"), output=str(folder / "b.tvmd"), buckets="1,2x16,32")
     )
@@ -87,7 +63,8 @@ def test_token_classification_predicts_entities_like_transformers(ner):
 def test_embedding_model_predicts_mean_pooled_vectors(tmp_path):
     from transformers import AutoTokenizer, BertModel
 
-    torch_model = _tiny(BertModel, tmp_path / "hf")
+    save_tiny_bert(tmp_path / "hf", 3, BertModel)
+    torch_model = BertModel.from_pretrained(tmp_path / "hf").eval()
     bundle = compile_model(
         CompileOptions(model=str(tmp_path / "hf"), output=str(tmp_path / "e.tvmd"), buckets="2x32")
     )
