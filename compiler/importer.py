@@ -140,10 +140,6 @@ def import_onnx(
             )
     inputs, outputs = io_spec(model)
     prepared = normalize.prepare(model, source)
-    missing = _unsupported_nodes(prepared.model)
-    if missing:
-        nodes = "; ".join(f"{op} at node {node!r}" for op, node in sorted(missing.items()))
-        raise UnsupportedOperatorError(sorted(missing), source, detail=nodes)
     dtypes = {i["name"]: "int64" for i in inputs}  # int32 ids are cast inside (normalize.py)
     inputs = [dict(i, dtype="int64") for i in inputs]
     if prepared.source_precision == "float16":  # computed in fp32, so returned in fp32
@@ -154,6 +150,10 @@ def import_onnx(
     param_names: list[str] = []
     for bucket in buckets:
         static = normalize.for_bucket(prepared, bucket.batch, bucket.seq)
+        missing = _unsupported_nodes(static)  # after folding: a shape-only op may be gone
+        if missing:
+            nodes = "; ".join(f"{op} at node {node!r}" for op, node in sorted(missing.items()))
+            raise UnsupportedOperatorError(sorted(missing), source, detail=nodes)
         shapes = {i["name"]: [bucket.batch, bucket.seq] for i in inputs}
         mod, detached = _relax_function(static, shapes, dtypes, source)
         func = mod["main"]

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .errors import ModelLoadError
 from .onnx_contrib import rewrite_contrib_ops
 from .onnx_quantized import dequantize_weights
 
@@ -108,6 +109,13 @@ def prepare(model: onnx.ModelProto, model_path: str) -> Prepared:
         upcast_float16(model)
         logger.info("  fp16 graph: computed in fp32 (weights upcast at compile time)")
     weights = [i.name for i in model.graph.initializer if int(np.prod(i.dims)) > SMALL_INITIALIZER]
+    for value in graph_inputs(model):
+        rank = len(value.type.tensor_type.shape.dim)
+        if rank != 2:
+            raise ModelLoadError(
+                f"{model_path}: input {value.name!r} has rank {rank}; token models take "
+                "[batch, sequence] inputs"
+            )
     names = [i.name for i in graph_inputs(model)]
     return Prepared(model, names, weights, precision, rewritten)
 
@@ -167,14 +175,6 @@ def for_bucket(prepared: Prepared, batch: int, seq: int) -> onnx.ModelProto:
 
     model = prepared.model
     originals = {i.name: i for i in graph_inputs(model)}
-    for value in originals.values():
-        rank = len(value.type.tensor_type.shape.dim)
-        if rank != 2:
-            from .errors import ModelLoadError
-
-            raise ModelLoadError(
-                f"input {value.name!r} has rank {rank}; token models take [batch, sequence] inputs"
-            )
     shapes = [f"{name}:{batch},{seq}" for name in originals]
     try:
         slim = onnxslim.slim(

@@ -152,26 +152,26 @@ def graph_vocab_sizes(onnx_path: Path) -> dict[str, int]:
     return sizes
 
 
-def graph_max_positions(onnx_path: Path) -> int | None:
-    """The longest sequence a graph without config.json can take: the rows of its position
-    embedding table (an initializer named `*position*embed*`), less the two rows RoBERTa-style
-    models (positions counted from the padding id with CumSum) never use for tokens."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    tables = [
-        i
-        for i in model.graph.initializer
-        if len(i.dims) == 2 and "position" in i.name.lower() and "embed" in i.name.lower()
-    ]
-    if len(tables) != 1:
-        return None
-    offset = 2 if any(n.op_type == "CumSum" for n in model.graph.node) else 0
-    return int(tables[0].dims[0]) - offset or None
-
-
 def max_positions_of(exported: export.ExportResult) -> int | None:
-    """The model's longest sequence: config.json's `max_position_embeddings`, else the graph's."""
-    from_config = exported.config.get("max_position_embeddings")
-    return from_config if from_config else graph_max_positions(exported.onnx_path)
+    """The longest sequence the model takes: its position table's rows (config.json's
+    `max_position_embeddings`, else the rows of the graph's `*position*embed*` initializer),
+    less the rows RoBERTa-style models (positions counted from the padding id with CumSum, so
+    starting at pad_token_id + 1) never reach: a longer input would read past the table."""
+    model = onnx.load(str(exported.onnx_path), load_external_data=False)
+    rows = exported.config.get("max_position_embeddings")
+    if not rows:
+        tables = [
+            i
+            for i in model.graph.initializer
+            if len(i.dims) == 2 and "position" in i.name.lower() and "embed" in i.name.lower()
+        ]
+        rows = int(tables[0].dims[0]) if len(tables) == 1 else None
+    if not rows:
+        return None
+    offset = 0
+    if any(n.op_type == "CumSum" for n in model.graph.node):
+        offset = int(exported.config.get("pad_token_id") or 1) + 1
+    return int(rows) - offset if rows > offset else None
 
 
 def model_info(

@@ -170,3 +170,20 @@ def test_default_buckets_follow_the_model(tiny_model_dir, tmp_path):
     out = compile_model(CompileOptions(model=str(tiny_model_dir), output=str(tmp_path / "d.tvmd")))
     seqs = {b.seq for b in Bundle(out).buckets}
     assert seqs == {32, 64, 128}
+
+
+@pytest.mark.parametrize("name", ["bert-torchscript", "roberta-optimum"])
+def test_a_bare_onnx_files_limit_comes_from_its_position_table(name, tmp_path):
+    """No config.json beside the file: the position table's rows say the limit (the corpus
+    models have 128 positions; RoBERTa's table has two more rows, for the padding offset, that
+    no token position reaches). Defaults buckets follow it."""
+    from tvmdeploy.compiler.drivers.compile import max_positions_of
+    from tvmdeploy.compiler.export import export_model
+    from tvmdeploy.compiler.options import default_buckets
+
+    from bench.onnx_corpus import ENTRIES, POSITIONS, make
+
+    exported = export_model(make(ENTRIES[name], tmp_path / "src"), tmp_path / "work")
+    assert exported.config == {}
+    assert max_positions_of(exported) == POSITIONS == 128
+    assert default_buckets(max_positions_of(exported)) == "1,4x32,64,128"
