@@ -1,13 +1,16 @@
 """Help text of the `tvmdeploy` command's options, in one place (so cli.py stays readable)."""
 
 HELP = {
-    "model": "A local Hugging Face model directory, or an .onnx file.",
+    "model": "A local Hugging Face model directory, or an .onnx file from any exporter "
+    "(torch.onnx.export, Optimum, ONNX Runtime's optimizer or quantizers; docs/compatibility.md).",
     "output": "Bundle directory to write (NAME.tvmd).",
     "profiles": "Target profile; repeat for several. 'host' = best for this machine. "
     "See `tvmdeploy targets`.",
     "task": "Optimum task (e.g. text-classification); inferred from config.json by default.",
     "buckets": "Shape buckets as BATCHES x SEQS, e.g. '1,4x32,64,128,256'; join groups with ';'. "
-    "Default: batch 1,4 x seq 32,64,… up to the model's longest sequence (at most 512).",
+    "Default: batch 1,4 x seq 32,64,… up to the model's longest sequence (at most 512). "
+    "Longer inputs, up to the model's limit, run through a symbolic-length function in each "
+    "artifact (untuned).",
     "tune_buckets": "Shape buckets as BATCHES x SEQS, the same as you will compile (default: from "
     "the model, as compile does).",
     "opset": "ONNX opset for the export.",
