@@ -170,7 +170,8 @@ def max_positions_of(exported: export.ExportResult) -> int | None:
         return None
     offset = 0
     if any(n.op_type == "CumSum" for n in model.graph.node):
-        offset = int(exported.config.get("pad_token_id") or 1) + 1
+        pad = exported.config.get("pad_token_id")
+        offset = (1 if pad is None else int(pad)) + 1
     return int(rows) - offset if rows > offset else None
 
 
