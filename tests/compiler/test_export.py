@@ -49,3 +49,14 @@ def test_export_records_parity_against_pytorch(tiny_model_dir, tmp_path):
     assert result.parity["reference"] == "pytorch"
     assert result.parity["max_abs_diff"] < 1e-4
     assert result.tokenizer_dir == tiny_model_dir
+
+
+def test_a_sentence_transformers_folder_exports_its_transformer(tmp_path):
+    """all-MiniLM-L6-v2 as sentence-transformers saves it (modules.json, pooling folder): the
+    PyTorch reference must be the transformers encoder that was exported, not the pooling
+    wrapper sentence-transformers would load (whose forward takes other arguments)."""
+    from tests.conftest import minilm_dir
+
+    exported = export_model(minilm_dir(), tmp_path, task="feature-extraction")
+    assert (minilm_dir() / "modules.json").is_file()
+    assert exported.parity["ok"] and exported.parity["max_abs_diff"] < 1e-4
