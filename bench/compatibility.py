@@ -38,11 +38,10 @@ def p50(fn, runs: int = 50) -> float:
 
 def run_entry(name: str, work: Path) -> dict:
     import numpy as np
-    import onnxruntime
     from tvmdeploy.compiler import CompileOptions, compile_model
     from tvmdeploy.runtime import load
 
-    from bench.onnx_corpus import inputs_for, reference
+    from bench.onnx_corpus import inputs_for, ort_session, reference
 
     entry = ENTRIES[name]
     row = {"name": name, "exporter": entry.exporter, "family": entry.family, "task": entry.task}
@@ -65,11 +64,7 @@ def run_entry(name: str, work: Path) -> dict:
     )
     row["artifact"] = model.choice.artifact
     one = inputs_for(path, batch=1, seq=16)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    dtypes = {
-        i.name: np.int32 if i.type == "tensor(int32)" else np.int64 for i in session.get_inputs()
-    }
-    ort_feed = {n: one[n].astype(dtypes[n]) for n in dtypes}
+    session, ort_feed = ort_session(path, one)
     row["tvmdeploy_ms"] = round(p50(lambda: model(**one)), 3)
     row["onnxruntime_ms"] = round(p50(lambda: session.run(None, ort_feed)), 3)
     row["result"] = "parity"

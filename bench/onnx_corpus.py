@@ -446,18 +446,22 @@ def make(entry: Entry, workdir: Path) -> Path:
     return entry.make(workdir)
 
 
+def ort_session(path, feed: dict) -> tuple:
+    """An ONNX Runtime session on the file and `feed` cast to the dtypes its inputs take."""
+    import onnxruntime
+    from tvmdeploy.runtime.engine import ort_input_dtypes
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dtypes = ort_input_dtypes(session)
+    return session, {n: feed[n].astype(dtype) for n, dtype in dtypes.items()}
+
+
 def reference(path, feed) -> dict:
     """ONNX Runtime's outputs by name on the original file (int64 feeds cast where it takes
     int32)."""
-    import numpy as np
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    dtypes = {
-        i.name: np.int32 if i.type == "tensor(int32)" else np.int64 for i in session.get_inputs()
-    }
+    session, cast = ort_session(path, feed)
     names = [o.name for o in session.get_outputs()]
-    outputs = session.run(None, {n: feed[n].astype(dtypes[n]) for n in dtypes})
+    outputs = session.run(None, cast)
     return dict(zip(names, outputs, strict=True))
 
 

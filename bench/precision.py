@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from x86_latency import latency, make_models, update_docs
+from x86_latency import best_of_rounds, make_models, update_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "precision.json"
@@ -125,13 +125,7 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
         }
         feeds = {k: v for k, v in feeds.items() if k in input_names}
         engines = runners(feeds)
-        best: dict[str, dict] = {}
-        for round_ in range(args.rounds):
-            for engine, fn in engines.items():
-                log(f"{name} {batch}x{seq}: {engine} (round {round_ + 1})")
-                measured = latency(fn, args.warmup, args.runs)
-                if engine not in best or measured["p50_ms"] < best[engine]["p50_ms"]:
-                    best[engine] = measured
+        best = best_of_rounds(engines, args, f"{name} {batch}x{seq}")
         reference = np.asarray(engines["onnxruntime fp32"]())
         for engine, measured in best.items():
             logits = np.asarray(engines[engine]())

@@ -90,6 +90,19 @@ def latency(fn, warmup: int, runs: int) -> dict:
     }
 
 
+def best_of_rounds(engines: dict, args, label: str) -> dict[str, dict]:
+    """Each engine's `latency` with the lowest p50 over `args.rounds` interleaved rounds (other
+    load on a shared machine only adds time)."""
+    best: dict[str, dict] = {}
+    for round_ in range(args.rounds):
+        for engine, fn in engines.items():
+            log(f"{label}: {engine} (round {round_ + 1})")
+            measured = latency(fn, args.warmup, args.runs)
+            if engine not in best or measured["p50_ms"] < best[engine]["p50_ms"]:
+                best[engine] = measured
+    return best
+
+
 def make_models(
     work: Path, wanted: tuple[str, ...] = ("distilbert-base", "minilm-sentiment")
 ) -> dict[str, Path]:
@@ -263,13 +276,7 @@ def bench_model(name: str, model_dir: Path, work: Path, args, profile, threads: 
         engines["tvmdeploy-rule-based"] = vm_runner(rule_lib, imported, seq)
         if tuned_lib is not None:
             engines["tvmdeploy-tuned"] = vm_runner(tuned_lib, imported, seq)
-        best: dict[str, dict] = {}
-        for round_ in range(args.rounds):
-            for engine, fn in engines.items():
-                log(f"{name} s{seq}: {engine} (round {round_ + 1})")
-                measured = latency(fn, args.warmup, args.runs)
-                if engine not in best or measured["p50_ms"] < best[engine]["p50_ms"]:
-                    best[engine] = measured
+        best = best_of_rounds(engines, args, f"{name} s{seq}")
         for engine, measured in best.items():
             rows.append(
                 {

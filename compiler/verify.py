@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from tvmdeploy.runtime._tvm import prepare_params
+from tvmdeploy.runtime.engine import ort_input_dtypes
 from tvmdeploy.runtime.parity import Comparison, default_tolerance, parity_summary
 from tvmdeploy.runtime.precision import tolerance_for
 from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
@@ -54,9 +55,7 @@ def reference_cases(onnx_path: Path, imported: ImportedModel, config: dict[str, 
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    dtypes = {
-        i.name: np.int32 if i.type == "tensor(int32)" else np.int64 for i in session.get_inputs()
-    }
+    dtypes = ort_input_dtypes(session)
     names = [i["name"] for i in imported.inputs]
     cases = []
     checked = list(imported.buckets)

@@ -197,6 +197,14 @@ class TvmEngine:
             self._idle.put(vm)
 
 
+def ort_input_dtypes(session) -> dict[str, type]:
+    """The numpy dtype of each input of an ONNX Runtime session: arrays arrive as int64, and a
+    graph that takes int32 ids (ORT-optimized graphs) gets them cast."""
+    return {
+        i.name: np.int32 if i.type == "tensor(int32)" else np.int64 for i in session.get_inputs()
+    }
+
+
 class OnnxRuntimeEngine:
     """The bundle's ONNX model on ONNX Runtime: the fallback and the reference.
 
@@ -215,11 +223,7 @@ class OnnxRuntimeEngine:
             str(path), options, providers=["CPUExecutionProvider"]
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
-        # Arrays come in as int64; a graph that takes int32 ids gets them cast.
-        self.dtypes = {
-            i.name: np.int32 if i.type == "tensor(int32)" else np.int64
-            for i in self.session.get_inputs()
-        }
+        self.dtypes = ort_input_dtypes(self.session)
 
     def run(self, bucket: Bucket | None, arrays: Arrays) -> list[np.ndarray]:
         feed = {n: arrays[n].astype(self.dtypes[n], copy=False) for n in self.input_names}
