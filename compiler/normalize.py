@@ -57,10 +57,8 @@ class Prepared:
     """The user's graph with contrib ops rewritten and fp16 upcast; bucket-independent."""
 
     model: onnx.ModelProto
-    input_names: list[str]
     weight_names: list[str]  # initializers that stay function parameters, in graph order
     source_precision: str  # what the user's graph computes in: float32 / float16 / int8
-    rewritten: int  # contrib / quantized ops expanded
 
 
 def source_precision(model: onnx.ModelProto) -> str:
@@ -116,8 +114,7 @@ def prepare(model: onnx.ModelProto, model_path: str) -> Prepared:
                 f"{model_path}: input {value.name!r} has rank {rank}; token models take "
                 "[batch, sequence] inputs"
             )
-    names = [i.name for i in graph_inputs(model)]
-    return Prepared(model, names, weights, precision, rewritten)
+    return Prepared(model, weights, precision)
 
 
 def _int64_inputs(model: onnx.ModelProto) -> None:

@@ -237,10 +237,6 @@ def artifact_pairs(profiles: list[Profile], precisions: list[str]) -> dict[str, 
     return pairs
 
 
-def pairs_dtypes(pairs: dict[str, list[str]]) -> set[str]:
-    return {dtype for dtypes in pairs.values() for dtype in dtypes}
-
-
 def _evaluator(examples, stages: Stages):
     def run(staging: Path) -> dict:
         with stages(f"accuracy on {len(examples)} labelled examples vs fp32"):
@@ -336,7 +332,8 @@ def compile_model(options: CompileOptions) -> Path:
             imported = importer.import_onnx(
                 exported.onnx_path, buckets, max_positions, source=exported.source, fallback=True
             )
-        if imported.source_precision == "int8" and "int8" not in pairs_dtypes(pairs):
+        building_int8 = any("int8" in dtypes for dtypes in pairs.values())
+        if imported.source_precision == "int8" and not building_int8:
             logger.warning(
                 "  this ONNX file is quantized: its int8 weights run as fp32 here; add "
                 "--precision fp32,int8 for tvmdeploy's int8 kernels (and --eval-data so that "
