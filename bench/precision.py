@@ -1,6 +1,7 @@
-"""Precision benchmark, one process: what a user gets from `tvmdeploy compile` + `load()` at fp32
-and int8, against PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime dynamic int8 (the user's
-usual alternative on a CPU), at batch 1 x seq 32 and 128 and batch 8 x seq 128.
+"""Precision benchmark, one process: what a user gets from `tvmdeploy compile` + `load()` at fp32,
+int8 and (on a CPU with AVX512-BF16) bf16, against PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime
+dynamic int8 (the user's usual alternative on a CPU), and PyTorch bf16 where tvmdeploy bf16 runs,
+at batch 1 x seq 32 and 128 and batch 8 x seq 128.
 
     python bench/precision.py                       # DistilBERT-base size + the demo MiniLM
     python bench/precision.py --models minilm-sentiment --runs 20
@@ -67,10 +68,12 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
     from transformers import AutoModelForSequenceClassification
     from tvmdeploy.compiler import CompileOptions, compile_model
     from tvmdeploy.runtime import load
+    from tvmdeploy.targets.resolve import runs_bf16
 
     os.environ["TVMDEPLOY_CACHE_DIR"] = str(work / "empty-cache")
     bundle_dir = work / f"{name}.tvmd"
-    log(f"{name}: tvmdeploy compile -t host --precision fp32,int8")
+    precisions = ["fp32", "int8"] + (["bf16"] if runs_bf16() else [])
+    log(f"{name}: tvmdeploy compile -t host --precision {','.join(precisions)}")
     start = time.perf_counter()
     compile_model(
         CompileOptions(
@@ -78,12 +81,12 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
             output=str(bundle_dir),
             profiles=["host"],
             buckets="1,8x32,128",
-            precisions=["fp32", "int8"],
+            precisions=precisions,
         )
     )
     compile_s = time.perf_counter() - start
-    fp32 = load(bundle_dir, precision="fp32")
-    int8 = load(bundle_dir, precision="int8")
+    models = {p: load(bundle_dir, precision=p) for p in precisions}
+    fp32 = models["fp32"]
     onnx_path = bundle_dir / "model.onnx"
     quantized = work / f"{name}-ort-int8.onnx"
     quantize_dynamic(str(onnx_path), str(quantized), weight_type=QuantType.QInt8)
@@ -97,6 +100,10 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
     }
     torch.set_num_threads(threads)
     torch_model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    torch_bf16 = None
+    if "bf16" in models:  # PyTorch's own bf16 (oneDNN) on the same CPU
+        torch_bf16 = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        torch_bf16 = torch_bf16.to(torch.bfloat16)
     accepted = set(torch_model.forward.__code__.co_varnames)
     input_names = [i["name"] for i in fp32.bundle.inputs]
 
@@ -107,12 +114,19 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
             with torch.inference_mode():
                 return torch_model(**tin).logits.numpy()
 
+        def run_torch_bf16():
+            with torch.inference_mode():
+                return torch_bf16(**tin).logits.float().numpy()
+
         out = {"torch fp32": run_torch}
+        if torch_bf16 is not None:
+            out["torch bf16"] = run_torch_bf16
         for label, session in sessions.items():
             names = [i.name for i in session.get_inputs()]
             out[label] = lambda s=session, f={n: feeds[n] for n in names}: s.run(None, f)[0]
-        out[f"tvmdeploy fp32 ({fp32.choice.artifact})"] = lambda: fp32(**feeds)["logits"]
-        out[f"tvmdeploy int8 ({int8.choice.artifact})"] = lambda: int8(**feeds)["logits"]
+        for precision, model in models.items():
+            label = f"tvmdeploy {precision} ({model.choice.artifact})"
+            out[label] = lambda m=model: m(**feeds)["logits"]
         return out
 
     rows = []
@@ -140,11 +154,11 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
                     "max_abs_diff_vs_ort_fp32": float(np.abs(logits - reference).max()),
                 }
             )
-    accuracy = accuracy_rows(name, fp32, int8, sessions) if name == "minilm-sentiment" else None
+    accuracy = accuracy_rows(name, models, sessions) if name == "minilm-sentiment" else None
     return {"rows": rows, "compile_s": round(compile_s, 1), "accuracy": accuracy}
 
 
-def accuracy_rows(name: str, fp32, int8, sessions) -> dict | None:
+def accuracy_rows(name: str, models: dict, sessions) -> dict | None:
     """Held-out accuracy of every engine and its label agreement with ORT fp32."""
     examples = held_out_examples()
     if examples is None:
@@ -154,11 +168,8 @@ def accuracy_rows(name: str, fp32, int8, sessions) -> dict | None:
     truth = np.array([e.label for e in examples])
     for start in range(0, len(examples), 8):
         chunk = examples[start : start + 8]
-        feeds = fp32.encode([e.text for e in chunk])
-        outs = {
-            "tvmdeploy fp32": fp32(**feeds)["logits"],
-            "tvmdeploy int8": int8(**feeds)["logits"],
-        }
+        feeds = models["fp32"].encode([e.text for e in chunk])
+        outs = {f"tvmdeploy {p}": m(**feeds)["logits"] for p, m in models.items()}
         for label, session in sessions.items():
             names = [i.name for i in session.get_inputs()]
             outs[label] = session.run(None, {n: feeds[n] for n in names})[0]
@@ -180,7 +191,7 @@ def accuracy_rows(name: str, fp32, int8, sessions) -> dict | None:
 def markdown(report: dict) -> str:
     lines = [
         BEGIN,
-        "## Precision: tvmdeploy fp32 and int8 against ONNX Runtime fp32 and dynamic int8",
+        "## Precision: tvmdeploy fp32, int8 and bf16 against ONNX Runtime fp32 and dynamic int8",
         "",
         (
             f"Measured {report['when']} on {report['cpu']}, {report['threads']} threads "

@@ -36,9 +36,9 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvmdeploy.targets import Profile
 
-#: Marks an int8 GEMM PrimFunc: already scheduled, never fused with its neighbours.
-INT8_GEMM_ATTR = "tvmdeploy.int8_gemm"
-_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the function alone
+#: Marks a hand-scheduled kernel (int8 here, bf16 in cpu_bf16.py): never fused, never tuned.
+KERNEL_ATTR = "tvmdeploy.kernel"
+OPAQUE_PATTERN = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the function alone
 MIN_PARALLEL_MACS = 1 << 19
 ROW_BLOCK = 256
 
@@ -231,7 +231,7 @@ def register_intrinsics() -> None:
 # ---- the GEMM --------------------------------------------------------------------------------
 
 
-def _largest_divisor(n: int, limit: int) -> int:
+def largest_divisor(n: int, limit: int) -> int:
     return next(d for d in range(min(limit, n), 0, -1) if n % d == 0)
 
 
@@ -272,8 +272,8 @@ def int8_gemm(kernel: Int8Kernel, m: int, n: int, k: int) -> tvm.tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("acc")
     i, jb, jl, ko_loop, ki_loop = sch.get_loops(block)
-    mr = _largest_divisor(m, kernel.mr)
-    nv = _largest_divisor(n // lanes, kernel.nv)
+    mr = largest_divisor(m, kernel.mr)
+    nv = largest_divisor(n // lanes, kernel.nv)
     io, ii = sch.split(i, [None, mr])
     jo, jv = sch.split(jb, [None, nv])
     # Column panels outside row tiles: a B panel (nv x lanes columns) stays in L1 while every row
@@ -302,8 +302,8 @@ def int8_gemm(kernel: Int8Kernel, m: int, n: int, k: int) -> tvm.tirx.PrimFunc:
     return (
         sch.mod["main"]
         .with_attr("tirx.is_scheduled", True)
-        .with_attr("op_pattern", _OPAQUE)
-        .with_attr(INT8_GEMM_ATTR, kernel.name)
+        .with_attr("op_pattern", OPAQUE_PATTERN)
+        .with_attr(KERNEL_ATTR, kernel.name)
     )
 
 
@@ -362,6 +362,6 @@ def quantize_rows(kernel: Int8Kernel, m: int, k: int) -> tvm.tirx.PrimFunc:
 
     return (
         quantize.with_attr("tirx.is_scheduled", True)
-        .with_attr("op_pattern", _OPAQUE)
-        .with_attr(INT8_GEMM_ATTR, f"{kernel.name}-quantize")
+        .with_attr("op_pattern", OPAQUE_PATTERN)
+        .with_attr(KERNEL_ATTR, f"{kernel.name}-quantize")
     )

@@ -23,10 +23,11 @@ HELP = {
     "its "
     "arch are verified (and tuned) there.",
     "precision": "Precisions to build, comma-separated: fp32 (default), int8 (x86 and ARM CPUs: "
-    "VNNI, AVX-512, AVX2, sdot or NEON kernels, chosen per profile), fp16 (CUDA profiles). One "
-    "artifact per profile and precision; the runtime picks with load(precision=...).",
+    "VNNI, AVX-512, AVX2, sdot or NEON kernels, chosen per profile), bf16 (the AVX-512 x86 "
+    "profiles; the artifact needs AVX512-BF16), fp16 (CUDA profiles). One artifact per profile "
+    "and precision; the runtime picks with load(precision=...).",
     "bench_precision": "Which precision's artifact to time: auto (what load() takes), fp32, "
-    "int8, fp16.",
+    "int8, bf16, fp16.",
     "eval_data": "Labelled examples (JSONL with text and label, or a CSV with text,label columns): "
     "each artifact's task accuracy is measured against fp32 and recorded in the bundle; "
     "load(precision='auto') takes a reduced precision only when it is within --accuracy-gate.",

@@ -1,6 +1,7 @@
-"""int8 precision: rewrite every weight matmul of the Relax module into an int8 GEMM.
+"""Reduced precisions as Relax rewrites: int8 and bf16 GEMMs for CPUs, fp16 for CUDA.
 
-The scheme (what ONNX Runtime's dynamic quantization does, with finer activation scales):
+int8 rewrites every weight matmul of the Relax module into an int8 GEMM. The scheme (what ONNX
+Runtime's dynamic quantization does, with finer activation scales):
 
 - weights: symmetric per output channel, ``w_scale[n] = max_k |W[k, n]| / 127``; quantized,
   packed for the kernel's vector width and summed per column by the lifted `transform_params`
@@ -16,6 +17,9 @@ The scheme (what ONNX Runtime's dynamic quantization does, with finer activation
 Only matmuls whose B is derived from weights, with static shapes, N a multiple of the kernel's
 vector width and K of 4, are rewritten; the rest (attention's activation x activation products,
 a 2-label classifier head) stay fp32. That keeps the accuracy cost where the speed is.
+
+bf16 rewrites the same matmuls into bf16 GEMMs (compiler/cpu_bf16.py): weights rounded and packed
+at load like int8's, activations rounded once per call, no scales.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import tvm
 from tvm import relax
 from tvm.ir import IRModule
 
+from .cpu_bf16 import LANES as BF16_LANES
+from .cpu_bf16 import bf16_gemm, to_bf16_bits
 from .cpu_int8 import Int8Kernel, int8_gemm, quantize_rows
 from .pack_weights import WeightMatmulRewriter
 
@@ -126,6 +132,71 @@ def quantize_int8(mod: IRModule, kernel: Int8Kernel) -> tuple[IRModule, int]:
     """`mod` with every eligible weight matmul as an int8 GEMM; returns it and how many."""
     quantizer = _Quantizer(mod, kernel)
     return relax.transform.Normalize()(quantizer.rewrite_module(mod)), quantizer.count
+
+
+@relax.expr_functor.mutator
+class _Bfloat16(WeightMatmulRewriter):
+    """Rewrites weight matmuls into bf16 GEMMs (cpu_bf16.py); rounds each activation once even
+    when several matmuls read it."""
+
+    def __init__(self, mod: IRModule):
+        super().__init__(mod)
+        self.weight_vars = set()
+        self.rounded: dict = {}  # activation var -> its bf16 bits as [m, k]
+        self.funcs: dict = {}  # PrimFunc name -> GlobalVar
+        self.count = 0
+
+    def start_function(self) -> None:
+        self.rounded = {}
+
+    def rewrite_matmul(self, value, x, w, x_shape, w_shape):
+        k, n = w_shape
+        if n % BF16_LANES or k % 2 or x_shape[-1] != k:
+            return None
+        m = 1
+        for dim in x_shape[:-1]:
+            m *= dim
+        emit, op = self.builder_.emit, relax.op
+        x = self.visit_expr(x)
+        if x not in self.rounded:
+            x2 = emit(op.reshape(x, [m, k]))
+            self.rounded[x] = emit(
+                self.builder_.call_te(to_bf16_bits, x2, primfunc_name_hint="bf16_round"),
+                name_hint="x_bf16",
+            )
+        w_bits = emit(self.builder_.call_te(to_bf16_bits, self.visit_expr(w)))
+        packed = emit(
+            op.permute_dims(
+                op.reshape(
+                    op.permute_dims(w_bits, [1, 0]), [n // BF16_LANES, BF16_LANES, k // 2, 2]
+                ),
+                [0, 2, 1, 3],
+            ),
+            name_hint="w_bf16_packed",
+        )
+        self.weight_vars.update((w_bits, packed))
+        name = f"bf16_gemm_{m}x{n}x{k}"
+        if name not in self.funcs:
+            func = bf16_gemm(m, n, k).with_attr("global_symbol", name)
+            self.funcs[name] = self.builder_.add_func(func, name)
+        out = emit(
+            relax.call_tir(
+                self.funcs[name],
+                relax.Tuple([self.rounded[x], packed]),
+                relax.TensorType([m, n], "float32"),
+            ),
+            name_hint="bf16_matmul",
+        )
+        self.count += 1
+        return op.reshape(out, [*x_shape[:-1], n])
+
+
+def to_bfloat16(mod: IRModule) -> tuple[IRModule, int]:
+    """`mod` with every eligible weight matmul as a bf16 GEMM (fp32 accumulation and output);
+    returns it and how many. Everything else stays fp32: the matmuls hold nearly all the time,
+    and layer norm and softmax keep their precision."""
+    rewriter = _Bfloat16(mod)
+    return relax.transform.Normalize()(rewriter.rewrite_module(mod)), rewriter.count
 
 
 def to_float16(mod: IRModule) -> IRModule:

@@ -12,7 +12,7 @@ layering is runtime → targets → compiler, never the other way.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,24 @@ class Profile:
     cross_cc: str | None = None
     qemu_cpu: str | None = None
     tuning: dict[str, Any] = field(default_factory=dict)
+    #: What a reduced precision adds to the profile, by short name: `mattr` for the target and
+    #: `cpu_features` a device must have too (bf16 needs AVX512-BF16 on top of AVX-512).
+    precisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def for_precision(self, short_name: str) -> Profile:
+        """The profile an artifact of that precision is built for: this one, plus the target
+        features and device requirements its kernels add (none for most precisions)."""
+        extra = self.precisions.get(short_name)
+        if not extra:
+            return self
+        target = dict(self.target)
+        target["mattr"] = [*target.get("mattr", []), *extra.get("mattr", [])]
+        requires = dict(self.requires)
+        requires["cpu_features"] = [
+            *requires.get("cpu_features", []),
+            *extra.get("cpu_features", []),
+        ]
+        return replace(self, target=target, requires=requires)
 
     @property
     def is_gpu(self) -> bool:
@@ -56,6 +74,7 @@ class Profile:
             "qemu_cpu": self.qemu_cpu,
             "requires": self.requires,
             "tuning": self.tuning,
+            "precisions": self.precisions,
         }
 
 
@@ -77,6 +96,7 @@ def _load(path: Path) -> Profile:
         cross_cc=data.get("cross_cc"),
         qemu_cpu=data.get("qemu_cpu"),
         tuning=dict(data.get("tuning", {})),
+        precisions={k: dict(v) for k, v in data.get("precisions", {}).items()},
     )
 
 

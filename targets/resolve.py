@@ -45,3 +45,12 @@ def resolve_profiles(names: list[str], device: DeviceInfo | None = None) -> list
 def resolve_profile(name: str, device: DeviceInfo | None = None) -> Profile:
     """One profile by name ('host' included)."""
     return resolve_profiles([name], device)[0]
+
+
+def runs_bf16(name: str = HOST, device: DeviceInfo | None = None) -> bool:
+    """Whether this machine runs the bf16 artifacts of profile `name` ('host': its own), so the
+    demo and the benchmarks build them only where they can be timed."""
+    device = device or probe()
+    profile = resolve_profile(name, device)
+    needs = profile.for_precision("bf16").requires
+    return "bf16" in profile.precisions and not missing_requirements(needs, device)

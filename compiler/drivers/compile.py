@@ -30,7 +30,7 @@ from ..errors import (
     TvmdeployError,
 )
 from ..options import RpcTarget, default_buckets, parse_buckets
-from ..quantize import quantize_int8, to_float16
+from ..quantize import quantize_int8, to_bfloat16, to_float16
 
 logger = logging.getLogger(__name__)
 
@@ -212,17 +212,19 @@ def artifact_pairs(profiles: list[Profile], precisions: list[str]) -> dict[str, 
     """{profile: [dtype, ...]}: the artifacts to build. A precision a profile has no kernels for
     is left out with a warning; one no profile can build is an OptionError (before any work)."""
     dtypes = list(dict.fromkeys(canonical(p) for p in precisions))
-    if "bfloat16" in dtypes:
-        raise OptionError(
-            "precision bf16 is not built yet (its CPU kernels need avx512_bf16 tensorization); "
-            "use fp32 and/or int8 on CPUs, fp16 on CUDA"
-        )
     pairs: dict[str, list[str]] = {}
     for profile in profiles:
         pairs[profile.name] = []
         for dtype in dtypes:
             if dtype == "int8" and kernel_for(profile) is None:
                 logger.warning("no int8 kernels for %s: no int8 artifact for it", profile.name)
+                continue
+            if dtype == "bfloat16" and "bf16" not in profile.precisions:
+                logger.warning(
+                    "no bf16 kernels for %s (they need AVX512-BF16: x86-64-v4, x86-avx512-vnni): "
+                    "no bf16 artifact for it",
+                    profile.name,
+                )
                 continue
             if dtype == "float16" and not profile.is_gpu:
                 logger.warning("fp16 is for CUDA profiles: no fp16 artifact for %s", profile.name)
@@ -232,7 +234,8 @@ def artifact_pairs(profiles: list[Profile], precisions: list[str]) -> dict[str, 
         if not any(dtype in v for v in pairs.values()):
             raise OptionError(
                 f"no profile among {', '.join(pairs)} has {short(dtype)} kernels "
-                "(int8: the x86 and ARM CPU profiles; fp16: the CUDA profiles)"
+                "(int8: the x86 and ARM CPU profiles; bf16: the AVX-512 x86 profiles; "
+                "fp16: the CUDA profiles)"
             )
     return pairs
 
@@ -375,19 +378,23 @@ def compile_model(options: CompileOptions) -> Path:
                     )
             for dtype in pairs[profile.name]:
                 name = artifact_name(profile.name, dtype)
+                built_for = profile.for_precision(short(dtype))  # bf16 adds AVX512-BF16
                 with stages(f"build {name}"):
                     mod = imported.mod
                     if dtype == "int8":
                         kernel = kernel_for(profile)
                         mod, count = quantize_int8(mod, kernel)
                         logger.info("  int8: %d matmuls on the %s kernel", count, kernel.name)
+                    elif dtype == "bfloat16":
+                        mod, count = to_bfloat16(mod)
+                        logger.info("  bf16: %d matmuls on the avx512-bf16 kernel", count)
                     elif dtype == "float16":
                         mod = to_float16(mod)
                     found = tuned
                     if found is None or dtype != "float32":  # shipped/cached records, no trials
                         found = tuning.lookup(
                             importer.without_fallback(mod),
-                            profile,
+                            built_for,
                             tuning_dir / dtype,
                             rpc_key=rpc_key,
                         )
@@ -399,7 +406,7 @@ def compile_model(options: CompileOptions) -> Path:
                             found.files,
                         )
                     built, has_fallback = _build(
-                        mod, profile, work_dir / "artifacts" / name, database, dtype, imported
+                        mod, built_for, work_dir / "artifacts" / name, database, dtype, imported
                     )
                 checked = cases if has_fallback else verify.without_fallback_case(cases)
                 parity, latency = {"where": "not-run", "detail": "verification disabled"}, []
@@ -426,7 +433,7 @@ def compile_model(options: CompileOptions) -> Path:
                         profile=profile.name,
                         family=profile.family,
                         target=built.target,
-                        requires=profile.requires,
+                        requires=built_for.requires,
                         lib_path=built.lib_path,
                         precision=dtype,
                         code_form=built.code_form,

@@ -22,7 +22,7 @@ from tvmdeploy.runtime.bundle import Bundle
 from tvmdeploy.runtime.errors import BundleError
 from tvmdeploy.runtime.probe import missing_requirements, probe
 from tvmdeploy.runtime.timing import BenchConfig
-from tvmdeploy.targets.resolve import resolve_profile
+from tvmdeploy.targets.resolve import resolve_profile, runs_bf16
 
 from ..baselines import run_bench_with_baselines, torch_runner
 from ..evaluate import LabelledText
@@ -84,6 +84,12 @@ def demo_target(target: str = "host") -> str:
     return target
 
 
+def demo_precisions(target: str = "host") -> list[str]:
+    """fp32 and int8, and bf16 where this machine runs it (elsewhere it would only add artifacts
+    the demo cannot time)."""
+    return DEMO_PRECISIONS + (["bf16"] if runs_bf16(target) else [])
+
+
 def records_digest(profile: str) -> str:
     """Identity of the shipped records for a profile: a new set invalidates the cached bundle."""
     digest = hashlib.sha256()
@@ -97,8 +103,8 @@ def ensure_bundle(
 ) -> Path:
     """Compile unless a bundle for this exact model, profile and shipped record set is there.
 
-    fp32 and int8 artifacts; with `held_out`, each one's accuracy on it is recorded against fp32,
-    so `load(precision="auto")` takes int8 only if it is within the accuracy gate."""
+    The `demo_precisions` artifacts; with `held_out`, each one's accuracy on it is recorded
+    against fp32, so `load(precision="auto")` takes a reduced precision only within the gate."""
     profile = resolve_profile(demo_target(target)).name
     # The tuned profile plus this machine's own where it differs (its int8 kernel may be faster:
     # VNNI on a CPU that also runs the x86-64-v4 records).
@@ -109,7 +115,7 @@ def ensure_bundle(
         "profile": profiles,
         "buckets": DEMO_BUCKETS,
         "records": records_digest(profile),
-        "precisions": DEMO_PRECISIONS,
+        "precisions": demo_precisions(target),
         "held_out": len(held_out or []),
     }
     stamp = work_dir / f".{bundle_dir.name}.key.json"
@@ -127,7 +133,7 @@ def ensure_bundle(
             profiles=profiles,
             buckets=DEMO_BUCKETS,
             name="minilm-sentiment",
-            precisions=DEMO_PRECISIONS,
+            precisions=demo_precisions(target),
             eval_data=[LabelledText(e.text, e.label) for e in held_out] if held_out else None,
         )
     )
@@ -179,7 +185,7 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
 
     ort_model = load(bundle_dir, artifact="onnxruntime")
     torch_logits = torch_runner(model.bundle, str(model_dir))
-    by_precision = {p: load(bundle_dir, precision=p) for p in DEMO_PRECISIONS}
+    by_precision = {p: load(bundle_dir, precision=p) for p in demo_precisions(target)}
     engines = {
         f"tvmdeploy {p}": lambda arrays, m=m: m(**arrays)["logits"] for p, m in by_precision.items()
     }
@@ -200,7 +206,7 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
         )
 
     seqs = [32, 128]
-    logger.info("timing tvmdeploy fp32 and int8, ONNX Runtime and PyTorch …")
+    logger.info("timing tvmdeploy %s, ONNX Runtime and PyTorch …", ", ".join(by_precision))
     results = []
     for k, (precision, m) in enumerate(by_precision.items()):
         baselines = ["onnxruntime", "torch"] if k == 0 else []

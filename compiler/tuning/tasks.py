@@ -20,7 +20,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir.dlight.analysis import get_root_block
 
-from ..cpu_int8 import INT8_GEMM_ATTR
+from ..cpu_int8 import KERNEL_ATTR
 from ..cpu_schedule import fusion_passes, is_matmul_like
 
 
@@ -117,7 +117,7 @@ def extract_tasks(mod, target) -> list[Task]:
 
 def _hand_scheduled(func) -> bool:
     attrs = func.attrs
-    return attrs is not None and (INT8_GEMM_ATTR in attrs or "tirx.is_scheduled" in attrs)
+    return attrs is not None and (KERNEL_ATTR in attrs or "tirx.is_scheduled" in attrs)
 
 
 def _blocks(func) -> list:

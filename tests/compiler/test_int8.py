@@ -144,11 +144,13 @@ def test_unknown_and_unbuildable_precisions_are_refused_before_any_work():
         artifact_pairs([targets.get("x86-64-v3")], ["int4"])
     with pytest.raises(OptionError, match="no profile among cuda-sm80 has int8"):
         artifact_pairs([targets.get("cuda-sm80")], ["int8"])
-    with pytest.raises(OptionError, match="bf16 is not built yet"):
-        artifact_pairs([targets.get("x86-avx512-vnni")], ["bf16"])
+    with pytest.raises(OptionError, match="bf16: the AVX-512 x86 profiles"):
+        artifact_pairs([targets.get("x86-64-v3")], ["bf16"])
     with pytest.raises(OptionError, match="fp16: the CUDA profiles"):
         artifact_pairs([targets.get("x86-64-v3")], ["fp16"])
     pairs = artifact_pairs(
         [targets.get("cuda-sm80"), targets.get("x86-64-v3")], ["fp32", "int8", "fp16"]
     )
     assert pairs == {"cuda-sm80": ["float32", "float16"], "x86-64-v3": ["float32", "int8"]}
+    pairs = artifact_pairs([targets.get("x86-64-v3"), targets.get("x86-64-v4")], ["fp32", "bf16"])
+    assert pairs == {"x86-64-v3": ["float32"], "x86-64-v4": ["float32", "bfloat16"]}

@@ -7,6 +7,7 @@ import pytest
 from tvmdeploy import targets
 from tvmdeploy.runtime import Bundle, BundleError, load
 from tvmdeploy.runtime.errors import IncompatibleDeviceError, OptionError
+from tvmdeploy.runtime.precision import short
 from tvmdeploy.runtime.probe import CudaDevice, DeviceInfo, probe
 from tvmdeploy.runtime.select import ONNXRUNTIME, cached_latencies, select
 
@@ -168,3 +169,26 @@ def test_an_explicit_precision_is_honoured_or_refused(tiny_bundle, tmp_path):
         select(bundle, device(V3), precision="bf16")
     with pytest.raises(OptionError, match="unknown precision 'int4'"):
         select(bundle, device(V3), precision="int4")
+
+
+def test_bf16_artifact_is_refused_on_an_avx512_cpu_without_bf16(tiny_bundle, tmp_path):
+    path = shutil.copytree(tiny_bundle, tmp_path / "bf16.tvmd")
+    manifest = json.loads((path / "manifest.json").read_text())
+    template = manifest["artifacts"][0]
+    artifacts = []
+    for precision in ("float32", "bfloat16"):
+        profile = targets.get("x86-64-v4").for_precision(short(precision))
+        entry = template | {"profile": profile.name, "requires": profile.requires, "latency": []}
+        entry |= {"precision": precision, "weights": "float32"}
+        entry["accuracy"] = {"metric": "accuracy", "value": 86.0, "fp32": 86.0}
+        entry.pop("name", None)
+        artifacts.append(entry)
+    manifest["artifacts"] = artifacts
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    bundle = Bundle(path)
+    choice = select(bundle, device(V4))
+    assert choice.artifact == "x86-64-v4"
+    assert "avx512_bf16" in choice.rejected["x86-64-v4-bf16"]
+    assert select(bundle, device(V4 + ["avx512_bf16"])).artifact == "x86-64-v4-bf16"
+    with pytest.raises(IncompatibleDeviceError, match="avx512_bf16"):
+        select(bundle, device(V4), precision="bf16")

@@ -4,7 +4,7 @@ import pytest
 from tvmdeploy import targets
 from tvmdeploy.runtime.errors import TvmdeployError
 from tvmdeploy.runtime.probe import DeviceInfo, probe
-from tvmdeploy.targets.resolve import host_profile, resolve_profile, resolve_profiles
+from tvmdeploy.targets.resolve import host_profile, resolve_profile, resolve_profiles, runs_bf16
 
 AVX2 = ["sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "lzcnt", "popcnt"]
 AVX512 = AVX2 + ["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"]
@@ -53,3 +53,17 @@ def test_unknown_name_is_a_tvmdeploy_error_listing_the_known_ones():
     with pytest.raises(targets.UnknownTargetError, match="known profiles: .*x86-64-v4") as caught:
         resolve_profiles(["x86-64-v9"])
     assert isinstance(caught.value, TvmdeployError) and not isinstance(caught.value, KeyError)
+
+
+@pytest.mark.parametrize(
+    ("features", "runs"),
+    [
+        (AVX2, False),  # x86-64-v3 has no bf16 kernels
+        (AVX2 + ["avx512_bf16"], False),  # (no such CPU; still no AVX-512 profile)
+        (AVX512, False),  # AVX-512 without BF16: Skylake-SP, Ice Lake
+        (AVX512 + ["avx512_vnni", "avx512_bf16"], True),  # Cooper Lake, Zen 4
+        (AVX512 + ["avx512_bf16"], True),
+    ],
+)
+def test_bf16_runs_only_on_avx512_cpus_with_bf16(features, runs):
+    assert runs_bf16("host", device("x86_64", features)) is runs
