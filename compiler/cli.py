@@ -12,6 +12,7 @@ thin parse, one API call and its table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -197,7 +198,9 @@ def tune_cmd(
 
     if not trials and not minutes:
         raise OptionError("give a budget: --trials N, --minutes M, or both")
-    bar = RichTuneProgress(target, console=err)
+    # A bar where someone watches; log lines where stderr goes to a file (a bar shows nothing
+    # there until the run ends).
+    bar = RichTuneProgress(target, console=err) if err.is_terminal else None
     options = TuneOptions(
         model=model,
         profile=target,
@@ -208,9 +211,9 @@ def tune_cmd(
         opset=opset,
         export_dir=str(export_records) if export_records else None,
         rpc=RpcTarget.from_options(rpc, rpc_key),
-        progress=bar,
+        progress=bar or True,
     )
-    with bar:
+    with bar or contextlib.nullcontext():
         result = tune_model(options)
     tuned = [t for t in result.tasks if t.tuned]
     if tuned:

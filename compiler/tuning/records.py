@@ -58,8 +58,11 @@ def cache_path(profile: Profile | str, rpc_key: str | None = None) -> Path:
 
 
 def shipped_path(profile: Profile | str) -> Path:
-    """The records shipped inside the package for a profile (may not exist)."""
-    return SHIPPED_DIR / (profile if isinstance(profile, str) else profile.name)
+    """The records shipped inside the package for a profile (may not exist). A profile whose
+    fp32 code is another's (the same `mcpu`; its extra features serve only its int8 kernels,
+    which are never tuned) names that one in `[tuning] records` and reads its records."""
+    name = profile if isinstance(profile, str) else profile.tuning.get("records", profile.name)
+    return SHIPPED_DIR / name
 
 
 def _mean(run_secs: list[float] | None) -> float:

@@ -245,16 +245,25 @@ def test_compile_of_another_model_with_the_same_kernels_uses_the_cache(
         assert summary["trials"] in (0, 8) and summary.get("new_trials", 0) == 0
 
 
-def test_shipped_records_replay_with_this_tvm():
-    """Every record shipped in the package applies to its workload (guards a TVM upgrade)."""
-    from tvm.s_tir import meta_schedule as ms
+#: Profiles with records shipped in the package (x86-64-v3-vnni reads x86-64-v3's).
+SHIPPED = ["x86-64-v3", "x86-64-v3-vnni", "x86-64-v4", "x86-avx512-vnni", "arm64-neon"]
 
-    shipped = tuning.shipped_path("x86-64-v4")
+
+@pytest.mark.parametrize("profile_name", SHIPPED)
+def test_shipped_records_replay_with_this_tvm(profile_name):
+    """Every record shipped in the package applies to its workload (guards a TVM upgrade), and
+    says where it was measured."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvmdeploy import targets
+
+    profile = targets.get(profile_name)
+    shipped = tuning.shipped_path(profile)
     store = tuning.RecordStore(shipped)
     assert store.workload_keys(), f"no shipped records in {shipped}"
-    tuning.import_tensor_intrinsics("x86")
+    tuning.import_tensor_intrinsics(profile.family)
     meta = json.loads((shipped / "meta.json").read_text())
     assert meta["trials"] > 0 and meta["runs"]
+    assert all(run["cpu"] and run["measured_on"] for run in meta["runs"])
     for key in store.workload_keys():
         best = store.best(key)[0]
         assert best.secs < store.rule_based_secs(key), (
@@ -266,8 +275,9 @@ def test_shipped_records_replay_with_this_tvm():
 
 
 def test_shipped_records_cover_the_demo_model(tmp_path):
-    """The shipped set is for the demo's kernels as this compiler makes them today: a change to the
-    pipeline (fusion, weight packing) that renames the workloads must come with re-tuned records."""
+    """The shipped sets are for the demo's kernels as this compiler makes them today: a change to
+    the pipeline (fusion, weight packing) that renames the workloads must come with re-tuned
+    records. Every profile that ships records applies all of them to the demo model."""
     import torch
     from transformers import BertForSequenceClassification
     from tvmdeploy import targets
@@ -283,14 +293,16 @@ def test_shipped_records_cover_the_demo_model(tmp_path):
     ).eval().save_pretrained(model_dir)
     onnx_path = export.export_model(model_dir, tmp_path / "onnx").onnx_path
     imported = importer.import_onnx(onnx_path, parse_buckets(DEMO_BUCKETS))
-    profile = targets.get("x86-64-v4")
-    task_keys = {t.key for t in tuning.extract_tasks(imported.mod, build_stage.tvm_target(profile))}
-    shipped = tuning.RecordStore(tuning.shipped_path(profile)).workload_keys()
-    assert shipped and set(shipped) <= task_keys, (
-        "shipped records for kernels the demo no longer has"
-    )
-    result = tuning.lookup(imported.mod, profile, tmp_path / "records", quiet=True)
-    assert result is not None and result.summary["kernels"]["applied"] == len(shipped)
+    for name in SHIPPED:
+        profile = targets.get(name)
+        target = build_stage.tvm_target(profile)
+        task_keys = {t.key for t in tuning.extract_tasks(imported.mod, target)}
+        shipped = tuning.RecordStore(tuning.shipped_path(profile)).workload_keys()
+        assert shipped and set(shipped) <= task_keys, (
+            f"{name}: shipped records for kernels the demo no longer has"
+        )
+        result = tuning.lookup(imported.mod, profile, tmp_path / "records" / name, quiet=True)
+        assert result is not None and result.summary["kernels"]["applied"] == len(shipped), name
 
 
 # --------------------------------------------------------------------------------------
