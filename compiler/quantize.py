@@ -24,6 +24,8 @@ at load like int8's, activations rounded once per call, no scales.
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import relax
 from tvm.ir import IRModule
@@ -41,32 +43,44 @@ def _f32(value: float) -> relax.Constant:
     return relax.const(value, "float32")
 
 
-@relax.expr_functor.mutator
-class _Quantizer(WeightMatmulRewriter):
-    """Rewrites weight matmuls; quantizes each activation once even when several matmuls read it
-    (the Q, K and V projections share theirs)."""
+class _GemmRewriter(WeightMatmulRewriter):
+    """What both reduced-precision rewriters share: each activation converted once even when
+    several matmuls read it (the Q, K and V projections share theirs), one kernel PrimFunc per
+    shape, and a count of rewritten matmuls."""
 
-    def __init__(self, mod: IRModule, kernel: Int8Kernel):
+    def __init__(self, mod: IRModule):
         super().__init__(mod)
-        self.kernel = kernel
         self.weight_vars = set()
-        self.quantized: dict = {}  # activation var -> (q, a_scale, a_zero)
+        self.converted: dict = {}  # activation var -> what the kernel reads of it
         self.funcs: dict = {}  # PrimFunc name -> GlobalVar
         self.count = 0
 
     def start_function(self) -> None:
-        self.quantized = {}
+        self.converted = {}
+
+    def kernel_func(self, name: str, make) -> tvm.ir.GlobalVar:
+        """The module's PrimFunc `name`, added from `make()` the first time it is asked for."""
+        if name not in self.funcs:
+            self.funcs[name] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
+        return self.funcs[name]
+
+
+@relax.expr_functor.mutator
+class _Quantizer(_GemmRewriter):
+    """Rewrites weight matmuls into int8 GEMMs."""
+
+    def __init__(self, mod: IRModule, kernel: Int8Kernel):
+        super().__init__(mod)
+        self.kernel = kernel
 
     def rewrite_matmul(self, value, x, w, x_shape, w_shape):
         k, n = w_shape
         if n % self.kernel.lanes or k % 4 or x_shape[-1] != k:
             return None
-        m = 1
-        for dim in x_shape[:-1]:
-            m *= dim
+        m = math.prod(x_shape[:-1])
         q, a_scale, a_zero = self._quantize_activation(self.visit_expr(x), m, k)
         packed, colsum, w_scale = self._quantize_weight(self.visit_expr(w), k, n)
-        gemm = self._gemm(m, n, k)
+        gemm = self.kernel_func(f"int8_gemm_{m}x{n}x{k}", lambda: int8_gemm(self.kernel, m, n, k))
         out = self.builder_.emit(
             relax.call_tir(
                 gemm,
@@ -80,17 +94,14 @@ class _Quantizer(WeightMatmulRewriter):
 
     def _quantize_activation(self, x, m: int, k: int):
         """Per-row asymmetric quantization of x (as [m, k]) to the kernel's levels and type."""
-        if x in self.quantized:
-            return self.quantized[x]
+        if x in self.converted:
+            return self.converted[x]
         kern, emit = self.kernel, self.builder_.emit
-        name = f"int8_quantize_{m}x{k}"
-        if name not in self.funcs:
-            func = quantize_rows(kern, m, k).with_attr("global_symbol", name)
-            self.funcs[name] = self.builder_.add_func(func, name)
+        quantize = self.kernel_func(f"int8_quantize_{m}x{k}", lambda: quantize_rows(kern, m, k))
         x2 = emit(relax.op.reshape(x, [m, k]))
         out = emit(
             relax.call_tir(
-                self.funcs[name],
+                quantize,
                 relax.Tuple([x2]),
                 [
                     relax.TensorType([m, k], kern.a_dtype),
@@ -100,8 +111,8 @@ class _Quantizer(WeightMatmulRewriter):
             ),
             name_hint="x_quantized",
         )
-        self.quantized[x] = tuple(emit(relax.TupleGetItem(out, i)) for i in range(3))
-        return self.quantized[x]
+        self.converted[x] = tuple(emit(relax.TupleGetItem(out, i)) for i in range(3))
+        return self.converted[x]
 
     def _quantize_weight(self, w, k: int, n: int):
         """Per-column symmetric int8, packed [n / lanes, k / 4, lanes, 4], and column sums."""
@@ -120,13 +131,6 @@ class _Quantizer(WeightMatmulRewriter):
             self.weight_vars.add(var)
         return packed, colsum, w_scale
 
-    def _gemm(self, m: int, n: int, k: int) -> tvm.ir.GlobalVar:
-        name = f"int8_gemm_{m}x{n}x{k}"
-        if name not in self.funcs:
-            func = int8_gemm(self.kernel, m, n, k).with_attr("global_symbol", name)
-            self.funcs[name] = self.builder_.add_func(func, name)
-        return self.funcs[name]
-
 
 def quantize_int8(mod: IRModule, kernel: Int8Kernel) -> tuple[IRModule, int]:
     """`mod` with every eligible weight matmul as an int8 GEMM; returns it and how many."""
@@ -135,32 +139,19 @@ def quantize_int8(mod: IRModule, kernel: Int8Kernel) -> tuple[IRModule, int]:
 
 
 @relax.expr_functor.mutator
-class _Bfloat16(WeightMatmulRewriter):
-    """Rewrites weight matmuls into bf16 GEMMs (cpu_bf16.py); rounds each activation once even
-    when several matmuls read it."""
-
-    def __init__(self, mod: IRModule):
-        super().__init__(mod)
-        self.weight_vars = set()
-        self.rounded: dict = {}  # activation var -> its bf16 bits as [m, k]
-        self.funcs: dict = {}  # PrimFunc name -> GlobalVar
-        self.count = 0
-
-    def start_function(self) -> None:
-        self.rounded = {}
+class _Bfloat16(_GemmRewriter):
+    """Rewrites weight matmuls into bf16 GEMMs (cpu_bf16.py)."""
 
     def rewrite_matmul(self, value, x, w, x_shape, w_shape):
         k, n = w_shape
         if n % BF16_LANES or k % 2 or x_shape[-1] != k:
             return None
-        m = 1
-        for dim in x_shape[:-1]:
-            m *= dim
+        m = math.prod(x_shape[:-1])
         emit, op = self.builder_.emit, relax.op
         x = self.visit_expr(x)
-        if x not in self.rounded:
+        if x not in self.converted:  # its bf16 bits as [m, k]
             x2 = emit(op.reshape(x, [m, k]))
-            self.rounded[x] = emit(
+            self.converted[x] = emit(
                 self.builder_.call_te(to_bf16_bits, x2, primfunc_name_hint="bf16_round"),
                 name_hint="x_bf16",
             )
@@ -175,14 +166,11 @@ class _Bfloat16(WeightMatmulRewriter):
             name_hint="w_bf16_packed",
         )
         self.weight_vars.update((w_bits, packed))
-        name = f"bf16_gemm_{m}x{n}x{k}"
-        if name not in self.funcs:
-            func = bf16_gemm(m, n, k).with_attr("global_symbol", name)
-            self.funcs[name] = self.builder_.add_func(func, name)
+        gemm = self.kernel_func(f"bf16_gemm_{m}x{n}x{k}", lambda: bf16_gemm(m, n, k))
         out = emit(
             relax.call_tir(
-                self.funcs[name],
-                relax.Tuple([self.rounded[x], packed]),
+                gemm,
+                relax.Tuple([self.converted[x], packed]),
                 relax.TensorType([m, n], "float32"),
             ),
             name_hint="bf16_matmul",
