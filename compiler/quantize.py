@@ -58,6 +58,13 @@ class _GemmRewriter(WeightMatmulRewriter):
     def start_function(self) -> None:
         self.converted = {}
 
+    def pack_panels(self, w, k: int, n: int, lanes: int, group: int, name_hint: str):
+        """W[k, n] laid out as [n / lanes, k / group, lanes, group], the order the GEMM kernels
+        read (one vector of `lanes` columns x `group` consecutive k per load)."""
+        op = relax.op
+        panels = op.reshape(op.permute_dims(w, [1, 0]), [n // lanes, lanes, k // group, group])
+        return self.builder_.emit(op.permute_dims(panels, [0, 2, 1, 3]), name_hint=name_hint)
+
     def kernel_func(self, name: str, make) -> tvm.ir.GlobalVar:
         """The module's PrimFunc `name`, added from `make()` the first time it is asked for."""
         if name not in self.funcs:
@@ -120,13 +127,7 @@ class _Quantizer(_GemmRewriter):
         w_scale = emit(op.maximum(op.divide(op.max(op.abs(w), axis=[0]), _f32(127.0)), _f32(_EPS)))
         wq = emit(op.astype(op.clip(op.round(op.divide(w, w_scale)), -127, 127), "int8"))
         colsum = emit(op.sum(op.astype(wq, "int32"), axis=[0]))
-        packed = emit(
-            op.permute_dims(
-                op.reshape(op.permute_dims(wq, [1, 0]), [n // lanes, lanes, k // 4, 4]),
-                [0, 2, 1, 3],
-            ),
-            name_hint="w_int8_packed",
-        )
+        packed = self.pack_panels(wq, k, n, lanes, 4, "w_int8_packed")
         for var in (w_scale, wq, colsum, packed):
             self.weight_vars.add(var)
         return packed, colsum, w_scale
@@ -156,15 +157,7 @@ class _Bfloat16(_GemmRewriter):
                 name_hint="x_bf16",
             )
         w_bits = emit(self.builder_.call_te(to_bf16_bits, self.visit_expr(w)))
-        packed = emit(
-            op.permute_dims(
-                op.reshape(
-                    op.permute_dims(w_bits, [1, 0]), [n // BF16_LANES, BF16_LANES, k // 2, 2]
-                ),
-                [0, 2, 1, 3],
-            ),
-            name_hint="w_bf16_packed",
-        )
+        packed = self.pack_panels(w_bits, k, n, BF16_LANES, 2, "w_bf16_packed")
         self.weight_vars.update((w_bits, packed))
         gemm = self.kernel_func(f"bf16_gemm_{m}x{n}x{k}", lambda: bf16_gemm(m, n, k))
         out = emit(

@@ -106,6 +106,7 @@ def ensure_bundle(
     The `demo_precisions` artifacts; with `held_out`, each one's accuracy on it is recorded
     against fp32, so `load(precision="auto")` takes a reduced precision only within the gate."""
     profile = resolve_profile(demo_target(target)).name
+    precisions = demo_precisions(target)
     # The tuned profile plus this machine's own where it differs (its int8 kernel may be faster:
     # VNNI on a CPU that also runs the x86-64-v4 records).
     profiles = list(dict.fromkeys([profile, resolve_profile(target).name]))
@@ -115,7 +116,7 @@ def ensure_bundle(
         "profile": profiles,
         "buckets": DEMO_BUCKETS,
         "records": records_digest(profile),
-        "precisions": demo_precisions(target),
+        "precisions": precisions,
         "held_out": len(held_out or []),
     }
     stamp = work_dir / f".{bundle_dir.name}.key.json"
@@ -133,7 +134,7 @@ def ensure_bundle(
             profiles=profiles,
             buckets=DEMO_BUCKETS,
             name="minilm-sentiment",
-            precisions=demo_precisions(target),
+            precisions=precisions,
             eval_data=[LabelledText(e.text, e.label) for e in held_out] if held_out else None,
         )
     )

@@ -102,28 +102,39 @@ def test_forcing_an_artifact(tiny_bundle):
 V3 = ["avx", "avx2", "fma", "f16c"]
 
 
-def precision_bundle(tiny_bundle, tmp_path, int8_accuracy):
-    """fp32 and int8 artifacts for x86-64-v3, int8 for x86-avx512-vnni; the int8 ones carry
-    `int8_accuracy` (None: not measured). Selection reads only the manifest."""
-    path = shutil.copytree(tiny_bundle, tmp_path / "precisions.tvmd")
+def bundle_of(tiny_bundle, path, artifacts):
+    """A copy of the tiny bundle whose manifest lists `artifacts` as (profile, precision, accuracy
+    or None), each requiring what its profile and precision need. Selection reads only the
+    manifest."""
+    path = shutil.copytree(tiny_bundle, path)
     manifest = json.loads((path / "manifest.json").read_text())
     template = manifest["artifacts"][0]
-    artifacts = []
-    for profile, precision in [
-        ("x86-64-v3", "float32"),
-        ("x86-64-v3", "int8"),
-        ("x86-avx512-vnni", "int8"),
-    ]:
-        p = targets.get(profile)
+    entries = []
+    for profile, precision, accuracy in artifacts:
+        p = targets.get(profile).for_precision(short(precision))
         entry = template | {"profile": profile, "requires": p.requires, "latency": []}
         entry |= {"precision": precision, "weights": "float32"}
         entry.pop("name", None)  # named from profile and precision, as packaging names it
-        if precision == "int8" and int8_accuracy is not None:
-            entry["accuracy"] = {"metric": "accuracy", "value": int8_accuracy, "fp32": 86.0}
-        artifacts.append(entry)
-    manifest["artifacts"] = artifacts
+        if accuracy is not None:
+            entry["accuracy"] = {"metric": "accuracy", "value": accuracy, "fp32": 86.0}
+        entries.append(entry)
+    manifest["artifacts"] = entries
     (path / "manifest.json").write_text(json.dumps(manifest))
     return Bundle(path)
+
+
+def precision_bundle(tiny_bundle, tmp_path, int8_accuracy):
+    """fp32 and int8 artifacts for x86-64-v3, int8 for x86-avx512-vnni; the int8 ones carry
+    `int8_accuracy` (None: not measured)."""
+    return bundle_of(
+        tiny_bundle,
+        tmp_path / "precisions.tvmd",
+        [
+            ("x86-64-v3", "float32", None),
+            ("x86-64-v3", "int8", int8_accuracy),
+            ("x86-avx512-vnni", "int8", int8_accuracy),
+        ],
+    )
 
 
 def test_int8_vnni_artifact_is_refused_on_a_cpu_without_vnni(tiny_bundle, tmp_path):
@@ -172,20 +183,11 @@ def test_an_explicit_precision_is_honoured_or_refused(tiny_bundle, tmp_path):
 
 
 def test_bf16_artifact_is_refused_on_an_avx512_cpu_without_bf16(tiny_bundle, tmp_path):
-    path = shutil.copytree(tiny_bundle, tmp_path / "bf16.tvmd")
-    manifest = json.loads((path / "manifest.json").read_text())
-    template = manifest["artifacts"][0]
-    artifacts = []
-    for precision in ("float32", "bfloat16"):
-        profile = targets.get("x86-64-v4").for_precision(short(precision))
-        entry = template | {"profile": profile.name, "requires": profile.requires, "latency": []}
-        entry |= {"precision": precision, "weights": "float32"}
-        entry["accuracy"] = {"metric": "accuracy", "value": 86.0, "fp32": 86.0}
-        entry.pop("name", None)
-        artifacts.append(entry)
-    manifest["artifacts"] = artifacts
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    bundle = Bundle(path)
+    bundle = bundle_of(
+        tiny_bundle,
+        tmp_path / "bf16.tvmd",
+        [("x86-64-v4", "float32", 86.0), ("x86-64-v4", "bfloat16", 86.0)],
+    )
     choice = select(bundle, device(V4))
     assert choice.artifact == "x86-64-v4"
     assert "avx512_bf16" in choice.rejected["x86-64-v4-bf16"]
