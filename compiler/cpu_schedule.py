@@ -29,6 +29,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 from tvm.target import Target
 
+from .cpu_attention import FuseAttention
 from .cpu_matmul import CPUMatmul, matmul_index_maps
 from .cpu_rules import CPUInjective, CPURowReduction
 from .cpu_target import vector_lanes
@@ -151,15 +152,18 @@ def default_schedule_pass(target: Target) -> tvm.transform.Pass:
 def fusion_passes(
     target: Target, fast_math: bool = True, pack: bool = True
 ) -> list[tvm.transform.Pass]:
-    """Weight packing, library dispatch, fast math, legalization and fusion: the part of
-    :func:`cpu_pipeline` that decides which PrimFuncs exist. Tuning (compiler/tuning/) extracts
-    its tasks after exactly these passes, so the workloads it records are the ones the build
-    later looks up. With ``pack``, weight matmuls read B pre-packed in panels of two SIMD
-    vectors (pack_weights.py), packed once by the lifted `transform_params` function."""
+    """Attention fusion, weight packing, library dispatch, fast math, legalization and fusion:
+    the part of :func:`cpu_pipeline` that decides which PrimFuncs exist. Tuning
+    (compiler/tuning/) extracts its tasks after exactly these passes, so the workloads it records
+    are the ones the build later looks up. Attention becomes one kernel per layer that keeps its
+    scores in cache (cpu_attention.py). With ``pack``, weight matmuls read B pre-packed in
+    panels of two SIMD vectors (pack_weights.py), packed once by the lifted `transform_params`
+    function."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     return (
-        (packing_passes(2 * vector_lanes(target)) if pack else [])
+        [FuseAttention(vector_lanes(target))]
+        + (packing_passes(2 * vector_lanes(target)) if pack else [])
         + cpu_generic.library_dispatch_passes(target)
         + ([relax.transform.FastMathTransform()] if fast_math else [])
         + cpu_generic.legalize_passes(target)
