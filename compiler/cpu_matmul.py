@@ -23,7 +23,7 @@ from tvm.s_tir.dlight.gpu.matmul import (
 from tvm.target import Target
 from tvm.tirx.analysis import undefined_vars
 
-from .cpu_target import const_int, loop_extent, num_vector_registers, vector_lanes
+from .cpu_target import const_int, loop_extent, register_rows, vector_lanes
 from .pack_weights import PACKED_B_ATTR
 
 
@@ -256,10 +256,9 @@ class CPUMatmul(ScheduleRule):
                     cand //= 2
                 if cand >= 4:
                     nr = cand
-        # Rows: as many accumulators as the register file holds (keep ~4 free).
-        vecs_per_row = max(1, -(-nr // lanes))
-        budget = max(1, (num_vector_registers(target) - 4) // vecs_per_row)
-        max_mr = min(8, budget)
+        # Rows: as many accumulators as the register file holds (weight matmuls get their rows
+        # padded to a multiple of this by pack_weights, so they take it whole).
+        max_mr = register_rows(target, -(-nr // lanes))
         if ext_i is not None and ext_i <= max_mr:
             return ext_i, nr
         if ext_i is not None:

@@ -32,7 +32,7 @@ from tvm.target import Target
 from .cpu_attention import FuseAttention
 from .cpu_matmul import CPUMatmul, matmul_index_maps
 from .cpu_rules import CPUInjective, CPURowReduction
-from .cpu_target import vector_lanes
+from .cpu_target import register_rows, vector_lanes
 from .pack_weights import packing_passes
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def fusion_passes(
 
     return (
         [FuseAttention(vector_lanes(target))]
-        + (packing_passes(2 * vector_lanes(target)) if pack else [])
+        + (packing_passes(2 * vector_lanes(target), register_rows(target, 2)) if pack else [])
         + cpu_generic.library_dispatch_passes(target)
         + ([relax.transform.FastMathTransform()] if fast_math else [])
         + cpu_generic.legalize_passes(target)

@@ -41,6 +41,12 @@ def num_vector_registers(target: Target) -> int:
     return 16
 
 
+def register_rows(target: Target, vectors_per_row: int) -> int:
+    """Rows of a GEMM register tile: as many rows of `vectors_per_row` accumulators as the
+    register file holds with ~4 left for A and B, at most 8 (6 on AVX2 at two vectors a row)."""
+    return max(1, min(8, (num_vector_registers(target) - 4) // max(1, vectors_per_row)))
+
+
 def const_int(x) -> int | None:
     if isinstance(x, int):
         return x

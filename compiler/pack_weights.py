@@ -10,7 +10,9 @@ once at session start. We do the same, in TVM's own terms:
    parameter, or a transpose of one as ONNX Gemm produces) into
    `call_tir(matmul_packed, x, permute_dims(reshape(W, [K, N/nr, nr]), [1, 0, 2]))`: a matmul that
    reads a contiguous [N/nr, K, nr] panel layout. The block carries the annotation
-   ``tvmdeploy.packed_b = nr`` so the schedule knows B is already packed.
+   ``tvmdeploy.packed_b = nr`` so the schedule knows B is already packed. Where the GEMM's
+   register tile does not divide the rows (6 rows on AVX2), the matmul computes rows padded to
+   whole tiles and slices them back (`padded_rows`).
 2. `relax.transform.LiftTransformParams(shared_transform=True)` then moves everything that
    depends only on weights (the packing, ONNX's weight transposes) into one `transform_params`
    function, `transform_params(*weights)`. The bundle keeps the
@@ -44,22 +46,69 @@ def _static_shape(ty) -> list[int] | None:
     return dims
 
 
-def _packed_matmul(x: te.Tensor, wp: te.Tensor, nr: int, out_dtype: str) -> te.Tensor:
-    """out[..., j] = sum_k x[..., k] * wp[j // nr, k, j % nr]."""
+def padded_rows(rows: int, row_tile: int | None) -> int:
+    """The row count a weight matmul computes: `rows` rounded up to the GEMM's register tile
+    when that tile does not divide it (6 rows on AVX2 against 64, 128, 1024, ...), so every tile
+    is whole and only the store is guarded. A guarded tile inside the k loop kept the tail rows'
+    accumulators in memory (docs/benchmarks.md); below 8 tiles the padding would cost more than
+    the smaller tile it replaces."""
+    if not row_tile or rows % row_tile == 0 or rows < 8 * row_tile:
+        return rows
+    return -(-rows // row_tile) * row_tile
+
+
+def _packed_matmul(
+    x: te.Tensor, wp: te.Tensor, nr: int, out_dtype: str, row_tile: int | None = None
+) -> te.Tensor:
+    """out[..., j] = sum_k x[..., k] * wp[j // nr, k, j % nr]; over `padded_rows` rows (the
+    extra ones read the last real row again) and then sliced, where padding applies."""
     num_k = wp.shape[1]
     n = wp.shape[0] * nr
     k = te.reduce_axis((0, num_k), name="k")
+    lead = [int(d) for d in x.shape[:-1]] if row_tile else []
+    rows = 1
+    for d in lead:
+        rows *= d
+    padded = padded_rows(rows, row_tile) if lead else 0
 
-    def body(*idx):
-        j = idx[-1]
-        a = x[tuple(idx[:-1]) + (k,)]
-        b = wp[j // nr, k, j % nr]
+    def product(a, b):
         if out_dtype != x.dtype:
             a, b = a.astype(out_dtype), b.astype(out_dtype)
-        return te.sum(a * b, axis=k)
+        return a * b
+
+    if not padded or padded == rows:
+
+        def body(*idx):
+            j = idx[-1]
+            return te.sum(product(x[tuple(idx[:-1]) + (k,)], wp[j // nr, k, j % nr]), axis=k)
+
+        return te.compute(
+            tuple(x.shape[:-1]) + (n,), body, name="matmul_packed", attrs={PACKED_B_ATTR: nr}
+        )
+
+    def row_index(i):  # row i of x as [rows, K], the last real row for the padding
+        i = te.min(i, rows - 1)
+        idx = []
+        for d in reversed(lead):
+            idx.append(i % d)
+            i = i // d
+        return tuple(reversed(idx))
+
+    full = te.compute(
+        (padded, n),
+        lambda i, j: te.sum(product(x[row_index(i) + (k,)], wp[j // nr, k, j % nr]), axis=k),
+        name="matmul_packed",
+        attrs={PACKED_B_ATTR: nr},
+    )
+
+    def flat(idx):
+        i = idx[0]
+        for d, v in zip(lead[1:], idx[1:]):
+            i = i * d + v
+        return i
 
     return te.compute(
-        tuple(x.shape[:-1]) + (n,), body, name="matmul_packed", attrs={PACKED_B_ATTR: nr}
+        tuple(lead) + (n,), lambda *idx: full[flat(idx[:-1]), idx[-1]], name="matmul_rows"
     )
 
 
@@ -126,9 +175,10 @@ class WeightMatmulRewriter(relax.PyExprMutator):
 class _Packer(WeightMatmulRewriter):
     """Rewrites weight matmuls to read B packed in panels of `nr` columns."""
 
-    def __init__(self, mod: IRModule, nr: int):
+    def __init__(self, mod: IRModule, nr: int, row_tile: int | None = None):
         super().__init__(mod)
         self.nr = nr
+        self.row_tile = row_tile
         self.weight_vars = set()
 
     def rewrite_matmul(self, value, x, w, x_shape, w_shape):
@@ -151,16 +201,18 @@ class _Packer(WeightMatmulRewriter):
             packed,
             nr,
             out_dtype,
+            self.row_tile,
             primfunc_name_hint="matmul_packed",
         )
 
 
-def PackMatmulWeights(nr: int) -> tvm.transform.Pass:
-    """Rewrite weight matmuls of every function with a `num_input` attribute to packed B."""
+def PackMatmulWeights(nr: int, row_tile: int | None = None) -> tvm.transform.Pass:
+    """Rewrite weight matmuls of every function with a `num_input` attribute to packed B, over
+    rows padded to `row_tile` where that applies (`padded_rows`)."""
 
     @tvm.transform.module_pass(opt_level=0, name="PackMatmulWeights")
     def _pass(mod: IRModule, _ctx) -> IRModule:
-        return _Packer(mod, nr).rewrite_module(mod)
+        return _Packer(mod, nr, row_tile).rewrite_module(mod)
 
     return _pass
 
@@ -212,6 +264,6 @@ def LiftBucketTransforms() -> tvm.transform.Pass:
     return _pass
 
 
-def packing_passes(nr: int) -> list[tvm.transform.Pass]:
+def packing_passes(nr: int, row_tile: int | None = None) -> list[tvm.transform.Pass]:
     """Pack weight matmuls, then lift all weight-only computation into a flat `transform_params`."""
-    return [PackMatmulWeights(nr), LiftBucketTransforms(), FlattenTransformParams()]
+    return [PackMatmulWeights(nr, row_tile), LiftBucketTransforms(), FlattenTransformParams()]

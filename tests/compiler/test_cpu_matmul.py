@@ -20,8 +20,9 @@ from tvmdeploy.runtime.probe import missing_requirements, probe
     ("profile", "rows"),
     [
         # AVX2: 16 ymm registers, 2 vectors per row -> up to 6 rows; a dividing height of at
-        # least half that is preferred to a guarded tail (6-row tiles with a tail measured 10%
-        # faster at 128 rows but up to 1.8x slower on kernels of the batch-8 buckets).
+        # least half that is preferred to a guarded tail (a guard inside the k loop measured up
+        # to 1.8x slower). Weight matmuls get their rows padded to 6 instead (pack_weights), so
+        # they take 6-row tiles whole; the heights here are what every other GEMM gets.
         ("x86-64-v3", {1: 1, 5: 5, 13: 6, 16: 4, 32: 4, 128: 4, 1024: 4}),
         # AVX-512 and NEON: 32 registers -> 8 rows, which divide the usual lengths.
         ("x86-64-v4", {1: 1, 13: 8, 128: 8, 1024: 8}),

@@ -11,7 +11,7 @@ from tvmdeploy.compiler import build as build_stage
 from tvmdeploy.compiler import importer, verify
 from tvmdeploy.compiler.cpu_schedule import vector_lanes
 from tvmdeploy.compiler.options import parse_buckets
-from tvmdeploy.compiler.pack_weights import TRANSFORM_PARAMS, packing_passes
+from tvmdeploy.compiler.pack_weights import TRANSFORM_PARAMS, packing_passes, padded_rows
 from tvmdeploy.runtime._tvm import prepare_params
 from tvmdeploy.targets.resolve import host_profile
 
@@ -121,3 +121,50 @@ def test_the_bundle_stores_the_weights_as_exported(tiny_bundle):
     entry = bundle.weights_entry("float32")
     stored = tvm.runtime.load_param_dict_from_file(str(bundle.file(entry["file"])))
     assert all(stored[name].numpy().ndim <= 2 for name in entry["names"])
+
+
+def test_rows_pad_to_the_register_tile_only_where_it_pays():
+    assert padded_rows(1024, 6) == 1026  # AVX2: 6-row tiles, the last one whole
+    assert padded_rows(128, 6) == 132
+    assert padded_rows(32, 6) == 32  # under 8 tiles, a smaller dividing tile costs less
+    assert padded_rows(1024, 8) == 1024  # AVX-512 / NEON: 8 divides the usual row counts
+    assert padded_rows(100, None) == 100
+
+
+@pytest.mark.parametrize("lead", [(1, 64), (2, 50), (2, 5, 7)])
+def test_weight_matmul_over_padded_rows_is_exact(lead):
+    """On AVX2 the rows of a weight matmul are padded to whole 6-row tiles (re-reading the last
+    row) and sliced back: the result must be the plain product, every row of it."""
+    from tvmdeploy import targets
+    from tvmdeploy.compiler.cpu_schedule import cpu_pipeline
+    from tvmdeploy.runtime.probe import missing_requirements, probe
+
+    profile = targets.get("x86-64-v3")
+    if missing_requirements(profile.requires, probe()):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    k, n = 96, 48
+    x_shape = (*lead, k)
+
+    bb = relax.BlockBuilder()
+    x_var = relax.Var("x", relax.TensorType(list(x_shape), "float32"))
+    w_var = relax.Var("w", relax.TensorType([k, n], "float32"))
+    with bb.function("main", [x_var, w_var], attrs={"num_input": 1}):
+        with bb.dataflow():
+            product = bb.emit(relax.op.matmul(x_var, w_var))
+            y = bb.emit_output(relax.op.add(product, relax.const(0.5, "float32")))
+        bb.emit_func_output(y)
+    module = bb.get()
+
+    target = build_stage.tvm_target(profile)
+    with target:
+        packed = tvm.transform.Sequential(packing_passes(2 * vector_lanes(target), 6))(module)
+    kernels = [f.script() for f in packed.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any("matmul_rows" in text for text in kernels)  # the padded form was taken
+    vm = relax.VirtualMachine(
+        tvm.compile(module, target, relax_pipeline=cpu_pipeline(target)), tvm.cpu()
+    )
+    rng = np.random.default_rng(len(lead))
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x), *prepare_params(vm, [tvm.runtime.tensor(w)])).numpy()
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w + 0.5, rtol=1e-5, atol=1e-4)
