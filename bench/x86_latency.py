@@ -421,6 +421,15 @@ def markdown(report: dict) -> str:
             "from an empty cache."
         ),
     ]
+    if report["target"] != "host":
+        lines += [
+            "",
+            (
+                f"tvmdeploy runs {report['profile']} code here, while ONNX Runtime and PyTorch "
+                "pick their kernels from this CPU's own features: the ratios compare that code "
+                "with them on this CPU, not with ONNX Runtime on a CPU of that ISA."
+            ),
+        ]
     for name, model in report["models"].items():
         for engine, info in model["tuning"].items():
             kernels = info.get("kernels")
