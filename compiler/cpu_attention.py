@@ -21,6 +21,7 @@ from tvm.ir import IRModule
 from tvm.s_tir.dlight.analysis import get_root_block
 
 from .cpu_int8 import KERNEL_ATTR, OPAQUE_PATTERN, largest_divisor
+from .pack_weights import BindingRewriter, static_shape
 
 __all__ = ["FuseAttention", "attention_kernel", "count_fused"]
 
@@ -161,16 +162,10 @@ def attention_kernel(
     )
 
 
-def _static_shape(expr) -> list[int] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None or str(ty.dtype) != "float32":
+def _float32_shape(expr) -> list[int] | None:
+    if not isinstance(expr.ty, relax.TensorType) or str(expr.ty.dtype) != "float32":
         return None
-    dims = []
-    for dim in ty.shape.values:
-        if not isinstance(dim, tirx.IntImm):
-            return None
-        dims.append(int(dim.value))
-    return dims
+    return static_shape(expr.ty)
 
 
 def _call(expr, op_name: str):
@@ -180,7 +175,7 @@ def _call(expr, op_name: str):
 
 
 @relax.expr_functor.mutator
-class _AttentionFuser(relax.PyExprMutator):
+class _AttentionFuser(BindingRewriter):
     """Replaces `matmul(softmax(matmul(q, kt) [+ mask], axis=-1), v)` (4-D, static shapes,
     intermediates used nowhere else) by one call of the fused kernel."""
 
@@ -210,15 +205,7 @@ class _AttentionFuser(relax.PyExprMutator):
             return None
         return _call(self.bound.get(expr), op_name)
 
-    def visit_var_binding_(self, binding):
-        new_value = self._rewrite(binding.value)
-        if new_value is None:
-            super().visit_var_binding_(binding)
-            return
-        new_var = self.builder_.emit(new_value, name_hint=binding.var.name)
-        self.set_var_remap(binding.var, new_var)
-
-    def _rewrite(self, value):
+    def rewrite(self, value):
         outer = _call(value, "relax.matmul")
         if outer is None:
             return None
@@ -240,7 +227,7 @@ class _AttentionFuser(relax.PyExprMutator):
             if scores is None:
                 return None
         q, kt = scores.args
-        shapes = [_static_shape(x) for x in (q, kt, v)]
+        shapes = [_float32_shape(x) for x in (q, kt, v)]
         if any(s is None or len(s) != 4 for s in shapes):
             return None
         q_shape, kt_shape, v_shape = shapes
@@ -252,7 +239,7 @@ class _AttentionFuser(relax.PyExprMutator):
             return None
         mask_shape = None
         if mask is not None:
-            mask_shape = _static_shape(mask)
+            mask_shape = _float32_shape(mask)
             full = [batch, heads, rows, keys]
             if mask_shape is None or len(mask_shape) != 4:
                 return None

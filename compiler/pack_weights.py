@@ -32,7 +32,8 @@ from .options import FALLBACK_FUNCTION
 PACKED_B_ATTR = "tvmdeploy.packed_b"
 
 
-def _static_shape(ty) -> list[int] | None:
+def static_shape(ty) -> list[int] | None:
+    """The dimensions of a tensor type when all are known integers, else None."""
     if not isinstance(ty, relax.type.TensorType) or ty.shape is None:
         return None
     shape = ty.shape
@@ -112,7 +113,23 @@ def _packed_matmul(
     )
 
 
-class WeightMatmulRewriter(relax.PyExprMutator):
+class BindingRewriter(relax.PyExprMutator):
+    """A `relax.PyExprMutator` base (subclasses add `@relax.expr_functor.mutator`) that replaces
+    each binding's value by what `rewrite(value)` returns, emitted under the binding's name
+    (None keeps the binding as it is)."""
+
+    def rewrite(self, value):
+        return None
+
+    def visit_var_binding_(self, binding):
+        new_value = self.rewrite(binding.value)
+        if new_value is None:
+            super().visit_var_binding_(binding)
+            return
+        self.set_var_remap(binding.var, self.builder_.emit(new_value, name_hint=binding.var.name))
+
+
+class WeightMatmulRewriter(BindingRewriter):
     """A `relax.PyExprMutator` base (subclasses add `@relax.expr_functor.mutator`): tracks which
     bindings depend on weights only (the parameters after a function's `num_input`, and what is
     computed from them alone) and replaces every fp32 `matmul(x, W)` with a weight-derived, static
@@ -136,23 +153,17 @@ class WeightMatmulRewriter(relax.PyExprMutator):
         return bool(free) and all(v in self.weight_vars for v in free)
 
     def visit_var_binding_(self, binding):
-        value = binding.value
-        if self._weight_only(value):
+        if self._weight_only(binding.value):
             self.weight_vars.add(binding.var)
-        new_value = self._rewrite(value)
-        if new_value is None:
-            super().visit_var_binding_(binding)
-            return
-        new_var = self.builder_.emit(new_value, name_hint=binding.var.name)
-        self.set_var_remap(binding.var, new_var)
+        super().visit_var_binding_(binding)
 
-    def _rewrite(self, value):
+    def rewrite(self, value):
         if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.matmul"):
             return None
         x, w = value.args
         if not (isinstance(w, relax.Var) and w in self.weight_vars):
             return None
-        x_shape, w_shape = _static_shape(x.ty), _static_shape(w.ty)
+        x_shape, w_shape = static_shape(x.ty), static_shape(w.ty)
         if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
             return None
         if str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32":
