@@ -184,8 +184,6 @@ class _AttentionFuser(BindingRewriter):
         self.lanes = lanes
         self.bound: dict = {}  # var -> its bound value (the function being visited)
         self.uses: dict = {}  # var -> number of uses
-        self.funcs: dict = {}  # kernel name -> GlobalVar
-        self.count = 0
 
     def visit_function_(self, func):
         self.bound, self.uses = {}, {}
@@ -248,22 +246,15 @@ class _AttentionFuser(BindingRewriter):
         name = "attention_" + "x".join(map(str, [batch, heads, rows, keys, depth, v_shape[3]]))
         if mask_shape is not None:
             name += "_mask" + "x".join(map(str, mask_shape))
-        if name not in self.funcs:
-            func = attention_kernel(q_shape, kt_shape, mask_shape, v_shape, self.lanes)
-            self.funcs[name] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+        kernel = self.kernel_func(
+            name, lambda: attention_kernel(q_shape, kt_shape, mask_shape, v_shape, self.lanes)
+        )
         args = [self.visit_expr(x) for x in (q, kt, *([mask] if mask is not None else []), v)]
-        self.count += 1
         return relax.call_tir(
-            self.funcs[name],
+            kernel,
             relax.Tuple(args),
             relax.TensorType([batch, heads, rows, v_shape[3]], "float32"),
         )
-
-    def rewrite_module(self, mod: IRModule) -> IRModule:
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
 
 
 def FuseAttention(lanes: int) -> tvm.transform.Pass:

@@ -118,6 +118,10 @@ class BindingRewriter(relax.PyExprMutator):
     each binding's value by what `rewrite(value)` returns, emitted under the binding's name
     (None keeps the binding as it is)."""
 
+    def __init__(self, mod: IRModule):
+        super().__init__(mod)
+        self.funcs: dict = {}  # kernel PrimFunc name -> GlobalVar
+
     def rewrite(self, value):
         return None
 
@@ -128,6 +132,23 @@ class BindingRewriter(relax.PyExprMutator):
             return
         self.set_var_remap(binding.var, self.builder_.emit(new_value, name_hint=binding.var.name))
 
+    def kernel_func(self, name: str, make) -> tvm.ir.GlobalVar:
+        """The module's PrimFunc `name`, added from `make()` the first time it is asked for."""
+        if name not in self.funcs:
+            self.funcs[name] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
+        return self.funcs[name]
+
+    def rewrites(self, func: relax.Function) -> bool:
+        """Whether `rewrite_module` visits this function (every Relax function by default)."""
+        return True
+
+    def rewrite_module(self, mod: IRModule) -> IRModule:
+        """`mod` with every function `rewrites` accepts rewritten."""
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and self.rewrites(func):
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
 
 class WeightMatmulRewriter(BindingRewriter):
     """A `relax.PyExprMutator` base (subclasses add `@relax.expr_functor.mutator`): tracks which
@@ -136,7 +157,9 @@ class WeightMatmulRewriter(BindingRewriter):
     2-D W by what `rewrite_matmul` returns (None keeps it). The packer here and the int8
     quantizer (quantize.py) are both one."""
 
-    weight_vars: set
+    def __init__(self, mod: IRModule):
+        super().__init__(mod)
+        self.weight_vars: set = set()
 
     def visit_function_(self, func):
         num_input = func.attrs.get("num_input") if func.attrs is not None else None
@@ -173,13 +196,9 @@ class WeightMatmulRewriter(BindingRewriter):
     def rewrite_matmul(self, value, x, w, x_shape: list[int], w_shape: list[int]):
         raise NotImplementedError
 
-    def rewrite_module(self, mod: IRModule) -> IRModule:
-        """Every function with a `num_input` attribute, rewritten."""
-        for gvar, func in list(mod.functions_items()):
-            attrs = func.attrs if isinstance(func, relax.Function) else None
-            if attrs is not None and "num_input" in attrs:
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
+    def rewrites(self, func: relax.Function) -> bool:
+        """The functions with a `num_input` attribute: those whose trailing params are weights."""
+        return func.attrs is not None and "num_input" in func.attrs
 
 
 @relax.expr_functor.mutator
@@ -190,7 +209,6 @@ class _Packer(WeightMatmulRewriter):
         super().__init__(mod)
         self.nr = nr
         self.row_tile = row_tile
-        self.weight_vars = set()
 
     def rewrite_matmul(self, value, x, w, x_shape, w_shape):
         k, n = w_shape

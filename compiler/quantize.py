@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 
-import tvm
 from tvm import relax
 from tvm.ir import IRModule
 
@@ -45,14 +44,12 @@ def _f32(value: float) -> relax.Constant:
 
 class _GemmRewriter(WeightMatmulRewriter):
     """What both reduced-precision rewriters share: each activation converted once even when
-    several matmuls read it (the Q, K and V projections share theirs), one kernel PrimFunc per
-    shape, and a count of rewritten matmuls."""
+    several matmuls read it (the Q, K and V projections share theirs), weight panels, and a count
+    of rewritten matmuls (one kernel PrimFunc per shape comes from `kernel_func`)."""
 
     def __init__(self, mod: IRModule):
         super().__init__(mod)
-        self.weight_vars = set()
         self.converted: dict = {}  # activation var -> what the kernel reads of it
-        self.funcs: dict = {}  # PrimFunc name -> GlobalVar
         self.count = 0
 
     def start_function(self) -> None:
@@ -64,12 +61,6 @@ class _GemmRewriter(WeightMatmulRewriter):
         op = relax.op
         panels = op.reshape(op.permute_dims(w, [1, 0]), [n // lanes, lanes, k // group, group])
         return self.builder_.emit(op.permute_dims(panels, [0, 2, 1, 3]), name_hint=name_hint)
-
-    def kernel_func(self, name: str, make) -> tvm.ir.GlobalVar:
-        """The module's PrimFunc `name`, added from `make()` the first time it is asked for."""
-        if name not in self.funcs:
-            self.funcs[name] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
-        return self.funcs[name]
 
 
 @relax.expr_functor.mutator
