@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.onnx_corpus import ENTRIES, make
-from bench.precision import cpu_description, log
-from bench.x86_latency import latency
+from bench.precision import log
+from bench.x86_latency import latency, machine_class
 
 RESULTS = ROOT / "bench" / "results" / "compatibility.json"
 DOCS = ROOT / "docs" / "compatibility.md"
@@ -175,7 +175,7 @@ def main() -> None:
         if not args.entries:
             log("ORT-quantized MiniLM …")
             quantized = quantized_minilm(Path(work))
-    cpu = cpu_description()
+    cpu = machine_class()[0]
     text = table(rows) + (f"\n\n{quantized_text(quantized)}" if quantized else "")
     print(text)
     if not args.entries:  # a partial run leaves the recorded results and the docs alone

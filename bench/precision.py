@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from x86_latency import best_of_rounds, make_models, update_docs
+from x86_latency import best_of_rounds, machine_class, make_models, update_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "precision.json"
@@ -40,15 +40,6 @@ DEMO_DIR = ROOT / "build" / "demo"
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def cpu_description() -> str:
-    from tvmdeploy.runtime.probe import probe
-
-    info = probe()
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16")]
-    have = [f for f in isa if f in info.cpu_features]
-    return f"{info.cpu_model or 'unknown CPU'} ({', '.join(have) or 'no AVX'})"
 
 
 def held_out_examples():
@@ -253,7 +244,7 @@ def main() -> None:
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     report = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": cpu_description(),
+        "cpu": machine_class()[0],
         "host_profile": resolve_profile("host").name,
         "threads": threads,
         "runs": args.runs,

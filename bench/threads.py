@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -21,33 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-def cpu_name() -> str:
-    """Model name, x86 family/model (the model name alone can hide the generation) and SIMD ISA."""
-    info: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    flags = set(info.get("flags", info.get("Features", "")).split())
-    isa = [
-        f
-        for f in (
-            "avx2",
-            "fma",
-            "avx512f",
-            "avx512_vnni",
-            "avx_vnni",
-            "avx512_bf16",
-            "amx_tile",
-            "asimd",
-            "asimddp",
-            "sve",
-        )
-        if f in flags
-    ]
-    family = f", family {info['cpu family']} model {info['model']}" if "cpu family" in info else ""
-    name = info.get("model name") or platform.processor() or platform.machine()
-    return f"{name}{family} ({', '.join(isa)})"
+sys.path.insert(0, str(Path(__file__).parent))
+from x86_latency import machine_class
 
 
 def calls_per_second(model, ids: np.ndarray, threads: int, seconds: float) -> float:
@@ -150,7 +124,7 @@ def main() -> None:
     report = {
         "bundle": Path(args.bundle).name,
         "seq": args.seq,
-        "cpu": cpu_name(),
+        "cpu": machine_class()[0],
         "cores": os.cpu_count(),
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "loadavg": os.getloadavg(),

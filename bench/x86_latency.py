@@ -338,31 +338,33 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
 
 
 def machine_class() -> tuple[str, str]:
-    """(title, slug) of this CPU's class: vendor model, family/model numbers and vector ISA, so
-    that docs/benchmarks.md keeps one section per machine class measured."""
-    from tvmdeploy.runtime.probe import probe
-
-    fields = {}
+    """(title, slug) of this CPU's class: model name, family/model numbers (the name alone can
+    hide the generation) and vector ISA, read from /proc/cpuinfo. Every bench names its CPU with
+    it, and docs/benchmarks.md keeps one section per class measured."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    features = probe().cpu_features
-    isa = "AVX-512" if "avx512f" in features else "AVX2 + FMA" if "avx2" in features else "SSE"
-    isa += "".join(
-        f" + {label}"
-        for flag, label in (
-            ("avx512_vnni", "VNNI"),
-            ("avx_vnni", "AVX-VNNI"),
-            ("avx512_bf16", "BF16"),
-        )
-        if flag in features
+    flags = set(info.get("flags", info.get("Features", "")).split())
+    if "avx512f" in flags or "avx2" in flags or "sse2" in flags:
+        isa = "AVX-512" if "avx512f" in flags else "AVX2 + FMA" if "avx2" in flags else "SSE"
+        extras = (("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "BF16"))
+        extras += (("amx_tile", "AMX"),)
+    else:
+        isa = "NEON" if "asimd" in flags else platform.machine()
+        extras = (("asimddp", "dotprod"), ("sve", "SVE"))
+    isa += "".join(f" + {label}" for flag, label in extras if flag in flags)
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    family = (
+        f"family {info['cpu family']} model {info.get('model', '?')}"
+        if "cpu family" in info
+        else platform.machine()
     )
-    family = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
-    title = f"{cpu_name()}, {family} ({isa})"
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{cpu_name()} {family}".lower()).strip("-")
+    title = f"{name}, {family} ({isa})"
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{name} {family}".lower()).strip("-")
     return title, slug
 
 
@@ -475,16 +477,6 @@ def update_docs(text: str, begin: str, end: str) -> None:
     else:
         current = current.rstrip("\n") + "\n\n" + text
     DOCS.write_text(current)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
