@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 
-# Debian packages: the ARM cross toolchain and qemu-user (ARM verification), Chromium (report test).
+# Debian packages: binutils (objdump, bench/isa_limit.py), the ARM cross toolchain and qemu-user
+# (ARM verification), Chromium (report test).
 need_apt=()
-for pkg in gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static chromium; do
+for pkg in binutils gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ] && [ "${TVMDEPLOY_SKIP_APT:-0}" != 1 ]; then

@@ -6,6 +6,8 @@ classifier; plus this CPU's GEMM peak.
     python bench/x86_latency.py                        # -t host, each model tuned 10 min
     python bench/x86_latency.py --no-tune              # out of the box only (quick)
     python bench/x86_latency.py --target x86-64-v3     # another profile's code on this CPU
+    python bench/x86_latency.py --baselines-isa avx2   # x86-64-v3 code against ONNX Runtime's
+                                                       # and PyTorch's AVX2 kernels (isa_limit.py)
 
 Every tvmdeploy row comes from `compile_model` (what `tvmdeploy compile` runs) and `load()`,
 timed through `Model.__call__`: `tvmdeploy` from an empty tuning cache (the shipped records apply,
@@ -27,6 +29,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +40,7 @@ RESULTS = ROOT / "bench" / "results" / "x86_latency.json"  # renamed per machine
 DOCS = ROOT / "docs" / "benchmarks.md"
 SHAPES = ((1, 32), (1, 128), (8, 128))  # (batch, seq)
 BUCKETS = "1x32,128;8x128"
+ISA_PROFILES = {"avx2": "x86-64-v3"}  # the profile whose code a --baselines-isa run times
 
 
 def log(message: str) -> None:
@@ -423,7 +427,20 @@ def markdown(report: dict) -> str:
             "from an empty cache."
         ),
     ]
-    if report["target"] != "host":
+    if report.get("baselines_isa"):
+        lines += [
+            "",
+            (
+                "ONNX Runtime, PyTorch and numpy were limited to "
+                f"{report['baselines_isa'].upper()} as on a CPU without AVX-512 "
+                "(`bench/isa_limit.py`): MLAS was shown an XCR0 without AVX-512 state and "
+                "took its AVX2/FMA3 kernels (its sgemm above is the "
+                "AVX2 one), PyTorch and its libraries by their own ISA variables. tvmdeploy runs "
+                f"{report['profile']} code. Both sides run the same ISA on this CPU's cores; an "
+                "AVX2-only CPU has other caches and clocks."
+            ),
+        ]
+    elif report["target"] != "host":
         lines += [
             "",
             (
@@ -480,6 +497,8 @@ def update_docs(text: str, begin: str, end: str) -> None:
 
 
 def main() -> None:
+    import isa_limit  # beside this script
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -497,6 +516,12 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="results JSON (default: per machine)"
     )
+    parser.add_argument(
+        "--baselines-isa",
+        choices=sorted(isa_limit.LIMITS),
+        help="run ONNX Runtime, PyTorch and numpy limited to this ISA, as on a CPU without "
+        "AVX-512 (bench/isa_limit.py); the target defaults to that ISA's profile",
+    )
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument(
         "--render", type=Path, metavar="RESULTS_JSON", help="only rewrite the docs section of a run"
@@ -509,14 +534,29 @@ def main() -> None:
         report["shared"] = report["loadavg_before"][0] > 0.5 * report["threads"]
         update_docs(markdown(report), *markers(report["machine_slug"]))
         return
+    if args.baselines_isa and isa_limit.limited_isa() != args.baselines_isa:
+        # Rerun in a child whose baselines are limited; the patched copy lives as long as it.
+        with tempfile.TemporaryDirectory(prefix="baselines-isa-") as tmp:
+            env = {**os.environ, **isa_limit.limited_environment(args.baselines_isa, Path(tmp))}
+            sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
     import tvmdeploy.compiler  # noqa: F401 - TVM_NUM_THREADS before TVM loads
     from tvmdeploy.targets.resolve import resolve_profile
 
+    if args.baselines_isa and args.target == "host":
+        args.target = ISA_PROFILES[args.baselines_isa]
     threads = len(os.sched_getaffinity(0))
     machine, slug = machine_class()
-    profile = resolve_profile(args.target).name
+    profile = resolve_profile(args.target)
+    if args.baselines_isa and any(
+        f.startswith("avx512") for f in profile.requires.get("cpu_features", [])
+    ):
+        parser.error(f"{profile.name} code uses AVX-512; the baselines are limited to AVX2")
+    profile = profile.name
     if args.target != "host":  # another profile's code on this CPU: a section of its own
         machine, slug = f"{machine}, running {profile} code", f"{slug}-{profile}"
+    if args.baselines_isa:
+        machine += f", ONNX Runtime and PyTorch limited to {args.baselines_isa.upper()}"
+        slug += f"-baselines-{args.baselines_isa}"
     out = args.out or RESULTS.with_name(f"x86_latency-{slug}.json")
     load_before = os.getloadavg()
     report = {
@@ -526,6 +566,7 @@ def main() -> None:
         "threads": threads,
         "target": args.target,
         "profile": profile,
+        "baselines_isa": args.baselines_isa,
         "runs": args.runs,
         "rounds": args.rounds,
         "command": "python bench/x86_latency.py " + " ".join(sys.argv[1:]),

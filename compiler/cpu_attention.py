@@ -81,12 +81,15 @@ def attention_kernel(
     mask_shape: list[int] | None,
     v_shape: list[int],
     lanes: int,
+    registers: int = 32,
 ) -> tirx.PrimFunc:
     """The scheduled fused-attention PrimFunc for these static shapes and SIMD width.
 
     Per task (one head, `ROWS` query rows): scores as a register-blocked GEMM over the head
     dimension, row max and row sum as `lanes`-wide partial reductions (rfactor), exp vectorized
-    over the keys, the product with V with its accumulators in registers, then the division."""
+    over the keys, the product with V with its accumulators in registers, then the division.
+    Both products keep as many accumulator vectors as `registers` holds beside the operands:
+    spilled accumulators made the AVX2 kernel 1.3x slower (docs/benchmarks.md)."""
     q = te.placeholder(q_shape, "float32", name="q")
     kt = te.placeholder(kt_shape, "float32", name="kt")
     mask = te.placeholder(mask_shape, "float32", name="mask") if mask_shape else None
@@ -128,9 +131,13 @@ def attention_kernel(
         else:
             sch.compute_at(block(name), task, preserve_unit_loops=True)
 
-    # scores[i, j] over d: rows x (two vectors of keys) accumulators, d outside.
+    # Accumulator vectors per row that fit the register file beside the operands (~4 registers):
+    # 16 ymm on AVX2 hold 8 rows x 1 vector, 32 zmm or NEON registers 8 rows x 3.
+    vectors = max(1, (registers - 4) // tile_rows)
+
+    # scores[i, j] over d: rows x (up to two vectors of keys) accumulators, d outside.
     si, sj, sd = sch.get_loops(block("scores"))[-3:]
-    cols = largest_divisor(keys, 2 * lanes)
+    cols = largest_divisor(keys, min(2, vectors) * lanes)
     sj_outer, sj_inner = sch.split(sj, [None, cols])
     sch.reorder(sj_outer, sd, si, sj_inner)
     sch.unroll(si)
@@ -147,9 +154,10 @@ def attention_kernel(
         init = sch.decompose_reduction(rf_block, sch.get_loops(rf_block)[-2])
         sch.vectorize(sch.get_loops(init)[-1])
 
-    # pv[i, e] over j: rows x width accumulators, keys outside.
+    # pv[i, e] over j: rows x (a slice of width) accumulators, keys outside.
     pi, pe, pj = sch.get_loops(block("pv"))[-3:]
-    sch.reorder(pj, pi, pe)
+    pe_outer, pe = sch.split(pe, [None, largest_divisor(width, vectors * lanes)])
+    sch.reorder(pe_outer, pj, pi, pe)
     sch.unroll(pi)
     sch.vectorize(pe)
     sch.decompose_reduction(block("pv"), pj)
@@ -179,9 +187,9 @@ class _AttentionFuser(BindingRewriter):
     """Replaces `matmul(softmax(matmul(q, kt) [+ mask], axis=-1), v)` (4-D, static shapes,
     intermediates used nowhere else) by one call of the fused kernel."""
 
-    def __init__(self, mod: IRModule, lanes: int):
+    def __init__(self, mod: IRModule, lanes: int, registers: int):
         super().__init__(mod)
-        self.lanes = lanes
+        self.lanes, self.registers = lanes, registers
         self.bound: dict = {}  # var -> its bound value (the function being visited)
         self.uses: dict = {}  # var -> number of uses
 
@@ -247,7 +255,10 @@ class _AttentionFuser(BindingRewriter):
         if mask_shape is not None:
             name += "_mask" + "x".join(map(str, mask_shape))
         kernel = self.kernel_func(
-            name, lambda: attention_kernel(q_shape, kt_shape, mask_shape, v_shape, self.lanes)
+            name,
+            lambda: attention_kernel(
+                q_shape, kt_shape, mask_shape, v_shape, self.lanes, self.registers
+            ),
         )
         args = [self.visit_expr(x) for x in (q, kt, *([mask] if mask is not None else []), v)]
         return relax.call_tir(
@@ -257,13 +268,14 @@ class _AttentionFuser(BindingRewriter):
         )
 
 
-def FuseAttention(lanes: int) -> tvm.transform.Pass:
+def FuseAttention(lanes: int, registers: int = 32) -> tvm.transform.Pass:
     """Fuse every static-shape attention (matmul, optional mask add, softmax, matmul) into one
-    kernel vectorized to `lanes` float32 lanes."""
+    kernel vectorized to `lanes` float32 lanes, its accumulators sized to `registers` vector
+    registers."""
 
     @tvm.transform.module_pass(opt_level=0, name="FuseAttention")
     def _pass(mod: IRModule, _ctx) -> IRModule:
-        return _AttentionFuser(mod, lanes).rewrite_module(mod)
+        return _AttentionFuser(mod, lanes, registers).rewrite_module(mod)
 
     return _pass
 

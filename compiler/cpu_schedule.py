@@ -32,7 +32,7 @@ from tvm.target import Target
 from .cpu_attention import FuseAttention
 from .cpu_matmul import CPUMatmul, matmul_index_maps
 from .cpu_rules import CPUInjective, CPURowReduction
-from .cpu_target import register_rows, vector_lanes
+from .cpu_target import num_vector_registers, register_rows, vector_lanes
 from .pack_weights import packing_passes
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def fusion_passes(
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     return (
-        [FuseAttention(vector_lanes(target))]
+        [FuseAttention(vector_lanes(target), num_vector_registers(target))]
         + (packing_passes(2 * vector_lanes(target), register_rows(target, 2)) if pack else [])
         + cpu_generic.library_dispatch_passes(target)
         + ([relax.transform.FastMathTransform()] if fast_math else [])
