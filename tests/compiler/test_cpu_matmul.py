@@ -63,3 +63,54 @@ def test_gemm_with_a_guarded_row_tail_is_exact(m):
     w = rng.standard_normal((k, n)).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
     np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_only_few_row_gemms_on_avx2_are_k_blocked():
+    """AVX2 GEMMs of at most 64 rows walk K in blocks of 128-256 (a divisor of K), so a slice of
+    each B panel stays in L1 across the row tiles; nothing else changes (docs/benchmarks.md)."""
+    rule = CPUMatmul()
+    avx2 = build.tvm_target(targets.get("x86-64-v3"))
+    assert rule._k_block(avx2, 32, 768) == 256
+    assert rule._k_block(avx2, 32, 384) == 192  # MiniLM's hidden size
+    assert rule._k_block(avx2, 64, 3072) == 256
+    assert rule._k_block(avx2, 128, 768) is None  # enough rows: neutral to slower
+    assert rule._k_block(avx2, 32, 256) is None  # one block
+    assert rule._k_block(avx2, 32, 100) is None  # no divisor in 128-256 other than K itself
+    for wider in ("x86-64-v4", "arm64-neon"):
+        assert rule._k_block(build.tvm_target(targets.get(wider)), 32, 768) is None
+
+
+@pytest.mark.parametrize(("m", "k"), [(32, 768), (13, 384)])
+def test_k_blocked_gemm_with_epilogue_is_exact(m, k):
+    """The accumulators live across the k blocks and the epilogue (bias, ReLU) runs once, after
+    the last one; 13 rows also take a guarded row tail."""
+    profile = targets.get("x86-64-v3")
+    if missing_requirements(profile.requires, probe()):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    n = 48
+
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(
+            x: R.Tensor((m, k), "float32"),
+            w: R.Tensor((k, n), "float32"),
+            b: R.Tensor((n,), "float32"),
+        ):
+            with R.dataflow():
+                y = R.nn.relu(R.add(R.matmul(x, w), b))
+                R.output(y)
+            return y
+
+    target = build.tvm_target(profile)
+    assert CPUMatmul()._k_block(target, m, k) is not None
+    vm = relax.VirtualMachine(
+        tvm.compile(Module, target, relax_pipeline=cpu_pipeline(target, pack=False)), tvm.cpu()
+    )
+    rng = np.random.default_rng(m + k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    got = vm["main"](*(tvm.runtime.tensor(a) for a in (x, w, b))).numpy()
+    want = np.maximum(x.astype(np.float64) @ w + b, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
