@@ -20,7 +20,8 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.ir import IRModule
 from tvm.s_tir.dlight.analysis import get_root_block
 
-from .cpu_int8 import KERNEL_ATTR, OPAQUE_PATTERN, largest_divisor
+from .cpu_int8 import KERNEL_ATTR, OPAQUE_PATTERN
+from .cpu_target import largest_divisor
 from .pack_weights import BindingRewriter, static_shape
 
 __all__ = ["FuseAttention", "attention_kernel", "count_fused"]

@@ -31,7 +31,8 @@ from tvm import s_tir, te, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from .cpu_int8 import KERNEL_ATTR, MIN_PARALLEL_MACS, OPAQUE_PATTERN, largest_divisor
+from .cpu_int8 import KERNEL_ATTR, MIN_PARALLEL_MACS, OPAQUE_PATTERN
+from .cpu_target import largest_divisor
 
 LANES = 16  # fp32 sums per zmm register
 MR, NV = 4, 3  # register tile: rows x vectors (see the module docstring for the limit)

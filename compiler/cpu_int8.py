@@ -36,6 +36,8 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvmdeploy.targets import Profile
 
+from .cpu_target import largest_divisor
+
 #: Marks a hand-scheduled kernel (int8 here, bf16 in cpu_bf16.py): never fused, never tuned.
 KERNEL_ATTR = "tvmdeploy.kernel"
 OPAQUE_PATTERN = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the function alone
@@ -229,10 +231,6 @@ def register_intrinsics() -> None:
 
 
 # ---- the GEMM --------------------------------------------------------------------------------
-
-
-def largest_divisor(n: int, limit: int) -> int:
-    return next(d for d in range(min(limit, n), 0, -1) if n % d == 0)
 
 
 def int8_gemm(kernel: Int8Kernel, m: int, n: int, k: int) -> tvm.tirx.PrimFunc:

@@ -23,9 +23,9 @@ from tvm.s_tir.dlight.gpu.matmul import (
 from tvm.target import Target
 from tvm.tirx.analysis import undefined_vars
 
-from .cpu_int8 import largest_divisor
 from .cpu_target import (
     const_int,
+    largest_divisor,
     loop_extent,
     num_vector_registers,
     register_rows,

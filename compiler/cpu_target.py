@@ -47,6 +47,11 @@ def register_rows(target: Target, vectors_per_row: int) -> int:
     return max(1, min(8, (num_vector_registers(target) - 4) // max(1, vectors_per_row)))
 
 
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of `n` that is at most `limit` (a tile that divides an extent)."""
+    return next(d for d in range(min(limit, n), 0, -1) if n % d == 0)
+
+
 def const_int(x) -> int | None:
     if isinstance(x, int):
         return x
