@@ -546,12 +546,12 @@ def main() -> None:
         args.target = ISA_PROFILES[args.baselines_isa]
     threads = len(os.sched_getaffinity(0))
     machine, slug = machine_class()
-    profile = resolve_profile(args.target)
+    chosen = resolve_profile(args.target)
     if args.baselines_isa and any(
-        f.startswith("avx512") for f in profile.requires.get("cpu_features", [])
+        f.startswith("avx512") for f in chosen.requires.get("cpu_features", [])
     ):
-        parser.error(f"{profile.name} code uses AVX-512; the baselines are limited to AVX2")
-    profile = profile.name
+        parser.error(f"{chosen.name} code uses AVX-512; the baselines are limited to AVX2")
+    profile = chosen.name
     if args.target != "host":  # another profile's code on this CPU: a section of its own
         machine, slug = f"{machine}, running {profile} code", f"{slug}-{profile}"
     if args.baselines_isa:

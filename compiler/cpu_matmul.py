@@ -231,15 +231,11 @@ class CPUMatmul(ScheduleRule):
             sch.compute_at(reindex_b, outer, preserve_unit_loops=True)
             self._vectorize_tile(sch, reindex_b, nr)
             tile = io
-        elif k_block:
-            # The whole column panel's accumulators (rows x nr, a private buffer LLVM keeps in
-            # registers tile by tile) live across the k blocks; the epilogue runs once, after.
-            outer = sch.fuse(s, jo)
-            if not small:
-                sch.parallel(outer)
-            tile = outer
         else:
-            outer = sch.fuse(s, jo, io)
+            # K-blocked, a task is a whole column panel: its accumulators (rows x nr, a private
+            # buffer LLVM keeps in registers tile by tile) live across the k blocks, and the
+            # epilogue runs once, after the last.
+            outer = sch.fuse(s, jo) if k_block else sch.fuse(s, jo, io)
             if not small:
                 sch.parallel(outer)
             tile = outer

@@ -176,18 +176,15 @@ class CPUInjective(ScheduleRule):
             # Rows in parallel, each row's vectors in a serial loop: the index arithmetic of a
             # reshape/transpose is done once a row, not once a vector (the head-split transposes
             # of BERT attention ran 2-4x faster this way inside the model).
-            rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+            outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
             _, vec = sch.split(loops[-1], factors=[None, lanes])
-            if total >= self.min_parallel_elems:
-                sch.parallel(rows)
-            sch.vectorize(vec)
-            return True
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        vec = None
-        if inner_ext % lanes == 0:
-            fused, vec = sch.split(fused, factors=[None, lanes])
+        else:
+            outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            vec = None
+            if inner_ext % lanes == 0:
+                outer, vec = sch.split(outer, factors=[None, lanes])
         if total >= self.min_parallel_elems:
-            sch.parallel(fused)
+            sch.parallel(outer)
         if vec is not None:
             sch.vectorize(vec)
         return True
