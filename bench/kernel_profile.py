@@ -39,13 +39,11 @@ def kernel_group(name: str) -> str:
     return FUSED_COPY.sub("", LAYER.sub(r"\1*", name))
 
 
-def feeds(input_names: list[str], batch: int, seq: int) -> dict:
-    """Token ids, a full attention mask and zero token types for one batch x seq call."""
-    import numpy as np
+def feeds(bundle, input_names: list[str], batch: int, seq: int) -> dict:
+    """The inputs of one batch x seq call, as `tvmdeploy bench` makes them (runtime/inputs.py)."""
+    from tvmdeploy.runtime.inputs import synthetic_inputs
 
-    ids = np.random.default_rng(0).integers(100, 2000, (batch, seq)).astype(np.int64)
-    values = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    return {n: values.get(n, np.zeros_like(ids)) for n in input_names}
+    return synthetic_inputs(input_names, int(bundle.model["vocab_size"]), batch, seq)
 
 
 def profile_tvmdeploy(bundle: Path, batch: int, seq: int, repeat: int, artifact=None) -> dict:
@@ -60,7 +58,7 @@ def profile_tvmdeploy(bundle: Path, batch: int, seq: int, repeat: int, artifact=
         shapes = ", ".join(f"{b.batch}x{b.seq}" for b in model.bundle.buckets)
         raise SystemExit(f"{bundle}: no {batch}x{seq} bucket (it has {shapes})")
     vm = tvm.runtime.vm.VirtualMachine(engine.lib, engine.device)
-    inputs = feeds(engine.input_names, batch, seq)
+    inputs = feeds(model.bundle, engine.input_names, batch, seq)
     args = [tvm.runtime.tensor(inputs[n]) for n in engine.input_names] + list(engine.params)
     for _ in range(3):
         vm[bucket.function](*args)
@@ -98,6 +96,7 @@ def profile_tvmdeploy(bundle: Path, batch: int, seq: int, repeat: int, artifact=
 def profile_onnxruntime(bundle: Path, batch: int, seq: int, repeat: int, threads: int) -> dict:
     """Per-node milliseconds of one ONNX Runtime call of the bundle's exported graph."""
     import onnxruntime as ort
+    from tvmdeploy.runtime.bundle import Bundle
 
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
         options = ort.SessionOptions()
@@ -107,7 +106,8 @@ def profile_onnxruntime(bundle: Path, batch: int, seq: int, repeat: int, threads
         session = ort.InferenceSession(
             str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
-        inputs = feeds([i.name for i in session.get_inputs()], batch, seq)
+        names = [i.name for i in session.get_inputs()]
+        inputs = {n: a for n, a in feeds(Bundle(bundle), names, batch, seq).items() if n in names}
         for _ in range(3):
             session.run(None, inputs)
         for _ in range(repeat):
@@ -119,7 +119,7 @@ def profile_onnxruntime(bundle: Path, batch: int, seq: int, repeat: int, threads
     totals: dict[str, tuple[float, int]] = {}
     for node in nodes:
         if best["ts"] <= node["ts"] <= best["ts"] + best["dur"]:
-            name = f"{node['args']['op_name']} {kernel_group(node['name'][: -len('_kernel_time')])}"
+            name = f"{node['args']['op_name']} {node['name'][: -len('_kernel_time')]}"
             ms, calls = totals.get(name, (0.0, 0))
             totals[name] = (ms + node["dur"] / 1e3, calls + 1)
     return {
