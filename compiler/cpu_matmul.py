@@ -130,7 +130,9 @@ class CPUMatmul(ScheduleRule):
     When B is not unit-stride along J, or is much larger than L2, a [K, nr] panel of B is
     packed once per column tile instead (``parallel for (s, jo): pack; for io: ...``).
     GEMMs of few rows on AVX2 run K-blocked (``parallel for (s, jo): for ko: for io: for ki``),
-    so a slice of the panel stays in L1 across the row tiles (`_k_block`).
+    so a slice of the panel stays in L1 across the row tiles (`_k_block`). Weight GEMMs of few
+    rows on x86 take tiles across two packed panels instead, two weight streams in flight,
+    K-blocked where the weight is large (`_wide_tile`).
     Shapes that do not divide the tile get guarded (predicated) tail tiles; nr is chosen
     to divide N where possible because a predicated vector loop is scalarized.
     Producers are inlined into the micro-kernel, so only matmuls whose only producers
@@ -145,6 +147,13 @@ class CPUMatmul(ScheduleRule):
     #: GEMMs of at most this many rows run K-blocked on AVX2 (`_k_block`), at most this deep.
     k_block_max_rows = 64
     k_block = 256
+    #: Weight GEMMs of at most this many rows on x86 take tiles across `wide_panels` packed
+    #: panels of B (`_wide_tile`).
+    wide_max_rows = 64
+    wide_panels = 2
+    #: ... and run K-blocked, this deep, when B is at least this large (`_streams_b`).
+    stream_b_bytes = 2 << 20
+    wide_k_block = 32
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -216,14 +225,30 @@ class CPUMatmul(ScheduleRule):
         lanes = vector_lanes(target)
         mr, nr = self._micro_tile(target, lanes, ext_i, ext_j, packed_nr)
 
+        wide = self._wide_tile(target, lanes, ext_i, ext_j, packed_nr)
+        panels = None
+        if wide:
+            mr, panels = wide
         io, ii = sch.split(i, factors=[None, mr])
-        jo, ji = sch.split(j, factors=[None, nr])
-        k_block = None if pack_b else self._k_block(target, ext_i, loop_extent(sch, k))
-        if k_block:
-            k_outer, k = sch.split(k, factors=[None, k_block])
-            sch.reorder(s, jo, k_outer, io, k, ii, ji)
+        k_block = None
+        if panels:  # a tile of `panels` packed panels side by side, one vector loop each
+            jo, jp, ji = sch.split(j, factors=[None, panels, nr])
+            if self._streams_b(sch.get(main)):
+                k_block = largest_divisor(loop_extent(sch, k), self.wide_k_block)
+            if k_block:
+                k_outer, k = sch.split(k, factors=[None, k_block])
+                sch.reorder(s, jo, k_outer, io, k, ii, jp, ji)
+            else:
+                sch.reorder(s, jo, io, k, ii, jp, ji)
+            sch.unroll(jp)
         else:
-            sch.reorder(s, jo, io, k, ii, ji)
+            jo, ji = sch.split(j, factors=[None, nr])
+            k_block = None if pack_b else self._k_block(target, ext_i, loop_extent(sch, k))
+            if k_block:
+                k_outer, k = sch.split(k, factors=[None, k_block])
+                sch.reorder(s, jo, k_outer, io, k, ii, ji)
+            else:
+                sch.reorder(s, jo, io, k, ii, ji)
         if pack_b:
             outer = sch.fuse(s, jo)
             if not small:
@@ -253,6 +278,52 @@ class CPUMatmul(ScheduleRule):
         init = sch.decompose_reduction(main, k_outer if k_block else k)
         self._vectorize_tile(sch, init, nr)
         return sch
+
+    def _wide_tile(
+        self,
+        target: Target,
+        lanes: int,
+        rows: int | None,
+        cols: int | None,
+        packed_nr: int | None,
+    ) -> tuple[int, int] | None:
+        """(rows, panels) of the register tile of a weight GEMM of few rows on x86, else None:
+        `wide_panels` packed panels of B side by side, and as many rows as keep half the
+        register file for accumulators (AVX-512 4 rows, 16 of 32 zmm: as many as the 8 x 1
+        tile; AVX2 2 rows, 8 of 16 ymm).
+
+        With few rows a GEMM is bound by how fast its weights arrive, not by its FMAs. A tile
+        of one panel reads one sequential stream per core, and the next column's weights only
+        after every row tile of this one is done; two panels side by side keep two streams in
+        flight, and with B at least `stream_b_bytes` the tile runs K-blocked (`_streams_b`).
+        Measured on an Intel Xeon with AVX-512, interleaved against ONNX Runtime
+        (docs/benchmarks.md), DistilBERT-base at 1x32: 8 x 1 panel 1.08-1.14x, 4 x 2 panels
+        0.97-1.02x, and K-blocked 32 deep 0.88-0.92x (what 8 minutes of tuning found: 0.88-0.91x).
+        Slower: 4 x 3, 2 x 4 and 6 x 2 tiles; K-blocks of 16, 64 or 256; K-blocking at 128 rows
+        (1.11x against 1.04x) or with weights that stay in cache (MiniLM's 384 x 384, 4-7%).
+        x86-64-v3 code on the same CPU: 2 x 2 K-blocked 14-16% faster than 6 x 1 K-blocked 256
+        deep (`_k_block`) at DistilBERT 1x32, 2% at MiniLM 1x32; 4 x 2 (all 16 ymm) 1.3x slower."""
+        if packed_nr is None or rows is None or cols is None or rows > self.wide_max_rows:
+            return None
+        if lanes < 8 or packed_nr % lanes:  # x86 only: NEON was not measured on hardware
+            return None
+        vectors = self.wide_panels * packed_nr // lanes
+        tile_rows = num_vector_registers(target) // 2 // vectors
+        if tile_rows < 1 or rows % tile_rows or cols % (packed_nr * self.wide_panels):
+            return None
+        return tile_rows, self.wide_panels
+
+    def _streams_b(self, block: tirx.SBlock) -> bool:
+        """Whether B is large enough (`stream_b_bytes`) that a wide tile runs K-blocked: a
+        task is then a column block of all the rows, and each `wide_k_block`-deep slice of
+        its panels is read from memory once and used by every row tile while in L1."""
+        b_buf = block.reads[1].source
+        size = tvm.DataType(b_buf.dtype).bits // 8
+        for dim in b_buf.shape:
+            if const_int(dim) is None:
+                return False
+            size *= const_int(dim)
+        return size >= self.stream_b_bytes
 
     def _k_block(self, target: Target, rows: int | None, depth: int | None) -> int | None:
         """The k-block depth for a GEMM of few rows on a 16-register ISA (AVX2), else None.

@@ -11,8 +11,9 @@ from tvm.script import relax as R
 from tvmdeploy import targets
 from tvmdeploy.compiler import build
 from tvmdeploy.compiler.cpu_matmul import CPUMatmul
-from tvmdeploy.compiler.cpu_schedule import cpu_pipeline
+from tvmdeploy.compiler.cpu_schedule import cpu_pipeline, default_schedule_pass, fusion_passes
 from tvmdeploy.compiler.cpu_target import vector_lanes
+from tvmdeploy.compiler.pack_weights import TRANSFORM_PARAMS
 from tvmdeploy.runtime.probe import missing_requirements, probe
 
 
@@ -112,5 +113,85 @@ def test_k_blocked_gemm_with_epilogue_is_exact(m, k):
     w = rng.standard_normal((k, n)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     got = vm["main"](*(tvm.runtime.tensor(a) for a in (x, w, b))).numpy()
+    want = np.maximum(x.astype(np.float64) @ w + b, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_few_row_weight_gemms_on_x86_take_wide_tiles():
+    """x86 weight GEMMs of at most 64 rows take tiles across two packed panels of B, with half
+    the register file as accumulators: 4 rows on AVX-512, 2 on AVX2; K-blocked 32 deep where B
+    is at least 2 MB (docs/benchmarks.md). NEON keeps its tiles."""
+    rule = CPUMatmul()
+    avx512 = build.tvm_target(targets.get("x86-64-v4"))
+    assert rule._wide_tile(avx512, 16, 32, 768, 32) == (4, 2)
+    assert rule._wide_tile(avx512, 16, 64, 384, 32) == (4, 2)
+    assert rule._wide_tile(avx512, 16, 128, 768, 32) is None  # enough rows: neutral
+    assert rule._wide_tile(avx512, 16, 30, 768, 32) is None  # rows not whole 4-row tiles
+    assert rule._wide_tile(avx512, 16, 32, 96, 32) is None  # an odd number of panels
+    assert rule._wide_tile(avx512, 16, 32, 768, None) is None  # B not packed
+    avx2 = build.tvm_target(targets.get("x86-64-v3"))
+    assert rule._wide_tile(avx2, 8, 32, 768, 16) == (2, 2)
+    assert rule._wide_tile(avx2, 8, 13, 768, 16) is None  # odd rows: the K-blocked 6 x 1 tile
+    neon = build.tvm_target(targets.get("arm64-neon"))
+    assert rule._wide_tile(neon, 4, 32, 768, 8) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "m", "k", "n", "k_blocked"),
+    [
+        ("x86-64-v4", 32, 768, 768, True),
+        ("x86-64-v4", 16, 256, 512, False),
+        ("x86-64-v3", 32, 768, 768, True),
+    ],
+)
+def test_wide_tile_gemm_with_packed_weights_is_exact(name, m, k, n, k_blocked):
+    """Through the real pipeline (packing lifted into transform_params, bias + ReLU epilogue):
+    a 32 x 768 x 768 GEMM (B 2.25 MB: K-blocked, the accumulators live across the k blocks and
+    the epilogue runs once) and a 16 x 256 x 512 one (B 0.5 MB: not K-blocked) match float64
+    numpy, and their scheduled kernels have the loops of that tile (AVX-512 4 rows, AVX2 2)."""
+    profile = targets.get(name)
+    if missing_requirements(profile.requires, probe()):
+        pytest.skip(f"this CPU cannot run {name} code")
+
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(
+            x: R.Tensor((m, k), "float32"),
+            w: R.Tensor((k, n), "float32"),
+            b: R.Tensor((n,), "float32"),
+        ):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                y = R.nn.relu(R.add(R.matmul(x, w), b))
+                R.output(y)
+            return y
+
+    target = build.tvm_target(profile)
+    assert (k * n * 4 >= CPUMatmul.stream_b_bytes) == k_blocked
+    panel = 2 * vector_lanes(target)
+    rows = 4 if panel == 32 else 2
+    with target:
+        scheduled = tvm.transform.Sequential(
+            fusion_passes(target)
+            + [relax.transform.FuseOps(), relax.transform.FuseTIR(), default_schedule_pass(target)]
+        )(Module)
+    (kernel,) = [
+        f.script() for gv, f in scheduled.functions_items() if "matmul_packed" in gv.name_hint
+    ]
+    # A task per two panels (K-blocked: with all its rows; else per row tile).
+    tasks = n // (2 * panel) if k_blocked else n // (2 * panel) * m // rows
+    assert f"T.parallel(T.int64({tasks}))" in kernel
+    assert "T.unroll(T.int64(2))" in kernel and f"T.unroll(T.int64({rows}))" in kernel  # the tile
+    blocked = f"T.grid(T.int64({k // 32}), T.int64({m // rows}), T.int64(32))"  # ko, tiles, ki
+    assert (blocked in kernel) == k_blocked
+    executable = tvm.compile(Module, target, relax_pipeline=cpu_pipeline(target))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    rng = np.random.default_rng(m + k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    packed = vm[TRANSFORM_PARAMS](tvm.runtime.tensor(w), tvm.runtime.tensor(b))
+    got = vm["main"](tvm.runtime.tensor(x), *packed).numpy()
     want = np.maximum(x.astype(np.float64) @ w + b, 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
