@@ -233,8 +233,10 @@ class CPUMatmul(ScheduleRule):
         k_block = None
         if panels:  # a tile of `panels` packed panels side by side, one vector loop each
             jo, jp, ji = sch.split(j, factors=[None, panels, nr])
-            if self._streams_b(sch.get(main)):
-                k_block = largest_divisor(loop_extent(sch, k), self.wide_k_block)
+            depth = loop_extent(sch, k)
+            if depth is not None and depth > self.wide_k_block and self._streams_b(sch.get(main)):
+                k_block = largest_divisor(depth, self.wide_k_block)
+                k_block = k_block if k_block >= self.wide_k_block // 2 else None
             if k_block:
                 k_outer, k = sch.split(k, factors=[None, k_block])
                 sch.reorder(s, jo, k_outer, io, k, ii, jp, ji)

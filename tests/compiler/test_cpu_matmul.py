@@ -81,14 +81,8 @@ def test_only_few_row_gemms_on_avx2_are_k_blocked():
         assert rule._k_block(build.tvm_target(targets.get(wider)), 32, 768) is None
 
 
-@pytest.mark.parametrize(("m", "k"), [(32, 768), (13, 384)])
-def test_k_blocked_gemm_with_epilogue_is_exact(m, k):
-    """The accumulators live across the k blocks and the epilogue (bias, ReLU) runs once, after
-    the last one; 13 rows also take a guarded row tail."""
-    profile = targets.get("x86-64-v3")
-    if missing_requirements(profile.requires, probe()):
-        pytest.skip("this CPU cannot run x86-64-v3 code")
-    n = 48
+def dense_relu(m: int, k: int, n: int, num_input: int | None = None) -> tvm.IRModule:
+    """`relu(x @ w + b)` for x [m, k]; with `num_input`, the parameters after it are weights."""
 
     @tvm.script.ir_module
     class Module:
@@ -103,10 +97,24 @@ def test_k_blocked_gemm_with_epilogue_is_exact(m, k):
                 R.output(y)
             return y
 
+    if num_input is not None:
+        Module["main"] = Module["main"].with_attr("num_input", num_input)
+    return Module
+
+
+@pytest.mark.parametrize(("m", "k"), [(32, 768), (13, 384)])
+def test_k_blocked_gemm_with_epilogue_is_exact(m, k):
+    """The accumulators live across the k blocks and the epilogue (bias, ReLU) runs once, after
+    the last one; 13 rows also take a guarded row tail."""
+    profile = targets.get("x86-64-v3")
+    if missing_requirements(profile.requires, probe()):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    n = 48
+    module = dense_relu(m, k, n)
     target = build.tvm_target(profile)
     assert CPUMatmul()._k_block(target, m, k) is not None
     vm = relax.VirtualMachine(
-        tvm.compile(Module, target, relax_pipeline=cpu_pipeline(target, pack=False)), tvm.cpu()
+        tvm.compile(module, target, relax_pipeline=cpu_pipeline(target, pack=False)), tvm.cpu()
     )
     rng = np.random.default_rng(m + k)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -152,21 +160,7 @@ def test_wide_tile_gemm_with_packed_weights_is_exact(name, m, k, n, k_blocked):
     profile = targets.get(name)
     if missing_requirements(profile.requires, probe()):
         pytest.skip(f"this CPU cannot run {name} code")
-
-    @tvm.script.ir_module
-    class Module:
-        @R.function
-        def main(
-            x: R.Tensor((m, k), "float32"),
-            w: R.Tensor((k, n), "float32"),
-            b: R.Tensor((n,), "float32"),
-        ):
-            R.func_attr({"num_input": 1})
-            with R.dataflow():
-                y = R.nn.relu(R.add(R.matmul(x, w), b))
-                R.output(y)
-            return y
-
+    module = dense_relu(m, k, n, num_input=1)  # w and b are weights: packed, lifted
     target = build.tvm_target(profile)
     assert (k * n * 4 >= CPUMatmul.stream_b_bytes) == k_blocked
     panel = 2 * vector_lanes(target)
@@ -175,7 +169,7 @@ def test_wide_tile_gemm_with_packed_weights_is_exact(name, m, k, n, k_blocked):
         scheduled = tvm.transform.Sequential(
             fusion_passes(target)
             + [relax.transform.FuseOps(), relax.transform.FuseTIR(), default_schedule_pass(target)]
-        )(Module)
+        )(module)
     (kernel,) = [
         f.script() for gv, f in scheduled.functions_items() if "matmul_packed" in gv.name_hint
     ]
@@ -185,7 +179,7 @@ def test_wide_tile_gemm_with_packed_weights_is_exact(name, m, k, n, k_blocked):
     assert "T.unroll(T.int64(2))" in kernel and f"T.unroll(T.int64({rows}))" in kernel  # the tile
     blocked = f"T.grid(T.int64({k // 32}), T.int64({m // rows}), T.int64(32))"  # ko, tiles, ki
     assert (blocked in kernel) == k_blocked
-    executable = tvm.compile(Module, target, relax_pipeline=cpu_pipeline(target))
+    executable = tvm.compile(module, target, relax_pipeline=cpu_pipeline(target))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     rng = np.random.default_rng(m + k)
     x = rng.standard_normal((m, k)).astype(np.float32)
