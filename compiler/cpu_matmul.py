@@ -113,6 +113,25 @@ def b_unit_stride_along_j(block: s_tir.SBlock) -> bool:
     )
 
 
+def static_bytes(buf: tirx.Buffer) -> int | None:
+    """The size of a buffer of static shape in bytes, else None."""
+    size = tvm.DataType(buf.dtype).bits // 8
+    for dim in buf.shape:
+        if const_int(dim) is None:
+            return None
+        size *= const_int(dim)
+    return size
+
+
+def depth_block(depth: int | None, limit: int) -> int | None:
+    """A k-block depth: the largest divisor of `depth` up to `limit`, if it is at least half of
+    `limit` and splits K into more than one block; else None (no K-blocking)."""
+    if depth is None:
+        return None
+    block = largest_divisor(depth, limit)
+    return block if limit // 2 <= block < depth else None
+
+
 class CPUMatmul(ScheduleRule):
     """Register-blocked GEMM schedule for matmul-like blocks (with fused epilogues).
 
@@ -188,13 +207,10 @@ class CPUMatmul(ScheduleRule):
         packed_nr = const_int(stmt.annotations.get(PACKED_B_ATTR)) if stmt.annotations else None
         pack_b = packed_nr is None and not b_unit_stride_along_j(stmt)
         if not pack_b and packed_nr is None:
-            b_buf, c_buf = stmt.reads[1].source, stmt.writes[0].source
-            b_shape = [const_int(d) for d in b_buf.shape]
+            c_buf = stmt.writes[0].source
+            b_bytes = static_bytes(stmt.reads[1].source)
             rows = const_int(c_buf.shape[-2]) if len(c_buf.shape) >= 2 else 1
-            if all(d is not None for d in b_shape) and rows is not None:
-                b_bytes = tvm.DataType(b_buf.dtype).bits // 8
-                for d in b_shape:
-                    b_bytes *= d
+            if b_bytes is not None and rows is not None:
                 pack_b = b_bytes > self.pack_b_bytes and rows >= 32
 
         # Step 0. Normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] (B[S, K, J] if packed).
@@ -230,27 +246,23 @@ class CPUMatmul(ScheduleRule):
         if wide:
             mr, panels = wide
         io, ii = sch.split(i, factors=[None, mr])
-        k_block = None
+        depth = loop_extent(sch, k)
         if panels:  # a tile of `panels` packed panels side by side, one vector loop each
             jo, jp, ji = sch.split(j, factors=[None, panels, nr])
-            depth = loop_extent(sch, k)
-            if depth is not None and depth > self.wide_k_block and self._streams_b(sch.get(main)):
-                k_block = largest_divisor(depth, self.wide_k_block)
-                k_block = k_block if k_block >= self.wide_k_block // 2 else None
-            if k_block:
-                k_outer, k = sch.split(k, factors=[None, k_block])
-                sch.reorder(s, jo, k_outer, io, k, ii, jp, ji)
-            else:
-                sch.reorder(s, jo, io, k, ii, jp, ji)
-            sch.unroll(jp)
+            tile_loops = [ii, jp, ji]
+            streams = self._streams_b(sch.get(main))
+            k_block = depth_block(depth, self.wide_k_block) if streams else None
         else:
             jo, ji = sch.split(j, factors=[None, nr])
-            k_block = None if pack_b else self._k_block(target, ext_i, loop_extent(sch, k))
-            if k_block:
-                k_outer, k = sch.split(k, factors=[None, k_block])
-                sch.reorder(s, jo, k_outer, io, k, ii, ji)
-            else:
-                sch.reorder(s, jo, io, k, ii, ji)
+            tile_loops = [ii, ji]
+            k_block = None if pack_b else self._k_block(target, ext_i, depth)
+        if k_block:
+            k_outer, k = sch.split(k, factors=[None, k_block])
+            sch.reorder(s, jo, k_outer, io, k, *tile_loops)
+        else:
+            sch.reorder(s, jo, io, k, *tile_loops)
+        if panels:
+            sch.unroll(jp)
         if pack_b:
             outer = sch.fuse(s, jo)
             if not small:
@@ -319,13 +331,8 @@ class CPUMatmul(ScheduleRule):
         """Whether B is large enough (`stream_b_bytes`) that a wide tile runs K-blocked: a
         task is then a column block of all the rows, and each `wide_k_block`-deep slice of
         its panels is read from memory once and used by every row tile while in L1."""
-        b_buf = block.reads[1].source
-        size = tvm.DataType(b_buf.dtype).bits // 8
-        for dim in b_buf.shape:
-            if const_int(dim) is None:
-                return False
-            size *= const_int(dim)
-        return size >= self.stream_b_bytes
+        size = static_bytes(block.reads[1].source)
+        return size is not None and size >= self.stream_b_bytes
 
     def _k_block(self, target: Target, rows: int | None, depth: int | None) -> int | None:
         """The k-block depth for a GEMM of few rows on a 16-register ISA (AVX2), else None.
@@ -334,12 +341,9 @@ class CPUMatmul(ScheduleRule):
         128-256 deep (a divisor of K) stays in L1 for all of them, as in MLAS. Measured on
         x86-64-v3 code (docs/benchmarks.md): at 32 rows 4-7% faster, level with ONNX Runtime's
         AVX2 sgemm; neutral at 128 rows, 4% slower at 1024, no gain with AVX-512's 8-row tiles."""
-        if num_vector_registers(target) != 16 or rows is None or depth is None:
+        if num_vector_registers(target) != 16 or rows is None or rows > self.k_block_max_rows:
             return None
-        block = largest_divisor(depth, self.k_block)
-        if rows > self.k_block_max_rows or block < self.k_block // 2 or block == depth:
-            return None
-        return block
+        return depth_block(depth, self.k_block)
 
     @staticmethod
     def _micro_tile(
