@@ -172,7 +172,7 @@ class CPUMatmul(ScheduleRule):
     wide_panels = 2
     #: ... and run K-blocked, this deep, when B is at least this large (`_streams_b`).
     stream_b_bytes = 2 << 20
-    wide_k_block = 32
+    wide_k_block = 64
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -310,13 +310,16 @@ class CPUMatmul(ScheduleRule):
         of one panel reads one sequential stream per core, and the next column's weights only
         after every row tile of this one is done; two panels side by side keep two streams in
         flight, and with B at least `stream_b_bytes` the tile runs K-blocked (`_streams_b`).
-        Measured on an Intel Xeon with AVX-512, interleaved against ONNX Runtime
-        (docs/benchmarks.md), DistilBERT-base at 1x32: 8 x 1 panel 1.08-1.14x, 4 x 2 panels
-        0.97-1.02x, and K-blocked 32 deep 0.88-0.92x (what 8 minutes of tuning found: 0.88-0.91x).
-        Slower: 4 x 3, 2 x 4 and 6 x 2 tiles; K-blocks of 16, 64 or 256; K-blocking at 128 rows
-        (1.11x against 1.04x) or with weights that stay in cache (MiniLM's 384 x 384, 4-7%).
-        x86-64-v3 code on the same CPU: 2 x 2 K-blocked 14-16% faster than 6 x 1 K-blocked 256
-        deep (`_k_block`) at DistilBERT 1x32, 2% at MiniLM 1x32; 4 x 2 (all 16 ymm) 1.3x slower."""
+        Measured interleaved against ONNX Runtime (docs/benchmarks.md), DistilBERT-base at
+        1x32, on an Intel Xeon with AVX-512: 8 x 1 panel 1.08-1.14x, 4 x 2 panels 0.97-1.02x,
+        K-blocked 32 deep 0.88-0.92x, 64 deep 0.91x (8 minutes of tuning: 0.88-0.91x); on an AMD
+        Zen 4 (AVX-512 on 256-bit units): 4 x 2 0.72-0.88x, K-blocked 32 deep 0.94-1.00x, 64 deep
+        0.87-0.89x. 64 deep is the depth good on both. Slower on the Intel: 4 x 3, 2 x 4 and 6 x 2
+        tiles; K-blocks of 16 or 256; K-blocking at 128 rows (1.11x against 1.04x) or with weights
+        that stay in cache (MiniLM's 384 x 384, 4-7%).
+        x86-64-v3 code on the Intel: 2 x 2 K-blocked 32 deep 14-16% faster than 6 x 1 K-blocked 256
+        deep (`_k_block`) at DistilBERT 1x32, 2% at MiniLM 1x32; 4 x 2 (all 16 ymm) 1.3x slower;
+        on the Zen 4, 32 and 64 deep were level."""
         if packed_nr is None or rows is None or cols is None or rows > self.wide_max_rows:
             return None
         if lanes < 8 or packed_nr % lanes:  # x86 only: NEON was not measured on hardware
