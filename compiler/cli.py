@@ -229,6 +229,48 @@ def tune_cmd(
         )
 
 
+@app.command("check-records")
+def check_records(
+    records: Annotated[Path | None, Arg(help=HELP["records_dir"])] = None,
+    target: Annotated[str, Opt("-t", "--target", help=HELP["check_profile"])] = "host",
+    rounds: Annotated[int, Opt("--rounds", min=1, help=HELP["rounds"])] = 3,
+    prune: Annotated[bool, Opt("--prune", help=HELP["prune"])] = False,
+    min_gain: Annotated[float, Opt("--min-gain", help=HELP["min_gain"])] = 1.02,
+    json_output: Annotated[bool, Opt("--json", help=HELP["check_json"])] = False,
+) -> None:
+    """Time each tuning record against its kernel's rule-based schedule on this machine.
+
+    A record wins where it was tuned; a set shipped for a whole ISA profile may lose on another
+    microarchitecture. With --prune, only the records that win here too are kept.
+    """
+    from tvmdeploy.compiler.tuning import shipped_path
+    from tvmdeploy.compiler.tuning.recheck import prune as prune_records
+    from tvmdeploy.compiler.tuning.recheck import recheck
+    from tvmdeploy.targets.resolve import resolve_profile
+
+    profile = resolve_profile(target)
+    path = records or shipped_path(profile)
+    checks = recheck(path, profile, rounds=rounds)
+    table = Table(title=f"{path} on this machine ({profile.name})")
+    for column in ("kernel", "record ms", "rule-based ms", "gain here", "gain where tuned", ""):
+        table.add_column(column, justify="left" if column == "kernel" else "right")
+    for c in checks:
+        table.add_row(
+            c.task,
+            f"{c.record_ms:.3f}" if c.record_ms else "failed",
+            f"{c.rule_based_ms:.3f}" if c.rule_based_ms else "failed",
+            f"{c.gain:.2f}x" if c.gain else "-",
+            f"{c.tuned_on_gain:.2f}x" if c.tuned_on_gain else "-",
+            "keep" if c.keep(min_gain) else "drop",
+        )
+    err.print(table)
+    if prune:
+        dropped = prune_records(path, profile, checks, min_gain)
+        err.print(f"kept {len(checks) - dropped} record(s), dropped {dropped}: {path}")
+    if json_output:
+        _print_json([{**vars(c), "gain": c.gain, "keep": c.keep(min_gain)} for c in checks])
+
+
 @app.command()
 def bench(
     bundle: Annotated[Path, Arg(help=HELP["bundle"])],

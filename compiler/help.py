@@ -47,6 +47,14 @@ HELP = {
     "their own (rpc-KEY), which `compile --rpc` reads.",
     "tune_json": "Print the run's summary as JSON on stdout (trials, records, cache, and where the "
     "trials were measured).",
+    "records_dir": "A tuning-record directory (database_*.json, rule_based.json); default: the "
+    "records shipped for the profile.",
+    "check_profile": "CPU target profile the records are for; this machine must run its code.",
+    "rounds": "Times each schedule is measured (alternately); the best of them is compared.",
+    "prune": "Rewrite the directory with only the records that beat the rule-based schedule "
+    "here, and note the check in its meta.json.",
+    "min_gain": "Rule-based time / record time a record must reach here to be kept.",
+    "check_json": "Print one row per record as JSON on stdout.",
     "bundle": "Bundle directory.",
     "compare": "Baselines to time beside tvmdeploy: onnxruntime, torch (comma-separated, or ''). "
     "Default onnxruntime; none with --rpc (baselines run only locally).",

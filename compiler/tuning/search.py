@@ -172,10 +172,10 @@ def _estimate(tasks: list[Task]) -> tuple[str | None, float | None, float | None
     return bucket, now[bucket], base[bucket]
 
 
-def _rule_based_mod(task: Task, target):
-    """The kernel as the rule-based default schedule leaves it (what tuning must beat)."""
+def rule_based_mod(mod, target):
+    """A kernel's module as the rule-based default schedule leaves it (what tuning must beat)."""
     with target:  # on a copy: the pass updates the module it is given in place
-        return default_schedule_pass(target)(tvm.IRModule({"main": task.mod["main"]}))
+        return default_schedule_pass(target)(tvm.IRModule({"main": mod["main"]}))
 
 
 def measure_rule_based(
@@ -202,7 +202,7 @@ def measure_rule_based(
     if not todo:
         return 0
     display(TuneStatus(phase, 0, len(todo), "building", None, None))
-    mods = [_rule_based_mod(t, target) for t in todo]
+    mods = [rule_based_mod(t.mod, target) for t in todo]
     built = workers.build(mods, target)
     for i, (task, mod, (artifact, error)) in enumerate(zip(todo, mods, built)):
         display(TuneStatus(phase, i, len(todo), task.name, None, None))

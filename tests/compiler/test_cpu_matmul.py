@@ -178,7 +178,8 @@ def test_wide_tile_gemm_with_packed_weights_is_exact(name, m, k, n, k_blocked):
     assert f"T.parallel(T.int64({tasks}))" in kernel
     assert "T.unroll(T.int64(2))" in kernel and f"T.unroll(T.int64({rows}))" in kernel  # the tile
     depth = 64  # the depth measured on Intel and AMD (docs/benchmarks.md)
-    blocked = f"T.grid(T.int64({k // depth}), T.int64({m // rows}), T.int64({depth}))"  # ko, tiles, ki
+    # ko, row tiles, ki
+    blocked = f"T.grid(T.int64({k // depth}), T.int64({m // rows}), T.int64({depth}))"
     assert (blocked in kernel) == k_blocked
     executable = tvm.compile(module, target, relax_pipeline=cpu_pipeline(target))
     vm = relax.VirtualMachine(executable, tvm.cpu())

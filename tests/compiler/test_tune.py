@@ -146,6 +146,38 @@ def test_export_writes_the_records_that_beat_the_rule_based_schedule(
     assert len(runs) == 1 and runs[0]["records"] == int(faster) and runs[0]["cpu"]
 
 
+def test_check_records_times_each_record_against_the_rule_based_schedule_here(
+    tuned, profile, top_task, tmp_path
+):
+    """`tvmdeploy check-records` (how a shipped set is re-checked on another CPU): each record
+    and its kernel's rule-based schedule are built and timed here; --prune keeps only the records
+    that reach --min-gain here and notes the check in meta.json."""
+    import shutil
+
+    from tvmdeploy.compiler.tuning.recheck import prune, recheck
+
+    cache, _, _ = tuned
+    records = tmp_path / "records"
+    shutil.copytree(cache / "tuning" / profile.name, records)
+    store = tuning.RecordStore(records)
+    (check,) = recheck(records, profile, rounds=2)
+    assert check.key == top_task.key and check.task == top_task.name
+    assert check.record_ms > 0 and check.rule_based_ms > 0
+    assert check.gain == pytest.approx(check.rule_based_ms / check.record_ms)
+    tuned_gain = store.rule_based_secs(top_task.key) / store.best(top_task.key)[0].secs
+    assert check.tuned_on_gain == pytest.approx(tuned_gain, rel=1e-2)
+
+    assert prune(records, profile, [check], min_gain=0.0) == 0  # kept: one record, the best
+    kept = tuning.RecordStore(records)
+    assert kept.workload_keys() == {top_task.key} and kept.count(top_task.key) == 1
+    assert kept.best(top_task.key)[0].secs == store.best(top_task.key)[0].secs
+    assert prune(records, profile, [check], min_gain=1e9) == 1  # no record is that fast
+    assert not tuning.RecordStore(records).workload_keys()
+    checks = json.loads((records / "meta.json").read_text())["checks"]
+    assert [c["kept"] for c in checks] == [1, 0] and all(c["cpu"] for c in checks)
+    assert checks[1]["kernels"][0]["task"] == top_task.name
+
+
 def test_gather_kernels_survive_random_indices(tiny_import, profile, tmp_path):
     """The runner feeds random int64 ids to `take` kernels; SafeTake's wrap mode keeps them in
     bounds, so measuring them neither crashes the worker nor fails."""
