@@ -60,14 +60,19 @@ class RecordCheck:
         return self.gain is not None and self.gain >= min_gain
 
 
-def _scheduled(store: RecordStore, key: str, target) -> tuple[str, object, object]:
-    """(task name, the record's scheduled module, the rule-based one) of one workload."""
+def _scheduled(store: RecordStore, key: str, target) -> tuple[str, object | None, object]:
+    """(task name, the record's scheduled module, the rule-based one) of one workload; the
+    record's module is None where its trace does not replay (a record of another TVM)."""
     best = store.best(key)[0]
-    workload = ms.database.Workload.from_json(best.workload_json)
-    record = ms.database.TuningRecord.from_json(best.record_json, workload)
-    sch = tvm.s_tir.Schedule(workload.mod)
-    record.trace.apply_to_schedule(sch, remove_postproc=False)
     name = (store.rule_based_entry(key) or {}).get("task") or key
+    workload = ms.database.Workload.from_json(best.workload_json)
+    try:
+        record = ms.database.TuningRecord.from_json(best.record_json, workload)
+        sch = tvm.s_tir.Schedule(workload.mod)
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+    except Exception as err:  # noqa: BLE001 - the record is then dropped, not the whole check
+        logger.warning("%s: its record does not replay (%s)", name, str(err).splitlines()[0])
+        return name, None, rule_based_mod(workload.mod, target)
     return name, sch.mod, rule_based_mod(workload.mod, target)
 
 
@@ -83,7 +88,7 @@ def recheck(
     machine only ever adds time)."""
     check_tunable(profile)
     store = RecordStore(path)
-    keys = sorted(store.workload_keys(), key=lambda k: str(store.rule_based_entry(k)))
+    keys = sorted(store.workload_keys())
     if not keys:
         raise TuningError(f"{path}: no tuning records to check")
     settings = settings or TuneSettings()
@@ -96,22 +101,24 @@ def recheck(
             name, record_mod, rule_mod = _scheduled(store, key, target)
             display(f"[{index}/{len(keys)}] {name}")
             args = [a.as_json() for a in ArgInfo.from_entry_func(rule_mod, remove_preproc=True)]
-            times: tuple[list[float], list[float]] = ([], [])  # record, rule-based
-            built = workers.build([record_mod, rule_mod] * rounds, target)
-            for i, (artifact, error) in enumerate(built):
+            times: dict[str, list[float]] = {"record": [], "rule-based": []}
+            runs = [("record", record_mod), ("rule-based", rule_mod)] * rounds
+            runs = [(which, mod) for which, mod in runs if mod is not None]
+            built = workers.build([mod for _, mod in runs], target)
+            for (which, _), (artifact, error) in zip(runs, built, strict=True):
                 if artifact:
                     secs, error = workers.measure(artifact, args, settings.repeat)
                     if secs:
-                        times[i % 2].append(secs[0] * 1e3)
+                        times[which].append(secs[0] * 1e3)
                         continue
-                logger.warning("%s (%s): %s", name, ("record", "rule-based")[i % 2], error)
+                logger.warning("%s (%s): %s", name, which, error)
             rule_secs, best = store.rule_based_secs(key), store.best(key)[0]
             checks.append(
                 RecordCheck(
                     key,
                     name,
-                    min(times[0]) if len(times[0]) == rounds else None,
-                    min(times[1]) if len(times[1]) == rounds else None,
+                    min(times["record"]) if len(times["record"]) == rounds else None,
+                    min(times["rule-based"]) if len(times["rule-based"]) == rounds else None,
                     round(rule_secs / best.secs, 3) if rule_secs else None,
                 )
             )
