@@ -7,7 +7,7 @@ same threads, interleaved in one process, the best round's median kept (other lo
 time). Beside the total, two parts of tvmdeploy's call timed alone: `Model.validate` (input
 checks) and the engine's `run` (staging the inputs + the Relax VM call + output copies).
 
-    python bench/floor.py                        # -t host, writes bench/results/floor-MACHINE.json
+    python bench/floor.py             # -t host, writes bench/results/floor-MACHINE-TARGET.json
     python bench/floor.py --target x86-64-v3 --calls 5000
 """
 
@@ -70,7 +70,8 @@ def main() -> None:
             )
         )
         model = load(bundle, precision="fp32")
-        feeds = synthetic_inputs(model.input_names, 30522, 1, args.seq)
+        vocab = int(model.bundle.model["vocab_size"])
+        feeds = synthetic_inputs(model.input_names, vocab, 1, args.seq)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(

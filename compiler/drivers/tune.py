@@ -6,7 +6,6 @@ The CLI parses arguments into `TuneOptions` and calls `tune_model`; a script can
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from ..tuning import (
     tune,
     write_database,
 )
+from ..tuning.records import META_FILE, read_meta
 from ..tuning.workers import num_cores, scratch_dir
 from .compile import max_positions_of
 
@@ -120,11 +120,7 @@ def _append_meta(
     dest: Path, options: TuneOptions, profile: Profile, result: TuneResult, exported: int
 ) -> None:
     """`meta.json` beside exported records: which run produced them, on what, in how long."""
-    path = dest / "meta.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        meta = {"profile": profile.name, "runs": []}
+    meta = read_meta(dest, profile.name)
     measured_on = result.summary.get("measured_on", {})
     if measured_on.get("where") == "rpc":  # no CPU model over RPC: the device as RPC describes it
         cpu, cores = measured_on.get("description"), measured_on.get("cores")
@@ -147,4 +143,4 @@ def _append_meta(
     )
     meta["trials"] = sum(run.get("trials") or 0 for run in meta["runs"])
     meta["minutes"] = round(sum(run.get("minutes") or 0 for run in meta["runs"]), 1)
-    write_json_atomic(path, meta, sort_keys=True)
+    write_json_atomic(dest / META_FILE, meta, sort_keys=True)

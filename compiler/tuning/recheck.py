@@ -12,7 +12,6 @@ tuning times them) and alternately; `prune` keeps only the records that win here
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from tvmdeploy.targets import Profile
 
 from ..build import tvm_target
 from ..errors import TuningError
-from .records import RecordStore, write_database
+from .records import META_FILE, RecordStore, read_meta, write_database
 from .search import TuneSettings, check_tunable, rule_based_mod
 from .tasks import import_tensor_intrinsics
 from .workers import Workers, num_cores
@@ -66,14 +65,15 @@ def _scheduled(store: RecordStore, key: str, target) -> tuple[str, object | None
     best = store.best(key)[0]
     name = (store.rule_based_entry(key) or {}).get("task") or key
     workload = ms.database.Workload.from_json(best.workload_json)
+    rule_based = rule_based_mod(workload.mod, target)
     try:
         record = ms.database.TuningRecord.from_json(best.record_json, workload)
         sch = tvm.s_tir.Schedule(workload.mod)
         record.trace.apply_to_schedule(sch, remove_postproc=False)
     except Exception as err:  # noqa: BLE001 - the record is then dropped, not the whole check
         logger.warning("%s: its record does not replay (%s)", name, str(err).splitlines()[0])
-        return name, None, rule_based_mod(workload.mod, target)
-    return name, sch.mod, rule_based_mod(workload.mod, target)
+        return name, None, rule_based
+    return name, sch.mod, rule_based
 
 
 def recheck(
@@ -90,7 +90,11 @@ def recheck(
     store = RecordStore(path)
     keys = sorted(store.workload_keys())
     if not keys:
-        raise TuningError(f"{path}: no tuning records to check")
+        raise TuningError(
+            f"{path}: no tuning records to check; give a directory holding "
+            "database_workload.json and database_tuning_record.json (`tvmdeploy tune --export "
+            "DIR` writes one), or leave it out to check the profile's shipped set"
+        )
     settings = settings or TuneSettings()
     import_tensor_intrinsics(profile.family)
     target = tvm_target(profile, num_cores=num_cores())
@@ -137,11 +141,7 @@ def prune(
     chosen = [store.best(c.key)[0] for c in kept]
     rules = {c.key: store.rule_based_entry(c.key) for c in kept if store.rule_based_entry(c.key)}
     write_database(path, chosen, rules)
-    meta_path = path / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        meta = {"profile": profile.name, "runs": []}
+    meta = read_meta(path, profile.name)
     meta.setdefault("checks", []).append(
         {
             "cpu": probe().cpu_model,
@@ -153,5 +153,5 @@ def prune(
             "kernels": [{**asdict(c), "gain": c.gain and round(c.gain, 3)} for c in checks],
         }
     )
-    write_json_atomic(meta_path, meta, sort_keys=True)
+    write_json_atomic(path / META_FILE, meta, sort_keys=True)
     return len(checks) - len(kept)

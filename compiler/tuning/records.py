@@ -226,6 +226,18 @@ class RecordStore:
         write_json_atomic(self.path / RULE_BASED_FILE, self._rule_based, sort_keys=True)
 
 
+META_FILE = "meta.json"
+
+
+def read_meta(dest: Path, profile_name: str) -> dict[str, Any]:
+    """A record set's `meta.json` (which runs made it, which machines checked it), or a fresh one
+    for `profile_name` where there is none yet or it does not parse."""
+    try:
+        return json.loads((Path(dest) / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"profile": profile_name, "runs": []}
+
+
 def compact_workload(workload_json: Any) -> Any:
     """The same workload JSON with its IR re-serialized without indentation (about half the size;
     TVM's JSONDatabase reads both: base64 of an 8-byte length and the IR's JSON graph)."""
