@@ -33,6 +33,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 # The arm64 Python (Debian's python3.11 + aarch64 TVM/numpy wheels) that verifies ARM artifacts under
-# QEMU; kept in the user's cache, prepared once (~1 min), a no-op when ready (compiler/qemu.py).
-"$VENV/bin/python" -m tvmdeploy.compiler.qemu --prepare
+# QEMU; kept in the user's cache, prepared once (~1 min), a no-op when ready (compiler/emulation/qemu.py).
+"$VENV/bin/python" -m tvmdeploy.compiler.emulation.qemu --prepare
 echo "[setup] ready ($VENV)"

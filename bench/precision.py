@@ -44,7 +44,7 @@ def log(message: str) -> None:
 
 def held_out_examples():
     """The demo's held-out split when its data is cached (no download from a benchmark)."""
-    from tvmdeploy.compiler.sentiment_data import load_split
+    from tvmdeploy.compiler.demo.sentiment_data import load_split
 
     data = DEMO_DIR / "data"
     if not any(data.glob("vaderSentiment-*.tar.gz")):

@@ -31,7 +31,7 @@ def distilbert_module(work: Path):
     """The imported Relax module of a random-weight DistilBERT-base classifier, b1 x s128."""
     import torch
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
-    from tvmdeploy.compiler import export, importer
+    from tvmdeploy.compiler.frontend import export, importer
     from tvmdeploy.compiler.options import parse_buckets
 
     model_dir = work / "distilbert"

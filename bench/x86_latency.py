@@ -254,7 +254,8 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification
-    from tvmdeploy.compiler import TuneOptions, export, importer, tune_model
+    from tvmdeploy.compiler import TuneOptions, tune_model
+    from tvmdeploy.compiler.frontend import export, importer
     from tvmdeploy.compiler.options import parse_buckets
     from tvmdeploy.targets.resolve import resolve_profile
 

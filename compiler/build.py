@@ -2,7 +2,7 @@
 
 CPU profiles go through our CPU pipeline (fusion plus a rule-based default schedule, or tuning
 records where they exist); CUDA profiles through TVM's CUDA pipeline with DLight GPU schedules,
-their kernels compiled ahead of time to a fatbin by nvcc (compiler/cuda.py).
+their kernels compiled ahead of time to a fatbin by nvcc (compiler/kernels/cuda.py).
 ARM libraries are linked with the profile's cross compiler.
 """
 
@@ -45,7 +45,7 @@ def relax_pipeline(profile: Profile, target, database=None):
 
     if profile.family == "cuda":
         return relax.get_default_pipeline(target)
-    from .cpu_schedule import cpu_pipeline
+    from .kernels.cpu_schedule import cpu_pipeline
 
     return cpu_pipeline(target) if database is None else cpu_pipeline(target, database=database)
 
@@ -70,8 +70,8 @@ def build_artifact(
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline = relax_pipeline(profile, target, database)
     lib_path = out_dir / "lib.so"
-    if profile.family == "cuda":  # kernels ahead of time with nvcc (compiler/cuda.py)
-        from .cuda import compile_and_export
+    if profile.family == "cuda":  # kernels ahead of time with nvcc (compiler/kernels/cuda.py)
+        from .kernels.cuda import compile_and_export
 
         code_form = compile_and_export(mod, target, pipeline, profile.target["arch"], lib_path)
         return BuildResult(

@@ -322,7 +322,7 @@ def bench(
             status.update(f"benchmarking {msg} …")
 
         if baselines and not remote:  # tooling: PyTorch / ONNX Runtime beside tvmdeploy
-            from tvmdeploy.compiler.baselines import run_bench_with_baselines
+            from tvmdeploy.compiler.tooling.baselines import run_bench_with_baselines
 
             report = run_bench_with_baselines(config, progress=progress)
         else:
@@ -519,7 +519,7 @@ def report(
     Example: tvmdeploy report x86.json arm.json -o report.html --md report.md
     """
     _device_side()
-    from tvmdeploy.compiler.report import build_report
+    from tvmdeploy.compiler.tooling.report import build_report
 
     written = []
     merged = build_report(files)

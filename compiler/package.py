@@ -21,7 +21,7 @@ from tvmdeploy.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_fi
 from tvmdeploy.runtime.precision import DEFAULT_ACCURACY_GATE, artifact_name
 
 from .errors import BundleError
-from .export import TOKENIZER_FILES
+from .frontend.export import TOKENIZER_FILES
 
 
 @dataclass

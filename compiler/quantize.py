@@ -11,14 +11,16 @@ Runtime's dynamic quantization does, with finer activation scales):
 - activations: asymmetric per row (per token), computed on every call from the row's min/max, so
   one outlier token does not coarsen the scale of the others (ORT uses one scale per tensor), by
   one kernel per shape (cpu_int8.quantize_rows), once per activation;
-- the product is an int8 GEMM with int32 accumulation from compiler/cpu_int8.py, dequantized in
+- the product is an int8 GEMM with int32 accumulation from
+  compiler/kernels/cpu_int8.py, dequantized in
   the same kernel.
 
 Only matmuls whose B is derived from weights, with static shapes, N a multiple of the kernel's
 vector width and K of 4, are rewritten; the rest (attention's activation x activation products,
 a 2-label classifier head) stay fp32. That keeps the accuracy cost where the speed is.
 
-bf16 rewrites the same matmuls into bf16 GEMMs (compiler/cpu_bf16.py): weights rounded and packed
+bf16 rewrites the same matmuls into bf16 GEMMs
+(compiler/kernels/cpu_bf16.py): weights rounded and packed
 at load like int8's, activations rounded once per call, no scales.
 """
 
@@ -29,10 +31,10 @@ import math
 from tvm import relax
 from tvm.ir import IRModule
 
-from .cpu_bf16 import LANES as BF16_LANES
-from .cpu_bf16 import bf16_gemm, to_bf16_bits
-from .cpu_int8 import Int8Kernel, int8_gemm, quantize_rows
-from .pack_weights import WeightMatmulRewriter
+from .kernels.cpu_bf16 import LANES as BF16_LANES
+from .kernels.cpu_bf16 import bf16_gemm, to_bf16_bits
+from .kernels.cpu_int8 import Int8Kernel, int8_gemm, quantize_rows
+from .kernels.pack_weights import WeightMatmulRewriter
 
 #: Smallest scale, so an all-zero row or weight column does not divide by zero.
 _EPS = 1e-12

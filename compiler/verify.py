@@ -21,8 +21,8 @@ from tvmdeploy.runtime.precision import tolerance_for
 from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
 
 from .errors import QemuUnavailable
-from .export import deterministic_inputs
-from .importer import ImportedModel
+from .frontend.export import deterministic_inputs
+from .frontend.importer import ImportedModel
 from .options import BucketSpec
 
 
@@ -130,7 +130,7 @@ def verify_emulated(build, imported: ImportedModel, cases, qemu_cpu: str | None 
     `not-run` when qemu or the arm64 Python sysroot is missing; a crash (SIGILL on a CPU model
     without the library's instructions) is a failed verification with the reason, not an error.
     """
-    from . import qemu
+    from .emulation import qemu
 
     tolerance = tolerance_for_cases(build.precision, cases, imported.source_precision)
     profile = build.profile

@@ -13,7 +13,7 @@ import sys
 from types import ModuleType
 
 #: Relax function of CPU artifacts that packs the weights for the artifact's kernels
-#: (compiler/pack_weights.py makes it); run once when the weights are loaded.
+#: (compiler/kernels/pack_weights.py makes it); run once when the weights are loaded.
 TRANSFORM_PARAMS = "transform_params"
 
 

@@ -4,7 +4,7 @@ A benchmark is a config in and a report out (`BenchConfig` → `BenchReport`, ve
 optimum-benchmark does it: warm-up reported apart from timed runs, p50/p90/p99/mean/std and
 sequences per second, and each engine's parity against ONNX Runtime on the inputs it was timed
 on. Baselines (PyTorch, ONNX Runtime as a user runs it) are tooling, not device code: the caller
-passes them in as runners (`compiler/baselines.py` makes them), so this module never imports
+passes them in as runners (`compiler/tooling/baselines.py` makes them), so this module never imports
 torch or transformers.
 """
 
@@ -186,7 +186,7 @@ def run_bench(
     if missing:
         raise OptionError(
             f"no runner for baseline(s) {', '.join(missing)}: baselines come from "
-            "tvmdeploy.compiler.baselines (pip install 'tvmdeploy[compile]')"
+            "tvmdeploy.compiler.tooling.baselines (pip install 'tvmdeploy[compile]')"
         )
     model = load(config.bundle, artifact=config.artifact, precision=config.precision)
     bundle = model.bundle

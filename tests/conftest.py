@@ -73,7 +73,7 @@ def tiny_bundle(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_exported(tiny_model_dir, tmp_path_factory):
     """The tiny BERT through the export stage once (ONNX file, config, PyTorch parity)."""
-    from tvmdeploy.compiler.export import export_model
+    from tvmdeploy.compiler.frontend.export import export_model
 
     return export_model(tiny_model_dir, tmp_path_factory.mktemp("tiny-export"))
 
@@ -81,7 +81,7 @@ def tiny_exported(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_imported(tiny_exported):
     """The exported tiny BERT imported to Relax with the tiny buckets."""
-    from tvmdeploy.compiler.importer import import_onnx
+    from tvmdeploy.compiler.frontend.importer import import_onnx
     from tvmdeploy.compiler.options import parse_buckets
 
     return import_onnx(tiny_exported.onnx_path, parse_buckets(TINY_BUCKETS))

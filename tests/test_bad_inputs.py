@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tvmdeploy.compiler.errors import ModelLoadError, ToolMissingError
-from tvmdeploy.compiler.export import export_model
+from tvmdeploy.compiler.frontend.export import export_model
 from tvmdeploy.runtime import Bundle, BundleError, IncompatibleDeviceError, InputError, load
 from tvmdeploy.runtime.bundle import sha256_file
 from tvmdeploy.runtime.errors import TvmdeployError
@@ -237,7 +237,7 @@ def test_missing_cross_compiler_is_named_before_building(tiny_imported, tmp_path
 
 
 def test_missing_qemu_is_named_with_the_package_to_install(monkeypatch, tmp_path):
-    from tvmdeploy.compiler import qemu
+    from tvmdeploy.compiler.emulation import qemu
     from tvmdeploy.compiler.errors import QemuUnavailable
 
     monkeypatch.setenv("PATH", str(tmp_path))  # neither qemu-aarch64-static nor qemu-aarch64

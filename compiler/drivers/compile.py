@@ -19,8 +19,7 @@ from tvmdeploy.runtime.precision import DEFAULT_ACCURACY_GATE, artifact_name, ca
 from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profiles
 
-from .. import build, evaluate, export, importer, package, tuning, verify
-from ..cpu_int8 import kernel_for
+from .. import build, evaluate, package, tuning, verify
 from ..errors import (
     ModelLoadError,
     OptionError,
@@ -29,6 +28,8 @@ from ..errors import (
     TuningError,
     TvmdeployError,
 )
+from ..frontend import export, importer
+from ..kernels.cpu_int8 import kernel_for
 from ..options import RpcTarget, default_buckets, parse_buckets
 from ..quantize import quantize_int8, to_bfloat16, to_float16
 

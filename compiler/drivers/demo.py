@@ -24,10 +24,10 @@ from tvmdeploy.runtime.probe import missing_requirements, probe
 from tvmdeploy.runtime.timing import BenchConfig
 from tvmdeploy.targets.resolve import resolve_profile, runs_bf16
 
-from ..baselines import run_bench_with_baselines, torch_runner
+from ..demo.finetune import finetune
+from ..demo.sentiment_data import Example, load_split
 from ..evaluate import LabelledText
-from ..finetune import finetune
-from ..sentiment_data import Example, load_split
+from ..tooling.baselines import run_bench_with_baselines, torch_runner
 from ..tuning import describe, shipped_path
 from .compile import CompileOptions, compile_model
 

@@ -19,7 +19,7 @@ from tvmdeploy.runtime.probe import probe
 from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profile
 
-from .. import export, importer
+from ..frontend import export, importer
 from ..options import RpcTarget, default_buckets, parse_buckets
 from ..tuning import (
     RecordStore,

@@ -36,8 +36,8 @@ from tvmdeploy.runtime.probe import missing_requirements, probe
 from tvmdeploy.targets import Profile
 
 from ..build import tvm_target
-from ..cpu_schedule import default_schedule_pass
 from ..errors import OptionError, TuningError, TuningInterrupted
+from ..kernels.cpu_schedule import default_schedule_pass
 from .lookup import TuneResult, describe, lookup
 from .progress import TuneStatus, progress_callback, silent
 from .records import ERROR_SECS, RecordStore, cache_path

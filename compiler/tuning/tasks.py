@@ -20,8 +20,8 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir.dlight.analysis import get_root_block
 
-from ..cpu_int8 import KERNEL_ATTR
-from ..cpu_schedule import fusion_passes, is_matmul_like
+from ..kernels.cpu_int8 import KERNEL_ATTR
+from ..kernels.cpu_schedule import fusion_passes, is_matmul_like
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tvmdeploy.compiler import qemu, qemu_rpc
+from tvmdeploy.compiler.emulation import qemu, qemu_rpc
 from tvmdeploy.runtime import remote
 from tvmdeploy.runtime.errors import IncompatibleDeviceError, RemoteError
 from tvmdeploy.runtime.remote import RpcTarget
@@ -221,7 +221,7 @@ def test_client_needs_only_the_tvm_runtime(tiny_bundle, tracker, x86_server):
 
 def test_bench_over_rpc_writes_a_valid_report(tiny_bundle, tracker, x86_server, tmp_path):
     from tvmdeploy.compiler.cli import app
-    from tvmdeploy.compiler.report import load_bench
+    from tvmdeploy.compiler.tooling.report import load_bench
 
     out = tmp_path / "remote.json"
     result = CliRunner().invoke(

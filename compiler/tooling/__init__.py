@@ -1,0 +1,2 @@
+"""Build-machine tooling around the bundles: cross-device reports and the baselines of
+`bench --compare`."""

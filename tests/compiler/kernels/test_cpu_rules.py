@@ -1,0 +1,54 @@
+"""`CPUInjective`: layout kernels (the head-split transposes of attention) run rows in parallel with
+each row's vectors in a serial loop, and stay exact; shapes without whole rows of vectors keep the
+flattened loop."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te, tirx, topi
+from tvmdeploy import targets
+from tvmdeploy.compiler import build
+from tvmdeploy.compiler.kernels.cpu_rules import CPUInjective
+from tvmdeploy.runtime.probe import missing_requirements, probe
+
+
+def head_split(batch, seq, heads, depth):
+    """reshape [B, S, H*D] -> [B, S, H, D], transpose to [B, H, S, D], scale: a BERT query."""
+    x = te.placeholder((batch, seq, heads * depth), "float32", name="x")
+    split = topi.reshape(x, (batch, seq, heads, depth))
+    out = topi.multiply(topi.transpose(split, (0, 2, 1, 3)), 0.125)
+    return te.create_prim_func([x, out]).with_attr("global_symbol", "main")
+
+
+def parallel_extents(func: tirx.PrimFunc) -> list[int]:
+    """Extents of the parallel loops, read from the TVMScript of the scheduled function."""
+    return [int(x) for x in re.findall(r"T\.parallel\((\d+)\)", func.script())]
+
+
+@pytest.mark.parametrize(
+    ("shape", "parallel"),
+    [
+        ((2, 16, 4, 64), 2 * 4 * 16),  # whole rows of 8-lane vectors: parallel over the 128 rows
+        ((4, 64, 4, 12), 4 * 64 * 4 * 12),  # 12 floats a row: the flattened loop, in parallel
+    ],
+)
+def test_layout_kernel_runs_rows_in_parallel_and_is_exact(shape, parallel):
+    profile = targets.get("x86-64-v3")
+    target = build.tvm_target(profile)
+    func = head_split(*shape)
+    sch = CPUInjective().apply(func, target, False)
+    assert sch is not None
+    assert parallel_extents(sch.mod["main"]) == [parallel]
+    if missing_requirements(profile.requires, probe()):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    lib = tvm.compile(sch.mod, target=target)
+    batch, seq, heads, depth = shape
+    x = np.random.default_rng(0).standard_normal((batch, seq, heads * depth)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((batch, heads, seq, depth), np.float32))
+    lib["main"](tvm.runtime.tensor(x), out)
+    want = x.reshape(batch, seq, heads, depth).transpose(0, 2, 1, 3) * 0.125
+    np.testing.assert_array_equal(out.numpy(), want)
