@@ -137,11 +137,57 @@ _OUTPUT_NAMES = {
 }
 
 
-def torch_export(family: str, task: str, path: Path, dynamo: bool) -> Path:
-    """`torch.onnx.export` with batch and sequence dynamic, TorchScript or dynamo."""
+def _store_weights_int8(model) -> None:
+    """Every Linear weight and the word embedding kept as int8 with a per-row scale and
+    dequantized in `forward` (`w.float() * scale`), as a user's weight-only quantized model is:
+    its export holds `Cast → Mul(scale)` before each MatMul and the embedding Gather."""
+    import torch
+
+    def int8_rows(weight):
+        w = weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+        return torch.round(w / scale).to(torch.int8), scale
+
+    class Int8Linear(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            q, scale = int8_rows(linear.weight)
+            self.register_buffer("weight_int8", q)
+            self.register_buffer("weight_scale", scale)
+            self.bias = linear.bias
+
+        def forward(self, x):
+            weight = self.weight_int8.float() * self.weight_scale
+            return torch.nn.functional.linear(x, weight, self.bias)
+
+    class Int8Embedding(torch.nn.Module):
+        def __init__(self, embedding):
+            super().__init__()
+            q, scale = int8_rows(embedding.weight)
+            self.register_buffer("weight_int8", q)
+            self.register_buffer("weight_scale", scale)
+
+        def forward(self, ids):
+            weight = self.weight_int8.float() * self.weight_scale
+            return torch.nn.functional.embedding(ids, weight)
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, Int8Linear(child))
+    model.set_input_embeddings(Int8Embedding(model.get_input_embeddings()))
+
+
+def torch_export(
+    family: str, task: str, path: Path, dynamo: bool, int8_weights: bool = False
+) -> Path:
+    """`torch.onnx.export` with batch and sequence dynamic, TorchScript or dynamo; with
+    `int8_weights`, of the model with its weights stored int8 (`_store_weights_int8`)."""
     import torch
 
     model = hf_model(family, task)
+    if int8_weights:
+        _store_weights_int8(model)
     names = _OUTPUT_NAMES[task]
     if task == "feature-extraction" and family == "bert":
         names = ["last_hidden_state", "pooler_output"]
@@ -166,6 +212,8 @@ def torch_export(family: str, task: str, path: Path, dynamo: bool) -> Path:
                 per_text = n == "pooler_output" or task == "text-classification"
                 axes[n] = {0: "batch"} if per_text else {0: "batch", 1: "sequence"}
             options = {"dynamic_axes": axes, "opset_version": 17, "dynamo": False}
+            if int8_weights:  # folding would store the dequantized fp32 weights instead
+                options["do_constant_folding"] = False
         torch.onnx.export(module, tuple(inputs.values()), str(path), **common, **options)
     return path
 
@@ -398,6 +446,15 @@ ENTRIES: dict[str, Entry] = {
             "bert",
             "text-classification",
             quantized_static,
+        ),
+        _entry(
+            "bert-int8-weights",
+            "torch.onnx.export, weights stored int8 (Cast → Mul)",
+            "bert",
+            "text-classification",
+            torch_export,
+            dynamo=False,
+            int8_weights=True,
         ),
         _entry("bert-fp16", "ORT convert_float_to_float16", "bert", "text-classification", float16),
         _entry(

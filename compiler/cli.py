@@ -139,6 +139,11 @@ def compile_cmd(
     accuracy_gate: Annotated[
         float, Opt("--accuracy-gate", help=HELP["accuracy_gate"])
     ] = DEFAULT_ACCURACY_GATE,
+    vocab_size: Annotated[int | None, Opt("--vocab-size", help=HELP["vocab_size"])] = None,
+    type_vocab_size: Annotated[
+        int | None, Opt("--type-vocab-size", help=HELP["type_vocab_size"])
+    ] = None,
+    max_positions: Annotated[int | None, Opt("--max-positions", help=HELP["max_positions"])] = None,
     json_output: Annotated[bool, Opt("--json", help=HELP["compile_json"])] = False,
 ) -> None:
     """Export MODEL, build it for each target profile and precision, verify parity against ONNX
@@ -160,6 +165,9 @@ def compile_cmd(
         precisions=[p.strip() for p in precision.split(",") if p.strip()],
         eval_data=str(eval_data) if eval_data else None,
         accuracy_gate=accuracy_gate,
+        vocab_size=vocab_size,
+        type_vocab_size=type_vocab_size,
+        max_positions=max_positions,
     )
     written = compile_model(options)
     if json_output:

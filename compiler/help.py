@@ -33,6 +33,12 @@ HELP = {
     "load(precision='auto') takes a reduced precision only when it is within --accuracy-gate.",
     "accuracy_gate": "Accuracy points a reduced precision may lose against fp32 and still be "
     "chosen by load(precision='auto').",
+    "vocab_size": "The vocabulary size (token ids accepted: 0..N-1), where neither the graph "
+    "(the table input_ids gathers, through dequantize chains) nor a config.json beside the "
+    "ONNX file tells it. Given, it wins over both.",
+    "type_vocab_size": "Token type ids accepted (0..N-1), where the graph does not tell it.",
+    "max_positions": "The longest sequence the model takes (buckets stop there), where neither "
+    "config.json nor the position table tells it.",
     "compile_json": "Print the written bundle's manifest as JSON on stdout.",
     "tune_profile": "CPU target profile this machine (or the --rpc device) can run; 'host' = best "
     "for this machine.",

@@ -2,36 +2,29 @@
 
 The CLI parses arguments into `CompileOptions` and calls `compile_model`; a script can do the same.
 Each stage lives in its own module; this one only orders them and reports progress through
-`logging` (the CLI shows those lines on stderr, with timings).
+`logging` (the CLI shows those lines on stderr, with timings). `compile_model` reads as the list
+of steps it runs; each step is a function below, in the order it runs.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-import onnx
 from tvmdeploy.runtime.precision import DEFAULT_ACCURACY_GATE, artifact_name, canonical, short
 from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profiles
 
 from .. import build, evaluate, package, tuning, verify
-from ..errors import (
-    ModelLoadError,
-    OptionError,
-    ParityError,
-    StageError,
-    TuningError,
-    TvmdeployError,
-)
-from ..frontend import export, importer
+from ..errors import OptionError, ParityError, TuningError, TvmdeployError
+from ..frontend import export, importer, model_facts
 from ..kernels.cpu_int8 import kernel_for
 from ..options import RpcTarget, default_buckets, parse_buckets
 from ..quantize import quantize_int8, to_bfloat16, to_float16
+from .stages import Stages
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +54,10 @@ class CompileOptions:
     # accuracy against fp32; `auto` takes a reduced precision only within `accuracy_gate` points.
     eval_data: str | list | None = None
     accuracy_gate: float = DEFAULT_ACCURACY_GATE
+    # Facts the graph may not show (a bare ONNX file without config.json): given, they win.
+    vocab_size: int | None = None
+    type_vocab_size: int | None = None
+    max_positions: int | None = None
 
     def display(self, profiles: list[Profile]) -> None:
         """Say what will happen, before it happens."""
@@ -89,121 +86,6 @@ class CompileOptions:
             )
         for line in lines:
             logger.info(line)
-
-
-#: What to try when a stage fails inside TVM, ONNX or optimum (not with a tvmdeploy error).
-STAGE_HINTS = {
-    "export": "check that the model loads with transformers, or pass an exported .onnx file",
-    "import": "the ONNX graph uses something TVM's importer cannot take: try another --opset, "
-    "or simplify the graph (e.g. onnxslim) and compile the .onnx file",
-    "reference": "ONNX Runtime could not run the exported graph: check it with onnxruntime",
-    "tune": "compile without --tune (the rule-based schedules need no tuning)",
-    "build": "compile for another profile (-t), or without --tune; run with -v and report the "
-    "traceback",
-    "verify": "run with -v for the traceback; --no-verify skips the check (not recommended)",
-    "package": "check the output path and free disk space",
-}
-
-
-class Stages:
-    """Numbered stage lines with timings, through `logging`."""
-
-    def __init__(self, total: int):
-        self.total, self.index = total, 0
-
-    def __call__(self, title: str) -> _Stage:
-        self.index += 1
-        return _Stage(f"[{self.index}/{self.total}] {title}")
-
-
-class _Stage:
-    """One stage: logs its start and end; an unexpected error inside it (TVM's, ONNX's) becomes
-    a StageError naming the stage, with one line on what to try (traceback kept as the cause)."""
-
-    def __init__(self, title: str):
-        self.title = title
-        self.name = title.split("] ", 1)[-1].split(" ", 1)[0]
-
-    def __enter__(self) -> Self:
-        self.start = time.perf_counter()
-        logger.info("%s …", self.title)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        took = time.perf_counter() - self.start
-        logger.info("%s %s in %.1f s", self.title, "done" if exc_type is None else "failed", took)
-        if exc is not None and isinstance(exc, Exception) and not isinstance(exc, TvmdeployError):
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise StageError(
-                f"{self.name} failed ({type(exc).__name__}: {first[:300]}); "
-                f"{STAGE_HINTS.get(self.name, 'run with -v for the traceback')}. "
-                "Nothing was written."
-            ) from exc
-
-
-def graph_vocab_sizes(onnx_path: Path) -> dict[str, int]:
-    """Rows of the embedding tables that gather `input_ids` / `token_type_ids` (the id range)."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
-    sizes = {}
-    for node in model.graph.node:
-        ids = node.input[1] if node.op_type == "Gather" and len(node.input) == 2 else None
-        if ids in ("input_ids", "token_type_ids") and node.input[0] in shapes:
-            sizes[ids] = shapes[node.input[0]][0]
-    return sizes
-
-
-def max_positions_of(exported: export.ExportResult) -> int | None:
-    """The longest sequence the model takes: its position table's rows (config.json's
-    `max_position_embeddings`, else the rows of the graph's `*position*embed*` initializer),
-    less the rows RoBERTa-style models (positions counted from the padding id with CumSum, so
-    starting at pad_token_id + 1) never reach: a longer input would read past the table."""
-    model = onnx.load(str(exported.onnx_path), load_external_data=False)
-    rows = exported.config.get("max_position_embeddings")
-    if not rows:
-        tables = [
-            i
-            for i in model.graph.initializer
-            if len(i.dims) == 2 and "position" in i.name.lower() and "embed" in i.name.lower()
-        ]
-        rows = int(tables[0].dims[0]) if len(tables) == 1 else None
-    if not rows:
-        return None
-    offset = 0
-    if any(n.op_type == "CumSum" for n in model.graph.node):
-        pad = exported.config.get("pad_token_id")
-        offset = (1 if pad is None else int(pad)) + 1
-    return int(rows) - offset if rows > offset else None
-
-
-def model_info(
-    exported: export.ExportResult, imported: importer.ImportedModel, name: str
-) -> dict[str, Any]:
-    config = exported.config
-    sizes = graph_vocab_sizes(exported.onnx_path)
-    vocab = sizes.get("input_ids") or config.get("vocab_size")
-    if not vocab:
-        raise ModelLoadError(
-            "cannot tell the vocabulary size (no embedding Gather, no config.json)"
-        )
-    return {
-        "name": name,
-        "source": exported.source,
-        "task": exported.task,
-        "model_type": config.get("model_type"),
-        "vocab_size": int(vocab),
-        "type_vocab_size": int(sizes.get("token_type_ids") or config.get("type_vocab_size") or 1),
-        "pad_token_id": int(config.get("pad_token_id") or 0),
-        "max_position_embeddings": max_positions_of(exported),
-        "id2label": config.get("id2label", {}),
-        "fallback": (
-            {"function": imported.fallback.function, "batch": 1, "max_seq": imported.fallback.seq}
-            if imported.fallback
-            else None
-        ),
-        "inputs": imported.inputs,
-        "outputs": imported.outputs,
-    }
 
 
 NO_TUNING = {"trials": 0, "source": "none (rule-based default schedules)"}
@@ -278,192 +160,311 @@ def _build(mod, profile: Profile, out_dir: Path, database, dtype: str, imported)
     return build.build_artifact(mod, profile, out_dir, database, dtype), False
 
 
-def compile_model(options: CompileOptions) -> Path:
-    """Run the pipeline; returns the bundle path. Raises ParityError if an artifact is wrong."""
-    profiles = resolve_profiles(options.profiles)
-    options.display(profiles)
-    rpc = options.rpc
-    remote_device = None
-    if rpc:  # asked before the export: a wrong --rpc fails in seconds
-        from tvmdeploy.runtime import remote
+def model_info(
+    exported: export.ExportResult,
+    imported: importer.ImportedModel,
+    facts: model_facts.ModelFacts,
+    name: str,
+) -> dict[str, Any]:
+    """The manifest's `model` section: what the runtime validates inputs and predicts with."""
+    config = exported.config
+    return {
+        "name": name,
+        "source": exported.source,
+        "task": exported.task,
+        "model_type": config.get("model_type"),
+        "vocab_size": facts.vocab_size,
+        "type_vocab_size": facts.type_vocab_size,
+        "pad_token_id": int(config.get("pad_token_id") or 0),
+        "max_position_embeddings": facts.max_positions,
+        "id2label": config.get("id2label", {}),
+        "fallback": (
+            {"function": imported.fallback.function, "batch": 1, "max_seq": imported.fallback.seq}
+            if imported.fallback
+            else None
+        ),
+        "inputs": imported.inputs,
+        "outputs": imported.outputs,
+    }
 
-        remote_device = remote.probe_remote(rpc.tracker, rpc.key)
 
-    def on_remote(profile: Profile) -> bool:
+@dataclass
+class Plan:
+    """What the run will build, decided before any work: a wrong option fails in seconds."""
+
+    profiles: list[Profile]
+    pairs: dict[str, list[str]]  # {profile: [dtype, ...]}
+    tunable: list[Profile]
+    remote_device: Any  # the RPC device's probe, or None
+    stages: Stages
+
+    def on_remote(self, profile: Profile) -> bool:
         """Whether the profile's artifact is for the remote: verified, tuned and looked up there."""
+        device = self.remote_device
         return (
-            remote_device is not None
+            device is not None
             and not profile.is_gpu
-            and profile.requires.get("arch") == remote_device.arch
+            and profile.requires.get("arch") == device.arch
         )
 
+
+@dataclass
+class Imported:
+    """The model as the stages take it: exported, its facts read, imported per bucket."""
+
+    exported: export.ExportResult
+    facts: model_facts.ModelFacts
+    buckets: list
+    imported: importer.ImportedModel
+
+
+def plan_compile(options: CompileOptions) -> Plan:
+    """Profiles, the RPC device, what can be tuned and which artifacts to build."""
+    profiles = resolve_profiles(options.profiles)
+    options.display(profiles)
+    remote_device = None
+    if options.rpc:  # asked before the export: a wrong --rpc fails in seconds
+        from tvmdeploy.runtime import remote
+
+        remote_device = remote.probe_remote(options.rpc.tracker, options.rpc.key)
     if options.buckets:
         parse_buckets(options.buckets)  # a bad string fails before the export
-    tunable = []
-    if options.tune_trials:
-        for profile in profiles:
-            try:
-                if on_remote(profile):
-                    tuning.check_tunable(profile, rpc.tracker, rpc.key)
-                else:
-                    tuning.check_tunable(profile)
-                tunable.append(profile)
-            except TuningError as why:
-                logger.warning("not tuning %s", why)
     pairs = artifact_pairs(profiles, options.precisions)
+    plan = Plan(profiles, pairs, [], remote_device, Stages(0))
+    plan.tunable = tunable_profiles(options, plan)
     count = sum(len(v) for v in pairs.values())
-    stages = Stages(
-        4 + count + len(tunable) + bool(options.verify) * count + (options.eval_data is not None)
+    plan.stages = Stages(
+        4
+        + count
+        + len(plan.tunable)
+        + bool(options.verify) * count
+        + (options.eval_data is not None)
     )
+    return plan
+
+
+def tunable_profiles(options: CompileOptions, plan: Plan) -> list[Profile]:
+    """The profiles `--tune` can tune here (or on the RPC device); the rest get a warning."""
+    if not options.tune_trials:
+        return []
+    rpc, tunable = options.rpc, []
+    for profile in plan.profiles:
+        try:
+            if plan.on_remote(profile):
+                tuning.check_tunable(profile, rpc.tracker, rpc.key)
+            else:
+                tuning.check_tunable(profile)
+            tunable.append(profile)
+        except TuningError as why:
+            logger.warning("not tuning %s", why)
+    return tunable
+
+
+def export_and_import(options: CompileOptions, plan: Plan, work_dir: Path) -> Imported:
+    """Stages 1–2: export (with parity vs PyTorch), the model's facts, import per bucket."""
+    stages = plan.stages
+    with stages("export (optimum, onnx checker, parity vs PyTorch)"):
+        exported = export.export_model(
+            options.model, work_dir / "onnx", task=options.task, opset=options.opset
+        )
+    if exported.parity:
+        p = exported.parity
+        logger.info(
+            "  ONNX Runtime vs PyTorch: max abs diff %.2e (tolerance %.0e)",
+            p["max_abs_diff"],
+            p["tolerance"],
+        )
+    facts = model_facts.read_facts(
+        exported.onnx_path,
+        exported.config,
+        vocab_size=options.vocab_size,
+        type_vocab_size=options.type_vocab_size,
+        max_positions=options.max_positions,
+    )
+    logger.info("  model: %s", facts.describe())
+    # The stages after this one read the facts from the config (verification's token ids).
+    exported.config.setdefault("vocab_size", facts.vocab_size)
+    buckets = parse_buckets(options.buckets or default_buckets(facts.max_positions))
+    if not options.buckets:
+        logger.info("  buckets from the model: %s", default_buckets(facts.max_positions))
+    with stages(f"import to Relax ({len(buckets)} shape buckets)"):
+        imported = importer.import_onnx(
+            exported.onnx_path, buckets, facts.max_positions, source=exported.source, fallback=True
+        )
+    building_int8 = any("int8" in dtypes for dtypes in plan.pairs.values())
+    if imported.source_precision == "int8" and not building_int8:
+        logger.warning(
+            "  this ONNX file is quantized: its int8 weights run as fp32 here; add "
+            "--precision fp32,int8 for tvmdeploy's int8 kernels (and --eval-data so that "
+            "load() takes them by default)"
+        )
+    return Imported(exported, facts, buckets, imported)
+
+
+def reference_cases(options: CompileOptions, plan: Plan, model: Imported) -> list:
+    """ONNX Runtime's outputs on the exported graph, what every artifact is verified against."""
+    with plan.stages("reference outputs from ONNX Runtime"):
+        if not options.verify:
+            return []
+        return verify.reference_cases(
+            model.exported.onnx_path, model.imported, model.exported.config
+        )
+
+
+def eval_examples(options: CompileOptions, model: Imported) -> list | None:
+    """The labelled examples of `--eval-data`, read before the first build."""
+    if options.eval_data is None:
+        return None
+    if not isinstance(options.eval_data, str):
+        return list(options.eval_data)
+    return evaluate.read_examples(options.eval_data, model.exported.config.get("id2label") or {})
+
+
+def tune_profile(options: CompileOptions, plan: Plan, profile: Profile, model: Imported, work_dir):
+    """Stage 3 for one profile (only with --tune): new trials into the cache; else None."""
+    if profile not in plan.tunable:
+        return None
+    profile_rpc = options.rpc if plan.on_remote(profile) else None
+    rpc_key = profile_rpc.key if profile_rpc else None
+    where = f" on RPC key {rpc_key!r}" if rpc_key else ""
+    cache = tuning.cache_path(profile, rpc_key)
+    with plan.stages(f"tune {profile.name} ({options.tune_trials} trials{where}, cache {cache})"):
+        return tuning.tune(
+            importer.without_fallback(model.imported.mod),
+            profile,
+            options.tune_trials,
+            work_dir / "tuning" / profile.name,
+            rpc=profile_rpc.tracker if profile_rpc else None,
+            rpc_key=rpc_key,
+        )
+
+
+def lower_precision(mod, profile: Profile, dtype: str):
+    """The imported module with its matmuls in `dtype` (quantize.py), logged."""
+    if dtype == "int8":
+        kernel = kernel_for(profile)
+        mod, count = quantize_int8(mod, kernel)
+        logger.info("  int8: %d matmuls on the %s kernel", count, kernel.name)
+    elif dtype == "bfloat16":
+        mod, count = to_bfloat16(mod)
+        logger.info("  bf16: %d matmuls on the avx512-bf16 kernel", count)
+    elif dtype == "float16":
+        mod = to_float16(mod)
+    return mod
+
+
+def build_one(options, plan: Plan, profile: Profile, dtype: str, model: Imported, tuned, work_dir):
+    """Stage 4 for one artifact: lower its precision, look up records, build `lib.so`.
+
+    Returns (BuildResult, whether it has the fallback, the tuning summary, the record files)."""
+    name = artifact_name(profile.name, dtype)
+    built_for = profile.for_precision(short(dtype))  # bf16 adds AVX512-BF16
+    rpc_key = options.rpc.key if plan.on_remote(profile) else None
+    tuning_dir = work_dir / "tuning" / profile.name
+    with plan.stages(f"build {name}"):
+        mod = lower_precision(model.imported.mod, profile, dtype)
+        found = tuned
+        if found is None or dtype != "float32":  # shipped/cached records, no trials
+            found = tuning.lookup(
+                importer.without_fallback(mod), built_for, tuning_dir / dtype, rpc_key=rpc_key
+            )
+        database, summary, files = None, NO_TUNING, []
+        if found is not None:
+            database, summary, files = found.database, found.summary, found.files
+        built, has_fallback = _build(
+            mod, built_for, work_dir / "artifacts" / name, database, dtype, model.imported
+        )
+    return built, has_fallback, summary, files
+
+
+def verify_one(options, plan: Plan, profile: Profile, built, has_fallback, model, cases):
+    """Stage 5 for one artifact: parity against ONNX Runtime where it can run (native, QEMU,
+    RPC); a failure is a ParityError under --strict-parity. Returns (parity record, latency)."""
+    if not options.verify:
+        return {"where": "not-run", "detail": "verification disabled"}, []
+    name = artifact_name(profile.name, built.precision)
+    checked = cases if has_fallback else verify.without_fallback_case(cases)
+    profile_rpc = options.rpc if plan.on_remote(profile) else None
+    via = " via RPC" if profile_rpc else ""
+    with plan.stages(f"verify {name} against ONNX Runtime{via}"):
+        if profile_rpc:
+            record = verify.verify_rpc(
+                built, model.imported, checked, profile_rpc.tracker, profile_rpc.key
+            )
+            latency = []
+        else:
+            record, latency = verify.verify(built, model.imported, checked)
+    logger.info("  parity %s: %s", name, record.summary())
+    if record.ok is False and options.strict_parity:
+        raise ParityError(
+            f"{name}: verification against ONNX Runtime failed: {record.summary()} "
+            f"(tolerance {record.tolerance}); no bundle written"
+        )
+    return record.to_dict(), latency
+
+
+def build_artifacts(options, plan: Plan, model: Imported, cases, work_dir: Path) -> list:
+    """Stages 3–5 per profile: tune, then build and verify each of its precisions."""
+    entries: list[package.ArtifactEntry] = []
+    for profile in plan.profiles:
+        tuned = tune_profile(options, plan, profile, model, work_dir)
+        for dtype in plan.pairs[profile.name]:
+            built, has_fallback, summary, files = build_one(
+                options, plan, profile, dtype, model, tuned, work_dir
+            )
+            parity, latency = verify_one(options, plan, profile, built, has_fallback, model, cases)
+            entries.append(
+                package.ArtifactEntry(
+                    profile=profile.name,
+                    family=profile.family,
+                    target=built.target,
+                    requires=profile.for_precision(short(dtype)).requires,
+                    lib_path=built.lib_path,
+                    precision=dtype,
+                    code_form=built.code_form,
+                    tuning=summary,
+                    parity=parity,
+                    latency=latency,
+                    tuning_files=files,
+                    fallback=has_fallback,
+                )
+            )
+    return entries
+
+
+def write_bundle(options, plan: Plan, model: Imported, entries, examples) -> Path:
+    """Stage 6: the bundle, atomically (with the accuracy of each artifact if asked)."""
+    imported = model.imported
+    with plan.stages("package bundle"):
+        name = options.name or Path(options.model).stem
+        return package.write_bundle(
+            options.output,
+            model.exported.onnx_path,
+            {
+                "float32": (
+                    imported.param_names,
+                    package.weights_blob(imported.param_names, imported.params),
+                )
+            },
+            entries,
+            model_info(model.exported, imported, model.facts, name),
+            [{"function": b.function, "batch": b.batch, "seq": b.seq} for b in model.buckets],
+            model.exported.tokenizer_dir,
+            model.exported.parity,
+            accuracy_gate=options.accuracy_gate,
+            evaluate=_evaluator(examples, plan.stages) if examples else None,
+        )
+
+
+def compile_model(options: CompileOptions) -> Path:
+    """Run the pipeline; returns the bundle path. Raises ParityError if an artifact is wrong."""
+    plan = plan_compile(options)
     with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
         work_dir = Path(work)
-        with stages("export (optimum, onnx checker, parity vs PyTorch)"):
-            exported = export.export_model(
-                options.model, work_dir / "onnx", task=options.task, opset=options.opset
-            )
-        max_positions = max_positions_of(exported)
-        buckets = parse_buckets(options.buckets or default_buckets(max_positions))
-        if not options.buckets:
-            logger.info("  buckets from the model: %s", default_buckets(max_positions))
-        if exported.parity:
-            p = exported.parity
-            logger.info(
-                "  ONNX Runtime vs PyTorch: max abs diff %.2e (tolerance %.0e)",
-                p["max_abs_diff"],
-                p["tolerance"],
-            )
-        with stages(f"import to Relax ({len(buckets)} shape buckets)"):
-            imported = importer.import_onnx(
-                exported.onnx_path, buckets, max_positions, source=exported.source, fallback=True
-            )
-        building_int8 = any("int8" in dtypes for dtypes in pairs.values())
-        if imported.source_precision == "int8" and not building_int8:
-            logger.warning(
-                "  this ONNX file is quantized: its int8 weights run as fp32 here; add "
-                "--precision fp32,int8 for tvmdeploy's int8 kernels (and --eval-data so that "
-                "load() takes them by default)"
-            )
-        with stages("reference outputs from ONNX Runtime"):
-            cases = (
-                verify.reference_cases(exported.onnx_path, imported, exported.config)
-                if options.verify
-                else []
-            )
-
-        examples = None
-        if options.eval_data is not None:
-            examples = (
-                evaluate.read_examples(options.eval_data, exported.config.get("id2label") or {})
-                if isinstance(options.eval_data, str)
-                else list(options.eval_data)
-            )
-        entries: list[package.ArtifactEntry] = []
-        for profile in profiles:
-            tuned = None
-            tuning_dir = work_dir / "tuning" / profile.name
-            profile_rpc = rpc if on_remote(profile) else None
-            rpc_key = profile_rpc.key if profile_rpc else None
-            if profile in tunable:
-                where = f" on RPC key {rpc_key!r}" if rpc_key else ""
-                cache = tuning.cache_path(profile, rpc_key)
-                with stages(
-                    f"tune {profile.name} ({options.tune_trials} trials{where}, cache {cache})"
-                ):
-                    tuned = tuning.tune(
-                        importer.without_fallback(imported.mod),
-                        profile,
-                        options.tune_trials,
-                        tuning_dir,
-                        rpc=profile_rpc.tracker if profile_rpc else None,
-                        rpc_key=rpc_key,
-                    )
-            for dtype in pairs[profile.name]:
-                name = artifact_name(profile.name, dtype)
-                built_for = profile.for_precision(short(dtype))  # bf16 adds AVX512-BF16
-                with stages(f"build {name}"):
-                    mod = imported.mod
-                    if dtype == "int8":
-                        kernel = kernel_for(profile)
-                        mod, count = quantize_int8(mod, kernel)
-                        logger.info("  int8: %d matmuls on the %s kernel", count, kernel.name)
-                    elif dtype == "bfloat16":
-                        mod, count = to_bfloat16(mod)
-                        logger.info("  bf16: %d matmuls on the avx512-bf16 kernel", count)
-                    elif dtype == "float16":
-                        mod = to_float16(mod)
-                    found = tuned
-                    if found is None or dtype != "float32":  # shipped/cached records, no trials
-                        found = tuning.lookup(
-                            importer.without_fallback(mod),
-                            built_for,
-                            tuning_dir / dtype,
-                            rpc_key=rpc_key,
-                        )
-                    database, tuning_summary, tuning_files = None, NO_TUNING, []
-                    if found is not None:
-                        database, tuning_summary, tuning_files = (
-                            found.database,
-                            found.summary,
-                            found.files,
-                        )
-                    built, has_fallback = _build(
-                        mod, built_for, work_dir / "artifacts" / name, database, dtype, imported
-                    )
-                checked = cases if has_fallback else verify.without_fallback_case(cases)
-                parity, latency = {"where": "not-run", "detail": "verification disabled"}, []
-                if options.verify:
-                    via = " via RPC" if profile_rpc else ""
-                    with stages(f"verify {name} against ONNX Runtime{via}"):
-                        if profile_rpc:
-                            record = verify.verify_rpc(
-                                built, imported, checked, profile_rpc.tracker, profile_rpc.key
-                            )
-                            latency = []
-                        else:
-                            record, latency = verify.verify(built, imported, checked)
-                    parity = record.to_dict()
-                    logger.info("  parity %s: %s", name, record.summary())
-                    if record.ok is False and options.strict_parity:
-                        raise ParityError(
-                            f"{name}: verification against ONNX Runtime failed: "
-                            f"{record.summary()} "
-                            f"(tolerance {record.tolerance}); no bundle written"
-                        )
-                entries.append(
-                    package.ArtifactEntry(
-                        profile=profile.name,
-                        family=profile.family,
-                        target=built.target,
-                        requires=built_for.requires,
-                        lib_path=built.lib_path,
-                        precision=dtype,
-                        code_form=built.code_form,
-                        tuning=tuning_summary,
-                        parity=parity,
-                        latency=latency,
-                        tuning_files=tuning_files,
-                        fallback=has_fallback,
-                    )
-                )
-
-        with stages("package bundle"):
-            name = options.name or Path(options.model).stem
-            out = package.write_bundle(
-                options.output,
-                exported.onnx_path,
-                {
-                    "float32": (
-                        imported.param_names,
-                        package.weights_blob(imported.param_names, imported.params),
-                    )
-                },
-                entries,
-                model_info(exported, imported, name),
-                [{"function": b.function, "batch": b.batch, "seq": b.seq} for b in buckets],
-                exported.tokenizer_dir,
-                exported.parity,
-                accuracy_gate=options.accuracy_gate,
-                evaluate=_evaluator(examples, stages) if examples else None,
-            )
+        model = export_and_import(options, plan, work_dir)
+        cases = reference_cases(options, plan, model)
+        examples = eval_examples(options, model)
+        entries = build_artifacts(options, plan, model, cases, work_dir)
+        out = write_bundle(options, plan, model, entries, examples)
     logger.info("bundle written: %s", out)
     return out

@@ -20,6 +20,7 @@ from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profile
 
 from ..frontend import export, importer
+from ..frontend.model_facts import max_positions_of
 from ..options import RpcTarget, default_buckets, parse_buckets
 from ..tuning import (
     RecordStore,
@@ -33,7 +34,6 @@ from ..tuning import (
 )
 from ..tuning.records import META_FILE, read_meta
 from ..tuning.workers import num_cores, scratch_dir
-from .compile import max_positions_of
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def tune_model(options: TuneOptions) -> TuneResult:
         exported = export.export_model(
             options.model, work_dir / "onnx", task=options.task, opset=options.opset
         )
-        max_positions = max_positions_of(exported)
+        max_positions = max_positions_of(exported.onnx_path, exported.config)
         buckets = parse_buckets(options.buckets or default_buckets(max_positions))
         imported = importer.import_onnx(
             exported.onnx_path, buckets, max_positions, source=exported.source

@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import ModelLoadError
 from .onnx_contrib import rewrite_contrib_ops
-from .onnx_quantized import dequantize_weights
+from .onnx_quantized import dequantize_weights, lift_weight_only
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,13 @@ def prepare(model: onnx.ModelProto, model_path: str) -> Prepared:
             "  quantized graph: %d int8 weight(s) dequantized to fp32 at compile time, simulated "
             "activation quantization dropped (--precision int8 uses tvmdeploy's int8 kernels)",
             lifted,
+        )
+    weight_only = lift_weight_only(model)
+    if weight_only:
+        logger.info(
+            "  %d weight(s) stored as integers (Cast → Mul by a scale) folded into fp32 tables "
+            "at compile time (--precision int8 runs their matmuls on tvmdeploy's int8 kernels)",
+            weight_only,
         )
     for index, node in enumerate(model.graph.node):  # errors name nodes; some exporters don't
         if not node.name:

@@ -210,6 +210,106 @@ def dequantize_weights(model: onnx.ModelProto) -> int:
     return lifted
 
 
+#: Integer storage types of weight-only quantized tables (`Cast` of one to float dequantizes it).
+_INTEGER_STORAGE = {
+    TensorProto.INT8,
+    TensorProto.UINT8,
+    TensorProto.INT16,
+    TensorProto.UINT16,
+    TensorProto.INT4,
+    TensorProto.UINT4,
+}
+_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+def lift_weight_only(model: onnx.ModelProto) -> int:
+    """Weight-only quantization in standard ops, `Cast(Wq) [→ Sub(zero)] → Mul(scale)
+    [→ Transpose]` on a stored integer table, folded into the float table it computes, in place;
+    returns how many.
+
+    Why: that is how PyTorch exports a model whose weights are kept int8 (every weight and the
+    word embedding dequantized in the graph before its `MatMul` or `Gather`). Left in the graph
+    the weight is an activation to TVM: no packing, no int8 kernel, and the embedding table
+    hides the vocabulary. Folded, the matmuls reach the packed fp32 kernels and, with
+    `--precision int8`, tvmdeploy's int8 kernels (requantized per channel), as QDQ weights do;
+    the values keep their int8 rounding, so the fp32 artifact computes what the user's graph does.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+
+    def only_consumer(name: str):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in outputs else None
+
+    def other_constant(node, name: str):
+        others = [i for i in node.input if i != name]
+        return others[0] if len(others) == 1 and others[0] in inits else None
+
+    replaced: dict[int, list] = {}
+    lifted = 0
+    for node in graph.node:
+        if node.op_type != "Cast" or node.input[0] not in inits:
+            continue
+        stored = inits[node.input[0]]
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if stored.data_type not in _INTEGER_STORAGE or to not in _FLOATS or len(stored.dims) < 2:
+            continue
+        chain, value = [node], numpy_helper.to_array(stored).astype(np.float32)
+        step = only_consumer(node.output[0])
+        if step is not None and step.op_type == "Sub" and step.input[0] == node.output[0]:
+            zero = other_constant(step, node.output[0])
+            if zero is None:
+                continue
+            value = value - numpy_helper.to_array(inits[zero]).astype(np.float32)
+            chain.append(step)
+            step = only_consumer(step.output[0])
+        if step is None or step.op_type != "Mul":
+            continue
+        scale = other_constant(step, chain[-1].output[0])
+        if scale is None:
+            continue
+        value = value * numpy_helper.to_array(inits[scale]).astype(np.float32)
+        if list(value.shape) != list(stored.dims):  # the scale must not broadcast the table up
+            continue
+        chain.append(step)
+        after = only_consumer(step.output[0])  # F.linear's weight.T: stored transposed, once
+        perm = (
+            next((list(a.ints) for a in after.attribute if a.name == "perm"), None)
+            if after
+            else None
+        )
+        if (
+            after is not None
+            and after.op_type == "Transpose"
+            and value.ndim == 2
+            and perm in (None, [1, 0])
+        ):
+            value = value.T
+            chain.append(after)
+        dense = numpy_helper.from_array(
+            np.ascontiguousarray(value, np.float32), chain[-1].output[0]
+        )
+        graph.initializer.append(dense)
+        inits[dense.name] = dense
+        for done in chain:
+            replaced[id(done)] = []
+        lifted += 1
+    if not replaced:
+        return 0
+    nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(_live(nodes, outputs))
+    drop_unused_initializers(graph)
+    return lifted
+
+
 def _range_clip(dequantize, quantize, value):
     """Clip(x, lo, hi) (and its two constants) for a per-tensor QuantizeLinear → DequantizeLinear
     pair on an activation x; None for any other form."""

@@ -177,13 +177,13 @@ def test_a_bare_onnx_files_limit_comes_from_its_position_table(name, tmp_path):
     """No config.json beside the file: the position table's rows say the limit (the corpus
     models have 128 positions; RoBERTa's table has two more rows, for the padding offset, that
     no token position reaches). Defaults buckets follow it."""
-    from tvmdeploy.compiler.drivers.compile import max_positions_of
     from tvmdeploy.compiler.frontend.export import export_model
+    from tvmdeploy.compiler.frontend.model_facts import max_positions_of
     from tvmdeploy.compiler.options import default_buckets
 
     from bench.onnx_corpus import ENTRIES, POSITIONS, make
 
     exported = export_model(make(ENTRIES[name], tmp_path / "src"), tmp_path / "work")
     assert exported.config == {}
-    assert max_positions_of(exported) == POSITIONS == 128
-    assert default_buckets(max_positions_of(exported)) == "1,4x32,64,128"
+    assert max_positions_of(exported.onnx_path, exported.config) == POSITIONS == 128
+    assert default_buckets(max_positions_of(exported.onnx_path, exported.config)) == "1,4x32,64,128"
