@@ -2,8 +2,9 @@
 
 Each supported family (Llama, Mistral, Qwen2, Phi-3, GPT-2) maps its own key names onto
 `DecoderConfig`. A sliding window caps the context at the window (full attention over at most
-that many tokens is what the window computes). Anything the compiled kernels do not implement (rope scaling, partial rotary, tied/untied forms the definitions lack) is refused here, naming the key and
-what is supported, so that no model compiles into silently wrong output.
+that many tokens is what the window computes). Anything the compiled kernels do not implement
+(rope scaling, partial rotary, attention/MLP biases beyond Qwen2's) is refused here, naming the
+key and what is supported, so that no model compiles into silently wrong output.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu": "gelu",
-}  # noqa: E501
+}
 
 
 class UnsupportedModelError(ModelLoadError):
@@ -102,7 +103,7 @@ def is_causal_lm(model_dir: str | Path) -> bool:
         names = json.loads(path.read_text()).get("architectures") or []
     except (OSError, json.JSONDecodeError):
         return False
-    return any(n.endswith("ForCausalLM") or n.endswith("LMHeadModel") for n in names)
+    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
 
 
 def parse_decoder_config(raw: dict[str, Any], where: str = "config.json") -> DecoderConfig:

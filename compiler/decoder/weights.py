@@ -58,7 +58,7 @@ def decoder_params(model_dir: str | Path, config: DecoderConfig) -> dict[str, np
     params: dict[str, np.ndarray] = {}
     if config.family == "gpt2":
         for name, array in raw.items():
-            if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
+            if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue  # the causal-mask buffers of old checkpoints
             conv1d = re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name)
             params[name] = np.ascontiguousarray(array.T) if conv1d else array
