@@ -23,7 +23,7 @@ from tvmdeploy.runtime import remote
 from tvmdeploy.runtime.errors import RemoteError
 from typer.testing import CliRunner
 
-from tests.compiler import test_tune
+from tests.compiler.tuning import test_tune
 from tests.compiler.tuning.test_tune import BUCKETS, _lines
 from tests.runtime import test_rpc
 
