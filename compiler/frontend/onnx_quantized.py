@@ -142,10 +142,7 @@ def dequantize_weights(model: onnx.ModelProto) -> int:
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
     producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
     replaced: dict[int, list] = {}  # id(node) -> nodes replacing it ([] removes it)
     lifted = 0
@@ -201,12 +198,7 @@ def dequantize_weights(model: onnx.ModelProto) -> int:
             if clip is not None:
                 graph.initializer.extend(clip[1])
                 replaced[id(node)] = [clip[0]]
-    if not replaced:
-        return 0
-    nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
-    del graph.node[:]
-    graph.node.extend(_live(nodes, outputs))
-    drop_unused_initializers(graph)
+    _replace_nodes(graph, replaced, outputs)
     return lifted
 
 
@@ -238,10 +230,7 @@ def lift_weight_only(model: onnx.ModelProto) -> int:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
 
     def only_consumer(name: str):
@@ -301,12 +290,7 @@ def lift_weight_only(model: onnx.ModelProto) -> int:
         for done in chain:
             replaced[id(done)] = []
         lifted += 1
-    if not replaced:
-        return 0
-    nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
-    del graph.node[:]
-    graph.node.extend(_live(nodes, outputs))
-    drop_unused_initializers(graph)
+    _replace_nodes(graph, replaced, outputs)
     return lifted
 
 
@@ -333,6 +317,26 @@ def _range_clip(dequantize, quantize, value):
         "Clip", [quantize.input[0], f"{name}_lo", f"{name}_hi"], [name], name=dequantize.name
     )
     return clip, bounds
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list]:
+    """{value name: the nodes that read it}."""
+    found: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def _replace_nodes(graph: onnx.GraphProto, replaced: dict[int, list], outputs: set[str]) -> None:
+    """Each node in `replaced` (by id) swapped for its replacements ([] removes it), then what
+    nothing reads any more dropped: nodes and initializers."""
+    if not replaced:
+        return
+    nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(_live(nodes, outputs))
+    drop_unused_initializers(graph)
 
 
 def _live(nodes: list, outputs: set[str]) -> list:

@@ -37,25 +37,26 @@ def classifier_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle(classifier_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "minilm.tvmd"
-    return compile_model(
-        CompileOptions(
-            model=str(classifier_dir), output=str(out), profiles=["host"], buckets="1,4x32,64"
-        )
-    )
+def bundle(int8_bundle):
+    """One MiniLM compile serves every test here: its fp32 artifact for fp32 parity, its int8
+    one (scored on LABELLED) for the int8 and accuracy-gate tests."""
+    return int8_bundle
+
+
+def fp32(bundle):
+    return load(bundle, precision="fp32")
 
 
 def test_manifest_records_real_verification(bundle):
-    model = load(bundle)
-    (artifact,) = model.bundle.artifacts
+    model = fp32(bundle)
+    (artifact,) = [a for a in model.bundle.artifacts if a.name == model.choice.artifact]
     assert artifact.parity["where"] == "native" and artifact.parity["ok"]
     assert artifact.parity["max_abs_diff"] < 1e-4
     assert model.bundle.model["vocab_size"] == 30522
 
 
 def test_parity_with_pytorch_on_real_text(bundle, classifier_dir):
-    model = load(bundle)
+    model = fp32(bundle)
     torch_model = BertForSequenceClassification.from_pretrained(classifier_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(classifier_dir)
     encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
@@ -69,7 +70,7 @@ def test_parity_with_pytorch_on_real_text(bundle, classifier_dir):
 
 
 def test_predict_matches_onnxruntime(bundle):
-    model = load(bundle)
+    model = fp32(bundle)
     session = onnxruntime.InferenceSession(
         str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]
     )
@@ -84,7 +85,7 @@ def test_long_text_runs_up_to_the_model_limit_then_is_truncated(bundle):
     """Buckets stop at 64 tokens, MiniLM takes 512: longer texts run through the artifact's
     symbolic-length function and match ONNX Runtime; predict() truncates at 512; a longer
     array is refused naming the limit."""
-    model = load(bundle)
+    model = fp32(bundle)
     assert model.max_input_seq == 512
     session = onnxruntime.InferenceSession(
         str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]
