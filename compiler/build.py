@@ -51,10 +51,16 @@ def relax_pipeline(profile: Profile, target, database=None):
 
 
 def build_artifact(
-    mod, profile: Profile, out_dir: str | Path, database=None, precision: str = "float32"
+    mod,
+    profile: Profile,
+    out_dir: str | Path,
+    database=None,
+    precision: str = "float32",
+    pipeline=None,
 ) -> BuildResult:
     """Compile `mod` (all bucket functions) for `profile` into `out_dir/lib.so`; `precision` is
-    what `mod` was made for (quantize.py rewrites it before this stage)."""
+    what `mod` was made for (quantize.py rewrites it before this stage). `pipeline` replaces the
+    encoder pipeline (decoders bring their own: decoder/lower.py)."""
     import time
 
     import tvm
@@ -68,7 +74,7 @@ def build_artifact(
     target = tvm_target(profile)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipeline = relax_pipeline(profile, target, database)
+    pipeline = pipeline or relax_pipeline(profile, target, database)
     lib_path = out_dir / "lib.so"
     if profile.family == "cuda":  # kernels ahead of time with nvcc (compiler/kernels/cuda.py)
         from .kernels.cuda import compile_and_export

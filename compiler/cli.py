@@ -144,10 +144,16 @@ def compile_cmd(
         int | None, Opt("--type-vocab-size", help=HELP["type_vocab_size"])
     ] = None,
     max_positions: Annotated[int | None, Opt("--max-positions", help=HELP["max_positions"])] = None,
+    base: Annotated[Path | None, Opt("--base", help=HELP["base"])] = None,
+    context: Annotated[int | None, Opt("--context", help=HELP["context"])] = None,
     json_output: Annotated[bool, Opt("--json", help=HELP["compile_json"])] = False,
 ) -> None:
     """Export MODEL, build it for each target profile and precision, verify parity against ONNX
-    Runtime, and write one bundle."""
+    Runtime, and write one bundle.
+
+    A causal LM (HF folder, LoRA adapter with --base, or GGUF file) becomes a generation bundle:
+    its own definition on TVM's paged KV cache, gated against transformers' logits and greedy
+    tokens; run it with `tvmdeploy generate` or `tvmdeploy chat`."""
     from tvmdeploy.compiler import CompileOptions, compile_model
     from tvmdeploy.compiler.options import RpcTarget
 
@@ -168,6 +174,8 @@ def compile_cmd(
         vocab_size=vocab_size,
         type_vocab_size=type_vocab_size,
         max_positions=max_positions,
+        base=str(base) if base else None,
+        context=context,
     )
     written = compile_model(options)
     if json_output:
@@ -366,6 +374,142 @@ def bench(
     if json_out:
         report.write(json_out)
         out.print(f"wrote {json_out}")
+
+
+def _generator(bundle: Path, artifact: str | None):
+    from tvmdeploy.runtime import load
+    from tvmdeploy.runtime.errors import InputError
+
+    model = load(bundle, artifact=artifact)
+    if model.task != "text-generation":
+        raise InputError(
+            f"{bundle}: a {model.task} bundle; generate and chat take a generation bundle "
+            "(compile a causal LM); use `tvmdeploy predict` style calls through load() instead"
+        )
+    return model
+
+
+def _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed) -> dict:
+    return {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "repetition_penalty": repetition_penalty,
+        "stop": stop or None,
+        "seed": seed,
+    }
+
+
+@app.command()
+def generate(
+    bundle: Annotated[Path, Arg(help=HELP["gen_bundle"])],
+    prompt: Annotated[str, Arg(help=HELP["prompt"])],
+    max_new_tokens: Annotated[int, Opt("--max-new-tokens", help=HELP["max_new_tokens"])] = 128,
+    temperature: Annotated[float, Opt(help=HELP["temperature"])] = 0.0,
+    top_k: Annotated[int, Opt("--top-k", help=HELP["top_k"])] = 0,
+    top_p: Annotated[float, Opt("--top-p", help=HELP["top_p"])] = 1.0,
+    repetition_penalty: Annotated[
+        float, Opt("--repetition-penalty", help=HELP["repetition_penalty"])
+    ] = 1.0,
+    stop: Annotated[list[str] | None, Opt("--stop", help=HELP["stop"])] = None,
+    seed: Annotated[int | None, Opt(help=HELP["seed"])] = None,
+    chat_template: Annotated[bool, Opt("--chat", help=HELP["chat_template"])] = False,
+    system: Annotated[str | None, Opt(help=HELP["system"])] = None,
+    artifact: Annotated[str | None, Opt(help=HELP["artifact"])] = None,
+    no_stream: Annotated[bool, Opt("--no-stream", help=HELP["no_stream"])] = False,
+    json_output: Annotated[bool, Opt("--json", help=HELP["generate_json"])] = False,
+) -> None:
+    """Generate text from PROMPT with a generation bundle, streamed as it comes."""
+    _device_side()
+    generator = _generator(bundle, artifact)
+    options = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+    if chat_template or system:
+        messages = [{"role": "system", "content": system}] if system else []
+        request = {"messages": [*messages, {"role": "user", "content": prompt}]}
+    else:
+        request = {"prompt": prompt}
+    if json_output or no_stream:
+        result = generator.generate(**request, **options)
+    else:
+        with generator.generate(**request, **options, stream=True) as stream:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        result = stream.result
+    if json_output:
+        _print_json({"artifact": generator.choice.artifact, **result.to_dict()})
+        return
+    if no_stream:
+        out.print(result.text, markup=False, highlight=False)
+    err.print(
+        f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} new tokens "
+        f"({result.finish_reason}); prefill {result.prefill_ms:.0f} ms, decode "
+        f"{result.decode_tokens_per_s:.1f} tok/s on {generator.choice.artifact}[/dim]"
+    )
+
+
+def _fit_context(generator, messages: list[dict]) -> list[dict]:
+    """The history with its oldest turns dropped until the prompt fits the context with room to
+    answer (the system message stays); a turn too long on its own is dropped, with a message."""
+    from tvmdeploy.runtime.errors import InputError
+
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system) :]
+    while turns:
+        try:
+            if len(generator.prompt_ids(None, system + turns)) < generator.context_length - 1:
+                break
+        except InputError:
+            pass
+        turns = turns[1:]
+    if not turns:
+        err.print(
+            f"[yellow]that message does not fit the context of {generator.context_length} "
+            "tokens; shorten it[/yellow]"
+        )
+    return system + turns
+
+
+@app.command()
+def chat(
+    bundle: Annotated[Path, Arg(help=HELP["gen_bundle"])],
+    system: Annotated[str | None, Opt(help=HELP["system"])] = None,
+    max_new_tokens: Annotated[int, Opt("--max-new-tokens", help=HELP["max_new_tokens"])] = 256,
+    temperature: Annotated[float, Opt(help=HELP["temperature"])] = 0.0,
+    top_k: Annotated[int, Opt("--top-k", help=HELP["top_k"])] = 0,
+    top_p: Annotated[float, Opt("--top-p", help=HELP["top_p"])] = 1.0,
+    repetition_penalty: Annotated[
+        float, Opt("--repetition-penalty", help=HELP["repetition_penalty"])
+    ] = 1.0,
+    seed: Annotated[int | None, Opt(help=HELP["seed"])] = None,
+    artifact: Annotated[str | None, Opt(help=HELP["artifact"])] = None,
+) -> None:
+    """Chat with a generation bundle on the terminal: one line per turn, the history kept in the
+    model's chat template; an empty line or Ctrl-D ends it."""
+    _device_side()
+    generator = _generator(bundle, artifact)
+    options = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, None, seed)
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        messages = _fit_context(generator, messages)
+        if not messages or messages[-1]["role"] != "user":  # even this turn alone does not fit
+            continue
+        with generator.chat(messages, **options, stream=True) as stream:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": stream.result.text})
 
 
 @app.command()

@@ -2,7 +2,26 @@
 
 HELP = {
     "model": "A local Hugging Face model directory, or an .onnx file from any exporter "
-    "(torch.onnx.export, Optimum, ONNX Runtime's optimizer or quantizers; docs/compatibility.md).",
+    "(torch.onnx.export, Optimum, ONNX Runtime's optimizer or quantizers; docs/compatibility.md). "
+    "For text generation: a causal-LM folder (Llama, Mistral, Qwen2, Phi-3, GPT-2), a LoRA "
+    "adapter folder (with --base), or a .gguf file.",
+    "base": "The base model folder of a LoRA adapter (default: the local folder its "
+    "adapter_config.json names); the adapter is merged at compile time.",
+    "context": "Tokens of context (prompt + completion) a generation bundle serves; its KV cache "
+    "is sized by it (default: the model's limit, at most 4096).",
+    "gen_bundle": "A generation bundle (compiled from a causal LM).",
+    "prompt": "The prompt text.",
+    "max_new_tokens": "Most tokens to generate.",
+    "temperature": "Sampling temperature; 0 (default) is greedy.",
+    "top_k": "Sample from the k most likely tokens only (0: all).",
+    "top_p": "Sample from the smallest set of tokens whose probability reaches p (1: all).",
+    "repetition_penalty": "Penalty on tokens already in the text (1: none; 1.1 is common).",
+    "stop": "Stop at this string (not included); repeat for several.",
+    "seed": "Random seed for sampling: the same seed gives the same text.",
+    "chat_template": "Wrap the prompt as one user message in the model's chat template.",
+    "system": "A system message (chat).",
+    "no_stream": "Print the text at the end instead of as it is generated.",
+    "generate_json": "Print the result (text, tokens, finish reason, timings) as JSON.",
     "output": "Bundle directory to write (NAME.tvmd).",
     "profiles": "Target profile; repeat for several. 'host' = best for this machine. "
     "See `tvmdeploy targets`.",

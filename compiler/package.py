@@ -84,7 +84,7 @@ def _fsync_tree(root: Path) -> None:
 
 def write_bundle(
     out_dir: str | Path,
-    onnx_path: Path,
+    onnx_path: Path | None,
     weights: dict[str, tuple[list[str], bytes]],
     artifacts: list[ArtifactEntry],
     model_info: dict[str, Any],
@@ -93,6 +93,7 @@ def write_bundle(
     export_parity: dict[str, Any] | None = None,
     accuracy_gate: float = DEFAULT_ACCURACY_GATE,
     evaluate: Callable[[Path], dict[str, dict[str, Any]]] | None = None,
+    check_staged: Callable[[Path], dict[str, dict[str, Any]]] | None = None,
 ) -> Path:
     """Write `out_dir` (a `.tvmd` directory); replaces an existing bundle only once complete.
 
@@ -101,6 +102,9 @@ def write_bundle(
     partial one; what a killed run left beside it is cleaned up by the next run.
     `evaluate(staging_dir)` runs on the complete staged bundle and returns accuracy records by
     artifact name (evaluate.py), written into the manifest before the bundle is moved in place.
+    `check_staged(staging_dir)` likewise returns manifest fields by artifact name (a decoder's
+    parity record, measured through the runtime on the staged bundle); raising in it leaves
+    nothing at `out_dir`. `onnx_path` None: a bundle without `model.onnx` (decoders).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,8 @@ def write_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
-        shutil.copyfile(onnx_path, staging / "model.onnx")
+        if onnx_path is not None:
+            shutil.copyfile(onnx_path, staging / "model.onnx")
         weight_entries = {}
         for precision, (names, blob) in weights.items():
             (staging / "weights").mkdir(exist_ok=True)
@@ -169,6 +174,11 @@ def write_bundle(
             "files": files,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if check_staged is not None:
+            fields = check_staged(staging)
+            for entry in artifact_entries:
+                entry.update(fields.get(entry["name"], {}))
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if evaluate is not None:
             records = evaluate(staging)
             for entry in artifact_entries:

@@ -17,6 +17,7 @@ from .errors import (
     SignatureError,
     TvmdeployError,
 )
+from .generate import GenerationResult, GenerationStream, Generator
 from .model import Model, load
 from .probe import DeviceInfo, probe
 from .select import Choice
@@ -31,6 +32,9 @@ __all__ = [
     "DeviceInfo",
     "Engine",
     "Entity",
+    "GenerationResult",
+    "GenerationStream",
+    "Generator",
     "IncompatibleDeviceError",
     "InputError",
     "Model",

@@ -77,6 +77,21 @@ def cuda_index(requires: dict[str, Any], device: DeviceInfo) -> int:
     return next((c.index for c in device.cuda if c.compute_capability >= need), 0)
 
 
+def read_weights(bundle: Bundle, artifact, device) -> list:
+    """The artifact's weights from the bundle (checksum checked), in the order its functions take
+    them, on `device` (a TVM device)."""
+    tvm = import_tvm()
+    entry = bundle.weights_entry(artifact.weights)
+    path = bundle.file(entry["file"])
+    by_name = tvm.runtime.load_param_dict_from_file(str(path))
+    missing = [n for n in entry["names"] if n not in by_name]
+    if missing:
+        raise BundleError(f"{path}: weights {missing[:3]} are missing; recompile the bundle")
+    if artifact.is_gpu:
+        return [by_name[n].copyto(device) for n in entry["names"]]
+    return [by_name[n] for n in entry["names"]]
+
+
 class TvmEngine:
     """Runs one compiled artifact with TVM's Relax VM; weights are loaded once, shared by buckets
     and by every VM of the pool (see the module docstring)."""
@@ -89,8 +104,6 @@ class TvmEngine:
         tvm = import_tvm()
         self.artifact = bundle.artifact(profile)
         lib_path = bundle.file(self.artifact.file)
-        weights = bundle.weights_entry(self.artifact.weights)
-        params_path = bundle.file(weights["file"])
         gpu = self.artifact.is_gpu
         self.device = tvm.cuda(cuda_index(self.artifact.requires, device)) if gpu else tvm.cpu(0)
         try:
@@ -108,14 +121,7 @@ class TvmEngine:
             ) from None
         self._new_vm = lambda: tvm.runtime.vm.VirtualMachine(self.lib, self.device)
         first = self._new_vm()
-        by_name = tvm.runtime.load_param_dict_from_file(str(params_path))
-        missing = [n for n in weights["names"] if n not in by_name]
-        if missing:
-            raise BundleError(
-                f"{params_path}: weights {missing[:3]} are missing; recompile the bundle"
-            )
-        stored = [by_name[n].copyto(self.device) if gpu else by_name[n] for n in weights["names"]]
-        del by_name
+        stored = read_weights(bundle, self.artifact, self.device)
         self.params = _on_a_live_pool(prepare_params, first, stored)
         # The symbolic-length function reads the weights as stored (its matmuls are not packed):
         # loaded from the file the first time a long input comes, then kept.
@@ -123,7 +129,7 @@ class TvmEngine:
         self._raw_for = fallback.function if fallback else None
         transformed = first.module.implements_function(TRANSFORM_PARAMS)
         self._raw_params: list | None = None if transformed else self.params
-        self._weights = (params_path, weights["names"], gpu)
+        self._bundle = bundle
         self._tensor = tvm.runtime.tensor
         self.input_names = [i["name"] for i in bundle.inputs]
         self.max_concurrency = max(1, max_concurrency or default_num_threads())
@@ -161,13 +167,7 @@ class TvmEngine:
         """The weights as stored, for the fallback function (loaded once, on first use)."""
         with self._lock:
             if self._raw_params is None:
-                import tvm
-
-                path, names, gpu = self._weights
-                by_name = tvm.runtime.load_param_dict_from_file(str(path))
-                self._raw_params = [
-                    by_name[n].copyto(self.device) if gpu else by_name[n] for n in names
-                ]
+                self._raw_params = read_weights(self._bundle, self.artifact, self.device)
             return self._raw_params
 
     def run(self, bucket: Bucket | None, arrays: Arrays) -> list[np.ndarray]:

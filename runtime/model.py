@@ -23,6 +23,7 @@ import numpy as np
 from .bundle import Bucket, Bundle
 from .engine import Arrays, Engine, OnnxRuntimeEngine, TvmEngine
 from .errors import BundleError, InputError, OptionError
+from .generate import TEXT_GENERATION, Generator
 from .inputs import synthetic_inputs
 from .precision import admits_fp32
 from .probe import DeviceInfo, probe
@@ -328,8 +329,11 @@ def load(
     max_concurrency: int | None = None,
     trusted_keys: Sequence[str | Path] | None = None,
     precision: str = "auto",
-) -> Model:
+) -> Model | Generator:
     """Load a bundle and pick the engine for this device.
+
+    A generation bundle (a compiled causal LM) loads as a `Generator` (runtime/generate.py);
+    there `max_concurrency` is how many requests decode together.
 
     `precision` ("auto", "fp32", "int8", "bf16", "fp16") restricts the choice to artifacts of
     that precision; "auto" takes a reduced precision only where the bundle records its task
@@ -349,6 +353,11 @@ def load(
     if verify:
         bundle.verify()
     device = probe()
+    if bundle.model.get("task") == TEXT_GENERATION:
+        choice = select(
+            bundle, device, artifact=artifact, onnxruntime_available=False, precision=precision
+        )
+        return Generator(bundle, choice, device, max_sequences=max_concurrency or 4)
     has_ort = importlib.util.find_spec(
         "onnxruntime"
     ) is not None and "model.onnx" in bundle.manifest.get("files", {})

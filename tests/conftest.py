@@ -85,3 +85,175 @@ def tiny_imported(tiny_exported):
     from tvmdeploy.compiler.options import parse_buckets
 
     return import_onnx(tiny_exported.onnx_path, parse_buckets(TINY_BUCKETS))
+
+
+#: A chat template in the style of the real ones (role markers, a generation prompt).
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+TINY_LLM_TEXTS = [
+    "The bundle holds one artifact per target profile and precision.",
+    "A thin runtime loads the bundle and picks what this device runs best.",
+    "Generation streams text as it comes, one token at a time.",
+    "What is the capital of France? The capital of France is Paris.",
+]
+
+
+def save_tiny_tokenizer(path: Path):
+    """A byte-level BPE tokenizer of 300 ids trained here, with BOS/EOS and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(TINY_LLM_TEXTS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def tiny_llm_config(family: str = "llama", vocab_size: int = 300):
+    """A 2-layer config of the family; a large init range so that greedy tokens vary."""
+    import transformers
+
+    common = {"vocab_size": vocab_size, "initializer_range": 0.3, "bos_token_id": 1}
+    llama_shape = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "eos_token_id": 2,
+    }
+    if family == "llama":
+        return transformers.LlamaConfig(**common, **llama_shape, tie_word_embeddings=True)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, **llama_shape, tie_word_embeddings=False)
+    return transformers.GPT2Config(
+        **common, n_embd=64, n_layer=2, n_head=4, n_positions=256, eos_token_id=2
+    )
+
+
+def save_tiny_llm(path: Path, family: str = "llama", seed: int = 0, tokenizer: bool = True):
+    """A seeded random-weight causal LM of the family (with the tiny tokenizer), saved."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = tiny_llm_config(family)
+    cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "gpt2": transformers.GPT2LMHeadModel,
+    }[family]
+    cls(config).eval().save_pretrained(path)
+    if tokenizer:
+        save_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny-llm") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_bundle(tiny_llm_dir, tmp_path_factory) -> Path:
+    """The tiny Llama compiled for the host into a generation bundle (gated against
+    transformers on the way)."""
+    from tvmdeploy.compiler import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp("llm-bundles") / "tiny-llama.tvmd"
+    return compile_model(CompileOptions(model=str(tiny_llm_dir), output=str(out)))
+
+
+def save_tiny_gguf(model_dir: Path, path: Path) -> Path:
+    """The tiny Llama folder written as llama.cpp writes a GGUF file: llama metadata, the
+    byte-level BPE tokenizer with its chat template, q/k rows permuted as llama.cpp's converter
+    does, 2-D weights in Q8_0 (so reading it dequantizes, as with real GGUF files)."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["content"] for t in tok["added_tokens"] if t.get("special")}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t, _ in vocab]
+    )
+    merges = tok["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_chat_template((model_dir / "chat_template.jinja").read_text())
+
+    def permute(w, n):
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for name, array in load_file(str(model_dir / "model.safetensors")).items():
+        if name in names:
+            out = names[name]
+        else:
+            _, _, layer, *rest = name.split(".")
+            key = ".".join(rest[:-1])
+            out = f"blk.{layer}.{per_layer[key]}.weight"
+        array = array.astype(np.float32)
+        if ".attn_q." in out:
+            array = permute(array, heads)
+        elif ".attn_k." in out:
+            array = permute(array, kv_heads)
+        if array.ndim == 2:
+            q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(out, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(out, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

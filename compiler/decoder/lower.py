@@ -10,7 +10,9 @@ from __future__ import annotations
 from tvm import relax
 
 from .config import DecoderConfig
-from .entry import DecoderModule
+from .entry import ENTRY_FUNCTIONS, DecoderModule
+
+__all__ = ["ENTRY_FUNCTIONS", "cpu_pipeline", "definition", "export", "pipeline_for"]
 
 
 def definition(config: DecoderConfig, target) -> DecoderModule:
@@ -30,6 +32,13 @@ def export(config: DecoderConfig, target) -> tuple[relax.Expr, list[tuple[str, o
     model.to("float32")
     mod, named, _extern = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     return mod, named
+
+
+def pipeline_for(profile, target):
+    """The Relax pipeline a decoder is built with for `profile` (CPU or CUDA)."""
+    if profile.family == "cuda":
+        return relax.get_default_pipeline(target)
+    return cpu_pipeline(target)
 
 
 def cpu_pipeline(target):

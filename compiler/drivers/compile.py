@@ -58,6 +58,10 @@ class CompileOptions:
     vocab_size: int | None = None
     type_vocab_size: int | None = None
     max_positions: int | None = None
+    # Causal LMs (drivers/compile_decoder.py): the base model folder of a LoRA adapter, and the
+    # context (prompt + completion tokens) the bundle serves.
+    base: str | None = None
+    context: int | None = None
 
     def display(self, profiles: list[Profile]) -> None:
         """Say what will happen, before it happens."""
@@ -457,7 +461,16 @@ def write_bundle(options, plan: Plan, model: Imported, entries, examples) -> Pat
 
 
 def compile_model(options: CompileOptions) -> Path:
-    """Run the pipeline; returns the bundle path. Raises ParityError if an artifact is wrong."""
+    """Run the pipeline; returns the bundle path. Raises ParityError if an artifact is wrong.
+    A causal LM (HF folder, LoRA adapter, GGUF file) goes to the decoder driver."""
+    from ..decoder.sources import is_decoder_source
+
+    if is_decoder_source(options.model):
+        from .compile_decoder import compile_decoder
+
+        return compile_decoder(options)
+    if options.base is not None or options.context is not None:
+        raise OptionError("--base and --context are for causal LMs (text generation)")
     plan = plan_compile(options)
     with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
         work_dir = Path(work)

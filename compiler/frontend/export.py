@@ -25,6 +25,8 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "vocab.txt",
+    # transformers >= 4.43 saves a chat template in a file of its own (generation bundles).
+    "chat_template.jinja",
 )
 
 

@@ -1,0 +1,129 @@
+"""The parity gate of a generation artifact: its logits and greedy tokens against transformers.
+
+The reference is the PyTorch model transformers loads from the same folder (fp32), on a fixed
+set of prompts. Two checks, both through the runtime's own `Generator` on the staged bundle:
+- prefill logits after each prompt, max abs diff within the tolerance;
+- GREEDY_TOKENS greedy tokens after each prompt, identical. Where they part, the step counts as a
+  tie (and the comparison of that prompt ends there) only if the reference's two best logits at
+  that step lie within TIE_MARGIN and the artifact took the reference's second: two fp32
+  summation orders may rank a near-tie either way, and the texts differ from there on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GREEDY_TOKENS = 32
+#: fp32 over tens of layers: a different summation order moves logits by ~1e-4 (30 layers of
+#: SmolLM2: 1.5e-4 at logits of ~30); 2e-3 keeps a real margin over that while any wrong op,
+#: weight or mask shows as O(0.1) or more.
+LOGITS_TOLERANCE = 2e-3
+TIE_MARGIN = 2e-3
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+)
+
+
+@dataclass
+class ReferenceCase:
+    """One prompt as transformers runs it: the prefill logits, and each greedy step's logits."""
+
+    prompt: list[int]
+    prefill_logits: np.ndarray  # [vocab]
+    tokens: list[int]
+    step_logits: list[np.ndarray]  # the logits each greedy token was chosen from
+
+
+def prompt_ids(model_dir: Path, vocab_size: int) -> list[list[int]]:
+    """The gate's prompts as token ids: the texts through the model's tokenizer, or seeded
+    random ids where the folder has none."""
+    if (model_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        found = [tokenizer.encode(text).ids for text in PROMPTS]
+        if all(found):
+            return found
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab_size, size=n).tolist() for n in (5, 11, 17)]
+
+
+def reference_cases(model_dir: Path, prompts: list[list[int]]) -> list[ReferenceCase]:
+    """Greedy decoding by transformers (its KV cache), keeping every step's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    cases = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            out = model(torch.tensor([prompt]), use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1].numpy()
+            prefill, tokens, steps = logits.copy(), [], []
+            for _ in range(GREEDY_TOKENS):
+                steps.append(logits.copy())
+                tokens.append(int(logits.argmax()))
+                out = model(torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[0, -1].numpy()
+            cases.append(ReferenceCase(prompt, prefill, tokens, steps))
+    return cases
+
+
+def check(generator, cases: list[ReferenceCase]) -> dict[str, Any]:
+    """The parity record of one artifact (manifest `parity`): `ok` and what was measured."""
+    worst = 0.0
+    agreed = compared = ties = 0
+    failures = []
+    decode_rates = []
+    for k, case in enumerate(cases):
+        logits = generator.prefill_logits(case.prompt)
+        worst = max(worst, float(np.abs(logits - case.prefill_logits).max()))
+        result = generator.generate(case.prompt, max_new_tokens=GREEDY_TOKENS, ignore_eos=True)
+        decode_rates.append(result.decode_tokens_per_s)
+        for step, (got, want) in enumerate(zip(result.token_ids, case.tokens, strict=False)):
+            compared += 1
+            if got == want:
+                agreed += 1
+                continue
+            ranked = np.argsort(-case.step_logits[step])
+            margin = float(case.step_logits[step][ranked[0]] - case.step_logits[step][ranked[1]])
+            if got == int(ranked[1]) and margin <= TIE_MARGIN:
+                ties += 1
+            else:
+                failures.append(
+                    f"prompt {k} step {step}: token {got}, transformers {want} "
+                    f"(its top-2 margin {margin:.2e})"
+                )
+            break
+    ok = worst <= LOGITS_TOLERANCE and not failures
+    return {
+        "ok": ok,
+        "where": "native",
+        "against": "transformers (PyTorch, fp32)",
+        "max_abs_diff": worst,
+        "tolerance": {"logits_atol": LOGITS_TOLERANCE, "tie_margin": TIE_MARGIN},
+        "prompts": len(cases),
+        "greedy": {"tokens": GREEDY_TOKENS, "agreed": agreed, "compared": compared, "ties": ties},
+        "failures": failures,
+        "decode_tokens_per_s": round(float(np.median(decode_rates)), 2) if decode_rates else 0.0,
+    }
+
+
+def summary(record: dict[str, Any]) -> str:
+    greedy = record["greedy"]
+    text = (
+        f"prefill logits max abs diff {record['max_abs_diff']:.2e} "
+        f"(tolerance {record['tolerance']['logits_atol']:.0e}); greedy tokens "
+        f"{greedy['agreed']}/{greedy['compared']} identical"
+    )
+    if greedy["ties"]:
+        text += f", {greedy['ties']} near-tie(s)"
+    if record["failures"]:
+        text += "; " + "; ".join(record["failures"][:3])
+    return text

@@ -1,0 +1,203 @@
+"""The compile driver for causal LMs: source → config → build per profile → gate → package.
+
+`compile_model` hands over here when the model is a decoder (an HF causal-LM folder, a LoRA
+adapter folder, a GGUF file: decoder/sources.py). The steps, in order:
+1. the source made into one HF folder (adapter merged, GGUF converted), its config read and
+   checked (an unsupported architecture or config feature is refused before any build);
+2. per profile: the decoder definition exported to Relax and built (decoder/lower.py);
+3. the reference: transformers' prefill logits and greedy tokens on fixed prompts;
+4. the bundle staged, each artifact this machine runs gated through the runtime's `Generator`
+   (decoder/parity.py), then moved in place; a failed gate leaves nothing written.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tvmdeploy.runtime.precision import canonical, short
+from tvmdeploy.targets import Profile
+from tvmdeploy.targets.resolve import resolve_profiles
+
+from .. import build, package
+from ..decoder import lower, parity, sources, weights
+from ..decoder.config import DecoderConfig, read_decoder_config
+from ..errors import OptionError, ParityError
+from .stages import Stages
+
+logger = logging.getLogger(__name__)
+
+#: The context a bundle is compiled for when --context is not given (a model's own limit may be
+#: far larger; the runtime's KV cache is sized by it).
+DEFAULT_CONTEXT = 4096
+#: Prompt tokens per prefill call; longer prompts are prefilled in chunks of this size.
+PREFILL_CHUNK = 512
+
+
+def plan_profiles(options) -> list[Profile]:
+    """The profiles to build, refusing what the decoder path does not build yet."""
+    profiles = resolve_profiles(options.profiles)
+    dtypes = {canonical(p) for p in options.precisions}
+    if dtypes != {"float32"}:
+        raise OptionError(
+            f"--precision {','.join(options.precisions)}: generation bundles are fp32 for now "
+            "(weight-only int8/int4 decode kernels are not built yet); use --precision fp32"
+        )
+    if options.tune_trials:
+        raise OptionError("--tune does not apply to generation bundles yet; leave it out")
+    if options.rpc:
+        raise OptionError("--rpc does not apply to generation bundles yet; leave it out")
+    return profiles
+
+
+def context_length(config: DecoderConfig, asked: int | None) -> int:
+    """The context the bundle serves: --context, at most the model's own limit."""
+    if asked is not None:
+        if asked < 2:
+            raise OptionError(f"--context must be at least 2 tokens, not {asked}")
+        if asked > config.context_length:
+            raise OptionError(
+                f"--context {asked} exceeds the model's own limit of {config.context_length}"
+            )
+        return asked
+    return min(config.context_length, DEFAULT_CONTEXT)
+
+
+def build_profile(config: DecoderConfig, profile: Profile, out_dir: Path, stages: Stages):
+    """Stage 2 for one profile: (BuildResult, [(parameter name, nn.Parameter)])."""
+    with stages(f"build {profile.name}"):
+        target = build.tvm_target(profile)
+        mod, named = lower.export(config, target)
+        built = build.build_artifact(
+            mod, profile, out_dir / profile.name, pipeline=lower.pipeline_for(profile, target)
+        )
+    logger.info("  %s: built in %.1f s", profile.name, built.seconds)
+    return built, named
+
+
+def gate(cases, strict: bool, stages: Stages):
+    """The staged bundle's check: each artifact this device runs against the reference."""
+
+    def run(staging: Path) -> dict[str, dict[str, Any]]:
+        from tvmdeploy.runtime import Bundle, probe
+        from tvmdeploy.runtime.generate import Generator
+        from tvmdeploy.runtime.probe import missing_requirements
+        from tvmdeploy.runtime.select import Choice
+
+        bundle, device = Bundle(staging), probe()
+        fields: dict[str, dict[str, Any]] = {}
+        for artifact in bundle.artifacts:
+            lacking = missing_requirements(artifact.requires, device)
+            if not cases or lacking:
+                why = "verification disabled" if not cases else f"this machine lacks {lacking}"
+                fields[artifact.name] = {"parity": {"where": "not-run", "detail": why}}
+                logger.info("  parity %s: not run (%s)", artifact.name, why)
+                continue
+            with stages(f"verify {artifact.name} against transformers"):
+                generator = Generator(bundle, Choice(artifact.name, "verifying"), device, 1)
+                record = parity.check(generator, cases)
+            logger.info("  parity %s: %s", artifact.name, parity.summary(record))
+            if not record["ok"] and strict:
+                raise ParityError(
+                    f"{artifact.name}: generation parity against transformers failed: "
+                    f"{parity.summary(record)}; no bundle written"
+                )
+            fields[artifact.name] = {"parity": record}
+        return fields
+
+    return run
+
+
+def model_info(config: DecoderConfig, source, name: str, context: int) -> dict[str, Any]:
+    """The manifest's `model` section for a generation bundle."""
+    return {
+        "name": name,
+        "source": source.origin,
+        "source_kind": source.kind,
+        "task": "text-generation",
+        "architecture": config.architecture,
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_ids": list(config.eos_token_ids),
+        "decoder": config.to_dict(),
+        "generation": {
+            "context_length": context,
+            "prefill_chunk": min(PREFILL_CHUNK, context),
+            "functions": list(lower.ENTRY_FUNCTIONS),
+        },
+        "inputs": [{"name": "input_ids", "axes": ["batch", "seq"]}],
+        "outputs": [{"name": "logits", "axes": ["batch", "vocab"]}],
+    }
+
+
+def compile_decoder(options) -> Path:
+    """Compile a causal LM into a generation bundle; returns its path."""
+    profiles = plan_profiles(options)
+    stages = Stages(3 + len(profiles) * (1 + bool(options.verify)))
+    with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
+        work_dir = Path(work)
+        with stages("read the model (merge an adapter, convert GGUF)"):
+            source = sources.resolve_source(options.model, options.base, work_dir)
+            config = read_decoder_config(source.model_dir)
+            context = context_length(config, options.context)
+        logger.info(
+            "  %s: %d layers, hidden %d, %d/%d heads, vocabulary %d; context %d",
+            config.architecture,
+            config.num_layers,
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.vocab_size,
+            context,
+        )
+        entries, named = [], None
+        for profile in profiles:
+            built, named = build_profile(config, profile, work_dir / "artifacts", stages)
+            entries.append(
+                package.ArtifactEntry(
+                    profile=profile.name,
+                    family=profile.family,
+                    target=built.target,
+                    requires=profile.for_precision(short("float32")).requires,
+                    lib_path=built.lib_path,
+                    code_form=built.code_form,
+                )
+            )
+        with stages("reference: transformers' logits and greedy tokens"):
+            cases = []
+            if options.verify:
+                prompts = parity.prompt_ids(source.model_dir, config.vocab_size)
+                cases = parity.reference_cases(source.model_dir, prompts)
+        with stages("package bundle (each artifact gated on the staged bundle)"):
+            params = weights.ordered_params(
+                named, weights.decoder_params(source.model_dir, config), str(source.model_dir)
+            )
+            names = [n for n, _ in named]
+            blob = package.weights_blob(names, [_tensor(p) for p in params])
+            del params
+            out = package.write_bundle(
+                options.output,
+                None,
+                {"float32": (names, blob)},
+                entries,
+                model_info(config, source, options.name or _default_name(options.model), context),
+                [],
+                tokenizer_dir=source.model_dir,
+                check_staged=gate(cases, options.strict_parity, stages),
+            )
+    logger.info("bundle written: %s", out)
+    return out
+
+
+def _tensor(array):
+    import tvm
+
+    return tvm.runtime.tensor(array)
+
+
+def _default_name(model: str) -> str:
+    path = Path(model)
+    return path.stem if path.suffix.lower() == ".gguf" else path.name

@@ -1,0 +1,479 @@
+"""Text generation with a compiled decoder: prompt or chat in, text out, whole or streamed.
+
+A generation bundle's artifact exports `create_paged_kv_cache`, `prefill` and `decode`
+(compiler/decoder/entry.py). One stepping thread owns the VM and the paged KV cache: a Relax VM
+must never be called from two threads at once, and a single owner lets every running request
+share each decode step (continuous batching: one `decode` call advances all of them). Callers, on
+any thread, submit a request and read its tokens from a queue; closing a stream, or a stop string,
+frees the request's sequence in the cache at the next step.
+
+Limits are checked before anything reaches TVM: token ids in the vocabulary (TVM's `take` has no
+bounds check), a prompt shorter than the context, `max_new_tokens` cut to the room left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import numpy as np
+
+from ._tvm import import_tvm
+from .bundle import Bundle
+from .chat import ChatTemplate
+from .engine import cuda_index, read_weights
+from .errors import BundleError, InputError, OptionError
+from .probe import DeviceInfo
+from .sampling import Sampler, SamplingParams
+from .select import Choice
+
+TEXT_GENERATION = "text-generation"
+#: KV cache pages hold this many tokens each (TVM's paged cache; 16 is what MLC-LLM uses on CPU).
+PAGE_SIZE = 16
+
+
+@dataclass
+class GenerationResult:
+    """One finished request: the text, its tokens and where the time went."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end-of-sequence token or a stop string) or "length"
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens after the first, per second of decoding (the first comes from prefill)."""
+        steps = len(self.token_ids) - 1
+        return steps / (self.decode_ms / 1e3) if steps > 0 and self.decode_ms > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "finish_reason": self.finish_reason,
+            "prefill_ms": round(self.prefill_ms, 3),
+            "decode_ms": round(self.decode_ms, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+        }
+
+
+@dataclass
+class _Request:
+    """A request as the stepping thread sees it."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampler: Sampler
+    eos: frozenset[int]
+    out: queue.Queue = field(default_factory=queue.Queue)  # token ids, then a _Done
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    seq_id: int = -1
+    keep_logits: bool = False  # keep the prefill's logits row (Generator.prefill_logits)
+    logits: np.ndarray | None = None
+    prefill_ms: float = 0.0
+    started: float = 0.0
+
+
+@dataclass
+class _Done:
+    finish_reason: str
+    prefill_ms: float
+    decode_ms: float
+    error: BaseException | None = None
+
+
+class _Stepper:
+    """The one thread that runs the VM: admits requests (prefill), then decodes all of them."""
+
+    def __init__(self, vm, device, params, context: int, max_sequences: int, prefill_chunk: int):
+        self.vm, self.device, self.params = vm, device, params
+        self.context, self.max_sequences, self.prefill_chunk = context, max_sequences, prefill_chunk
+        tvm = import_tvm()
+        self._tvm = tvm
+        self._shape = tvm.runtime.ShapeTuple
+        self._fn = {
+            n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
+            for n in ("add_sequence", "remove_sequence", "begin_forward", "end_forward")
+        }
+        self._pending: queue.Queue[_Request] = queue.Queue()
+        self._cache = None
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    def submit(self, request: _Request) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():  # first use, or a forked child
+                self._pid = os.getpid()
+                self._pending = queue.Queue()
+                self._thread = threading.Thread(
+                    target=self._run, name="tvmdeploy-generate", daemon=True
+                )
+                self._thread.start()
+            self._pending.put(request)
+
+    def _new_cache(self):
+        s = self._shape
+        return self.vm["create_paged_kv_cache"](
+            s([self.max_sequences]),
+            s([self.context * self.max_sequences]),
+            s([self.prefill_chunk]),
+            s([PAGE_SIZE]),
+            s([0]),
+        )
+
+    def _forward(self, function: str, seq_ids: list[int], tokens: np.ndarray) -> np.ndarray:
+        s = self._shape
+        lengths = [tokens.shape[1] if function == "prefill" else 1] * len(seq_ids)
+        self._fn["begin_forward"](self._cache, s(seq_ids), s(lengths))
+        ids = self._tvm.runtime.tensor(tokens.astype(np.int32), self.device)
+        logits = self.vm[function](ids, self._cache, *self.params)
+        self._fn["end_forward"](self._cache)
+        out = logits[0] if not hasattr(logits, "numpy") else logits
+        return out.numpy().reshape(len(seq_ids), -1)
+
+    def _run(self) -> None:
+        self._cache = self._new_cache()
+        active: list[_Request] = []
+        while True:
+            while len(active) < self.max_sequences:
+                try:
+                    request = self._pending.get(block=not active, timeout=None)
+                except queue.Empty:
+                    break
+                if self._start(request):
+                    active.append(request)
+            if not active:
+                continue
+            active = [r for r in active if not self._finish_if_done(r)]
+            if not active:
+                continue
+            try:
+                rows = self._forward(
+                    "decode",
+                    [r.seq_id for r in active],
+                    np.array([[r.generated[-1]] for r in active]),
+                )
+            except Exception as err:  # noqa: BLE001 - TVM's; fail these requests, not the thread
+                for r in active:
+                    self._end(r, "error", err)
+                active = []
+                continue
+            for r, row in zip(active, rows, strict=True):
+                r.generated.append(r.sampler(row, np.array(r.prompt + r.generated)))
+                r.out.put(r.generated[-1])
+            active = [r for r in active if not self._finish_if_done(r)]
+
+    def _start(self, request: _Request) -> bool:
+        """Prefill the request's prompt (in chunks) and sample its first token."""
+        if request.cancelled.is_set():
+            request.out.put(_Done("stop", 0.0, 0.0))
+            return False
+        request.seq_id = next(self._ids)
+        self._fn["add_sequence"](self._cache, request.seq_id)
+        start = time.perf_counter()
+        try:
+            prompt = np.array([request.prompt])
+            for k in range(0, prompt.shape[1], self.prefill_chunk):
+                row = self._forward(
+                    "prefill", [request.seq_id], prompt[:, k : k + self.prefill_chunk]
+                )[0]
+        except Exception as err:  # noqa: BLE001 - TVM's
+            self._end(request, "error", err)
+            return False
+        if request.keep_logits:
+            request.logits = row
+        request.generated.append(request.sampler(row, prompt[0]))
+        request.prefill_ms = (time.perf_counter() - start) * 1e3
+        request.started = time.perf_counter()
+        request.out.put(request.generated[-1])
+        return not self._finish_if_done(request)
+
+    def _finish_if_done(self, r: _Request) -> bool:
+        if r.cancelled.is_set() or (r.generated and r.generated[-1] in r.eos):
+            self._end(r, "stop")
+        elif len(r.generated) >= r.max_new_tokens:
+            self._end(r, "length")
+        else:
+            return False
+        return True
+
+    def _end(self, r: _Request, reason: str, error: BaseException | None = None) -> None:
+        if r.seq_id >= 0:
+            with contextlib.suppress(Exception):  # a sequence the failed step never added
+                self._fn["remove_sequence"](self._cache, r.seq_id)
+        decode_ms = (time.perf_counter() - r.started) * 1e3 if r.started else 0.0
+        r.out.put(_Done(reason, r.prefill_ms, decode_ms, error))
+
+
+class GenerationStream:
+    """The text of one request as it is generated: iterate for text pieces; `result` once done.
+
+    Closing it (or leaving a `with` block) before the end frees the request's sequence."""
+
+    def __init__(self, generator: Generator, request: _Request, stop: list[str], skip_eos: bool):
+        self._generator = generator
+        self._request = request
+        self._stop = stop
+        self._skip_eos = skip_eos
+        self._ids: list[int] = []
+        self._text = ""  # decoded so far, stop strings cut off
+        self._sent = 0  # characters of _text already yielded
+        self.result: GenerationResult | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._request.cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        stopped = False
+        while self.result is None:
+            item = self._request.out.get()
+            if isinstance(item, _Done):
+                if item.error is not None:
+                    raise BundleError(f"generation failed in the compiled model: {item.error}")
+                held = self._text[self._sent :]
+                if held:
+                    self._sent = len(self._text)
+                    yield held
+                reason = "stop" if stopped else item.finish_reason
+                self.result = GenerationResult(
+                    self._text,
+                    self._ids,
+                    len(self._request.prompt),
+                    reason,
+                    item.prefill_ms,
+                    item.decode_ms,
+                )
+                break
+            if stopped or (self._skip_eos and item in self._request.eos):
+                continue
+            self._ids.append(item)
+            piece = self._advance()
+            if piece is None:
+                stopped = True
+                self.close()
+                piece = self._text[self._sent :]
+                self._sent = len(self._text)
+            if piece:
+                yield piece
+
+    def _advance(self) -> str | None:
+        """The new text safe to show; None when a stop string ended the request."""
+        if not self._generator.has_tokenizer:
+            return ""  # token ids only (GenerationResult.token_ids)
+        text = self._generator.tokenizer.decode(self._ids, skip_special_tokens=True)
+        for stop in self._stop:
+            at = text.find(stop, max(0, len(self._text) - len(stop)))
+            if at >= 0:
+                self._text = text[:at]
+                return None
+        if text.endswith("\ufffd"):  # half a multi-byte character: wait for the next token
+            return ""
+        self._text = text
+        hold = max((_prefix_overlap(text, s) for s in self._stop), default=0)
+        end = len(text) - hold
+        piece = text[self._sent : end] if end > self._sent else ""
+        self._sent = max(self._sent, end)
+        return piece
+
+
+def _prefix_overlap(text: str, stop: str) -> int:
+    """How many trailing characters of `text` begin `stop` (held back: they may become it)."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class Generator:
+    """A loaded generation bundle. `generate` / `chat` may be called from any number of threads;
+    up to `max_sequences` requests decode together, the rest wait their turn."""
+
+    def __init__(self, bundle: Bundle, choice: Choice, device: DeviceInfo, max_sequences: int = 4):
+        if max_sequences < 1:
+            raise OptionError(f"max_sequences must be >= 1, not {max_sequences}")
+        self.bundle, self.choice = bundle, choice
+        model = bundle.model
+        generation = model.get("generation") or {}
+        self.vocab_size = int(model["vocab_size"])
+        self.context_length = int(generation.get("context_length") or 0)
+        if self.context_length < 2:
+            raise BundleError(f"{bundle.path}: the manifest gives no generation.context_length")
+        self.eos_token_ids = frozenset(int(t) for t in model.get("eos_token_ids") or [])
+        self.artifact = bundle.artifact(choice.artifact)
+        tvm = import_tvm()
+        gpu = self.artifact.is_gpu
+        dev = tvm.cuda(cuda_index(self.artifact.requires, device)) if gpu else tvm.cpu(0)
+        lib_path = bundle.file(self.artifact.file)
+        try:
+            lib = tvm.runtime.load_module(str(lib_path))
+        except Exception as err:  # noqa: BLE001 - a library this TVM cannot load
+            raise BundleError(f"{lib_path}: TVM could not load this artifact: {err}") from None
+        vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+        for function in ("create_paged_kv_cache", "prefill", "decode"):
+            if not vm.module.implements_function(function):
+                raise BundleError(f"{lib_path}: not a decoder artifact (no {function} function)")
+        params = read_weights(bundle, self.artifact, dev)
+        self._stepper = _Stepper(
+            vm,
+            dev,
+            params,
+            self.context_length,
+            max_sequences,
+            int(generation.get("prefill_chunk") or self.context_length),
+        )
+        self._tokenizer = None
+        self._template: ChatTemplate | None = None
+
+    def __repr__(self) -> str:
+        return f"Generator({self.bundle.name!r}, engine={self.choice.artifact!r})"
+
+    @property
+    def task(self) -> str:
+        return TEXT_GENERATION
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return "tokenizer/tokenizer.json" in self.bundle.manifest.get("files", {})
+
+    @property
+    def tokenizer(self):
+        """The bundle's fast tokenizer (`tokenizers` library)."""
+        if self._tokenizer is None:
+            if not self.has_tokenizer:
+                raise BundleError(
+                    f"{self.bundle.path}: this bundle has no tokenizer; pass token ids instead"
+                )
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(self.bundle.file("tokenizer/tokenizer.json")))
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text the model's own chat template makes of `messages`."""
+        if self._template is None:
+            files = self.bundle.manifest.get("files", {})
+            if "tokenizer/tokenizer_config.json" not in files:
+                raise InputError(
+                    f"{self.bundle.path}: this bundle has no tokenizer config, so no chat "
+                    "template; pass a prompt instead of messages"
+                )
+            jinja = "tokenizer/chat_template.jinja"
+            self._template = ChatTemplate(
+                self.bundle.file("tokenizer/tokenizer_config.json"),
+                self.bundle.file(jinja) if jinja in files else None,
+            )
+        return self._template.render(messages)
+
+    def prompt_ids(self, prompt: str | list[int] | None, messages=None) -> list[int]:
+        """Token ids for a prompt string, token ids as given, or chat messages."""
+        if (prompt is None) == (messages is None):
+            raise InputError("give either a prompt or chat messages")
+        if messages is not None:
+            text = self.apply_chat_template(messages)
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt).ids
+        else:
+            ids = [int(t) for t in np.asarray(prompt).reshape(-1)] if len(prompt) else []
+        if not ids:
+            raise InputError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InputError(f"prompt token ids must lie in [0, {self.vocab_size}); found {bad[0]}")
+        if len(ids) >= self.context_length:
+            raise InputError(
+                f"the prompt has {len(ids)} tokens; this bundle's context is "
+                f"{self.context_length} tokens (prompt and completion together): shorten it"
+            )
+        return ids
+
+    def generate(
+        self,
+        prompt: str | list[int] | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+        ignore_eos: bool = False,
+    ) -> GenerationResult | GenerationStream:
+        """Generate from a prompt (text or token ids) or chat `messages`.
+
+        Greedy by default (`temperature=0`). Ends at an end-of-sequence token (unless
+        `ignore_eos`), a `stop` string (not included in the text), `max_new_tokens`, or the
+        context's end (`finish_reason="length"`). `stream=True` returns a GenerationStream that
+        yields the text as it comes."""
+        if max_new_tokens < 1:
+            raise OptionError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise InputError("stop strings must be non-empty strings")
+        ids = self.prompt_ids(prompt, messages)
+        room = self.context_length - len(ids)
+        request = _Request(
+            ids,
+            min(max_new_tokens, room),
+            Sampler(params),
+            frozenset() if ignore_eos else self.eos_token_ids,
+        )
+        result_stream = GenerationStream(self, request, stops, skip_eos=not ignore_eos)
+        self._stepper.submit(request)
+        if stream:
+            return result_stream
+        for _ in result_stream:
+            pass
+        assert result_stream.result is not None
+        return result_stream.result
+
+    def prefill_logits(self, prompt: list[int]) -> np.ndarray:
+        """The logits [vocab] after `prompt` (token ids): what the compile's parity gate checks
+        against the reference, through the same path as `generate`."""
+        request = _Request(self.prompt_ids(prompt), 1, Sampler(SamplingParams()), frozenset())
+        request.keep_logits = True
+        self._stepper.submit(request)
+        while not isinstance(item := request.out.get(), _Done):
+            pass
+        if item.error is not None:
+            raise BundleError(f"prefill failed in the compiled model: {item.error}")
+        assert request.logits is not None
+        return request.logits
+
+    def chat(
+        self, messages: list[dict[str, str]], **options
+    ) -> GenerationResult | GenerationStream:
+        """`generate(messages=messages, ...)`."""
+        return self.generate(messages=messages, **options)

@@ -1,0 +1,165 @@
+"""The runtime's Generator on a real generation bundle (a tiny Llama compiled for the host),
+checked against transformers: greedy text and tokens, the chat template, streaming, stop
+strings, sampling, concurrent requests sharing decode steps, and limits refused by name."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from tvmdeploy.runtime import GenerationResult, Generator, load
+from tvmdeploy.runtime.errors import InputError, OptionError
+
+PROMPT = "The bundle holds"
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_llm_bundle) -> Generator:
+    return load(tiny_llm_bundle)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llm_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llm_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def hf_greedy(reference, ids: list[int], new: int) -> list[int]:
+    """transformers' greedy continuation, EOS ignored (so both sides run `new` steps)."""
+    import torch
+
+    tokenizer, model = reference
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def test_load_gives_a_generator_with_the_bundles_limits(generator):
+    assert isinstance(generator, Generator)
+    assert generator.task == "text-generation"
+    assert generator.context_length == 256  # the tiny model's own limit (below the default cap)
+    assert generator.eos_token_ids == frozenset({2})
+
+
+def test_greedy_text_and_tokens_match_transformers(generator, reference):
+    tokenizer, _ = reference
+    ids = tokenizer(PROMPT).input_ids
+    result = generator.generate(PROMPT, max_new_tokens=24, ignore_eos=True)
+    assert isinstance(result, GenerationResult)
+    expected = hf_greedy(reference, ids, 24)
+    assert result.token_ids == expected
+    assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert result.prompt_tokens == len(ids)
+    assert result.finish_reason == "length"
+
+
+def test_chat_template_renders_as_transformers_does(generator, reference):
+    tokenizer, _ = reference
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert generator.apply_chat_template(messages) == expected
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    result = generator.chat(messages, max_new_tokens=12, ignore_eos=True)
+    assert result.prompt_tokens == len(ids)
+    assert result.token_ids == hf_greedy(reference, list(ids), 12)
+
+
+def test_the_stream_yields_the_same_text_and_closing_it_frees_the_sequence(generator):
+    whole = generator.generate(PROMPT, max_new_tokens=20, ignore_eos=True)
+    stream = generator.generate(PROMPT, max_new_tokens=20, ignore_eos=True, stream=True)
+    pieces = list(stream)
+    assert "".join(pieces) == whole.text
+    assert stream.result.token_ids == whole.token_ids
+    with generator.generate(PROMPT, max_new_tokens=200, ignore_eos=True, stream=True) as early:
+        next(iter(early))
+    # The closed request's sequence is gone: as many new requests as the cache holds still run.
+    results = [generator.generate(PROMPT, max_new_tokens=5) for _ in range(6)]
+    assert all(r.completion_tokens >= 1 for r in results)
+
+
+def test_a_stop_string_ends_the_text_before_it(generator):
+    whole = generator.generate(PROMPT, max_new_tokens=40, ignore_eos=True).text
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 2]
+    assert stop, whole
+    cut = generator.generate(PROMPT, max_new_tokens=40, ignore_eos=True, stop=stop)
+    assert cut.text == whole[: whole.find(stop)]
+    assert cut.finish_reason == "stop"
+    streamed = generator.generate(
+        PROMPT, max_new_tokens=40, ignore_eos=True, stop=stop, stream=True
+    )
+    assert "".join(streamed) == cut.text
+
+
+def test_sampling_is_reproducible_by_seed_and_follows_its_controls(generator):
+    a = generator.generate(PROMPT, max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    b = generator.generate(PROMPT, max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    c = generator.generate(PROMPT, max_new_tokens=16, temperature=1.0, seed=8, ignore_eos=True)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+    greedy = generator.generate(PROMPT, max_new_tokens=16, ignore_eos=True)
+    top1 = generator.generate(
+        PROMPT, max_new_tokens=16, temperature=1.0, top_k=1, seed=3, ignore_eos=True
+    )
+    assert top1.token_ids == greedy.token_ids  # top-k 1 leaves only the argmax
+
+
+def test_concurrent_requests_share_decode_steps_and_get_their_own_tokens(generator):
+    prompts = [f"{PROMPT} {word}" for word in ("one", "two", "three", "four", "five", "six")]
+    alone = [generator.generate(p, max_new_tokens=20, ignore_eos=True).token_ids for p in prompts]
+    together: list = [None] * len(prompts)
+
+    def run(k: int) -> None:
+        together[k] = generator.generate(prompts[k], max_new_tokens=20, ignore_eos=True).token_ids
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+def test_prefill_logits_match_transformers(generator, reference):
+    import torch
+
+    tokenizer, model = reference
+    ids = tokenizer(PROMPT).input_ids
+    with torch.inference_mode():
+        expected = model(torch.tensor([ids])).logits[0, -1].numpy()
+    np.testing.assert_allclose(generator.prefill_logits(ids), expected, atol=1e-4)
+
+
+def test_limits_and_bad_requests_are_refused_by_name(generator):
+    with pytest.raises(InputError, match="context is 256 tokens"):
+        generator.generate(list(range(3, 259)))
+    with pytest.raises(InputError, match=r"lie in \[0, 300\); found 300"):
+        generator.generate([5, 300])
+    with pytest.raises(InputError, match="empty"):
+        generator.generate([])
+    with pytest.raises(InputError, match="either a prompt or chat messages"):
+        generator.generate()
+    with pytest.raises(InputError, match=r"messages\[0\]\.content must be a string"):
+        generator.chat([{"role": "user", "content": 3}])
+    with pytest.raises(OptionError, match="top_p"):
+        generator.generate(PROMPT, top_p=0)
+    with pytest.raises(OptionError, match="max_new_tokens"):
+        generator.generate(PROMPT, max_new_tokens=0)
+    # The room left in the context caps a long request: it ends with finish_reason "length".
+    long = generator.generate(list(range(3, 250)), max_new_tokens=50, ignore_eos=True)
+    assert long.completion_tokens == 256 - 247
+    assert long.finish_reason == "length"
