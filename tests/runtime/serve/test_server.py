@@ -181,8 +181,8 @@ def test_4xx_bodies_name_the_problem(url):
         return response.status_code, response.json()["error"]
 
     good = v2_body(token_rows(2, 1, 4))
-    assert infer(b'{"inputs": [') == (400, infer(b'{"inputs": [')[1])
-    assert "malformed JSON" in infer(b'{"inputs": [')[1]
+    status, message = infer(b'{"inputs": [')
+    assert status == 400 and "malformed JSON" in message
     wrong_dtype = json.loads(json.dumps(good))
     wrong_dtype["inputs"][0]["datatype"] = "FP32"
     status, message = infer(wrong_dtype)
