@@ -5,7 +5,8 @@ Routes (NAME is a model's name; `/versions/1` may follow it, as tritonclient sen
 `GET /v2/health/live|ready` (no api key), `GET /v2`, `GET /v2/models/NAME`,
 `GET /v2/models/NAME/ready`, `POST /v2/models/NAME/infer` (JSON or binary tensors),
 `POST /v2/models/NAME/predict` ({"text": [...]}: labels, entities or embeddings),
-`GET /v1/models`, `POST /v1/embeddings`, `GET /metrics`.
+`GET /v1/models`, `POST /v1/embeddings`, `POST /v1/completions` and `/v1/chat/completions`
+(generation bundles, streamed as server-sent events with `stream: true`), `GET /metrics`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..generate import Generator
 from ..model import Model
 from ..tasks import CLASSIFICATION, EMBEDDING, TOKEN_CLASSIFICATION, entities, labels, vectors
 from .errors import ServeError
@@ -31,7 +33,7 @@ VERSION = "1"
 
 
 def create_app(
-    models: dict[str, Model],
+    models: dict[str, Model | Generator],
     *,
     max_batch_delay_ms: float = 2.0,
     max_queue: int = 256,
@@ -97,7 +99,7 @@ def v2_routes(state: ServerState) -> list[Route]:
     async def model_metadata(request: Request) -> Response:
         _check_version(request)
         name = request.path_params["name"]
-        model = state.model(name)
+        model = state.tensor_model(name)
         return JSONResponse(metadata(name, model.input_names, model.bundle.outputs))
 
     async def model_ready(request: Request) -> Response:
@@ -109,7 +111,7 @@ def v2_routes(state: ServerState) -> list[Route]:
     async def infer(request: Request) -> Response:
         _check_version(request)
         name = request.path_params["name"]
-        model = state.model(name)
+        model = state.tensor_model(name)
         body = await state.body(request)
         decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), model.input_names)
         outputs = await state.infer(name, decoded.inputs)
@@ -118,7 +120,7 @@ def v2_routes(state: ServerState) -> list[Route]:
 
     async def predict(request: Request) -> Response:
         name = request.path_params["name"]
-        model = state.model(name)
+        model = state.tensor_model(name)
         body = parse_json(await state.body(request))
         if not isinstance(body, dict) or "text" not in body:
             raise ServeError(400, 'a predict request is a JSON object {"text": [strings]}')

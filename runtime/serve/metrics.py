@@ -20,7 +20,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """Requests, errors and latency per route and model; queue depth and batch sizes per model."""
+    """Requests, errors and latency per route and model; queue depth and batch sizes per model;
+    generated tokens and decode rates per generation model."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -63,6 +64,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+        self.generated_tokens = Counter(
+            "tvmdeploy_generated_tokens",
+            "Tokens generated (completion tokens)",
+            ("model",),
+            registry=self.registry,
+        )
+        self.decode_rate = Histogram(
+            "tvmdeploy_decode_tokens_per_second",
+            "Decode speed per generation request (tokens after the first, per second)",
+            ("model",),
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=self.registry,
+        )
+
+    def generated(self, model: str, tokens: int, decode_seconds: float) -> None:
+        """A finished generation request: its tokens, and its decode rate."""
+        self.generated_tokens.labels(model).inc(tokens)
+        if tokens > 1 and decode_seconds > 0:
+            self.decode_rate.labels(model).observe((tokens - 1) / decode_seconds)
 
     def observe(self, route: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(route, model, str(status)).inc()

@@ -1,8 +1,8 @@
 """OpenAI's API: `GET /v1/models` and `POST /v1/embeddings` (for embedding bundles).
 
 Errors use OpenAI's body (`{"error": {"message": ...}}`), which the `openai` client raises with
-that message. `add_generation_routes` is where `/v1/completions` and `/v1/chat/completions` go
-once the runtime runs text-generation bundles; it adds nothing yet.
+that message. `add_generation_routes` adds `/v1/completions` and `/v1/chat/completions`
+(serve/completions.py).
 """
 
 from __future__ import annotations
@@ -87,10 +87,11 @@ def openai_routes(state: ServerState) -> list[Route]:
 
 
 def add_generation_routes(routes: list[Route], state: ServerState) -> None:
-    """The place for OpenAI's generation routes (`/v1/completions`, `/v1/chat/completions`) of
-    text-generation bundles: append `Route`s whose handlers are wrapped with
-    `endpoint(state, route, handler, error=openai_error)`, for the models that generate. None
-    yet: the runtime does not run generation bundles."""
+    """OpenAI's generation routes (`/v1/completions`, `/v1/chat/completions`, serve/completions.py)
+    for the text-generation bundles."""
+    from .completions import completion_routes
+
+    routes.extend(completion_routes(state))
 
 
 def _is_tokens(inputs) -> bool:

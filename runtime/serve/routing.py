@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import BundleError, InputError, OptionError
+from ..generate import Generator
 from ..model import Model
 from .batcher import Batcher
 from .errors import ServeError
@@ -33,7 +34,7 @@ class ServerState:
 
     def __init__(
         self,
-        models: dict[str, Model],
+        models: dict[str, Model | Generator],
         *,
         max_batch_delay_ms: float = 2.0,
         max_queue: int = 256,
@@ -44,21 +45,34 @@ class ServerState:
             raise OptionError("serve needs at least one model")
         self.models = dict(models)
         self.metrics = Metrics()
+        # Generation bundles batch inside their Generator (one decode step for all requests).
         self.batchers = {
             name: Batcher(name, model, self.metrics, max_batch_delay_ms, max_queue)
             for name, model in self.models.items()
+            if not isinstance(model, Generator)
         }
         self.api_key = api_key or None
         self.max_body_bytes = max_body_bytes
         self.ready = False
 
-    def model(self, name: str) -> Model:
+    def model(self, name: str) -> Model | Generator:
         """The model served as `name`, or a 404 naming the ones there are."""
         if name not in self.models:
             raise ServeError(
                 404, f"unknown model {name!r}; this server has: {', '.join(sorted(self.models))}"
             )
         return self.models[name]
+
+    def tensor_model(self, name: str) -> Model:
+        """The model served as `name` for the tensor and text routes; a generation bundle is a
+        400 that points at the completion routes."""
+        model = self.model(name)
+        if isinstance(model, Generator):
+            raise ServeError(
+                400,
+                f"model {name!r} generates text: use /v1/completions or /v1/chat/completions",
+            )
+        return model
 
     async def body(self, request: Request) -> bytes:
         """The request body, refused with 413 past `max_body_bytes`."""
@@ -73,7 +87,7 @@ class ServerState:
     async def infer(self, name: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """Outputs for one request's token arrays: validated here (a 400 naming the input),
         then batched with other requests."""
-        model = self.model(name)
+        model = self.tensor_model(name)
         arrays = model.validate(inputs)
         return await self.batchers[name].run(arrays)
 
@@ -83,7 +97,7 @@ class ServerState:
             texts = [texts]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise ServeError(400, '"text" must be a string or a non-empty list of strings')
-        model = self.model(name)
+        model = self.tensor_model(name)
         try:
             tokenizer = model.tokenizer
         except BundleError as error:
