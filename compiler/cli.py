@@ -3,8 +3,8 @@
 Errors are caught once, in `_Commands.invoke`: a `TvmdeployError` prints its message (the
 traceback too with `-v`) and exits 2. Library modules report through `logging`; this module shows
 those records on stderr (`-q` keeps only warnings). The device-side commands (`inspect`, `bench`
-without baselines, `targets`, `report`, `verify`, `sign`, `keygen`) import only the runtime: no
-torch, transformers, onnx nor TVM's compiler library (docs/design.md).
+without baselines, `targets`, `report`, `verify`, `sign`, `keygen`, `serve`) import only the
+runtime: no torch, transformers, onnx nor TVM's compiler library (docs/design.md).
 
 Why this module is long (~550 lines): it is one concern, the command line; each command is a
 thin parse, one API call and its table.
@@ -741,6 +741,38 @@ def verify_cmd(
         out.print(table)
     if not all_ok(rows):
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    bundles: Annotated[list[str], Arg(help=HELP["serve_bundles"])],
+    host: Annotated[str, Opt("--host", help=HELP["host"])] = "127.0.0.1",
+    port: Annotated[int, Opt("--port", help=HELP["port"])] = 8000,
+    precision: Annotated[str, Opt("--precision", help=HELP["serve_precision"])] = "auto",
+    max_batch_delay_ms: Annotated[
+        float, Opt("--max-batch-delay-ms", help=HELP["max_batch_delay_ms"])
+    ] = 2.0,
+    max_queue: Annotated[int, Opt("--max-queue", help=HELP["max_queue"])] = 256,
+    api_key: Annotated[
+        str | None, Opt("--api-key", envvar="TVMDEPLOY_API_KEY", help=HELP["api_key"])
+    ] = None,
+    trusted_key: Annotated[list[str] | None, Opt("--trusted-key", help=HELP["trusted_key"])] = None,
+) -> None:
+    """Serve bundles over HTTP: KServe v2 (JSON and binary tensors), /v2/models/NAME/predict with
+    texts, OpenAI /v1/embeddings, Prometheus /metrics. SIGTERM drains requests in flight."""
+    _device_side()
+    from tvmdeploy.runtime.serve import serve as serve_bundles
+
+    serve_bundles(
+        bundles,
+        host=host,
+        port=port,
+        precision=precision,
+        max_batch_delay_ms=max_batch_delay_ms,
+        max_queue=max_queue,
+        api_key=api_key,
+        trusted_keys=trusted_key,
+    )
 
 
 def main() -> None:

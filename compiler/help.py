@@ -110,6 +110,19 @@ HELP = {
     "verify_keys": "Trusted public key (file or 64 hex digits); repeat for several. Without it "
     "the signature is only reported.",
     "verify_json": "Print the checks as JSON on stdout.",
+    "serve_bundles": "Bundles to serve, each as BUNDLE (served under its file name without .tvmd) "
+    "or NAME=BUNDLE.",
+    "host": "Address to listen on (0.0.0.0 for every interface).",
+    "port": "TCP port to listen on.",
+    "serve_precision": "Which precision's artifacts to load: auto (what load() takes), fp32, "
+    "int8, bf16, fp16.",
+    "max_batch_delay_ms": "How long a request waits for others to share its batch (ms); batches "
+    "hold up to the largest bucket's batch.",
+    "max_queue": "Rows that may wait per model; past it a request gets 429 with Retry-After.",
+    "api_key": "Require 'Authorization: Bearer KEY' on every route but health (default: "
+    "$TVMDEPLOY_API_KEY).",
+    "trusted_key": "Trusted public key (file or 64 hex digits); repeat for several. Every bundle "
+    "must be signed by one of them, or nothing is served (default: $TVMDEPLOY_TRUSTED_KEYS).",
     "verbose": "Debug logging, and tracebacks with errors.",
     "quiet": "Only warnings and errors on stderr.",
 }

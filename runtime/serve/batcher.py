@@ -1,0 +1,209 @@
+"""Dynamic batching: concurrent requests for one model coalesced into one call of the model.
+
+One queue per model. A request's validated rows wait up to `max_batch_delay_ms` for others to
+join, up to the largest bucket's batch (`Model.max_batch`); the batch runs on the model in the
+batcher's worker thread, never on the event loop, and each caller gets back exactly its own
+rows. Sequences of different lengths are padded to the longest in the batch with the pad token
+and a zero attention mask, which leaves every row's outputs as they would be alone (outputs with
+a sequence axis are cut back to the caller's length). Inputs longer than the largest bucket run
+alone (they take the model's batch-1 symbolic-length path anyway), and without an attention mask
+only rows of one length share a batch.
+
+Past `max_queue` waiting rows a request is refused at once with 429 and `Retry-After`. An error
+in a batch goes to that batch's callers only; the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..model import Model
+from .errors import QueueFull, ServeError
+from .metrics import Metrics
+
+Arrays = dict[str, np.ndarray]
+log = logging.getLogger("tvmdeploy.serve")
+
+
+@dataclass
+class _Pending:
+    arrays: Arrays
+    rows: int
+    seq: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    arrived: float
+
+
+class Batcher:
+    """The queue and worker thread of one model."""
+
+    def __init__(
+        self,
+        name: str,
+        model: Model,
+        metrics: Metrics,
+        max_batch_delay_ms: float = 2.0,
+        max_queue: int = 256,
+    ):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, not {max_queue}")
+        self.name = name
+        self.model = model
+        self.metrics = metrics
+        self.delay_s = max(0.0, max_batch_delay_ms) / 1e3
+        self.max_queue = max_queue
+        self.max_batch = model.max_batch
+        self._masked = "attention_mask" in model.input_names
+        self._seq_axes = [
+            "seq" in (spec.get("axes") or []) for spec in model.bundle.outputs
+        ]  # per output, in the model's order
+        self._output_names = [spec["name"] for spec in model.bundle.outputs]
+        self._queue: deque[_Pending] = deque()
+        self._waiting_rows = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._batch_s = 0.01  # running mean of a batch's time, for Retry-After
+
+    # -- the event loop's side ----------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._work, name=f"tvmdeploy-batcher-{self.name}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Run what is queued, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    async def run(self, arrays: Arrays) -> Arrays:
+        """The model's outputs for these validated arrays (one request's rows)."""
+        rows, seq = arrays["input_ids"].shape
+        if rows > self.max_queue:
+            raise ServeError(
+                413,
+                f"the request holds {rows} rows, more than this server queues ({self.max_queue}, "
+                "--max-queue); split it",
+            )
+        loop = asyncio.get_running_loop()
+        pending = _Pending(arrays, rows, seq, loop.create_future(), loop, time.monotonic())
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise ServeError(503, f"model {self.name!r} is not serving (shutting down)")
+            if self._waiting_rows + rows > self.max_queue:
+                batches = math.ceil((self._waiting_rows + rows) / self.max_batch)
+                retry = max(1, math.ceil(batches * self._batch_s + self.delay_s))
+                raise QueueFull(
+                    f"model {self.name!r} has {self._waiting_rows} rows waiting, the most this "
+                    f"server queues is {self.max_queue} (--max-queue); retry in {retry} s",
+                    retry,
+                )
+            self._queue.append(pending)
+            self._waiting_rows += rows
+            self.metrics.queue_rows.labels(self.name).set(self._waiting_rows)
+            self._cond.notify()
+        return await pending.future
+
+    # -- the worker thread ----------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].arrived + self.delay_s
+            while self._waiting_rows < self.max_batch and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch = [self._queue.popleft()]
+            rows = batch[0].rows
+            if batch[0].seq <= self.model.max_seq:
+                while self._queue and self._joins(batch, self._queue[0], rows):
+                    rows += self._queue[0].rows
+                    batch.append(self._queue.popleft())
+            self._waiting_rows -= rows
+            self.metrics.queue_rows.labels(self.name).set(self._waiting_rows)
+            return batch
+
+    def _joins(self, batch: list[_Pending], candidate: _Pending, rows: int) -> bool:
+        if rows + candidate.rows > self.max_batch or candidate.seq > self.model.max_seq:
+            return False
+        return self._masked or candidate.seq == batch[0].seq
+
+    def _run(self, batch: list[_Pending]) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self.model(**self._merge(batch))
+        except Exception as error:  # back to this batch's callers only
+            if not isinstance(error, ServeError | ValueError):
+                log.exception("batch of %d requests failed on model %s", len(batch), self.name)
+            for pending in batch:
+                _resolve(pending, error=error)
+            return
+        seconds = time.perf_counter() - start
+        self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
+        self.metrics.batch_rows.labels(self.name).observe(sum(p.rows for p in batch))
+        self.metrics.batch_latency.labels(self.name).observe(seconds)
+        row = 0
+        for pending in batch:
+            own = {}
+            for name, has_seq in zip(self._output_names, self._seq_axes, strict=True):
+                part = outputs[name][row : row + pending.rows]
+                own[name] = part[:, : pending.seq] if has_seq else part
+            row += pending.rows
+            _resolve(pending, result=own)
+
+    def _merge(self, batch: list[_Pending]) -> Arrays:
+        if len(batch) == 1:
+            return batch[0].arrays
+        seq = max(p.seq for p in batch)
+        merged = {}
+        for name in batch[0].arrays:
+            fill = self.model.pad_token_id if name == "input_ids" else 0
+            parts = [
+                np.pad(p.arrays[name], ((0, 0), (0, seq - p.seq)), constant_values=fill)
+                for p in batch
+            ]
+            merged[name] = np.concatenate(parts)
+        return merged
+
+
+def _resolve(pending: _Pending, result: Arrays | None = None, error: Exception | None = None):
+    """Hand a result to its caller on the caller's event loop (a gone caller is skipped)."""
+
+    def deliver() -> None:
+        if pending.future.done():  # the client went away and its handler was cancelled
+            return
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            pending.future.set_result(result)
+
+    try:
+        pending.loop.call_soon_threadsafe(deliver)
+    except RuntimeError:  # the loop has closed
+        pass
