@@ -445,7 +445,8 @@ def generate(
         out.print(result.text, markup=False, highlight=False)
     err.print(
         f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} new tokens "
-        f"({result.finish_reason}); prefill {result.prefill_ms:.0f} ms, decode "
+        f"({result.finish_reason}); first token after {result.time_to_first_token_ms:.0f} ms "
+        f"(prefill {result.prefill_tokens_per_s:.0f} tok/s), decode "
         f"{result.decode_tokens_per_s:.1f} tok/s on {generator.choice.artifact}[/dim]"
     )
 
@@ -487,7 +488,8 @@ def chat(
     artifact: Annotated[str | None, Opt(help=HELP["artifact"])] = None,
 ) -> None:
     """Chat with a generation bundle on the terminal: one line per turn, the history kept in the
-    model's chat template; an empty line or Ctrl-D ends it."""
+    model's chat template (oldest turns dropped when it outgrows the context); Ctrl-C stops the
+    current answer and keeps the session; an empty line or Ctrl-D ends it."""
     _device_side()
     generator = _generator(bundle, artifact)
     options = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, None, seed)
@@ -504,12 +506,16 @@ def chat(
         if not messages or messages[-1]["role"] != "user":  # even this turn alone does not fit
             continue
         with generator.chat(messages, **options, stream=True) as stream:
-            for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            try:
+                for piece in stream:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:  # Ctrl-C ends this answer, not the session
+                err.print("[dim](stopped)[/dim]")
         sys.stdout.write("\n")
         sys.stdout.flush()
-        messages.append({"role": "assistant", "content": stream.result.text})
+        answer = stream.result.text if stream.result else stream.text_so_far
+        messages.append({"role": "assistant", "content": answer})
 
 
 @app.command()

@@ -49,10 +49,15 @@ class GenerationResult:
     finish_reason: str  # "stop" (end-of-sequence token or a stop string) or "length"
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0  # from the call to the first token (queueing included)
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -67,7 +72,9 @@ class GenerationResult:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "finish_reason": self.finish_reason,
+            "time_to_first_token_ms": round(self.time_to_first_token_ms, 3),
             "prefill_ms": round(self.prefill_ms, 3),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
             "decode_ms": round(self.decode_ms, 3),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
         }
@@ -88,7 +95,8 @@ class _Request:
     keep_logits: bool = False  # keep the prefill's logits row (Generator.prefill_logits)
     logits: np.ndarray | None = None
     prefill_ms: float = 0.0
-    started: float = 0.0
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # when the first token was out
 
 
 @dataclass
@@ -97,6 +105,7 @@ class _Done:
     prefill_ms: float
     decode_ms: float
     error: BaseException | None = None
+    first_token_ms: float = 0.0
 
 
 class _Stepper:
@@ -221,7 +230,8 @@ class _Stepper:
             with contextlib.suppress(Exception):  # a sequence the failed step never added
                 self._fn["remove_sequence"](self._cache, r.seq_id)
         decode_ms = (time.perf_counter() - r.started) * 1e3 if r.started else 0.0
-        r.out.put(_Done(reason, r.prefill_ms, decode_ms, error))
+        first = (r.started - r.submitted) * 1e3 if r.started else 0.0
+        r.out.put(_Done(reason, r.prefill_ms, decode_ms, error, first))
 
 
 class GenerationStream:
@@ -248,6 +258,11 @@ class GenerationStream:
     def close(self) -> None:
         self._request.cancelled.set()
 
+    @property
+    def text_so_far(self) -> str:
+        """The text yielded so far (for a stream stopped before its end)."""
+        return self._text[: self._sent]
+
     def __iter__(self) -> Iterator[str]:
         stopped = False
         while self.result is None:
@@ -267,6 +282,7 @@ class GenerationStream:
                     reason,
                     item.prefill_ms,
                     item.decode_ms,
+                    item.first_token_ms,
                 )
                 break
             if stopped or (self._skip_eos and item in self._request.eos):

@@ -110,6 +110,22 @@ def gate(cases, strict: bool, stages: Stages):
     return run
 
 
+def eos_token_ids(config: DecoderConfig, model_dir: Path) -> list[int]:
+    """The ids generation stops at: the config's, plus `generation_config.json`'s (chat models
+    often end turns with a token the config does not name)."""
+    import json
+
+    ids = list(config.eos_token_ids)
+    try:
+        found = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        found = None
+    for value in found if isinstance(found, list) else [found]:
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    return ids
+
+
 def model_info(config: DecoderConfig, source, name: str, context: int) -> dict[str, Any]:
     """The manifest's `model` section for a generation bundle."""
     return {
@@ -121,7 +137,7 @@ def model_info(config: DecoderConfig, source, name: str, context: int) -> dict[s
         "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "bos_token_id": config.bos_token_id,
-        "eos_token_ids": list(config.eos_token_ids),
+        "eos_token_ids": eos_token_ids(config, source.model_dir),
         "decoder": config.to_dict(),
         "generation": {
             "context_length": context,

@@ -107,3 +107,21 @@ def test_the_checker_sees_a_heavy_command(tmp_path):
     )
     assert result.returncode == 2 and "no such file" in result.stderr
     assert "tvmdeploy.compiler.drivers.compile" in loaded["modules"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "{bundle}", "The bundle", "--max-new-tokens", "4"],
+        ["generate", "{bundle}", "hi", "--chat", "--max-new-tokens", "4", "--json"],
+        ["inspect", "{bundle}"],
+    ],
+)
+def test_generation_commands_load_no_compiler(command, tiny_llm_bundle, tmp_path):
+    args = [a.format(bundle=tiny_llm_bundle) for a in command]
+    result, loaded = run_command(tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    heavy = [m for m in HEAVY if m in loaded["modules"]]
+    assert heavy == [], f"{args[0]} loaded {heavy}"
+    assert not loaded["compiler_lib"], f"{args[0]} mapped libtvm_compiler"
+    assert loaded["runtime_lib"] or args[0] == "inspect"

@@ -163,3 +163,23 @@ def test_limits_and_bad_requests_are_refused_by_name(generator):
     long = generator.generate(list(range(3, 250)), max_new_tokens=50, ignore_eos=True)
     assert long.completion_tokens == 256 - 247
     assert long.finish_reason == "length"
+
+
+def test_stream_deltas_never_split_a_multibyte_character(generator):
+    """Byte-level BPE spells "é" and "☕" (not in the tiny tokenizer's training text) as one token
+    per UTF-8 byte; the stream holds a partial character back until its last byte arrives."""
+    from tvmdeploy.runtime.generate import GenerationStream, _Done, _Request
+    from tvmdeploy.runtime.sampling import Sampler, SamplingParams
+
+    text = "café ☕ done"
+    ids = generator.tokenizer.encode(text, add_special_tokens=False).ids
+    pieces_of_char = [generator.tokenizer.decode([i]) for i in ids]
+    assert any("\ufffd" in p for p in pieces_of_char)  # some token is half a character
+    request = _Request([1], len(ids), Sampler(SamplingParams()), frozenset())
+    for token in ids:
+        request.out.put(token)
+    request.out.put(_Done("length", 1.0, 1.0))
+    stream = GenerationStream(generator, request, stop=[], skip_eos=True)
+    deltas = list(stream)
+    assert all("\ufffd" not in d for d in deltas), deltas
+    assert "".join(deltas) == text == stream.result.text
