@@ -34,11 +34,10 @@ def profile():
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny BERT exported once (the CLI accepts the .onnx file with its config beside it)."""
-    from tvmdeploy.compiler.frontend import export
-
-    return export.export_model(tiny_model_dir, tmp_path_factory.mktemp("tiny-onnx")).onnx_path
+def tiny_onnx(tiny_exported) -> Path:
+    """The tiny BERT as the session exported it (the CLI accepts the .onnx file with its config
+    beside it)."""
+    return tiny_exported.onnx_path
 
 
 @pytest.fixture(scope="module")
