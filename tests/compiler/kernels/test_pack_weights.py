@@ -22,10 +22,8 @@ PACKABLE_LINEARS = 6 * 2 + 1
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tiny_model_dir, tmp_path_factory) -> Path:
-    from tvmdeploy.compiler.frontend import export
-
-    return export.export_model(tiny_model_dir, tmp_path_factory.mktemp("pack-onnx")).onnx_path
+def tiny_onnx(tiny_exported) -> Path:
+    return tiny_exported.onnx_path
 
 
 @pytest.fixture(scope="module")
