@@ -143,7 +143,7 @@ def gate_emulated(bundle, artifact, cases, cpu: str) -> dict[str, Any]:
     qemu or the arm64 Python sysroot is missing; a crash or a timeout is a failed gate."""
     from tvmdeploy.runtime.generate import PAGE_SIZE
 
-    from ..emulation import qemu
+    from ..emulation import qemu, qemu_decoder
 
     where = f"qemu:{cpu}"
     try:
@@ -154,7 +154,7 @@ def gate_emulated(bundle, artifact, cases, cpu: str) -> dict[str, Any]:
     context = int(generation["context_length"])
     entry = bundle.weights_entry(artifact.weights)
     greedy = max(len(case.tokens) for case in cases)
-    run = qemu.run_decoder(
+    run = qemu_decoder.run_decoder(
         bundle.file(artifact.file),
         bundle.file(entry["file"]),
         entry["names"],

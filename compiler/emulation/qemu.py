@@ -46,7 +46,6 @@ DEBIAN_ROOTS = [f"python{DEBIAN_PYTHON}-minimal", f"libpython{DEBIAN_PYTHON}-std
 WHEELS = ["apache-tvm", "apache-tvm-ffi", "numpy", "ml_dtypes", "typing_extensions"]
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"  # the tag the TVM wheel carries; glibc 2.36 satisfies it
 WORKER = Path(__file__).with_name("qemu_worker.py")
-DECODER_WORKER = Path(__file__).with_name("qemu_decoder_worker.py")
 EM_AARCH64 = 183
 
 
@@ -356,7 +355,7 @@ class _WorkerDone:
     seconds: float
 
 
-def _run_worker(
+def run_worker(
     arm: ArmPython, worker: Path, lib_path: str | Path, work: Path, cpu: str, timeout: float
 ) -> _WorkerDone:
     """Run `worker LIB_SO WORK_DIR` in the emulated Python; a crash or a timeout is a reason."""
@@ -429,7 +428,7 @@ def run_cases(
             ],
         }
         (work / "spec.json").write_text(json.dumps(spec))
-        failed = _run_worker(arm, WORKER, lib_path, work, cpu, timeout)
+        failed = run_worker(arm, WORKER, lib_path, work, cpu, timeout)
         if failed.detail:
             return EmulatedRun(cpu, None, failed.returncode, failed.detail, failed.seconds)
         seconds = failed.seconds
@@ -439,83 +438,6 @@ def run_cases(
                 count = sum(1 for key in saved.files if key.startswith(f"c{k}.o"))
                 outputs.append([saved[f"c{k}.o{j}"] for j in range(count)])
     return EmulatedRun(cpu, outputs, 0, "", seconds)
-
-
-@dataclass
-class DecodedPrompt:
-    """One prompt as the emulated decoder ran it: what the parity gate compares."""
-
-    prefill_logits: np.ndarray  # [vocab]
-    tokens: list[int]  # greedy
-    step_logits: np.ndarray  # [len(tokens), vocab]: the logits each token was chosen from
-
-
-@dataclass
-class DecoderRun:
-    """Every prompt of one emulated decoder process, or why there are none."""
-
-    cpu: str
-    prompts: list[DecodedPrompt] | None  # None when the run failed
-    returncode: int
-    detail: str
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return self.prompts is not None
-
-
-def run_decoder(
-    lib_path: str | Path,
-    weights_file: str | Path,
-    weight_names: list[str],
-    prompts: list[list[int]],
-    greedy_tokens: int,
-    cpu: str,
-    *,
-    context_length: int,
-    prefill_chunk: int,
-    page_size: int = 16,
-    arm: ArmPython | None = None,
-    timeout: float = 1800,
-) -> DecoderRun:
-    """Prefill each prompt (token ids) of an aarch64 decoder `lib_path`, then `greedy_tokens`
-    greedy tokens, in one emulated process (qemu_decoder_worker.py; the entry protocol of
-    compiler/decoder/entry.py). The weights are read from the bundle's param file as they are;
-    a crash (SIGILL …) or a timeout comes back as a failed run, not an error."""
-    arm = arm or find_arm64_python()
-    machine = elf_machine(lib_path)
-    if machine != EM_AARCH64:
-        return DecoderRun(
-            cpu, None, 0, f"{lib_path} is not an aarch64 library (ELF machine {machine})", 0.0
-        )
-    with tempfile.TemporaryDirectory(prefix="tvmdeploy-qemu-") as tmp:
-        work = Path(tmp)
-        spec = {
-            "weights_file": str(Path(weights_file).resolve()),
-            "weight_names": list(weight_names),
-            "context_length": int(context_length),
-            "prefill_chunk": int(prefill_chunk),
-            "page_size": int(page_size),
-            "cases": [
-                {"prompt": [int(t) for t in p], "greedy_tokens": int(greedy_tokens)}
-                for p in prompts
-            ],
-        }
-        (work / "spec.json").write_text(json.dumps(spec))
-        done = _run_worker(arm, DECODER_WORKER, lib_path, work, cpu, timeout)
-        if done.detail:
-            return DecoderRun(cpu, None, done.returncode, done.detail, done.seconds)
-        with np.load(work / "outputs.npz") as saved:
-            decoded = [
-                DecodedPrompt(
-                    saved[f"c{k}.prefill"],
-                    [int(t) for t in saved[f"c{k}.tokens"]],
-                    saved[f"c{k}.steps"],
-                )
-                for k in range(len(prompts))
-            ]
-    return DecoderRun(cpu, decoded, 0, "", done.seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Runs inside the emulated aarch64 Python (see qemu.py): a decoder's parity prompts, one process.
+"""Runs inside the emulated aarch64 Python (qemu_decoder.py): a decoder's gate prompts, one process.
 
 It imports only numpy and TVM's runtime (the sysroot has no tvmdeploy) and follows the entry
 protocol the runtime's Generator uses (compiler/decoder/entry.py, runtime/generate.py): the paged
