@@ -127,10 +127,11 @@ def _emulated_cpu(artifact, device) -> str | None:
     """The qemu CPU model to verify an artifact on that this x86 machine cannot run: its
     profile's `qemu_cpu`, for an aarch64 profile; None where emulation does not apply."""
     from tvmdeploy import targets
+    from tvmdeploy.targets.errors import UnknownTargetError
 
     try:
         profile = targets.get(artifact.profile)
-    except Exception:  # noqa: BLE001 - a profile this version does not know: not emulated
+    except UnknownTargetError:  # a profile this version does not know: not emulated
         return None
     if profile.qemu_cpu and profile.arch == "aarch64" and device.arch == "x86_64":
         return profile.qemu_cpu
