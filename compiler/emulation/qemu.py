@@ -348,6 +348,41 @@ def _no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+@dataclass
+class _WorkerDone:
+    returncode: int
+    detail: str  # empty when the worker ran and wrote outputs.npz
+    seconds: float
+
+
+def run_worker(
+    arm: ArmPython, worker: Path, lib_path: str | Path, work: Path, cpu: str, timeout: float
+) -> _WorkerDone:
+    """Run `worker LIB_SO WORK_DIR` in the emulated Python; a crash or a timeout is a reason."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            arm.command(str(worker), str(Path(lib_path).resolve()), str(work), cpu=cpu),
+            check=False,
+            cwd=work,
+            env=arm.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=_no_core_dumps,
+        )
+    except subprocess.TimeoutExpired:
+        return _WorkerDone(
+            -signal.SIGKILL,
+            f"timed out after {timeout:.0f} s under qemu -cpu {cpu}",
+            time.perf_counter() - start,
+        )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0 or not (work / "outputs.npz").is_file():
+        return _WorkerDone(done.returncode, _failure(done.returncode, done.stderr, cpu), seconds)
+    return _WorkerDone(0, "", seconds)
+
+
 def run_cases(
     lib_path: str | Path,
     imported,
@@ -393,31 +428,10 @@ def run_cases(
             ],
         }
         (work / "spec.json").write_text(json.dumps(spec))
-        start = time.perf_counter()
-        try:
-            done = subprocess.run(
-                arm.command(str(WORKER), str(Path(lib_path).resolve()), str(work), cpu=cpu),
-                check=False,
-                cwd=work,
-                env=arm.env(),
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                preexec_fn=_no_core_dumps,
-            )
-        except subprocess.TimeoutExpired:
-            return EmulatedRun(
-                cpu,
-                None,
-                -signal.SIGKILL,
-                f"timed out after {timeout:.0f} s under qemu -cpu {cpu}",
-                time.perf_counter() - start,
-            )
-        seconds = time.perf_counter() - start
-        if done.returncode != 0 or not (work / "outputs.npz").is_file():
-            return EmulatedRun(
-                cpu, None, done.returncode, _failure(done.returncode, done.stderr, cpu), seconds
-            )
+        failed = run_worker(arm, WORKER, lib_path, work, cpu, timeout)
+        if failed.detail:
+            return EmulatedRun(cpu, None, failed.returncode, failed.detail, failed.seconds)
+        seconds = failed.seconds
         with np.load(work / "outputs.npz") as saved:
             outputs = []
             for k in range(len(cases)):
