@@ -37,6 +37,10 @@ PREFILL_CHUNK = 512
 #: The emulated gate's limit: the tiny test models take ~1 min under qemu-user; a real model's
 #: arm64 artifact may take far longer (then the gate fails with the timeout, saying so).
 EMULATION_TIMEOUT_S = 1800
+#: Weights above this are not run under QEMU (`not-run`, with the reason): emulation decodes a
+#: tiny model in seconds, a 135M one at a fraction of a token per second. Verify such arm64
+#: artifacts on a device (`--rpc`), or a tiny model of the same family under QEMU.
+EMULATION_MAX_WEIGHT_BYTES = 64 << 20
 
 
 def plan_profiles(options) -> list[Profile]:
@@ -154,6 +158,14 @@ def gate_emulated(bundle, artifact, cases, cpu: str) -> dict[str, Any]:
     generation = bundle.model.get("generation") or {}
     context = int(generation["context_length"])
     entry = bundle.weights_entry(artifact.weights)
+    size = (bundle.path / entry["file"]).stat().st_size
+    if size > EMULATION_MAX_WEIGHT_BYTES:
+        return {
+            "where": "not-run",
+            "ok": None,
+            "detail": f"{size >> 20} MiB of weights is too large to decode under QEMU (limit "
+            f"{EMULATION_MAX_WEIGHT_BYTES >> 20} MiB); verify on an arm64 device",
+        }
     greedy = max(len(case.tokens) for case in cases)
     run = qemu_decoder.run_decoder(
         bundle.file(artifact.file),
