@@ -39,13 +39,15 @@ def create_app(
     max_queue: int = 256,
     api_key: str | None = None,
     max_body_bytes: int = 64 << 20,
+    max_batch: int | None = None,
 ) -> Starlette:
     """A Starlette app serving `models` by name; `app.state.server` is its `ServerState`.
 
     Concurrent requests for a model are batched within `max_batch_delay_ms` up to its largest
-    bucket's batch; past `max_queue` waiting rows a request gets 429. With `api_key`, every route
-    but health needs `Authorization: Bearer KEY`. The batchers start with the app's lifespan
-    (uvicorn, or `with TestClient(app)`), and stop after the last request is answered.
+    bucket's batch (or `max_batch` rows; 1 runs each request alone); past `max_queue` waiting rows
+    a request gets 429. With `api_key`, every route but health needs `Authorization: Bearer KEY`.
+    The batchers start with the app's lifespan (uvicorn, or `with TestClient(app)`), and stop
+    after the last request is answered.
     """
     state = ServerState(
         models,
@@ -53,6 +55,7 @@ def create_app(
         max_queue=max_queue,
         api_key=api_key,
         max_body_bytes=max_body_bytes,
+        max_batch=max_batch,
     )
 
     @contextlib.asynccontextmanager

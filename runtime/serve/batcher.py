@@ -1,13 +1,14 @@
 """Dynamic batching: concurrent requests for one model coalesced into one call of the model.
 
 One queue per model. A request's validated rows wait up to `max_batch_delay_ms` for others to
-join, up to the largest bucket's batch (`Model.max_batch`); the batch runs on the model in the
-batcher's worker thread, never on the event loop, and each caller gets back exactly its own
-rows. Sequences of different lengths are padded to the longest in the batch with the pad token
-and a zero attention mask, which leaves every row's outputs as they would be alone (outputs with
-a sequence axis are cut back to the caller's length). Inputs longer than the largest bucket run
-alone (they take the model's batch-1 symbolic-length path anyway), and without an attention mask
-only rows of one length share a batch.
+join, up to the largest bucket's batch (`Model.max_batch`, or `max_batch` rows if fewer: 1 turns
+coalescing off); the batch runs on the model in the batcher's worker thread, never on the event
+loop, and each caller gets back exactly its own rows. Sequences of different lengths are padded
+to the longest in the batch with the pad token and a zero attention mask, which leaves every
+row's outputs as they would be alone (outputs with a sequence axis are cut back to the caller's
+length). Inputs longer than the largest bucket run alone (they take the model's batch-1
+symbolic-length path anyway), and without an attention mask only rows of one length share a
+batch.
 
 Past `max_queue` waiting rows a request is refused at once with 429 and `Retry-After`. An error
 in a batch goes to that batch's callers only; the worker keeps serving.
@@ -53,15 +54,19 @@ class Batcher:
         metrics: Metrics,
         max_batch_delay_ms: float = 2.0,
         max_queue: int = 256,
+        max_batch: int | None = None,
     ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, not {max_queue}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.name = name
         self.model = model
         self.metrics = metrics
         self.delay_s = max(0.0, max_batch_delay_ms) / 1e3
         self.max_queue = max_queue
-        self.max_batch = model.max_batch
+        # At most the largest bucket's batch; 1 turns coalescing off (each request runs alone).
+        self.max_batch = min(model.max_batch, max_batch or model.max_batch)
         self._masked = "attention_mask" in model.input_names
         self._seq_axes = [
             "seq" in (spec.get("axes") or []) for spec in model.bundle.outputs

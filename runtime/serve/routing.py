@@ -40,6 +40,7 @@ class ServerState:
         max_queue: int = 256,
         api_key: str | None = None,
         max_body_bytes: int = 64 << 20,
+        max_batch: int | None = None,
     ):
         if not models:
             raise OptionError("serve needs at least one model")
@@ -47,7 +48,7 @@ class ServerState:
         self.metrics = Metrics()
         # Generation bundles batch inside their Generator (one decode step for all requests).
         self.batchers = {
-            name: Batcher(name, model, self.metrics, max_batch_delay_ms, max_queue)
+            name: Batcher(name, model, self.metrics, max_batch_delay_ms, max_queue, max_batch)
             for name, model in self.models.items()
             if not isinstance(model, Generator)
         }

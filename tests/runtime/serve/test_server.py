@@ -330,3 +330,11 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(tiny_bundle, model):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_max_batch_1_runs_each_request_alone(model):
+    assert create_app({"tiny": model}).state.server.batchers["tiny"].max_batch == model.max_batch
+    alone = create_app({"tiny": model}, max_batch=1).state.server.batchers["tiny"]
+    assert alone.max_batch == 1
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
+        create_app({"tiny": model}, max_batch=0)
