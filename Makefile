@@ -11,8 +11,10 @@ setup:
 demo: setup
 	$(VENV)/bin/tvmdeploy demo
 
+# Two workers, whole modules per worker (module fixtures built once): the suite is mostly
+# single-threaded compile work, so two workers on two cores take about half the time.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
