@@ -165,6 +165,23 @@ def save_tiny_llm(path: Path, family: str = "llama", seed: int = 0, tokenizer: b
     return path
 
 
+def hf_greedy(model, ids: list[int], new: int) -> list[int]:
+    """transformers' greedy continuation of `ids`, EOS ignored (so a compiled model and the
+    reference both run `new` steps)."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory) -> Path:
     return save_tiny_llm(tmp_path_factory.mktemp("tiny-llm") / "tiny-llama")

@@ -11,6 +11,8 @@ import pytest
 from tvmdeploy.runtime import GenerationResult, Generator, load
 from tvmdeploy.runtime.errors import InputError, OptionError
 
+from tests.conftest import hf_greedy
+
 PROMPT = "The bundle holds"
 
 
@@ -29,23 +31,6 @@ def reference(tiny_llm_dir):
     return tokenizer, model
 
 
-def hf_greedy(reference, ids: list[int], new: int) -> list[int]:
-    """transformers' greedy continuation, EOS ignored (so both sides run `new` steps)."""
-    import torch
-
-    tokenizer, model = reference
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-    return out[0, len(ids) :].tolist()
-
-
 def test_load_gives_a_generator_with_the_bundles_limits(generator):
     assert isinstance(generator, Generator)
     assert generator.task == "text-generation"
@@ -58,7 +43,7 @@ def test_greedy_text_and_tokens_match_transformers(generator, reference):
     ids = tokenizer(PROMPT).input_ids
     result = generator.generate(PROMPT, max_new_tokens=24, ignore_eos=True)
     assert isinstance(result, GenerationResult)
-    expected = hf_greedy(reference, ids, 24)
+    expected = hf_greedy(reference[1], ids, 24)
     assert result.token_ids == expected
     assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
     assert result.prompt_tokens == len(ids)
@@ -76,7 +61,7 @@ def test_chat_template_renders_as_transformers_does(generator, reference):
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     result = generator.chat(messages, max_new_tokens=12, ignore_eos=True)
     assert result.prompt_tokens == len(ids)
-    assert result.token_ids == hf_greedy(reference, list(ids), 12)
+    assert result.token_ids == hf_greedy(reference[1], list(ids), 12)
 
 
 def test_the_stream_yields_the_same_text_and_closing_it_frees_the_sequence(generator):

@@ -13,22 +13,7 @@ from tvmdeploy.compiler.decoder import parity
 from tvmdeploy.compiler.errors import OptionError, ParityError
 from tvmdeploy.runtime import load
 
-from tests.conftest import save_tiny_gguf, save_tiny_llm
-
-
-def hf_greedy(model, ids: list[int], new: int) -> list[int]:
-    import torch
-
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(ids) :].tolist()
+from tests.conftest import hf_greedy, save_tiny_gguf, save_tiny_llm
 
 
 def test_the_manifest_records_the_gate_and_the_generation_limits(tiny_llm_bundle):

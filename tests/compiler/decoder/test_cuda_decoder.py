@@ -13,6 +13,8 @@ import pytest
 from tvmdeploy.compiler.kernels import cuda
 from tvmdeploy.runtime import load, probe
 
+from tests.conftest import hf_greedy
+
 
 def has_gpu(min_capability: int = 0) -> bool:
     return any(c.compute_capability >= min_capability for c in probe().cuda)
@@ -56,18 +58,7 @@ def test_the_cuda_artifact_generates_what_transformers_does(cuda_llm_bundle, tin
     generator = load(cuda_llm_bundle, artifact="cuda-sm80")
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
     prompts = [[1, 40, 41, 60], [1, 7, 8, 9, 10, 11, 12, 13], [5]]
-    expected = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=24,
-                min_new_tokens=24,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            expected.append(out[0, len(ids) :].tolist())
+    expected = [hf_greedy(model, ids, 24) for ids in prompts]
     alone = [generator.generate(p, max_new_tokens=24, ignore_eos=True).token_ids for p in prompts]
     assert alone == expected
     together: list = [None] * len(prompts)
