@@ -111,9 +111,12 @@ class _Done:
 class _Stepper:
     """The one thread that runs the VM: admits requests (prefill), then decodes all of them."""
 
-    def __init__(self, vm, device, params, context: int, max_sequences: int, prefill_chunk: int):
+    def __init__(
+        self, vm, device, params, context: int, max_sequences: int, prefill_chunk: int, page: int
+    ):
         self.vm, self.device, self.params = vm, device, params
         self.context, self.max_sequences, self.prefill_chunk = context, max_sequences, prefill_chunk
+        self.page_size = page
         tvm = import_tvm()
         self._tvm = tvm
         self._shape = tvm.runtime.ShapeTuple
@@ -145,7 +148,7 @@ class _Stepper:
             s([self.max_sequences]),
             s([self.context * self.max_sequences]),
             s([self.prefill_chunk]),
-            s([PAGE_SIZE]),
+            s([self.page_size]),
             s([0]),
         )
 
@@ -361,6 +364,7 @@ class Generator:
             self.context_length,
             max_sequences,
             int(generation.get("prefill_chunk") or self.context_length),
+            int(generation.get("page_size") or PAGE_SIZE),
         )
         self._tokenizer = None
         self._template: ChatTemplate | None = None

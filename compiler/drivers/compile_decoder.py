@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tvmdeploy.runtime.generate import PAGE_SIZE
 from tvmdeploy.runtime.precision import canonical, short
 from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profiles
@@ -146,8 +147,6 @@ def gate_emulated(bundle, artifact, cases, cpu: str) -> dict[str, Any]:
     """The parity record of an aarch64 artifact of the staged bundle run under qemu-user on
     `cpu`: the same prompts and rules as natively (parity.compare). `ok` is None (not run) when
     qemu or the arm64 Python sysroot is missing; a crash or a timeout is a failed gate."""
-    from tvmdeploy.runtime.generate import PAGE_SIZE
-
     from ..emulation import qemu, qemu_decoder
 
     where = f"qemu:{cpu}"
@@ -176,7 +175,7 @@ def gate_emulated(bundle, artifact, cases, cpu: str) -> dict[str, Any]:
         cpu,
         context_length=context,
         prefill_chunk=int(generation.get("prefill_chunk") or context),
-        page_size=PAGE_SIZE,
+        page_size=int(generation.get("page_size") or PAGE_SIZE),
         arm=arm,
         timeout=EMULATION_TIMEOUT_S,
     )
@@ -220,6 +219,7 @@ def model_info(config: DecoderConfig, source, name: str, context: int) -> dict[s
         "generation": {
             "context_length": context,
             "prefill_chunk": min(PREFILL_CHUNK, context),
+            "page_size": PAGE_SIZE,
             "functions": list(lower.ENTRY_FUNCTIONS),
         },
         "inputs": [{"name": "input_ids", "axes": ["batch", "seq"]}],
