@@ -629,12 +629,13 @@ def demo(
     target: Annotated[str, Opt("-t", "--target", help=HELP["demo_profile"])] = "host",
     epochs: Annotated[float, Opt(help=HELP["epochs"])] = 1.0,
     json_output: Annotated[bool, Opt("--json", help=HELP["demo_json"])] = False,
+    generation: Annotated[bool, Opt("--generation/--no-generation", help=HELP["demo_gen"])] = True,
 ) -> None:
     """Fine-tune the packaged all-MiniLM-L6-v2 on VADER movie reviews, compile, verify, classify
-    and compare."""
+    and compare; then compile SmolLM2-135M-Instruct and stream two answers."""
     from tvmdeploy.compiler.drivers.demo import run_demo
 
-    summary = run_demo(work_dir, target, epochs)
+    summary = run_demo(work_dir, target, epochs, generation)
     if json_output:
         _print_json(summary)
         return
@@ -656,6 +657,19 @@ def demo(
             ]
         table.add_row(row["engine"], *cells, f"{row['vs_onnxruntime_seq128']:.2f}x")
     out.print(table)
+    if summary.get("generation"):
+        generated = summary["generation"]
+        table = Table(title=f"{generated['model']}, greedy, batch 1 ({generated['choice']})")
+        for column in ("engine", "time to first token ms", "decode tokens/s", "vs tvmdeploy"):
+            table.add_column(column, justify="left" if column == "engine" else "right")
+        for row in generated["rows"]:
+            table.add_row(
+                row["engine"],
+                f"{row['ttft_ms']:.1f}",
+                f"{row['decode_tokens_per_s']:.2f}",
+                f"{row['decode_vs_tvmdeploy']:.2f}x",
+            )
+        out.print(table)
 
 
 @app.command()

@@ -100,6 +100,8 @@ HELP = {
     "demo_profile": "Target profile for the demo bundle.",
     "epochs": "Fine-tuning epochs (first run only; the model is cached).",
     "demo_json": "Print the results (accuracy, latency, choice) as JSON on stdout.",
+    "demo_gen": "Also compile SmolLM2-135M-Instruct for this machine, "
+    "stream two answers, time them beside PyTorch and ONNX Runtime (cached after the first run).",
     "bench_files": "Bench JSONs written by `tvmdeploy bench --json`, e.g. one per device.",
     "html": "Self-contained HTML page to write (plots inline, no external URLs).",
     "md": "Markdown tables to write.",

@@ -47,7 +47,7 @@ def resolve_source(model: str | Path, base: str | Path | None, work_dir: Path) -
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such GGUF file")
-        return DecoderSource(_from_gguf(path, work_dir / "from-gguf"), "gguf", str(path))
+        return DecoderSource(convert_gguf(path, work_dir / "from-gguf"), "gguf", str(path))
     if (path / ADAPTER_CONFIG).is_file():
         base_dir = _adapter_base(path, base)
         merged = _merge_adapter(path, base_dir, work_dir / "merged")
@@ -57,7 +57,8 @@ def resolve_source(model: str | Path, base: str | Path | None, work_dir: Path) -
     return DecoderSource(path, "hf", str(path))
 
 
-def _from_gguf(path: Path, out_dir: Path) -> Path:
+def convert_gguf(path: Path, out_dir: Path) -> Path:
+    """`path` (GGUF) as an HF folder at `out_dir`: fp32 weights, tokenizer and chat template."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -24,6 +24,7 @@ from tvmdeploy.runtime.timing import BenchConfig
 from tvmdeploy.targets.resolve import resolve_profile, runs_bf16
 
 from ..demo.finetune import finetune
+from ..demo.generation import run_generation
 from ..demo.sentiment_data import Example, load_split
 from ..evaluate import LabelledText
 from ..kernels.cpu_int8 import kernel_for
@@ -154,11 +155,14 @@ def predicted_labels(logits_fn, model, test: list[Example], batch_size: int = 8)
     return np.concatenate(labels)
 
 
-def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
+def run_demo(
+    work_dir: Path, target: str = "host", epochs: float = 1.0, generation: bool = True
+) -> dict:
     """The whole demo; returns the results (also written to `work_dir/demo-results.json`).
 
     `summary["rows"]` holds one row per engine (accuracy, p50/p90 per sequence length, ratio to
-    ONNX Runtime at seq 128), which the CLI draws as a table.
+    ONNX Runtime at seq 128), which the CLI draws as a table; `summary["generation"]` the
+    generation part's rows (demo/generation.py), None when left out.
     """
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -268,8 +272,9 @@ def run_demo(work_dir: Path, target: str = "host", epochs: float = 1.0) -> dict:
             f"{e}/seq{s}": {"p50": r.p50_ms, "p90": r.p90_ms} for (e, s), r in by.items()
         },
         "rows": rows,
-        "seconds": time.perf_counter() - started,
     }
+    summary["generation"] = run_generation(work_dir, target) if generation else None
+    summary["seconds"] = time.perf_counter() - started
     write_json_atomic(work_dir / "demo-results.json", summary, indent=2)
     logger.info(
         "results: %s, %s (%.0f s)",
