@@ -146,14 +146,16 @@ def compile_cmd(
     max_positions: Annotated[int | None, Opt("--max-positions", help=HELP["max_positions"])] = None,
     base: Annotated[Path | None, Opt("--base", help=HELP["base"])] = None,
     context: Annotated[int | None, Opt("--context", help=HELP["context"])] = None,
+    no_onnx: Annotated[bool, Opt("--no-onnx", help=HELP["no_onnx"])] = False,
     json_output: Annotated[bool, Opt("--json", help=HELP["compile_json"])] = False,
 ) -> None:
     """Export MODEL, build it for each target profile and precision, verify parity against ONNX
     Runtime, and write one bundle.
 
     A causal LM (HF folder, LoRA adapter with --base, or GGUF file) becomes a generation bundle:
-    its own definition on TVM's paged KV cache, gated against transformers' logits and greedy
-    tokens; run it with `tvmdeploy generate` or `tvmdeploy chat`."""
+    its own definition on TVM's paged KV cache, with its ONNX export (unless --no-onnx), gated
+    against transformers' and ONNX Runtime's logits and greedy tokens; run it with
+    `tvmdeploy generate` or `tvmdeploy chat`."""
     from tvmdeploy.compiler import CompileOptions, compile_model
     from tvmdeploy.compiler.options import RpcTarget
 
@@ -176,6 +178,7 @@ def compile_cmd(
         max_positions=max_positions,
         base=str(base) if base else None,
         context=context,
+        onnx=not no_onnx,
     )
     written = compile_model(options)
     if json_output:

@@ -30,8 +30,10 @@ def test_the_manifest_records_the_gate_and_the_generation_limits(tiny_llm_bundle
     greedy = record["greedy"]
     assert greedy["agreed"] + greedy["ties"] == greedy["compared"]
     assert greedy["compared"] == parity.GREEDY_TOKENS * len(parity.PROMPTS)
+    assert artifact["parity_onnxruntime"]["ok"] is True  # and against ONNX Runtime on the export
+    assert manifest["export_parity"]["ok"] is True  # the export itself against transformers
     files = manifest["files"]
-    assert "model.onnx" not in files  # decoders carry no ONNX graph
+    assert "model.onnx" in files and manifest["model"]["onnx_export"]["file"] == "model.onnx"
     assert {"tokenizer/tokenizer.json", "tokenizer/chat_template.jinja"} <= set(files)
 
 
