@@ -556,9 +556,11 @@ def inspect(
     out.print("  tools: " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()))
     if m.get("export_parity"):
         p = m["export_parity"]
+        tolerance = p["tolerance"]  # a number, or the generation gate's {logits_atol, ...}
+        tolerance = tolerance.get("logits_atol") if isinstance(tolerance, dict) else tolerance
         out.print(
             f"  export parity: ONNX Runtime vs PyTorch max abs diff {p['max_abs_diff']:.2e} (tol "
-            f"{p['tolerance']})"
+            f"{tolerance})" + ("" if p.get("ok", True) else " FAILED: export left out")
         )
     if check:
         out.print(f"  checksums: all {len(m['files'])} files ok")
@@ -575,8 +577,12 @@ def inspect(
         "runs here",
     ):
         table.add_column(column)
+    entries = {e.get("name"): e for e in m["artifacts"]}
     for a in b.artifacts:
         ptext = parity_summary(a.parity)
+        against_ort = entries.get(a.name, {}).get("parity_onnxruntime")  # generation bundles
+        if against_ort:
+            ptext += f"; vs ONNX Runtime: {parity_summary(against_ort)}"
         lat = (
             ", ".join(f"{e['batch']}x{e['seq']}: {e['p50_ms']:.1f} ms" for e in a.latency[:4])
             or "-"

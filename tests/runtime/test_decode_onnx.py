@@ -114,3 +114,12 @@ def test_load_falls_back_to_onnxruntime_when_no_artifact_runs(
         load(bare)
     with pytest.raises(BundleError, match=r"no ONNX export \(compiled with --no-onnx\)"):
         load(bare, artifact="onnxruntime")
+
+
+def test_verify_compares_the_artifact_with_onnxruntime_on_the_device(tiny_llm_bundle):
+    from tvmdeploy.runtime.check import check_bundle
+
+    rows = {row.what: row for row in check_bundle(tiny_llm_bundle)}
+    (parity_row,) = [row for what, row in rows.items() if what.startswith("parity ")]
+    assert parity_row.status == "ok", parity_row
+    assert "vs ONNX Runtime" in parity_row.detail
