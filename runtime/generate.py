@@ -337,6 +337,8 @@ class Generator:
         if choice.artifact == ONNXRUNTIME:
             from .decode_onnx import OnnxDecoder
 
+            for name in (model.get("onnx_export") or {}).get("external_data") or []:
+                bundle.file(name)  # the weights of a 2 GB+ export, checked like model.onnx
             engine: StepEngine = OnnxDecoder(
                 bundle.file("model.onnx"), self.context_length, max_sequences
             )
