@@ -146,14 +146,16 @@ def compile_cmd(
     max_positions: Annotated[int | None, Opt("--max-positions", help=HELP["max_positions"])] = None,
     base: Annotated[Path | None, Opt("--base", help=HELP["base"])] = None,
     context: Annotated[int | None, Opt("--context", help=HELP["context"])] = None,
+    no_onnx: Annotated[bool, Opt("--no-onnx", help=HELP["no_onnx"])] = False,
     json_output: Annotated[bool, Opt("--json", help=HELP["compile_json"])] = False,
 ) -> None:
     """Export MODEL, build it for each target profile and precision, verify parity against ONNX
     Runtime, and write one bundle.
 
     A causal LM (HF folder, LoRA adapter with --base, or GGUF file) becomes a generation bundle:
-    its own definition on TVM's paged KV cache, gated against transformers' logits and greedy
-    tokens; run it with `tvmdeploy generate` or `tvmdeploy chat`."""
+    its own definition on TVM's paged KV cache, with its ONNX export (unless --no-onnx), gated
+    against transformers' and ONNX Runtime's logits and greedy tokens; run it with
+    `tvmdeploy generate` or `tvmdeploy chat`."""
     from tvmdeploy.compiler import CompileOptions, compile_model
     from tvmdeploy.compiler.options import RpcTarget
 
@@ -176,6 +178,7 @@ def compile_cmd(
         max_positions=max_positions,
         base=str(base) if base else None,
         context=context,
+        onnx=not no_onnx,
     )
     written = compile_model(options)
     if json_output:
@@ -553,9 +556,11 @@ def inspect(
     out.print("  tools: " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()))
     if m.get("export_parity"):
         p = m["export_parity"]
+        tolerance = p["tolerance"]  # a number, or the generation gate's {logits_atol, ...}
+        tolerance = tolerance.get("logits_atol") if isinstance(tolerance, dict) else tolerance
         out.print(
             f"  export parity: ONNX Runtime vs PyTorch max abs diff {p['max_abs_diff']:.2e} (tol "
-            f"{p['tolerance']})"
+            f"{tolerance})" + ("" if p.get("ok", True) else " FAILED: export left out")
         )
     if check:
         out.print(f"  checksums: all {len(m['files'])} files ok")
@@ -572,8 +577,12 @@ def inspect(
         "runs here",
     ):
         table.add_column(column)
+    entries = {e.get("name"): e for e in m["artifacts"]}
     for a in b.artifacts:
         ptext = parity_summary(a.parity)
+        against_ort = entries.get(a.name, {}).get("parity_onnxruntime")  # generation bundles
+        if against_ort:
+            ptext += f"; vs ONNX Runtime: {parity_summary(against_ort)}"
         lat = (
             ", ".join(f"{e['batch']}x{e['seq']}: {e['p50_ms']:.1f} ms" for e in a.latency[:4])
             or "-"

@@ -21,7 +21,7 @@ from tvmdeploy.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_fi
 from tvmdeploy.runtime.precision import DEFAULT_ACCURACY_GATE, artifact_name
 
 from .errors import BundleError
-from .frontend.export import TOKENIZER_FILES
+from .frontend.export import TOKENIZER_FILES, external_data_files
 
 
 @dataclass
@@ -115,6 +115,9 @@ def write_bundle(
         staging.mkdir()
         if onnx_path is not None:
             shutil.copyfile(onnx_path, staging / "model.onnx")
+            for name in external_data_files(onnx_path):  # weights of a graph of 2 GB or more
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(onnx_path.parent / name, staging / name)
         weight_entries = {}
         for precision, (names, blob) in weights.items():
             (staging / "weights").mkdir(exist_ok=True)

@@ -13,8 +13,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .bundle import MANIFEST, Bundle
 from .errors import TvmdeployError
+from .generate import Generator
 from .inputs import synthetic_inputs
 from .model import load
 from .parity import ATOL, RTOL, Comparison
@@ -86,9 +89,38 @@ def check_bundle(
             rows.append(CheckRow(what, NOT_RUN, "this device lacks " + "; ".join(missing)))
         elif reference is None:
             rows.append(CheckRow(what, NOT_RUN, "no ONNX Runtime or model.onnx to compare with"))
+        elif isinstance(reference, Generator):
+            rows.append(_generation_parity_row(bundle, artifact, reference, keys))
         else:
             rows.append(_parity_row(bundle, artifact, reference, shapes, keys))
     return rows
+
+
+#: A generation artifact's prefill logits against ONNX Runtime on the bundle's export: the
+#: compile gate's tolerance (fp32 over tens of layers), on seeded prompts of these lengths.
+GENERATION_ATOL = 2e-3
+GENERATION_PROMPTS = (5, 33)
+
+
+def _generation_parity_row(bundle: Bundle, artifact, reference, keys) -> CheckRow:
+    """Prefill logits of the artifact against the ONNX Runtime engine (greedy tokens are the
+    compile gate's, with its tie rule; here the logits they come from are compared)."""
+    what = f"parity {artifact.name}"
+    rng = np.random.default_rng(0)
+    vocab = int(bundle.model["vocab_size"])
+    try:
+        model = load(bundle.path, artifact=artifact.name, trusted_keys=keys or None)
+        worst = 0.0
+        for n in GENERATION_PROMPTS:
+            prompt = rng.integers(0, vocab, size=min(n, model.context_length - 1)).tolist()
+            got, want = model.prefill_logits(prompt), reference.prefill_logits(prompt)
+            worst = max(worst, float(np.abs(got - want).max()))
+    except TvmdeployError as err:
+        return CheckRow(what, FAILED, str(err))
+    except Exception as err:  # noqa: BLE001 - a crash inside TVM is this check failing
+        return CheckRow(what, FAILED, f"{type(err).__name__}: {err}")
+    detail = f"prefill logits max abs diff {worst:.2e} vs ONNX Runtime (atol {GENERATION_ATOL:g})"
+    return CheckRow(what, OK if worst <= GENERATION_ATOL else FAILED, detail)
 
 
 def _signature_row(bundle: Bundle | Path, keys: Sequence[str | Path]) -> CheckRow:

@@ -1,11 +1,12 @@
-"""Text generation with a compiled decoder: prompt or chat in, text out, whole or streamed.
+"""Text generation with a decoder bundle: prompt or chat in, text out, whole or streamed.
 
-A generation bundle's artifact exports `create_paged_kv_cache`, `prefill` and `decode`
-(compiler/decoder/entry.py). One stepping thread owns the VM and the paged KV cache: a Relax VM
-must never be called from two threads at once, and a single owner lets every running request
-share each decode step (continuous batching: one `decode` call advances all of them). Callers, on
-any thread, submit a request and read its tokens from a queue; closing a stream, or a stop string,
-frees the request's sequence in the cache at the next step.
+The logits come from a step engine (`StepEngine`): a compiled artifact on TVM with its paged KV
+cache (decode_tvm.py), or the bundle's ONNX export on ONNX Runtime (decode_onnx.py). Everything
+else is shared by both: one stepping thread owns the engine (a Relax VM must never be called from
+two threads at once), and a single owner lets every running request share each decode step
+(continuous batching: one `decode` call advances all of them). Callers, on any thread, submit a
+request and read its tokens from a queue; closing a stream, or a stop string, frees the
+request's sequence at the next step. Sampling is runtime/sampling.py's, whatever the engine.
 
 Limits are checked before anything reaches TVM: token ids in the vocabulary (TVM's `take` has no
 bounds check), a prompt shorter than the context, `max_new_tokens` cut to the room left.
@@ -21,22 +22,21 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 
-from ._tvm import import_tvm
 from .bundle import Bundle
 from .chat import ChatTemplate
-from .engine import cuda_index, read_weights
+from .decode_tvm import PAGE_SIZE, TvmDecoder
 from .errors import BundleError, InputError, OptionError
 from .probe import DeviceInfo
 from .sampling import Sampler, SamplingParams
-from .select import Choice
+from .select import ONNXRUNTIME, Choice
+
+__all__ = ["PAGE_SIZE", "GenerationResult", "GenerationStream", "Generator", "StepEngine"]
 
 TEXT_GENERATION = "text-generation"
-#: KV cache pages hold this many tokens each (TVM's paged cache; 16 is what MLC-LLM uses on CPU).
-PAGE_SIZE = 16
 
 
 @dataclass
@@ -108,24 +108,37 @@ class _Done:
     first_token_ms: float = 0.0
 
 
-class _Stepper:
-    """The one thread that runs the VM: admits requests (prefill), then decodes all of them."""
+class StepEngine(Protocol):
+    """What produces a generation's logits: the compiled artifact with its paged KV cache
+    (decode_tvm.TvmDecoder) or the ONNX export on ONNX Runtime (decode_onnx.OnnxDecoder). Only
+    the stepping thread calls it; everything else (queues, sampling, stop rules) is shared."""
 
-    def __init__(
-        self, vm, device, params, context: int, max_sequences: int, prefill_chunk: int, page: int
-    ):
-        self.vm, self.device, self.params = vm, device, params
-        self.context, self.max_sequences, self.prefill_chunk = context, max_sequences, prefill_chunk
-        self.page_size = page
-        tvm = import_tvm()
-        self._tvm = tvm
-        self._shape = tvm.runtime.ShapeTuple
-        self._fn = {
-            n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
-            for n in ("add_sequence", "remove_sequence", "begin_forward", "end_forward")
-        }
+    max_sequences: int  # sequences it holds at once
+    prefill_chunk: int  # prompt tokens per prefill call
+
+    def open(self) -> None:
+        """Make the (empty) cache; called on the stepping thread before its first request."""
+
+    def add_sequence(self, seq_id: int) -> None: ...
+
+    def remove_sequence(self, seq_id: int) -> None: ...
+
+    def prefill(self, seq_id: int, tokens: np.ndarray) -> np.ndarray:
+        """Logits [vocab] after `tokens` [n] are appended to the sequence."""
+        ...
+
+    def decode(self, seq_ids: list[int], tokens: np.ndarray) -> np.ndarray:
+        """Logits [len(seq_ids), vocab] after one more token for each sequence."""
+        ...
+
+
+class _Stepper:
+    """The one thread that runs the engine: admits requests (prefill), then decodes all of them."""
+
+    def __init__(self, engine: StepEngine):
+        self.engine = engine
+        self.max_sequences, self.prefill_chunk = engine.max_sequences, engine.prefill_chunk
         self._pending: queue.Queue[_Request] = queue.Queue()
-        self._cache = None
         self._thread: threading.Thread | None = None
         self._pid = -1
         self._lock = threading.Lock()
@@ -142,28 +155,8 @@ class _Stepper:
                 self._thread.start()
             self._pending.put(request)
 
-    def _new_cache(self):
-        s = self._shape
-        return self.vm["create_paged_kv_cache"](
-            s([self.max_sequences]),
-            s([self.context * self.max_sequences]),
-            s([self.prefill_chunk]),
-            s([self.page_size]),
-            s([0]),
-        )
-
-    def _forward(self, function: str, seq_ids: list[int], tokens: np.ndarray) -> np.ndarray:
-        s = self._shape
-        lengths = [tokens.shape[1] if function == "prefill" else 1] * len(seq_ids)
-        self._fn["begin_forward"](self._cache, s(seq_ids), s(lengths))
-        ids = self._tvm.runtime.tensor(tokens.astype(np.int32), self.device)
-        logits = self.vm[function](ids, self._cache, *self.params)
-        self._fn["end_forward"](self._cache)
-        out = logits[0] if not hasattr(logits, "numpy") else logits
-        return out.numpy().reshape(len(seq_ids), -1)
-
     def _run(self) -> None:
-        self._cache = self._new_cache()
+        self.engine.open()
         active: list[_Request] = []
         while True:
             while len(active) < self.max_sequences:
@@ -179,12 +172,10 @@ class _Stepper:
             if not active:
                 continue
             try:
-                rows = self._forward(
-                    "decode",
-                    [r.seq_id for r in active],
-                    np.array([[r.generated[-1]] for r in active]),
+                rows = self.engine.decode(
+                    [r.seq_id for r in active], np.array([r.generated[-1] for r in active])
                 )
-            except Exception as err:  # noqa: BLE001 - TVM's; fail these requests, not the thread
+            except Exception as err:  # noqa: BLE001 - the engine's; fail these requests only
                 for r in active:
                     self._end(r, "error", err)
                 active = []
@@ -200,20 +191,18 @@ class _Stepper:
             request.out.put(_Done("stop", 0.0, 0.0))
             return False
         request.seq_id = next(self._ids)
-        self._fn["add_sequence"](self._cache, request.seq_id)
         start = time.perf_counter()
         try:
-            prompt = np.array([request.prompt])
-            for k in range(0, prompt.shape[1], self.prefill_chunk):
-                row = self._forward(
-                    "prefill", [request.seq_id], prompt[:, k : k + self.prefill_chunk]
-                )[0]
-        except Exception as err:  # noqa: BLE001 - TVM's
+            self.engine.add_sequence(request.seq_id)
+            prompt = np.array(request.prompt)
+            for k in range(0, prompt.size, self.prefill_chunk):
+                row = self.engine.prefill(request.seq_id, prompt[k : k + self.prefill_chunk])
+        except Exception as err:  # noqa: BLE001 - the engine's
             self._end(request, "error", err)
             return False
         if request.keep_logits:
             request.logits = row
-        request.generated.append(request.sampler(row, prompt[0]))
+        request.generated.append(request.sampler(row, prompt))
         request.prefill_ms = (time.perf_counter() - start) * 1e3
         request.started = time.perf_counter()
         request.out.put(request.generated[-1])
@@ -231,7 +220,7 @@ class _Stepper:
     def _end(self, r: _Request, reason: str, error: BaseException | None = None) -> None:
         if r.seq_id >= 0:
             with contextlib.suppress(Exception):  # a sequence the failed step never added
-                self._fn["remove_sequence"](self._cache, r.seq_id)
+                self.engine.remove_sequence(r.seq_id)
         decode_ms = (time.perf_counter() - r.started) * 1e3 if r.started else 0.0
         first = (r.started - r.submitted) * 1e3 if r.started else 0.0
         r.out.put(_Done(reason, r.prefill_ms, decode_ms, error, first))
@@ -272,7 +261,9 @@ class GenerationStream:
             item = self._request.out.get()
             if isinstance(item, _Done):
                 if item.error is not None:
-                    raise BundleError(f"generation failed in the compiled model: {item.error}")
+                    raise BundleError(
+                        f"generation failed in {self._generator.choice.artifact}: {item.error}"
+                    )
                 held = self._text[self._sent :]
                 if held:
                     self._sent = len(self._text)
@@ -343,29 +334,17 @@ class Generator:
         if self.context_length < 2:
             raise BundleError(f"{bundle.path}: the manifest gives no generation.context_length")
         self.eos_token_ids = frozenset(int(t) for t in model.get("eos_token_ids") or [])
-        self.artifact = bundle.artifact(choice.artifact)
-        tvm = import_tvm()
-        gpu = self.artifact.is_gpu
-        dev = tvm.cuda(cuda_index(self.artifact.requires, device)) if gpu else tvm.cpu(0)
-        lib_path = bundle.file(self.artifact.file)
-        try:
-            lib = tvm.runtime.load_module(str(lib_path))
-        except Exception as err:  # noqa: BLE001 - a library this TVM cannot load
-            raise BundleError(f"{lib_path}: TVM could not load this artifact: {err}") from None
-        vm = tvm.runtime.vm.VirtualMachine(lib, dev)
-        for function in ("create_paged_kv_cache", "prefill", "decode"):
-            if not vm.module.implements_function(function):
-                raise BundleError(f"{lib_path}: not a decoder artifact (no {function} function)")
-        params = read_weights(bundle, self.artifact, dev)
-        self._stepper = _Stepper(
-            vm,
-            dev,
-            params,
-            self.context_length,
-            max_sequences,
-            int(generation.get("prefill_chunk") or self.context_length),
-            int(generation.get("page_size") or PAGE_SIZE),
-        )
+        if choice.artifact == ONNXRUNTIME:
+            from .decode_onnx import OnnxDecoder
+
+            for name in (model.get("onnx_export") or {}).get("external_data") or []:
+                bundle.file(name)  # the weights of a 2 GB+ export, checked like model.onnx
+            engine: StepEngine = OnnxDecoder(
+                bundle.file("model.onnx"), self.context_length, max_sequences
+            )
+        else:
+            engine = TvmDecoder(bundle, choice.artifact, device, max_sequences)
+        self._stepper = _Stepper(engine)
         self._tokenizer = None
         self._template: ChatTemplate | None = None
 
@@ -488,7 +467,7 @@ class Generator:
         while not isinstance(item := request.out.get(), _Done):
             pass
         if item.error is not None:
-            raise BundleError(f"prefill failed in the compiled model: {item.error}")
+            raise BundleError(f"prefill failed in {self.choice.artifact}: {item.error}")
         assert request.logits is not None
         return request.logits
 

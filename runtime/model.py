@@ -353,14 +353,16 @@ def load(
     if verify:
         bundle.verify()
     device = probe()
-    if bundle.model.get("task") == TEXT_GENERATION:
-        choice = select(
-            bundle, device, artifact=artifact, onnxruntime_available=False, precision=precision
-        )
-        return Generator(bundle, choice, device, max_sequences=max_concurrency or 4)
     has_ort = importlib.util.find_spec(
         "onnxruntime"
     ) is not None and "model.onnx" in bundle.manifest.get("files", {})
+    if bundle.model.get("task") == TEXT_GENERATION:
+        if artifact == ONNXRUNTIME and not has_ort:
+            raise BundleError(_no_onnx_engine(bundle))
+        choice = select(
+            bundle, device, artifact=artifact, onnxruntime_available=has_ort, precision=precision
+        )
+        return Generator(bundle, choice, device, max_sequences=max_concurrency or 4)
     if policy == "measure" and artifact is None:
         first = select(bundle, device, onnxruntime_available=has_ort, precision=precision)
         eligible = [n for n in first.compatible if n not in first.rejected]
@@ -371,3 +373,11 @@ def load(
         bundle, device, artifact=artifact, onnxruntime_available=has_ort, precision=precision
     )
     return Model(bundle, make_engine(bundle, choice.artifact, device, max_concurrency), choice)
+
+
+def _no_onnx_engine(bundle: Bundle) -> str:
+    """Why `artifact="onnxruntime"` cannot run this generation bundle."""
+    if "model.onnx" not in bundle.manifest.get("files", {}):
+        why = (bundle.model.get("onnx_export") or {}).get("detail") or "compiled without it"
+        return f"{bundle.path}: this bundle holds no ONNX export ({why}); load a compiled artifact"
+    return f"{bundle.path}: onnxruntime is not installed; `pip install onnxruntime` to run it"

@@ -142,6 +142,10 @@ def tiny_llm_config(family: str = "llama", vocab_size: int = 300):
         return transformers.LlamaConfig(**common, **llama_shape, tie_word_embeddings=True)
     if family == "qwen2":
         return transformers.Qwen2Config(**common, **llama_shape, tie_word_embeddings=False)
+    if family == "phi3":  # fused qkv_proj / gate_up_proj; no sliding window at this context
+        return transformers.Phi3Config(
+            **common, **llama_shape, pad_token_id=0, sliding_window=None, tie_word_embeddings=False
+        )
     return transformers.GPT2Config(
         **common, n_embd=64, n_layer=2, n_head=4, n_positions=256, eos_token_id=2
     )
@@ -157,6 +161,7 @@ def save_tiny_llm(path: Path, family: str = "llama", seed: int = 0, tokenizer: b
     cls = {
         "llama": transformers.LlamaForCausalLM,
         "qwen2": transformers.Qwen2ForCausalLM,
+        "phi3": transformers.Phi3ForCausalLM,
         "gpt2": transformers.GPT2LMHeadModel,
     }[family]
     cls(config).eval().save_pretrained(path)

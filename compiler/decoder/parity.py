@@ -1,7 +1,10 @@
-"""The parity gate of a generation artifact: its logits and greedy tokens against transformers.
+"""The parity gate of a generation artifact: its logits and greedy tokens against two references.
 
-The reference is the PyTorch model transformers loads from the same folder (fp32), on a fixed
-set of prompts. Two checks, both through the runtime's own `Generator` on the staged bundle:
+The references, each computed once per prompt: the PyTorch model transformers loads from the
+folder (fp32), and the bundle's ONNX export on ONNX Runtime (the runtime's own ORT engine,
+runtime/decode_onnx.py), on a fixed set of prompts. The export is itself first compared with
+transformers the same way (`export_parity`). Two checks per artifact and reference, on the
+artifact's one run through the runtime's own `Generator` on the staged bundle:
 - prefill logits after each prompt, max abs diff within the tolerance;
 - GREEDY_TOKENS greedy tokens after each prompt, identical. Where they part, the step counts as a
   tie (and the comparison of that prompt ends there) only if the reference's two best logits at
@@ -75,6 +78,31 @@ def reference_cases(model_dir: Path, prompts: list[list[int]]) -> list[Reference
     return cases
 
 
+def onnx_reference_cases(onnx_path: Path, prompts: list[list[int]], context: int):
+    """Greedy decoding by ONNX Runtime on the export (its past key/values), every step's logits
+    kept: the runtime's ORT engine, driven directly."""
+    from tvmdeploy.runtime.decode_onnx import OnnxDecoder
+
+    engine = OnnxDecoder(onnx_path, context, max_sequences=1)
+    cases = []
+    for seq_id, prompt in enumerate(prompts):
+        engine.add_sequence(seq_id)
+        logits = engine.prefill(seq_id, np.array(prompt))
+        prefill, tokens, steps = logits.copy(), [], []
+        for _ in range(GREEDY_TOKENS):
+            steps.append(logits.copy())
+            tokens.append(int(logits.argmax()))
+            logits = engine.decode([seq_id], np.array([tokens[-1]]))[0]
+        engine.remove_sequence(seq_id)
+        cases.append(ReferenceCase(prompt, prefill, tokens, steps))
+    return cases
+
+
+#: What each reference is called in the records and messages.
+TRANSFORMERS = "transformers (PyTorch, fp32)"
+ONNXRUNTIME = "onnxruntime (the bundle's model.onnx, fp32)"
+
+
 @dataclass
 class Observed:
     """One prompt as an artifact ran it (natively or emulated): what `compare` checks."""
@@ -83,23 +111,26 @@ class Observed:
     tokens: list[int]  # greedy
 
 
-def check(generator, cases: list[ReferenceCase]) -> dict[str, Any]:
-    """The parity record of one artifact run here (manifest `parity`): `ok` and what was
-    measured, through the runtime's `Generator`."""
+def observe(generator, prompts: list[list[int]]) -> tuple[list[Observed], float]:
+    """One artifact run here on the gate's prompts, through the runtime's `Generator`: what each
+    reference is compared with, and the median decode tokens/s."""
     observed, decode_rates = [], []
-    for case in cases:
-        logits = generator.prefill_logits(case.prompt)
-        result = generator.generate(case.prompt, max_new_tokens=GREEDY_TOKENS, ignore_eos=True)
+    for prompt in prompts:
+        logits = generator.prefill_logits(prompt)
+        result = generator.generate(prompt, max_new_tokens=GREEDY_TOKENS, ignore_eos=True)
         decode_rates.append(result.decode_tokens_per_s)
         observed.append(Observed(logits, list(result.token_ids)))
-    record = compare(cases, observed, "native")
-    record["decode_tokens_per_s"] = (
-        round(float(np.median(decode_rates)), 2) if decode_rates else 0.0
-    )
-    return record
+    return observed, round(float(np.median(decode_rates)), 2) if decode_rates else 0.0
 
 
-def compare(cases: list[ReferenceCase], observed: list[Observed], where: str) -> dict[str, Any]:
+def as_observed(cases: list[ReferenceCase]) -> list[Observed]:
+    """A reference's own run, to compare with another reference (the export's parity)."""
+    return [Observed(case.prefill_logits, case.tokens) for case in cases]
+
+
+def compare(
+    cases: list[ReferenceCase], observed: list[Observed], where: str, against: str = TRANSFORMERS
+) -> dict[str, Any]:
     """The parity record of an artifact's runs of the reference prompts, wherever they ran
     (`where`: native, qemu:<cpu>): prefill logits within LOGITS_TOLERANCE, greedy tokens
     identical up to the first near-tie (the module docstring). Fewer greedy tokens than the
@@ -120,7 +151,7 @@ def compare(cases: list[ReferenceCase], observed: list[Observed], where: str) ->
                 ties += 1
             else:
                 failures.append(
-                    f"prompt {k} step {step}: token {got}, transformers {want} "
+                    f"prompt {k} step {step}: token {got}, {against.split()[0]} {want} "
                     f"(its top-2 margin {margin:.2e})"
                 )
             break
@@ -128,7 +159,7 @@ def compare(cases: list[ReferenceCase], observed: list[Observed], where: str) ->
     return {
         "ok": ok,
         "where": where,
-        "against": "transformers (PyTorch, fp32)",
+        "against": against,
         "max_abs_diff": worst,
         "tolerance": {"logits_atol": LOGITS_TOLERANCE, "tie_margin": TIE_MARGIN},
         "prompts": len(cases),
@@ -142,12 +173,12 @@ def compare(cases: list[ReferenceCase], observed: list[Observed], where: str) ->
     }
 
 
-def not_compared(where: str, why: str) -> dict[str, Any]:
+def not_compared(where: str, why: str, against: str = TRANSFORMERS) -> dict[str, Any]:
     """The failed record of a run that produced nothing to compare (a crash, a timeout)."""
     return {
         "ok": False,
         "where": where,
-        "against": "transformers (PyTorch, fp32)",
+        "against": against,
         "max_abs_diff": None,
         "tolerance": {"logits_atol": LOGITS_TOLERANCE, "tie_margin": TIE_MARGIN},
         "prompts": 0,

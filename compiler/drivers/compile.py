@@ -62,6 +62,8 @@ class CompileOptions:
     # context (prompt + completion tokens) the bundle serves.
     base: str | None = None
     context: int | None = None
+    # Generation bundles: carry the model's ONNX export (the ONNX Runtime engine and reference).
+    onnx: bool = True
 
     def display(self, profiles: list[Profile]) -> None:
         """Say what will happen, before it happens."""
@@ -469,8 +471,8 @@ def compile_model(options: CompileOptions) -> Path:
         from .compile_decoder import compile_decoder
 
         return compile_decoder(options)
-    if options.base is not None or options.context is not None:
-        raise OptionError("--base and --context are for causal LMs (text generation)")
+    if options.base is not None or options.context is not None or not options.onnx:
+        raise OptionError("--base, --context and --no-onnx are for causal LMs (text generation)")
     plan = plan_compile(options)
     with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
         work_dir = Path(work)

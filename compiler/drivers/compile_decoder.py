@@ -4,16 +4,22 @@
 adapter folder, a GGUF file: decoder/sources.py). The steps, in order:
 1. the source made into one HF folder (adapter merged, GGUF converted), its config read and
    checked (an unsupported architecture or config feature is refused before any build);
-2. per profile: the decoder definition exported to Relax and built (decoder/lower.py);
-3. the reference: transformers' prefill logits and greedy tokens on fixed prompts;
-4. the bundle staged, each artifact this machine runs gated through the runtime's `Generator`
-   (decoder/parity.py), then moved in place; a failed gate leaves nothing written.
+2. the folder exported to ONNX by optimum (decoder/onnx_export.py; `--no-onnx` skips it): the
+   bundle's ONNX Runtime engine and second reference;
+3. per profile: the decoder definition exported to Relax and built (decoder/lower.py);
+4. the references, once per prompt: transformers' and ONNX Runtime's (on the export) prefill
+   logits and greedy tokens on fixed prompts; the export compared with transformers (an export
+   that disagrees is left out of the bundle, the manifest says why);
+5. the bundle staged, each artifact this machine runs gated through the runtime's `Generator`
+   against both references (decoder/parity.py), then moved in place; a failed gate leaves
+   nothing written.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,7 @@ from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profiles
 
 from .. import build, package
-from ..decoder import lower, parity, sources, weights
+from ..decoder import lower, onnx_export, parity, sources, weights
 from ..decoder.config import DecoderConfig, read_decoder_config
 from ..errors import OptionError, ParityError, QemuUnavailable
 from .stages import Stages
@@ -85,47 +91,90 @@ def build_profile(config: DecoderConfig, profile: Profile, out_dir: Path, stages
     return built, named
 
 
-def gate(cases, strict: bool, stages: Stages):
-    """The staged bundle's check: each artifact this device runs against the reference; an
+@dataclass
+class References:
+    """What the gate compares each artifact with, computed once per prompt (not per artifact)."""
+
+    prompts: list[list[int]]
+    transformers: list[parity.ReferenceCase]
+    onnxruntime: list[parity.ReferenceCase] | None  # None: no export in the bundle
+    no_onnx_why: str = ""
+
+
+def gate(references: References | None, strict: bool, stages: Stages):
+    """The staged bundle's check: each artifact this device runs against both references; an
     aarch64 artifact whose profile names a `qemu_cpu`, on an x86 machine, under qemu-user."""
 
     def run(staging: Path) -> dict[str, dict[str, Any]]:
         from tvmdeploy.runtime import Bundle, probe
-        from tvmdeploy.runtime.generate import Generator
         from tvmdeploy.runtime.probe import missing_requirements
-        from tvmdeploy.runtime.select import Choice
 
         bundle, device = Bundle(staging), probe()
         fields: dict[str, dict[str, Any]] = {}
         for artifact in bundle.artifacts:
             lacking = missing_requirements(artifact.requires, device)
             cpu = _emulated_cpu(artifact, device) if lacking else None
-            if not cases or (lacking and not cpu):
-                why = "verification disabled" if not cases else f"this machine lacks {lacking}"
+            if not references or (lacking and not cpu):
+                why = "verification disabled" if not references else f"this machine lacks {lacking}"
                 fields[artifact.name] = {"parity": {"where": "not-run", "detail": why}}
                 logger.info("  parity %s: not run (%s)", artifact.name, why)
                 continue
-            if cpu:
-                with stages(f"verify {artifact.name} against transformers under qemu -cpu {cpu}"):
-                    record = gate_emulated(bundle, artifact, cases, cpu)
-            else:
-                with stages(f"verify {artifact.name} against transformers"):
-                    generator = Generator(bundle, Choice(artifact.name, "verifying"), device, 1)
-                    record = parity.check(generator, cases)
-            if record["ok"] is None:  # qemu or the arm64 sysroot is missing
-                logger.info("  parity %s: not run (%s)", artifact.name, record["detail"])
+            against = "transformers" + (" and ONNX Runtime" if references.onnxruntime else "")
+            where = f"qemu:{cpu}" if cpu else "native"
+            title = f"verify {artifact.name} against {against}"
+            with stages(title + (f" under qemu -cpu {cpu}" if cpu else "")):
+                if cpu:
+                    observed, extra = run_emulated(bundle, artifact, references.prompts, cpu)
+                else:
+                    observed, extra = run_native(bundle, artifact, references.prompts, device)
+            if isinstance(observed, str) and not extra.get("failed"):  # qemu missing, ...
+                logger.info("  parity %s: not run (%s)", artifact.name, observed)
+                record = {"where": "not-run", "ok": None, "detail": observed}
                 fields[artifact.name] = {"parity": record}
                 continue
-            logger.info("  parity %s: %s", artifact.name, parity.summary(record))
-            if not record["ok"] and strict:
-                raise ParityError(
-                    f"{artifact.name}: generation parity against transformers failed "
-                    f"({record['where']}): {parity.summary(record)}; no bundle written"
-                )
-            fields[artifact.name] = {"parity": record}
+            records = compare_both(references, observed, where, extra)
+            for key, record in records.items():
+                if "max_abs_diff" not in record:
+                    continue
+                name = "ONNX Runtime" if key == "parity_onnxruntime" else "transformers"
+                logger.info("  parity %s vs %s: %s", artifact.name, name, parity.summary(record))
+                if not record["ok"] and strict:
+                    raise ParityError(
+                        f"{artifact.name}: generation parity against {name} failed "
+                        f"({record['where']}): {parity.summary(record)}; no bundle written"
+                    )
+            fields[artifact.name] = records
         return fields
 
     return run
+
+
+def compare_both(references: References, observed, where: str, extra: dict) -> dict[str, Any]:
+    """The manifest fields of one artifact's run: `parity` (against transformers) and
+    `parity_onnxruntime` (against the export); `observed` a string where the run failed."""
+    if isinstance(observed, str):
+        return {"parity": parity.not_compared(where, observed)}
+    records = {"parity": parity.compare(references.transformers, observed, where)}
+    if references.onnxruntime:
+        records["parity_onnxruntime"] = parity.compare(
+            references.onnxruntime, observed, where, parity.ONNXRUNTIME
+        )
+    for record in records.values():
+        record.update(extra)
+    if not references.onnxruntime:
+        detail = f"no ONNX export in the bundle ({references.no_onnx_why})"
+        records["parity_onnxruntime"] = {"where": "not-run", "ok": None, "detail": detail}
+    return records
+
+
+def run_native(bundle, artifact, prompts, device):
+    """The artifact on this machine, through the runtime's `Generator`: (observed, extra)."""
+    from tvmdeploy.runtime.generate import Generator
+    from tvmdeploy.runtime.select import Choice
+
+    generator = Generator(bundle, Choice(artifact.name, "verifying"), device, 1)
+    observed, rate = parity.observe(generator, prompts)
+    return observed, {"decode_tokens_per_s": rate}
 
 
 def _emulated_cpu(artifact, device) -> str | None:
@@ -143,35 +192,32 @@ def _emulated_cpu(artifact, device) -> str | None:
     return None
 
 
-def gate_emulated(bundle, artifact, cases, cpu: str) -> dict[str, Any]:
-    """The parity record of an aarch64 artifact of the staged bundle run under qemu-user on
-    `cpu`: the same prompts and rules as natively (parity.compare). `ok` is None (not run) when
-    qemu or the arm64 Python sysroot is missing; a crash or a timeout is a failed gate."""
+def run_emulated(bundle, artifact, prompts, cpu: str):
+    """An aarch64 artifact of the staged bundle run under qemu-user on `cpu`: (observed, extra),
+    compared by the same rules as natively; or (why, extra) where it did not run (qemu or the
+    arm64 Python sysroot missing, weights too large) or ran without a result (a crash or a
+    timeout: `extra["failed"]`, a failed gate)."""
     from ..emulation import qemu, qemu_decoder
 
-    where = f"qemu:{cpu}"
     try:
         arm = qemu.find_arm64_python()
     except QemuUnavailable as e:
-        return {"where": "not-run", "ok": None, "detail": f"cannot verify under QEMU: {e}"}
+        return f"cannot verify under QEMU: {e}", {}
     generation = bundle.model.get("generation") or {}
     context = int(generation["context_length"])
     entry = bundle.weights_entry(artifact.weights)
     size = (bundle.path / entry["file"]).stat().st_size
     if size > EMULATION_MAX_WEIGHT_BYTES:
-        return {
-            "where": "not-run",
-            "ok": None,
-            "detail": f"{size >> 20} MiB of weights is too large to decode under QEMU (limit "
-            f"{EMULATION_MAX_WEIGHT_BYTES >> 20} MiB); verify on an arm64 device",
-        }
-    greedy = max(len(case.tokens) for case in cases)
+        return (
+            f"{size >> 20} MiB of weights is too large to decode under QEMU (limit "
+            f"{EMULATION_MAX_WEIGHT_BYTES >> 20} MiB); verify on an arm64 device"
+        ), {}
     run = qemu_decoder.run_decoder(
         bundle.file(artifact.file),
         bundle.file(entry["file"]),
         entry["names"],
-        [case.prompt for case in cases],
-        greedy,
+        prompts,
+        parity.GREEDY_TOKENS,
         cpu,
         context_length=context,
         prefill_chunk=int(generation.get("prefill_chunk") or context),
@@ -180,11 +226,9 @@ def gate_emulated(bundle, artifact, cases, cpu: str) -> dict[str, Any]:
         timeout=EMULATION_TIMEOUT_S,
     )
     if not run.ok:
-        return parity.not_compared(where, run.detail)
+        return run.detail, {"failed": True}
     observed = [parity.Observed(p.prefill_logits, p.tokens) for p in run.prompts]
-    record = parity.compare(cases, observed, where)
-    record["emulated_seconds"] = round(run.seconds, 1)
-    return record
+    return observed, {"emulated_seconds": round(run.seconds, 1)}
 
 
 def eos_token_ids(config: DecoderConfig, model_dir: Path) -> list[int]:
@@ -230,7 +274,7 @@ def model_info(config: DecoderConfig, source, name: str, context: int) -> dict[s
 def compile_decoder(options) -> Path:
     """Compile a causal LM into a generation bundle; returns its path."""
     profiles = plan_profiles(options)
-    stages = Stages(3 + len(profiles) * (1 + bool(options.verify)))
+    stages = Stages(3 + bool(options.onnx) + len(profiles) * (1 + bool(options.verify)))
     with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
         work_dir = Path(work)
         with stages("read the model (merge an adapter, convert GGUF)"):
@@ -247,6 +291,10 @@ def compile_decoder(options) -> Path:
             config.vocab_size,
             context,
         )
+        exported = onnx_export.skipped("compiled with --no-onnx")
+        if options.onnx:
+            with stages(f"export to ONNX (optimum, {onnx_export.TASK})"):
+                exported = onnx_export.export_decoder(source.model_dir, work_dir / "onnx")
         entries, named = [], None
         for profile in profiles:
             built, named = build_profile(config, profile, work_dir / "artifacts", stages)
@@ -260,11 +308,14 @@ def compile_decoder(options) -> Path:
                     code_form=built.code_form,
                 )
             )
-        with stages("reference: transformers' logits and greedy tokens"):
-            cases = []
+        references, export_parity = None, None
+        title = "transformers'" + (" and ONNX Runtime's" if exported.onnx_path else "")
+        with stages(f"reference: {title} logits and greedy tokens"):
             if options.verify:
-                prompts = parity.prompt_ids(source.model_dir, config.vocab_size)
-                cases = parity.reference_cases(source.model_dir, prompts)
+                found = reference_runs(source.model_dir, config, exported, context)
+                references, export_parity = found
+        info = model_info(config, source, options.name or _default_name(options.model), context)
+        info["onnx_export"] = exported.record
         with stages("package bundle (each artifact gated on the staged bundle)"):
             params = weights.ordered_params(
                 named, weights.decoder_params(source.model_dir, config), str(source.model_dir)
@@ -274,16 +325,41 @@ def compile_decoder(options) -> Path:
             del params
             out = package.write_bundle(
                 options.output,
-                None,
+                exported.onnx_path,
                 {"float32": (names, blob)},
                 entries,
-                model_info(config, source, options.name or _default_name(options.model), context),
+                info,
                 [],
                 tokenizer_dir=source.model_dir,
-                check_staged=gate(cases, options.strict_parity, stages),
+                export_parity=export_parity,
+                check_staged=gate(references, options.strict_parity, stages),
             )
     logger.info("bundle written: %s", out)
     return out
+
+
+def reference_runs(
+    model_dir: Path, config: DecoderConfig, exported, context: int
+) -> tuple[References, dict | None]:
+    """Both references on the gate's prompts, once each, and the export's own parity against
+    transformers. An export that disagrees with transformers is left out of the bundle (a
+    fallback engine must not give other text than the model): `exported` loses its graph and
+    its record says why."""
+    prompts = parity.prompt_ids(model_dir, config.vocab_size)
+    cases = parity.reference_cases(model_dir, prompts)
+    if exported.onnx_path is None:
+        return References(prompts, cases, None, exported.record.get("detail", "")), None
+    ort_cases = parity.onnx_reference_cases(exported.onnx_path, prompts, context)
+    record = parity.compare(cases, parity.as_observed(ort_cases), "native")
+    record.update(reference="pytorch", engine="onnxruntime")
+    logger.info("  export: ONNX Runtime vs transformers: %s", parity.summary(record))
+    if not record["ok"]:
+        why = f"its parity against transformers failed: {parity.summary(record)}"
+        logger.warning("  the ONNX export is left out of the bundle: %s", why)
+        exported.onnx_path = None
+        exported.record = {"file": None, "detail": f"left out: {why}"}
+        return References(prompts, cases, None, exported.record["detail"]), record
+    return References(prompts, cases, ort_cases), record
 
 
 def _tensor(array):

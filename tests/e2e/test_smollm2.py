@@ -35,6 +35,7 @@ def test_smollm2_answers_as_transformers_does(tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     (artifact,) = manifest["artifacts"]
     assert artifact["parity"]["ok"] is True, artifact["parity"]
+    assert artifact["parity_onnxruntime"]["ok"] is True, artifact["parity_onnxruntime"]
     assert manifest["model"]["decoder"]["num_layers"] == 30
 
     generator = load(bundle)
@@ -58,3 +59,5 @@ def test_smollm2_answers_as_transformers_does(tmp_path):
     expected = out[0, len(ids) :].tolist()
     eos = set(generator.eos_token_ids)
     assert answer.token_ids == [t for t in expected if t not in eos]
+    baseline = load(bundle, artifact="onnxruntime").chat(QUESTION, max_new_tokens=24)
+    assert baseline.token_ids == answer.token_ids  # the export on ONNX Runtime, same answer

@@ -30,17 +30,27 @@ def test_the_manifest_records_the_gate_and_the_generation_limits(tiny_llm_bundle
     greedy = record["greedy"]
     assert greedy["agreed"] + greedy["ties"] == greedy["compared"]
     assert greedy["compared"] == parity.GREEDY_TOKENS * len(parity.PROMPTS)
+    assert artifact["parity_onnxruntime"]["ok"] is True  # and against ONNX Runtime on the export
+    assert manifest["export_parity"]["ok"] is True  # the export itself against transformers
     files = manifest["files"]
-    assert "model.onnx" not in files  # decoders carry no ONNX graph
+    assert "model.onnx" in files and manifest["model"]["onnx_export"]["file"] == "model.onnx"
     assert {"tokenizer/tokenizer.json", "tokenizer/chat_template.jinja"} <= set(files)
 
 
-def test_gpt2_without_a_tokenizer_generates_what_transformers_does(tmp_path):
+def test_gpt2_without_a_tokenizer_or_export_generates_what_transformers_does(tmp_path):
     import torch
     from transformers import GPT2LMHeadModel
 
     model_dir = save_tiny_llm(tmp_path / "tiny-gpt2", family="gpt2", seed=1, tokenizer=False)
-    bundle = compile_model(CompileOptions(model=str(model_dir), output=str(tmp_path / "g.tvmd")))
+    options = CompileOptions(model=str(model_dir), output=str(tmp_path / "g.tvmd"), onnx=False)
+    bundle = compile_model(options)  # --no-onnx: no export, so no ONNX Runtime engine either
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "model.onnx" not in manifest["files"]
+    assert manifest["model"]["onnx_export"] == {"file": None, "detail": "compiled with --no-onnx"}
+    assert manifest["artifacts"][0]["parity"]["ok"] is True  # still gated against transformers
+    assert manifest["artifacts"][0]["parity_onnxruntime"]["where"] == "not-run"
+    with pytest.raises(Exception, match="holds no ONNX export"):
+        load(bundle, artifact="onnxruntime")
     generator = load(bundle)
     ids = [5, 17, 42, 99, 7]
     reference = GPT2LMHeadModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()

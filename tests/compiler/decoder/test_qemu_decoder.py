@@ -48,6 +48,9 @@ def test_the_arm64_artifact_is_gated_under_qemu(tiny_llm_dir, tmp_path):
     greedy = arm["greedy"]
     assert greedy["compared"] == parity.GREEDY_TOKENS * len(parity.PROMPTS)
     assert greedy["agreed"] == greedy["compared"]
+    (arm_entry,) = [a for a in manifest["artifacts"] if a["profile"] == "arm64-neon"]
+    against_ort = arm_entry["parity_onnxruntime"]  # the same run, against the export on ORT
+    assert against_ort["where"] == "qemu:cortex-a72" and against_ort["ok"] is True, against_ort
 
 
 def test_a_failed_arm64_gate_writes_no_bundle(tiny_llm_dir, tmp_path, monkeypatch):
