@@ -1,0 +1,121 @@
+"""The Ray Serve deployment on a real local Ray cluster: two raylets on 127.0.0.1 (one CPU each,
+so the two replicas sit one per raylet), requests through Ray Serve's HTTP proxy by real clients,
+answers compared with the model called directly in this process. One cluster for the module:
+Ray's start is the slow part."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import tritonclient.http as triton
+from ray import serve
+from ray.cluster_utils import Cluster
+from tvmdeploy.runtime import load
+from tvmdeploy.runtime.serve.ray import APP_NAME, REPLICA_HEADER, RETRIED_HEADER, application
+
+from .test_server import ATOL, TEXTS, free_port, logits_of, token_rows, v2_body
+
+NODE = {"num_cpus": 1, "object_store_memory": 80 << 20, "node_ip_address": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def url(tiny_bundle):
+    # Ray turns 127.0.0.1 into the machine's own address when it connects, unless it runs in
+    # its one-machine mode (the env var for the raylets and workers, the constant for here).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        patch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+        yield from _serving(tiny_bundle)
+
+
+def _serving(tiny_bundle):
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    cluster.add_node(**NODE)
+    ray.init(address=cluster.address, log_to_driver=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = application([f"tiny={tiny_bundle}"], replicas=2, max_batch_delay_ms=20)
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_same_routes_through_the_proxy_spread_over_both_replicas(url, model):
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_model_ready("tiny")
+    arrays = token_rows(1, 2, 20)
+    inputs = []
+    for name, array in arrays.items():
+        tensor = triton.InferInput(name, list(array.shape), "INT64")
+        tensor.set_data_from_numpy(array, binary_data=True)
+        inputs.append(tensor)
+    got = client.infer("tiny", inputs).as_numpy("logits")
+    np.testing.assert_allclose(got, model(**arrays)["logits"], atol=ATOL, rtol=0)
+    client.close()
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        body = http.post("/v2/models/tiny/predict", json={"text": TEXTS}).json()
+        for got_label, want in zip(body["labels"], model.predict(TEXTS), strict=True):
+            assert got_label["label"] == want.label and abs(got_label["score"] - want.score) < ATOL
+        assert http.post("/v2/models/nope/infer", json={}).status_code == 404
+
+    requests = [token_rows(200 + k, 1, 4 + k % 9) for k in range(24)]
+
+    def call(arrays):
+        response = httpx.post(f"{url}/v2/models/tiny/infer", json=v2_body(arrays), timeout=30)
+        return logits_of(response), response.headers[REPLICA_HEADER]
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(call, requests))
+    for arrays, (got, _) in zip(requests, answers, strict=True):
+        np.testing.assert_allclose(got, model(**arrays)["logits"], atol=ATOL, rtol=0)
+    assert len({replica for _, replica in answers}) == 2, "the proxy used one replica only"
+
+
+def test_a_replica_killed_under_load_loses_no_request(url, model):
+    """8 clients send for a bounded time; one replica's actor is killed mid-load. Requests that
+    replica held are sent again by the front (`x-tvmdeploy-retried`); none fails."""
+    inputs = [token_rows(300 + k, 1 + k % 2, 6 + k) for k in range(8)]
+    expected = [model(**arrays)["logits"] for arrays in inputs]
+    stop_at = time.monotonic() + 12
+    failures, retried, replicas = [], [], set()
+    counts = [0] * len(inputs)
+
+    def client(k: int):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while time.monotonic() < stop_at and counts[k] < 400:
+                response = http.post("/v2/models/tiny/infer", json=v2_body(inputs[k]))
+                counts[k] += 1
+                if response.status_code != 200:
+                    failures.append((response.status_code, response.text[:300]))
+                    continue
+                np.testing.assert_allclose(logits_of(response), expected[k], atol=ATOL, rtol=0)
+                replicas.add(response.headers[REPLICA_HEADER])
+                if response.headers.get(RETRIED_HEADER):
+                    retried.append(k)
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        running = [pool.submit(client, k) for k in range(len(inputs))]
+        while sum(counts) < 40 and time.monotonic() < stop_at:
+            time.sleep(0.05)
+        victim = min(replicas)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        for future in running:
+            future.result(timeout=60)
+    print(f"{sum(counts)} requests, {len(retried)} sent again after the kill")
+    assert not failures, failures[:3]
+    assert sum(counts) > 80
