@@ -15,8 +15,19 @@ import ray
 import tritonclient.http as triton
 from ray import serve
 from ray.cluster_utils import Cluster
+from ray.serve import Application
+from tvmdeploy.compiler.cli import app as cli
 from tvmdeploy.runtime import load
-from tvmdeploy.runtime.serve.ray import APP_NAME, REPLICA_HEADER, RETRIED_HEADER, application
+from tvmdeploy.runtime.errors import OptionError, SignatureError
+from tvmdeploy.runtime.serve.ray import (
+    APP_NAME,
+    REPLICA_HEADER,
+    RETRIED_HEADER,
+    app_builder,
+    application,
+)
+from tvmdeploy.runtime.signing import generate_keypair
+from typer.testing import CliRunner
 
 from .test_server import ATOL, TEXTS, free_port, logits_of, token_rows, v2_body
 
@@ -91,7 +102,7 @@ def test_a_replica_killed_under_load_loses_no_request(url, model):
     replica held are sent again by the front (`x-tvmdeploy-retried`); none fails."""
     inputs = [token_rows(300 + k, 1 + k % 2, 6 + k) for k in range(8)]
     expected = [model(**arrays)["logits"] for arrays in inputs]
-    stop_at = time.monotonic() + 12
+    stop_at = time.monotonic() + 10
     failures, retried, replicas = [], [], set()
     counts = [0] * len(inputs)
 
@@ -119,3 +130,18 @@ def test_a_replica_killed_under_load_loses_no_request(url, model):
     print(f"{sum(counts)} requests, {len(retried)} sent again after the kill")
     assert not failures, failures[:3]
     assert sum(counts) > 80
+
+
+def test_the_app_refuses_bad_arguments_before_any_replica_starts(tiny_bundle, tmp_path):
+    assert isinstance(app_builder({"bundles": f"tiny={tiny_bundle}", "replicas": "3"}), Application)
+    with pytest.raises(OptionError, match="replica_count"):
+        app_builder({"bundles": str(tiny_bundle), "replica_count": "3"})
+    with pytest.raises(OptionError, match="no bundle at"):
+        application([str(tmp_path / "missing.tvmd")])
+    with pytest.raises(OptionError, match="--replicas"):
+        application([str(tiny_bundle)], replicas=0)
+    keys = generate_keypair(tmp_path / "k.key")
+    with pytest.raises(SignatureError):
+        application([str(tiny_bundle)], trusted_keys=[keys.public])
+    result = CliRunner().invoke(cli, ["serve", "--ray", "local", "x.tvmd"])
+    assert result.exit_code != 0 and "no bundle at" in result.output
