@@ -141,14 +141,14 @@ class Front:
     another if its replica dies before answering."""
 
     def __init__(self, replicas: serve.handle.DeploymentHandle, max_body_bytes: int):
-        self.forwarder = Forwarder(replicas.options(stream=True, method_name="forward"))
+        self.forwarder = _Forwarder(replicas.options(stream=True, method_name="forward"))
         self.forwarder.max_body_bytes = max_body_bytes
 
     def __serve_build_asgi_app__(self):
         return self.forwarder
 
 
-class Forwarder:
+class _Forwarder:
     """The front's ASGI app: requests read whole, sent to a replica, answers streamed back."""
 
     max_body_bytes = 64 << 20
@@ -157,9 +157,10 @@ class Forwarder:
         self.replicas = replicas
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
+        if scope["type"] == "lifespan":  # nothing to start: startup, then shutdown
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
             await send({"type": "lifespan.shutdown.complete"})
             return
         if scope["type"] != "http":
@@ -191,7 +192,10 @@ class Forwarder:
                 start = await chunks.__anext__()
             except RayActorError as error:
                 if attempt:
-                    raise
+                    log.warning("replica died before answering %s, twice: %s", scope["path"], error)
+                    body = b'{"error": "the replicas died before answering; try again"}'
+                    await _answer(send, 503, body, [(b"retry-after", b"1")])
+                    return
                 log.warning(
                     "replica died before answering %s; sent again: %s", scope["path"], error
                 )
@@ -210,8 +214,9 @@ class Forwarder:
                 await send({"type": "http.response.body", **chunk})
 
 
-async def _answer(send, status: int, body: bytes) -> None:
+async def _answer(send, status: int, body: bytes, extra: list | None = None) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers += extra or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
