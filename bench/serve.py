@@ -54,7 +54,16 @@ def serve(bundle: str, artifact: str | None, port: int, delay_ms: float, max_bat
 
     model = load(bundle, precision="fp32", artifact=artifact)
     app = create_app({"m": model}, max_batch_delay_ms=delay_ms, max_queue=1024, max_batch=max_batch)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    # As `tvmdeploy serve` runs it: asyncio + h11, even where uvloop/httptools are installed.
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        loop="asyncio",
+        http="h11",
+    )
 
 
 def request_arrays(seed: int, vocab: int) -> dict[str, np.ndarray]:

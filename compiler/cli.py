@@ -786,21 +786,38 @@ def serve(
         str | None, Opt("--api-key", envvar="TVMDEPLOY_API_KEY", help=HELP["api_key"])
     ] = None,
     trusted_key: Annotated[list[str] | None, Opt("--trusted-key", help=HELP["trusted_key"])] = None,
+    ray_address: Annotated[str | None, Opt("--ray", help=HELP["serve_ray"])] = None,
+    replicas: Annotated[int, Opt("--replicas", help=HELP["replicas"])] = 2,
+    replica_cpus: Annotated[float, Opt("--replica-cpus", help=HELP["replica_cpus"])] = 1.0,
 ) -> None:
     """Serve bundles over HTTP: KServe v2 (JSON and binary tensors), /v2/models/NAME/predict with
-    texts, OpenAI /v1/embeddings, Prometheus /metrics. SIGTERM drains requests in flight."""
+    texts, OpenAI /v1/embeddings, Prometheus /metrics. SIGTERM drains requests in flight. With
+    --ray, N replicas on a Ray cluster behind Ray Serve's proxy, on the same routes."""
     _device_side()
-    from tvmdeploy.runtime.serve import serve as serve_bundles
+    options = {
+        "host": host,
+        "port": port,
+        "precision": precision,
+        "max_batch_delay_ms": max_batch_delay_ms,
+        "max_queue": max_queue,
+        "api_key": api_key,
+        "trusted_keys": trusted_key,
+    }
+    if ray_address is None:
+        from tvmdeploy.runtime.serve import serve as serve_bundles
 
-    serve_bundles(
-        bundles,
-        host=host,
-        port=port,
-        precision=precision,
-        max_batch_delay_ms=max_batch_delay_ms,
-        max_queue=max_queue,
-        api_key=api_key,
-        trusted_keys=trusted_key,
+        serve_bundles(bundles, **options)
+        return
+    from tvmdeploy.runtime.errors import OptionError
+
+    try:
+        from tvmdeploy.runtime.serve.ray import serve_on_ray
+    except ImportError as error:
+        raise OptionError(
+            f"--ray needs Ray Serve ({error}): pip install 'tvmdeploy[serve-ray]'"
+        ) from error
+    serve_on_ray(
+        bundles, address=ray_address, replicas=replicas, replica_cpus=replica_cpus, **options
     )
 
 

@@ -127,6 +127,11 @@ HELP = {
     "$TVMDEPLOY_API_KEY).",
     "trusted_key": "Trusted public key (file or 64 hex digits); repeat for several. Every bundle "
     "must be signed by one of them, or nothing is served (default: $TVMDEPLOY_TRUSTED_KEYS).",
+    "serve_ray": "Run on the Ray cluster at this address (auto, HOST:PORT, ray://HOST:PORT, or "
+    "local to start one here) behind Ray Serve's HTTP proxy, which listens on --host/--port "
+    "(needs the serve-ray extra).",
+    "replicas": "With --ray: replicas of the bundles, each on the node Ray places it on.",
+    "replica_cpus": "With --ray: CPUs each replica reserves (and TVM threads it runs).",
     "verbose": "Debug logging, and tracebacks with errors.",
     "quiet": "Only warnings and errors on stderr.",
 }

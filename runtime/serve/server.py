@@ -116,6 +116,11 @@ def serve(
         max_queue=max_queue,
         api_key=api_key or os.environ.get(API_KEY_ENV) or None,
     )
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+    # The asyncio loop and h11 parser on every install: uvicorn would pick uvloop and httptools
+    # where they are installed (the serve-ray extra pulls them in), and the benchmarks were
+    # measured on these.
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, loop="asyncio", http="h11"
+    )
     log.info("serving %s on http://%s:%d", ", ".join(models), host, port)
     _Server(config).run()

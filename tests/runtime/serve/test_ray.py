@@ -1,0 +1,157 @@
+"""The Ray Serve deployment on a real local Ray cluster: two raylets on 127.0.0.1 (one CPU each,
+so the two replicas sit one per raylet), requests through Ray Serve's HTTP proxy by real clients,
+answers compared with the model called directly in this process. One cluster for the module:
+Ray's start is the slow part."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import tritonclient.http as triton
+from ray import serve
+from ray.cluster_utils import Cluster
+from ray.serve import Application
+from tvmdeploy.compiler.cli import app as cli
+from tvmdeploy.runtime import load
+from tvmdeploy.runtime.errors import OptionError, SignatureError
+from tvmdeploy.runtime.serve.ray import (
+    APP_NAME,
+    REPLICA_HEADER,
+    RETRIED_HEADER,
+    app_builder,
+    application,
+)
+from tvmdeploy.runtime.signing import generate_keypair
+from typer.testing import CliRunner
+
+from .test_server import ATOL, TEXTS, free_port, logits_of, token_rows, v2_body
+
+NODE = {"num_cpus": 1, "object_store_memory": 80 << 20, "node_ip_address": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def url(tiny_bundle):
+    # Ray turns 127.0.0.1 into the machine's own address when it connects, unless it runs in
+    # its one-machine mode (the env var for the raylets and workers, the constant for here).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        patch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+        yield from _serving(tiny_bundle)
+
+
+def _serving(tiny_bundle):
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    cluster.add_node(**NODE)
+    ray.init(address=cluster.address, log_to_driver=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = application([f"tiny={tiny_bundle}"], replicas=2, max_batch_delay_ms=400)
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_same_routes_through_the_proxy_spread_over_both_replicas(url, model):
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_model_ready("tiny")
+    arrays = token_rows(1, 2, 20)
+    inputs = []
+    for name, array in arrays.items():
+        tensor = triton.InferInput(name, list(array.shape), "INT64")
+        tensor.set_data_from_numpy(array, binary_data=True)
+        inputs.append(tensor)
+    got = client.infer("tiny", inputs).as_numpy("logits")
+    np.testing.assert_allclose(got, model(**arrays)["logits"], atol=ATOL, rtol=0)
+    client.close()
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        body = http.post("/v2/models/tiny/predict", json={"text": TEXTS}).json()
+        for got_label, want in zip(body["labels"], model.predict(TEXTS), strict=True):
+            assert got_label["label"] == want.label and abs(got_label["score"] - want.score) < ATOL
+        assert http.post("/v2/models/nope/infer", json={}).status_code == 404
+
+    requests = [token_rows(200 + k, 1, 4 + k % 9) for k in range(24)]
+
+    def call(arrays):
+        response = httpx.post(f"{url}/v2/models/tiny/infer", json=v2_body(arrays), timeout=30)
+        return logits_of(response), response.headers[REPLICA_HEADER]
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(call, requests))
+    for arrays, (got, _) in zip(requests, answers, strict=True):
+        np.testing.assert_allclose(got, model(**arrays)["logits"], atol=ATOL, rtol=0)
+    assert len({replica for _, replica in answers}) == 2, "the proxy used one replica only"
+
+
+def test_a_replica_killed_under_load_loses_no_request(url, model):
+    """Two clients send one row at a time; a replica's batcher holds a lone row for a second one
+    (up to the 400 ms delay), so with both clients waiting past 250 ms each replica holds one
+    request. Then one replica's actor is killed: Ray would answer the request it held with a
+    500; the front sends it again to the other replica (`x-tvmdeploy-retried`), and no request
+    fails. Bounded: 10 s of requests."""
+    inputs = [token_rows(300 + k, 1, 6 + k) for k in range(2)]
+    expected = [model(**arrays)["logits"] for arrays in inputs]
+    stop_at = time.monotonic() + 10
+    failures, retried, answered_by = [], [], []
+    waiting_since: list[float | None] = [None, None]
+
+    def client(k: int):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while time.monotonic() < stop_at:
+                waiting_since[k] = time.monotonic()
+                response = http.post("/v2/models/tiny/infer", json=v2_body(inputs[k]))
+                waiting_since[k] = None
+                if response.status_code != 200:
+                    failures.append((response.status_code, response.text[:300]))
+                    continue
+                np.testing.assert_allclose(logits_of(response), expected[k], atol=ATOL, rtol=0)
+                answered_by.append(response.headers[REPLICA_HEADER])
+                if response.headers.get(RETRIED_HEADER):
+                    retried.append(k)
+
+    def both_held() -> bool:
+        now = time.monotonic()
+        return all(t is not None and now - t > 0.25 for t in waiting_since)
+
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(client, k) for k in range(2)]
+        while time.monotonic() < stop_at - 5 and (len(set(answered_by)) < 2 or not both_held()):
+            time.sleep(0.01)
+        victim = min(answered_by)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        killed_after = len(answered_by)
+        for future in running:
+            future.result(timeout=60)
+    assert not failures, failures[:3]
+    assert retried, "no request was in flight on the killed replica"
+    assert victim not in answered_by[killed_after + 1 :]
+    assert len(answered_by) - killed_after > 10, "too few requests after the kill"
+
+
+def test_the_app_refuses_bad_arguments_before_any_replica_starts(tiny_bundle, tmp_path):
+    assert isinstance(app_builder({"bundles": f"tiny={tiny_bundle}", "replicas": "3"}), Application)
+    with pytest.raises(OptionError, match="replica_count"):
+        app_builder({"bundles": str(tiny_bundle), "replica_count": "3"})
+    with pytest.raises(OptionError, match="no bundle at"):
+        application([str(tmp_path / "missing.tvmd")])
+    with pytest.raises(OptionError, match="--replicas"):
+        application([str(tiny_bundle)], replicas=0)
+    keys = generate_keypair(tmp_path / "k.key")
+    with pytest.raises(SignatureError):
+        application([str(tiny_bundle)], trusted_keys=[keys.public])
+    result = CliRunner().invoke(cli, ["serve", "--ray", "local", "x.tvmd"])
+    assert result.exit_code != 0 and "no bundle at" in result.output
