@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 
 from ._tvm import default_num_threads
+from .amx_permission import GRANTED, tile_permission
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64"}
 
@@ -36,6 +37,9 @@ class DeviceInfo:
     cpu_features: frozenset[str]
     cores: int
     cuda: tuple[CudaDevice, ...] = field(default_factory=tuple)
+    #: The AMX tile permission (runtime/amx_permission.py): "granted", the refusal in words, or
+    #: "" where the CPU has no AMX. Not part of the fingerprint: it is the process's, not the CPU's.
+    tile_permission: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -67,6 +71,7 @@ class DeviceInfo:
             "cores": self.cores,
             "cpu_features": sorted(self.cpu_features),
             "cuda": [asdict(c) for c in self.cuda],
+            "tile_permission": self.tile_permission or None,
         }
 
 
@@ -120,6 +125,7 @@ def probe(cpuinfo_path: str = "/proc/cpuinfo") -> DeviceInfo:
         cpu_features=features,
         cores=default_num_threads(),
         cuda=_cuda_devices(),
+        tile_permission=tile_permission().detail if "amx_tile" in features else "",
     )
 
 
@@ -132,6 +138,8 @@ def missing_requirements(requires: dict, device: DeviceInfo) -> list[str]:
     absent = [f for f in requires.get("cpu_features", []) if f not in device.cpu_features]
     if absent:
         missing.append("CPU features " + ", ".join(absent))
+    elif "amx_tile" in requires.get("cpu_features", []) and device.tile_permission != GRANTED:
+        missing.append(device.tile_permission or "the AMX tile permission (not requested)")
     cuda_arch = requires.get("cuda_arch")
     if cuda_arch:
         best = max((c.compute_capability for c in device.cuda), default=None)
