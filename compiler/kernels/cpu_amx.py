@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
-from .cpu_int8 import KERNEL_ATTR, MIN_PARALLEL_MACS, OPAQUE_PATTERN, Int8Kernel
+from .cpu_int8 import KERNEL_ATTR, KERNELS, MIN_PARALLEL_MACS, OPAQUE_PATTERN
 
 TILE_ROWS = 16
 TILE_BYTES = 64  # bytes per tile row
@@ -47,9 +47,9 @@ LANES = 16  # int32 / fp32 columns per C tile, and columns per weight panel
 INT8_K = 64  # k per int8 tile (a row of A: 64 bytes)
 BF16_K = 32  # k per bf16 tile
 
-#: The int8 kernel's facts for the quantizer (cpu_int8.Int8Kernel): u8 activations at 255 levels,
-#: weights in panels of 16 columns, as VNNI. mr/nv are not used (the tiles block the GEMM).
-AMX_INT8 = Int8Kernel("amx-int8", "", LANES, "uint8", 255, TILE_ROWS, 2)
+#: The int8 kernel's facts for the quantizer (cpu_int8.KERNELS): u8 activations at 255 levels,
+#: weights in panels of 16 columns, as VNNI.
+AMX_INT8 = KERNELS["amx-int8"]
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -72,7 +72,9 @@ class AmxTiles:
         return []  # tiles are registers
 
     def zero(self, name: str) -> tuple[list[str], str]:
-        return [f"%{name}.0 = call x86_amx @llvm.x86.tilezero.internal(i16 16, i16 64)"], f"%{name}.0"
+        return [
+            f"%{name}.0 = call x86_amx @llvm.x86.tilezero.internal(i16 16, i16 64)"
+        ], f"%{name}.0"
 
     def phi(self, name: str, first: str, again: str) -> list[str]:
         return [f"%{name} = phi x86_amx [{first}, %entry], [{again}, %loop]"]
@@ -81,7 +83,9 @@ class AmxTiles:
         return f"%{name}"
 
     def load(self, name: str, ptr: str, stride: str) -> tuple[list[str], str]:
-        call = f"call x86_amx @llvm.x86.tileloadd64.internal(i16 16, i16 64, ptr {ptr}, i64 {stride})"
+        call = (
+            f"call x86_amx @llvm.x86.tileloadd64.internal(i16 16, i16 64, ptr {ptr}, i64 {stride})"
+        )
         return [f"%{name} = {call}"], f"%{name}"
 
     def dot(self, dot: str, name: str, c: str, a: str, b: str) -> tuple[list[str], str]:
@@ -92,10 +96,11 @@ class AmxTiles:
         return [f"%{name} = {call}"], f"%{name}"
 
     def store(self, ptr: str, stride: str, tile: str) -> list[str]:
-        return [
-            f"call void @llvm.x86.tilestored64.internal(i16 16, i16 64, ptr {ptr}, i64 {stride}, "
-            f"x86_amx {tile})"
-        ]
+        operands = f"i16 16, i16 64, ptr {ptr}, i64 {stride}, x86_amx {tile}"
+        return [f"call void @llvm.x86.tilestored64.internal({operands})"]
+
+
+SIGNATURE = "ptr %c, ptr %a, i64 %lda, ptr %b, i64 %ldb, i64 %kblocks"
 
 
 def helper_ir(name: str, dot: str, mt: int, nt: int, tiles=AmxTiles()) -> str:
@@ -106,7 +111,9 @@ def helper_ir(name: str, dot: str, mt: int, nt: int, tiles=AmxTiles()) -> str:
     ldc = nt * TILE_BYTES
     entry, loop, done = [], [], []
     cs = [(r, c) for r in range(mt) for c in range(nt)]
-    for slot in [f"c{r}{c}" for r, c in cs] + [f"a{r}" for r in range(mt)] + [f"b{c}" for c in range(nt)]:
+    for slot in (
+        [f"c{r}{c}" for r, c in cs] + [f"a{r}" for r in range(mt)] + [f"b{c}" for c in range(nt)]
+    ):
         entry += tiles.slot(slot)
     first = {}
     for r, c in cs:
@@ -136,7 +143,9 @@ def helper_ir(name: str, dot: str, mt: int, nt: int, tiles=AmxTiles()) -> str:
         loop += lines
     result = {}
     for r, c in cs:
-        lines, result[r, c] = tiles.dot(dot, f"c{r}{c}.next", tiles.acc(f"c{r}{c}"), a_tiles[r], b_tiles[c])
+        lines, result[r, c] = tiles.dot(
+            dot, f"c{r}{c}.next", tiles.acc(f"c{r}{c}"), a_tiles[r], b_tiles[c]
+        )
         loop += lines
     loop += [
         "%k.next = add i64 %k, 1",
@@ -144,15 +153,16 @@ def helper_ir(name: str, dot: str, mt: int, nt: int, tiles=AmxTiles()) -> str:
         "br i1 %more, label %loop, label %done",
     ]
     for r, c in cs:
-        done += [f"%pc{r}{c} = getelementptr i8, ptr %c, i64 {r * TILE_ROWS * ldc + c * TILE_BYTES}"]
+        done += [
+            f"%pc{r}{c} = getelementptr i8, ptr %c, i64 {r * TILE_ROWS * ldc + c * TILE_BYTES}"
+        ]
         done += tiles.store(f"%pc{r}{c}", str(ldc), result[r, c])
     done += ["ret void"]
     body = "\n  ".join(entry + ["br label %loop"])
     return "\n".join(
         [
             *tiles.declarations(dot),
-            f"define linkonce_odr void @{name}(ptr %c, ptr %a, i64 %lda, ptr %b, i64 %ldb, "
-            "i64 %kblocks) {",
+            f"define linkonce_odr void @{name}({SIGNATURE}) {{",
             "entry:",
             "  " + body,
             "loop:",

@@ -6,19 +6,23 @@ inputs (bf16), on shapes that are not whole tiles."""
 from __future__ import annotations
 
 import re
+import subprocess
+from functools import partial
 
 import numpy as np
 import pytest
 import tvm
 from tvmdeploy import targets
-from tvmdeploy.compiler import build
+from tvmdeploy.compiler import build, quantize, verify
 from tvmdeploy.compiler.kernels.cpu_amx import (
     LANES,
     amx_bf16_gemm,
     amx_int8_gemm,
     padded_shape,
 )
-from tvmdeploy.compiler.kernels.cpu_int8 import KERNELS, int8_gemm
+from tvmdeploy.compiler.kernels.cpu_int8 import KERNELS, int8_gemm, kernel_for
+from tvmdeploy.compiler.quantize import quantize_int8, to_bfloat16
+from tvmdeploy.runtime.precision import short
 
 from .amx_emulation import emulated_helper
 
@@ -123,3 +127,59 @@ def test_bf16_tiles_match_float_arithmetic_on_the_same_bf16_inputs(m, n, k):
     exact = _widen(a).astype(np.float64) @ _widen(w).astype(np.float64).T
     # bf16 x bf16 products are exact in float32; only the float32 sums round.
     np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+# ---- the whole tiny encoder ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tiny_exported, tiny_imported):
+    cases = verify.reference_cases(tiny_exported.onnx_path, tiny_imported, tiny_exported.config)
+    return tiny_imported, cases
+
+
+def _lowered(imported, dtype: str):
+    if dtype == "int8":
+        return quantize_int8(imported.mod, kernel_for(AMX))
+    return to_bfloat16(imported.mod, amx=True)
+
+
+@pytest.mark.parametrize(("dtype", "instruction"), [("int8", "tdpbusd"), ("bfloat16", "tdpbf16ps")])
+def test_x86_amx_artifacts_run_weight_matmuls_on_tiles_and_are_refused_here(
+    tiny_case, tmp_path, dtype, instruction
+):
+    imported, cases = tiny_case
+    mod, count = _lowered(imported, dtype)
+    assert count == 13 * len(imported.buckets)  # as on the other kernels: every weight matmul
+    profile = AMX.for_precision(short(dtype))
+    built = build.build_artifact(mod, profile, tmp_path, precision=dtype)
+    code = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(built.lib_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert instruction in code and "ldtilecfg" in code and "tilerelease" in code
+    # On this CPU (no AMX): not run, and the reason names what is missing.
+    record, latency = verify.verify(built, imported, cases, timing_runs=0)
+    assert record.where == "not-run" and "amx_tile" in record.detail and latency == []
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_the_amx_rewrite_with_emulated_tiles_matches_onnxruntime_fp32(tiny_case, tmp_path, dtype):
+    """The whole rewrite (padding, packing, epilogue) with the tile helper emulated, built for
+    this CPU: parity with ONNX Runtime fp32 as for the other reduced-precision artifacts."""
+    imported, cases = tiny_case
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            quantize, "amx_int8_gemm", partial(amx_int8_gemm, make_helper=emulated_helper)
+        )
+        patch.setattr(
+            quantize, "amx_bf16_gemm", partial(amx_bf16_gemm, make_helper=emulated_helper)
+        )
+        mod, _ = _lowered(imported, dtype)
+    assert "emulated" in mod.script()
+    built = build.build_artifact(mod, targets.get("x86-64-v3"), tmp_path, precision=dtype)
+    record, _ = verify.verify(built, imported, cases, timing_runs=0)
+    assert record.ok is True, record.detail
+    assert 0 < record.max_abs_diff < 0.2 * record.tolerance["atol"]
