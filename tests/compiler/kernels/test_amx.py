@@ -23,10 +23,12 @@ from tvmdeploy.compiler.kernels.cpu_amx import (
 from tvmdeploy.compiler.kernels.cpu_int8 import KERNELS, int8_gemm, kernel_for
 from tvmdeploy.compiler.quantize import quantize_int8, to_bfloat16
 from tvmdeploy.runtime.precision import short
+from tvmdeploy.runtime.probe import missing_requirements, probe
 
 from .amx_emulation import emulated_helper
 
 AMX = targets.get("x86-amx")
+AMX_HERE = not missing_requirements(AMX.requires, probe())  # AMX flags and the tile permission
 HERE = build.tvm_target(targets.get("x86-64-v3"))  # runs on any AVX2 CPU
 TILE_OPS = r"\b(tdpbusd|tdpbf16ps|ldtilecfg|tileloadd|tilestored|tilerelease)\b"
 #: M not a multiple of 16 (nor 32), K not a multiple of 64 (nor 32), N not a multiple of 32.
@@ -38,8 +40,9 @@ def _asm(func) -> str:
     return lib.mod.inspect_source("asm")
 
 
-def _run(func, *arrays, out_shape):
-    fn = tvm.compile(tvm.IRModule({"main": func}), target=HERE)["main"]
+def _run(func, *arrays, out_shape, real=False):
+    target = build.tvm_target(AMX) if real else HERE
+    fn = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
     out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
     fn(*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in arrays], out)
     return out.numpy()
@@ -64,16 +67,17 @@ def _int8_case(m, n, k, a_levels=255):
     return a, w, colsum, w_scale, a_scale, a_zero
 
 
-def _amx_int8(m, n, k, a, w, colsum, w_scale, a_scale, a_zero):
-    """The emulated AMX GEMM on operands padded as quantize.py pads them (zeros)."""
+def _amx_int8(m, n, k, a, w, colsum, w_scale, a_scale, a_zero, real=False):
+    """The AMX GEMM (emulated tiles, or `real` ones) on operands padded as quantize.py pads
+    them (zeros)."""
     mp, kp = padded_shape("int8", m, k)
     a_pad = np.zeros((mp, kp), np.uint8)
     a_pad[:m, :k] = a
     w_pad = np.zeros((n, kp), np.int8)
     w_pad[:, :k] = w
     packed = w_pad.reshape(n // LANES, LANES, kp // 4, 4).transpose(0, 2, 1, 3)
-    func = amx_int8_gemm(m, n, k, make_helper=emulated_helper)
-    return _run(func, a_pad, packed, colsum, w_scale, a_scale, a_zero, out_shape=(m, n))
+    func = amx_int8_gemm(m, n, k, make_helper=None if real else emulated_helper)
+    return _run(func, a_pad, packed, colsum, w_scale, a_scale, a_zero, out_shape=(m, n), real=real)
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -87,6 +91,13 @@ def test_int8_tiles_match_integer_arithmetic_exactly(m, n, k):
         a_scale[:, None] * w_scale[None, :]
     )
     np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)
+
+
+@pytest.mark.skipif(not AMX_HERE, reason="no AMX tiles (or no tile permission) on this CPU")
+@pytest.mark.parametrize("m,n,k", [(45, 80, 200), (128, 96, 384)])
+def test_on_an_amx_cpu_the_real_tiles_match_the_emulated_ones_bit_for_bit(m, n, k):
+    case = _int8_case(m, n, k)
+    np.testing.assert_array_equal(_amx_int8(m, n, k, *case, real=True), _amx_int8(m, n, k, *case))
 
 
 @pytest.mark.parametrize("m,n,k", [(13, 48, 40), (45, 80, 200)])
@@ -160,9 +171,12 @@ def test_x86_amx_artifacts_run_weight_matmuls_on_tiles_and_are_refused_here(
         check=True,
     ).stdout
     assert instruction in code and "ldtilecfg" in code and "tilerelease" in code
-    # On this CPU (no AMX): not run, and the reason names what is missing.
     record, latency = verify.verify(built, imported, cases, timing_runs=0)
-    assert record.where == "not-run" and "amx_tile" in record.detail and latency == []
+    if AMX_HERE:  # the real tiles: parity as for every artifact
+        assert record.ok is True, record.detail
+    else:  # no AMX (or no permission): not run, and the reason names what is missing
+        assert record.where == "not-run" and latency == []
+        assert "amx_tile" in record.detail or "tile permission" in record.detail
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
