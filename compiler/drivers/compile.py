@@ -108,7 +108,7 @@ def artifact_pairs(profiles: list[Profile], precisions: list[str]) -> dict[str, 
                 continue
             if dtype == "bfloat16" and "bf16" not in profile.precisions:
                 logger.warning(
-                    "no bf16 kernels for %s (they need AVX512-BF16: x86-64-v4, x86-avx512-vnni): "
+                    "no bf16 kernels for %s (x86-64-v4, x86-avx512-vnni and x86-amx have them): "
                     "no bf16 artifact for it",
                     profile.name,
                 )
