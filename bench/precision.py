@@ -1,7 +1,9 @@
 """Precision benchmark, one process: what a user gets from `tvmdeploy compile` + `load()` at fp32,
-int8 and (on a CPU with AVX512-BF16) bf16, against PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime
-dynamic int8 (the user's usual alternative on a CPU), and PyTorch bf16 where tvmdeploy bf16 runs,
-at batch 1 x seq 32 and 128 and batch 8 x seq 128.
+int8 and (on a CPU with AVX512-BF16 or AMX) bf16, against PyTorch fp32, ONNX Runtime fp32 and ONNX
+Runtime dynamic int8 (the user's usual alternative on a CPU), PyTorch bf16 where tvmdeploy bf16
+runs, and OpenVINO where it is installed (its default hint, bf16 on an AMX CPU; the f32 hint; and
+ORT's int8 file), at batch 1 x seq 32 and 128 and batch 8 x seq 128. On an AMX CPU `-t host` is
+x86-amx, so the tvmdeploy int8 and bf16 rows are the AMX tile kernels.
 
     python bench/precision.py                       # DistilBERT-base size + the demo MiniLM
     python bench/precision.py --models minilm-sentiment --runs 20
@@ -95,6 +97,7 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
     if "bf16" in models:  # PyTorch's own bf16 (oneDNN) on the same CPU
         torch_bf16 = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
         torch_bf16 = torch_bf16.to(torch.bfloat16)
+    openvino = openvino_engines(onnx_path, quantized, threads)
     accepted = set(torch_model.forward.__code__.co_varnames)
     input_names = [i["name"] for i in fp32.bundle.inputs]
 
@@ -115,6 +118,8 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
         for label, session in sessions.items():
             names = [i.name for i in session.get_inputs()]
             out[label] = lambda s=session, f={n: feeds[n] for n in names}: s.run(None, f)[0]
+        for label, run in openvino.items():
+            out[label] = lambda r=run: r(feeds)
         for precision, model in models.items():
             label = f"tvmdeploy {precision} ({model.choice.artifact})"
             out[label] = lambda m=model: m(**feeds)["logits"]
@@ -145,11 +150,42 @@ def bench_model(name: str, model_dir: Path, work: Path, args, threads: int) -> d
                     "max_abs_diff_vs_ort_fp32": float(np.abs(logits - reference).max()),
                 }
             )
-    accuracy = accuracy_rows(name, models, sessions) if name == "minilm-sentiment" else None
+    accuracy = (
+        accuracy_rows(name, models, sessions, openvino) if name == "minilm-sentiment" else None
+    )
     return {"rows": rows, "compile_s": round(compile_s, 1), "accuracy": accuracy}
 
 
-def accuracy_rows(name: str, models: dict, sessions) -> dict | None:
+def openvino_engines(onnx_path: Path, quantized: Path, threads: int) -> dict:
+    """OpenVINO on the same exported graph (default hint: bf16 where the CPU has AMX; the f32
+    hint) and on ORT's int8 file, as callables feeds -> logits; none when it is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        log("openvino not installed (pip install openvino): no OpenVINO rows")
+        return {}
+    core = ov.Core()
+    configs = {
+        "openvino (default hint)": (onnx_path, {}),
+        "openvino (f32 hint)": (onnx_path, {"INFERENCE_PRECISION_HINT": "f32"}),
+        "openvino on ORT int8 file": (quantized, {}),
+    }
+    engines = {}
+    for label, (path, config) in configs.items():
+        try:
+            compiled = core.compile_model(
+                core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": threads, **config}
+            )
+        except RuntimeError as err:  # e.g. an op of the int8 file it does not take
+            log(f"{label}: not compiled by OpenVINO ({str(err)[:200]})")
+            continue
+        names = [p.get_any_name() for p in compiled.inputs]
+        log(f"{label}: inference precision {compiled.get_property('INFERENCE_PRECISION_HINT')}")
+        engines[label] = lambda feeds, c=compiled, n=names: c({k: feeds[k] for k in n})[0]
+    return engines
+
+
+def accuracy_rows(name: str, models: dict, sessions, openvino: dict) -> dict | None:
     """Held-out accuracy of every engine and its label agreement with ORT fp32."""
     examples = held_out_examples()
     if examples is None:
@@ -164,6 +200,8 @@ def accuracy_rows(name: str, models: dict, sessions) -> dict | None:
         for label, session in sessions.items():
             names = [i.name for i in session.get_inputs()]
             outs[label] = session.run(None, {n: feeds[n] for n in names})[0]
+        for label, run in openvino.items():
+            outs[label] = run(feeds)
         for label, logits in outs.items():
             labels.setdefault(label, []).append(np.asarray(logits).argmax(-1))
     ref = np.concatenate(labels["onnxruntime fp32"])

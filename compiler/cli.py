@@ -626,9 +626,8 @@ def targets(
     for p in profiles:
         missing = missing_requirements(p.requires, device)
         req = ", ".join(p.requires.get("cpu_features", [])) or f"sm_{p.requires.get('cuda_arch')}"
-        table.add_row(
-            p.name, p.description, json.dumps(p.target), req, "yes" if not missing else "no"
-        )
+        runs = "yes" if not missing else "no: " + "; ".join(missing)
+        table.add_row(p.name, p.description, json.dumps(p.target), req, runs)
     out.print(table)
 
 

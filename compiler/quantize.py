@@ -22,6 +22,10 @@ a 2-label classifier head) stay fp32. That keeps the accuracy cost where the spe
 bf16 rewrites the same matmuls into bf16 GEMMs
 (compiler/kernels/cpu_bf16.py): weights rounded and packed
 at load like int8's, activations rounded once per call, no scales.
+
+On AMX (x86-amx, compiler/kernels/cpu_amx.py) both run on tiles: the same quantization and
+packing, with the activations padded to whole tiles after quantizing or rounding, and the
+weights' K padded with zeros before packing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import math
 from tvm import relax
 from tvm.ir import IRModule
 
+from .kernels.cpu_amx import amx_bf16_gemm, amx_int8_gemm, padded_shape
 from .kernels.cpu_bf16 import LANES as BF16_LANES
 from .kernels.cpu_bf16 import bf16_gemm, to_bf16_bits
 from .kernels.cpu_int8 import Int8Kernel, int8_gemm, quantize_rows
@@ -57,6 +62,14 @@ class _GemmRewriter(WeightMatmulRewriter):
     def start_function(self) -> None:
         self.converted = {}
 
+    def pad_to(self, x, rows: int, cols: int, shape: tuple[int, int], name_hint: str):
+        """2-D `x` ([rows, cols]) with zero rows and columns up to `shape` (AMX tiles are whole;
+        a zero weight adds nothing), or `x` itself where it already is that shape."""
+        if (rows, cols) == shape:
+            return x
+        pad = relax.op.nn.pad(x, [0, shape[0] - rows, 0, shape[1] - cols])
+        return self.builder_.emit(pad, name_hint=name_hint)
+
     def pack_panels(self, w, k: int, n: int, lanes: int, group: int, name_hint: str):
         """W[k, n] laid out as [n / lanes, k / group, lanes, group], the order the GEMM kernels
         read (one vector of `lanes` columns x `group` consecutive k per load)."""
@@ -72,6 +85,7 @@ class _Quantizer(_GemmRewriter):
     def __init__(self, mod: IRModule, kernel: Int8Kernel):
         super().__init__(mod)
         self.kernel = kernel
+        self.amx = kernel.name == "amx-int8"  # tiles: operands padded to whole tiles
 
     def rewrite_matmul(self, value, x, w, x_shape, w_shape):
         k, n = w_shape
@@ -80,7 +94,12 @@ class _Quantizer(_GemmRewriter):
         m = math.prod(x_shape[:-1])
         q, a_scale, a_zero = self._quantize_activation(self.visit_expr(x), m, k)
         packed, colsum, w_scale = self._quantize_weight(self.visit_expr(w), k, n)
-        gemm = self.kernel_func(f"int8_gemm_{m}x{n}x{k}", lambda: int8_gemm(self.kernel, m, n, k))
+        if self.amx:
+            gemm = self.kernel_func(f"amx_int8_gemm_{m}x{n}x{k}", lambda: amx_int8_gemm(m, n, k))
+        else:
+            gemm = self.kernel_func(
+                f"int8_gemm_{m}x{n}x{k}", lambda: int8_gemm(self.kernel, m, n, k)
+            )
         out = self.builder_.emit(
             relax.call_tir(
                 gemm,
@@ -111,7 +130,10 @@ class _Quantizer(_GemmRewriter):
             ),
             name_hint="x_quantized",
         )
-        self.converted[x] = tuple(emit(relax.TupleGetItem(out, i)) for i in range(3))
+        q, a_scale, a_zero = (emit(relax.TupleGetItem(out, i)) for i in range(3))
+        if self.amx:
+            q = self.pad_to(q, m, k, padded_shape("int8", m, k), "x_quantized_tiles")
+        self.converted[x] = (q, a_scale, a_zero)
         return self.converted[x]
 
     def _quantize_weight(self, w, k: int, n: int):
@@ -120,8 +142,10 @@ class _Quantizer(_GemmRewriter):
         w_scale = emit(op.maximum(op.divide(op.max(op.abs(w), axis=[0]), _f32(127.0)), _f32(_EPS)))
         wq = emit(op.astype(op.clip(op.round(op.divide(w, w_scale)), -127, 127), "int8"))
         colsum = emit(op.sum(op.astype(wq, "int32"), axis=[0]))
-        packed = self.pack_panels(wq, k, n, lanes, 4, "w_int8_packed")
-        for var in (w_scale, wq, colsum, packed):
+        kp = padded_shape("int8", 1, k)[1] if self.amx else k
+        wq_k = self.pad_to(wq, k, n, (kp, n), "w_int8_tiles")
+        packed = self.pack_panels(wq_k, kp, n, lanes, 4, "w_int8_packed")
+        for var in (w_scale, wq, wq_k, colsum, packed):
             self.weight_vars.add(var)
         return packed, colsum, w_scale
 
@@ -134,7 +158,11 @@ def quantize_int8(mod: IRModule, kernel: Int8Kernel) -> tuple[IRModule, int]:
 
 @relax.expr_functor.mutator
 class _Bfloat16(_GemmRewriter):
-    """Rewrites weight matmuls into bf16 GEMMs (cpu_bf16.py)."""
+    """Rewrites weight matmuls into bf16 GEMMs (cpu_bf16.py, or on AMX tiles: cpu_amx.py)."""
+
+    def __init__(self, mod: IRModule, amx: bool = False):
+        super().__init__(mod)
+        self.amx = amx
 
     def rewrite_matmul(self, value, x, w, x_shape, w_shape):
         k, n = w_shape
@@ -143,16 +171,22 @@ class _Bfloat16(_GemmRewriter):
         m = math.prod(x_shape[:-1])
         emit, op = self.builder_.emit, relax.op
         x = self.visit_expr(x)
-        if x not in self.converted:  # its bf16 bits as [m, k]
+        mp, kp = padded_shape("bf16", m, k) if self.amx else (m, k)
+        if x not in self.converted:  # its bf16 bits as [m, k] (AMX: padded to whole tiles)
             x2 = emit(op.reshape(x, [m, k]))
-            self.converted[x] = emit(
+            bits = emit(
                 self.builder_.call_te(to_bf16_bits, x2, primfunc_name_hint="bf16_round"),
                 name_hint="x_bf16",
             )
+            self.converted[x] = self.pad_to(bits, m, k, (mp, kp), "x_bf16_tiles")
         w_bits = emit(self.builder_.call_te(to_bf16_bits, self.visit_expr(w)))
-        packed = self.pack_panels(w_bits, k, n, BF16_LANES, 2, "w_bf16_packed")
-        self.weight_vars.update((w_bits, packed))
-        gemm = self.kernel_func(f"bf16_gemm_{m}x{n}x{k}", lambda: bf16_gemm(m, n, k))
+        w_k = self.pad_to(w_bits, k, n, (kp, n), "w_bf16_tiles")
+        packed = self.pack_panels(w_k, kp, n, BF16_LANES, 2, "w_bf16_packed")
+        self.weight_vars.update((w_bits, w_k, packed))
+        if self.amx:
+            gemm = self.kernel_func(f"amx_bf16_gemm_{m}x{n}x{k}", lambda: amx_bf16_gemm(m, n, k))
+        else:
+            gemm = self.kernel_func(f"bf16_gemm_{m}x{n}x{k}", lambda: bf16_gemm(m, n, k))
         out = emit(
             relax.call_tir(
                 gemm,
@@ -165,11 +199,12 @@ class _Bfloat16(_GemmRewriter):
         return op.reshape(out, [*x_shape[:-1], n])
 
 
-def to_bfloat16(mod: IRModule) -> tuple[IRModule, int]:
-    """`mod` with every eligible weight matmul as a bf16 GEMM (fp32 accumulation and output);
-    returns it and how many. Everything else stays fp32: the matmuls hold nearly all the time,
-    and layer norm and softmax keep their precision."""
-    rewriter = _Bfloat16(mod)
+def to_bfloat16(mod: IRModule, amx: bool = False) -> tuple[IRModule, int]:
+    """`mod` with every eligible weight matmul as a bf16 GEMM (fp32 accumulation and output;
+    `amx`: on tiles, `tdpbf16ps`, else `vdpbf16ps`); returns it and how many. Everything else
+    stays fp32: the matmuls hold nearly all the time, and layer norm and softmax keep their
+    precision."""
+    rewriter = _Bfloat16(mod, amx)
     return relax.transform.Normalize()(rewriter.rewrite_module(mod)), rewriter.count
 
 

@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 
 from ._tvm import default_num_threads
+from .amx_permission import GRANTED, tile_permission
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64"}
 
@@ -36,6 +37,10 @@ class DeviceInfo:
     cpu_features: frozenset[str]
     cores: int
     cuda: tuple[CudaDevice, ...] = field(default_factory=tuple)
+    #: The AMX tile permission (runtime/amx_permission.py): "granted", the refusal in words, or
+    #: "" where the CPU has no AMX. Not part of the fingerprint: it is the process's, not the CPU's.
+    tile_permission: str = ""
+    vendor: str = ""  # /proc/cpuinfo `vendor_id` (GenuineIntel, AuthenticAMD); "" where none
 
     @property
     def fingerprint(self) -> str:
@@ -67,7 +72,18 @@ class DeviceInfo:
             "cores": self.cores,
             "cpu_features": sorted(self.cpu_features),
             "cuda": [asdict(c) for c in self.cuda],
+            "vendor": self.vendor or None,
+            "tile_permission": self.tile_permission or None,
         }
+
+
+def cpu_vendor(text: str) -> str:
+    """The x86 `vendor_id` of /proc/cpuinfo text ("" on aarch64, which has none)."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "vendor_id":
+            return value.strip()
+    return ""
 
 
 def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
@@ -111,15 +127,18 @@ def probe(cpuinfo_path: str = "/proc/cpuinfo") -> DeviceInfo:
     arch = platform.machine().lower()
     arch = _ARCH_ALIASES.get(arch, arch)
     try:
-        model, features = parse_cpuinfo(Path(cpuinfo_path).read_text())
+        text = Path(cpuinfo_path).read_text()
+        model, features = parse_cpuinfo(text)
     except OSError:
-        model, features = platform.processor() or "unknown CPU", frozenset()
+        text, model, features = "", platform.processor() or "unknown CPU", frozenset()
     return DeviceInfo(
         arch=arch,
         cpu_model=model or "unknown CPU",
         cpu_features=features,
         cores=default_num_threads(),
         cuda=_cuda_devices(),
+        tile_permission=tile_permission().detail if "amx_tile" in features else "",
+        vendor=cpu_vendor(text),
     )
 
 
@@ -132,6 +151,8 @@ def missing_requirements(requires: dict, device: DeviceInfo) -> list[str]:
     absent = [f for f in requires.get("cpu_features", []) if f not in device.cpu_features]
     if absent:
         missing.append("CPU features " + ", ".join(absent))
+    elif "amx_tile" in requires.get("cpu_features", []) and device.tile_permission != GRANTED:
+        missing.append(device.tile_permission or "the AMX tile permission (not requested)")
     cuda_arch = requires.get("cuda_arch")
     if cuda_arch:
         best = max((c.compute_capability for c in device.cuda), default=None)
@@ -142,3 +163,12 @@ def missing_requirements(requires: dict, device: DeviceInfo) -> list[str]:
                 f"CUDA compute capability >= {cuda_arch / 10:.1f} (best is {best / 10:.1f})"
             )
     return missing
+
+
+def slower_than_fp32(requires: dict, device: DeviceInfo) -> str:
+    """Why an artifact that `device` can run is slower there than fp32 ("" when it is not): the
+    profile's `slower_than_fp32` rule (vendors), recorded in the artifact's `requires`."""
+    rule = requires.get("slower_than_fp32") or {}
+    if device.vendor and device.vendor in rule.get("vendors", []):
+        return str(rule.get("why", f"slower than fp32 on {device.vendor} CPUs"))
+    return ""

@@ -2,7 +2,8 @@
 
 1. keep only artifacts whose `requires` the device meets (the others are never loaded);
 2. keep only the precision asked for; with `auto`, a reduced precision only where its recorded
-   task accuracy is within the bundle's accuracy gate of fp32 (fp32 is always allowed);
+   task accuracy is within the bundle's accuracy gate of fp32 and its profile does not say it is
+   slower than fp32 on this CPU (vdpbf16ps on Intel); fp32 is always allowed;
 3. a latency measured on this device's fingerprint (in the bundle or the local cache) wins;
 4. otherwise GPU before CPU, then the reduced precision (int8 before bf16/fp16 before fp32), then
    the most specific ISA.
@@ -21,7 +22,7 @@ from .bundle import Bundle
 from .errors import IncompatibleDeviceError
 from .paths import cache_dir
 from .precision import PRECISIONS, admits_fp32, canonical, short, within_gate
-from .probe import DeviceInfo, missing_requirements
+from .probe import DeviceInfo, missing_requirements, slower_than_fp32
 
 ONNXRUNTIME = "onnxruntime"
 
@@ -97,8 +98,11 @@ def rank_key(is_gpu: bool, requires: dict, name: str, precision: str = "float32"
     return (not is_gpu, _SPEED_ORDER.index(precision), -specificity, name)
 
 
-def _precision_filter(bundle: Bundle, compatible: list, precision: str) -> tuple[list, dict]:
-    """The compatible artifacts `precision` allows, and why each other one was held back."""
+def _precision_filter(
+    bundle: Bundle, compatible: list, precision: str, device: DeviceInfo
+) -> tuple[list, dict]:
+    """The compatible artifacts `precision` allows, and why each other one was held back (with
+    `auto`, also one whose profile says it is slower than fp32 on this CPU)."""
     held: dict[str, str] = {}
     if precision == "auto":
         allowed = []
@@ -107,10 +111,11 @@ def _precision_filter(bundle: Bundle, compatible: list, precision: str) -> tuple
                 allowed.append(a)
                 continue
             ok, why = within_gate(a.accuracy, bundle.accuracy_gate)
-            if ok:
+            slower = slower_than_fp32(a.requires, device)
+            if ok and not slower:
                 allowed.append(a)
             else:
-                held[a.name] = f"{short(a.precision)} not taken by auto: {why}"
+                held[a.name] = f"{short(a.precision)} not taken by auto: {slower or why}"
         return allowed, held
     dtype = canonical(precision)
     for a in compatible:
@@ -149,7 +154,7 @@ def select(
             )
         return Choice(chosen.name, "forced by the caller", names, rejected)
 
-    eligible, held = _precision_filter(bundle, compatible, precision)
+    eligible, held = _precision_filter(bundle, compatible, precision, device)
     if compatible and not eligible:
         raise IncompatibleDeviceError(
             f"no {precision} artifact in {bundle.path} can run on {device.description}: "

@@ -35,8 +35,9 @@ class Profile:
     cross_cc: str | None = None
     qemu_cpu: str | None = None
     tuning: dict[str, Any] = field(default_factory=dict)
-    #: What a reduced precision adds to the profile, by short name: `mattr` for the target and
-    #: `cpu_features` a device must have too (bf16 needs AVX512-BF16 on top of AVX-512).
+    #: What a reduced precision adds to the profile, by short name: `mattr` for the target,
+    #: `cpu_features` a device must have too (bf16 needs AVX512-BF16 on top of AVX-512), and
+    #: `slower_than_fp32` (`vendors`, `why`): CPUs that run its kernels but slower than fp32.
     precisions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def for_precision(self, short_name: str) -> Profile:
@@ -52,6 +53,8 @@ class Profile:
             *requires.get("cpu_features", []),
             *extra.get("cpu_features", []),
         ]
+        if "slower_than_fp32" in extra:  # where it runs but loses (runtime/probe.py)
+            requires["slower_than_fp32"] = dict(extra["slower_than_fp32"])
         return replace(self, target=target, requires=requires)
 
     @property

@@ -7,7 +7,7 @@ the artifact the runtime would pick here.
 
 from __future__ import annotations
 
-from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe
+from tvmdeploy.runtime.probe import DeviceInfo, missing_requirements, probe, slower_than_fp32
 from tvmdeploy.runtime.select import rank_key
 
 from . import Profile, all_profiles, get
@@ -54,3 +54,14 @@ def runs_bf16(name: str = HOST, device: DeviceInfo | None = None) -> bool:
     profile = resolve_profile(name, device)
     needs = profile.for_precision("bf16").requires
     return "bf16" in profile.precisions and not missing_requirements(needs, device)
+
+
+def bf16_pays(name: str = HOST, device: DeviceInfo | None = None) -> bool:
+    """Whether profile `name`'s bf16 artifacts run here and beat fp32: not `vdpbf16ps` on Intel
+    (the profile's `slower_than_fp32` rule, the one selection applies), so the demo builds only
+    what this CPU runs well."""
+    device = device or probe()
+    if not runs_bf16(name, device):
+        return False
+    needs = resolve_profile(name, device).for_precision("bf16").requires
+    return not slower_than_fp32(needs, device)

@@ -110,7 +110,7 @@ def artifact_pairs(profiles: list[Profile], precisions: list[str]) -> dict[str, 
                 continue
             if dtype == "bfloat16" and "bf16" not in profile.precisions:
                 logger.warning(
-                    "no bf16 kernels for %s (they need AVX512-BF16: x86-64-v4, x86-avx512-vnni): "
+                    "no bf16 kernels for %s (x86-64-v4, x86-avx512-vnni and x86-amx have them): "
                     "no bf16 artifact for it",
                     profile.name,
                 )
@@ -352,8 +352,11 @@ def lower_precision(mod, profile: Profile, dtype: str):
         mod, count = quantize_int8(mod, kernel)
         logger.info("  int8: %d matmuls on the %s kernel", count, kernel.name)
     elif dtype == "bfloat16":
-        mod, count = to_bfloat16(mod)
-        logger.info("  bf16: %d matmuls on the avx512-bf16 kernel", count)
+        amx = "amx_bf16" in profile.requires.get("cpu_features", [])
+        mod, count = to_bfloat16(mod, amx=amx)
+        logger.info(
+            "  bf16: %d matmuls on the %s kernel", count, "amx-bf16" if amx else "avx512-bf16"
+        )
     elif dtype == "float16":
         mod = to_float16(mod)
     return mod

@@ -21,7 +21,7 @@ from tvmdeploy.runtime.bundle import Bundle
 from tvmdeploy.runtime.errors import BundleError
 from tvmdeploy.runtime.probe import DeviceInfo, probe
 from tvmdeploy.runtime.timing import BenchConfig
-from tvmdeploy.targets.resolve import resolve_profile, runs_bf16
+from tvmdeploy.targets.resolve import bf16_pays, resolve_profile
 
 from ..demo.finetune import finetune
 from ..demo.generation import run_generation
@@ -74,22 +74,15 @@ def ensure_finetuned(work_dir: Path, train: list[Example], epochs: float) -> Pat
     return model_dir
 
 
-def bf16_beats_fp32(device: DeviceInfo) -> bool:
-    """Whether this CPU's `vdpbf16ps` bf16 GEMM is faster than its fp32 one: on AMD Zen 4/5 it
-    is (0.5x ONNX Runtime fp32 at seq 128), on Intel cores it is not (Sapphire Rapids: one
-    `vdpbf16ps` every two cycles, below the fp32 FMA; docs/benchmarks.md)."""
-    return "intel" not in device.cpu_model.lower()
-
-
 def demo_precisions(target: str = "host", device: DeviceInfo | None = None) -> list[str]:
     """The precisions whose kernels this CPU runs well: fp32; int8 where the profile has an int8
-    kernel; bf16 only where the CPU runs it and it beats fp32 (`bf16_beats_fp32`)."""
+    kernel; bf16 only where the CPU runs it and it beats fp32 (the profile's rule: `bf16_pays`)."""
     device = device or probe()
     profile = resolve_profile(target, device)
     precisions = ["fp32"]
     if kernel_for(profile) is not None:
         precisions.append("int8")
-    if runs_bf16(target, device) and bf16_beats_fp32(device):
+    if bf16_pays(target, device):
         precisions.append("bf16")
     return precisions
 

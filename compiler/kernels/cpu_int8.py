@@ -11,6 +11,7 @@ followed by the dequantizing epilogue inside the tile:
 
 | kernel        | instruction                  | lanes | A      | activation levels |
 |---------------|------------------------------|-------|--------|-------------------|
+| amx-int8      | tdpbusd (cpu_amx.py)         | 16    | uint8  | 255               |
 | avx512-vnni   | vpdpbusd zmm                 | 16    | uint8  | 255               |
 | avx-vnni      | vpdpbusd ymm (VEX)           | 8     | uint8  | 255               |
 | avx512bw      | vpmaddubsw + vpmaddwd zmm    | 16    | uint8  | 127 (see below)   |
@@ -64,6 +65,8 @@ class Int8Kernel:
 
 
 KERNELS = {
+    # AMX tiles (cpu_amx.py): its own GEMM; the quantizer's facts are VNNI's.
+    "amx-int8": Int8Kernel("amx-int8", "", 16, "uint8", 255, 16, 2),
     "avx512-vnni": Int8Kernel("avx512-vnni", "tvmdeploy_vnni_16x4", 16, "uint8", 255, 4, 6),
     "avx-vnni": Int8Kernel("avx-vnni", "tvmdeploy_avxvnni_8x4", 8, "uint8", 255, 4, 3),
     "avx512bw": Int8Kernel("avx512bw", "tvmdeploy_avx512_16x4", 16, "uint8", 127, 8, 3),
@@ -74,6 +77,7 @@ KERNELS = {
 
 # CPU features (the probe's names, as in a profile's `requires.cpu_features`) -> kernel, best first.
 _BY_FEATURE = [
+    ("amx_int8", "amx-int8"),
     ("avx512_vnni", "avx512-vnni"),
     ("avx_vnni", "avx-vnni"),
     ("avx512bw", "avx512bw"),

@@ -91,3 +91,13 @@ def test_probe_this_machine_agrees_with_lscpu():
         else ""
     )
     assert len(device.cuda) == sum(line.startswith("GPU ") for line in listed.splitlines())
+
+
+def test_the_vendor_is_read_from_cpuinfo(tmp_path):
+    from tvmdeploy.runtime.probe import cpu_vendor
+
+    assert cpu_vendor("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t: avx\n") == "GenuineIntel"
+    assert cpu_vendor("processor\t: 0\nFeatures\t: asimd\n") == ""
+    path = tmp_path / "cpuinfo"
+    path.write_text("vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7R13\nflags\t: avx avx2\n")
+    assert probe(str(path)).vendor == "AuthenticAMD"

@@ -194,3 +194,24 @@ def test_bf16_artifact_is_refused_on_an_avx512_cpu_without_bf16(tiny_bundle, tmp
     assert select(bundle, device(V4 + ["avx512_bf16"])).artifact == "x86-64-v4-bf16"
     with pytest.raises(IncompatibleDeviceError, match="avx512_bf16"):
         select(bundle, device(V4), precision="bf16")
+
+
+def test_auto_skips_vdpbf16ps_where_the_profile_says_it_loses_to_fp32(tiny_bundle, tmp_path):
+    """Cooper Lake (Intel, AVX512-BF16, no AMX): the profile's rule holds the vdpbf16ps artifact
+    back on `auto`; Zen 4 takes it; asked for by name it still runs."""
+    bundle = bundle_of(
+        tiny_bundle,
+        tmp_path / "bf16.tvmd",
+        [("x86-avx512-vnni", "float32", None), ("x86-avx512-vnni", "bfloat16", 85.9)],
+    )
+    features = targets.get("x86-avx512-vnni").requires["cpu_features"] + ["avx512_bf16"]
+
+    def cpu(vendor):
+        return DeviceInfo("x86_64", "simulated", frozenset(features), 8, (), vendor=vendor)
+
+    intel = select(bundle, cpu("GenuineIntel"))
+    assert intel.artifact == "x86-avx512-vnni"
+    assert "vdpbf16ps loses to the fp32 FMA on Intel" in intel.rejected["x86-avx512-vnni-bf16"]
+    assert select(bundle, cpu("AuthenticAMD")).artifact == "x86-avx512-vnni-bf16"
+    forced = select(bundle, cpu("GenuineIntel"), precision="bf16")
+    assert forced.artifact == "x86-avx512-vnni-bf16"

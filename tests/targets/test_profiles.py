@@ -8,6 +8,7 @@ REQUIRED = {
     "x86-64-v3-vnni",
     "x86-64-v4",
     "x86-avx512-vnni",
+    "x86-amx",
     "arm64-neon",
     "arm64-dotprod",
     "arm64-sve",
@@ -56,3 +57,18 @@ def test_isa_profiles_are_ordered_by_features():
 def test_unknown_profile_lists_known_names():
     with pytest.raises(targets.UnknownTargetError, match="x86-64-v4"):
         targets.get("x86-64-v9")
+
+
+def test_the_amx_profile_requires_what_its_llvm_cpu_may_use():
+    """mcpu sapphirerapids lets LLVM use every AVX-512 extension and the tiles: each one it
+    enables must be a required CPU flag (/proc/cpuinfo spells them with `_`, LLVM with `-`)."""
+    import tvm
+    from tvm.target.codegen import llvm_get_cpu_features
+
+    amx, vnni = targets.get("x86-amx"), targets.get("x86-avx512-vnni")
+    assert set(vnni.requires["cpu_features"]) < set(amx.requires["cpu_features"])
+    llvm = {str(f) for f in llvm_get_cpu_features(tvm.target.Target(amx.target))}
+    assert {"amx-tile", "amx-int8", "amx-bf16", "avx512bf16"} <= llvm
+    required = {f.replace("_", "") for f in amx.requires["cpu_features"]}
+    used = {f.replace("-", "") for f in llvm if f.startswith(("avx512", "amx"))}
+    assert used <= required, used - required

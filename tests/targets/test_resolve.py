@@ -23,6 +23,7 @@ def device(arch, features):
         ("x86_64", AVX2 + ["avx_vnni"], "x86-64-v3-vnni"),
         ("x86_64", AVX512, "x86-64-v4"),
         ("x86_64", AVX512 + ["avx512_vnni"], "x86-avx512-vnni"),
+        ("x86_64", AVX512 + ["avx512_vnni", "avx512_bf16"], "x86-avx512-vnni"),  # Cooper Lake
         ("aarch64", ["asimd"], "arm64-neon"),
         ("aarch64", ["asimd", "asimddp"], "arm64-dotprod"),
     ],
@@ -67,3 +68,29 @@ def test_unknown_name_is_a_tvmdeploy_error_listing_the_known_ones():
 )
 def test_bf16_runs_only_on_avx512_cpus_with_bf16(features, runs):
     assert runs_bf16("host", device("x86_64", features)) is runs
+
+
+SAPPHIRE_RAPIDS = targets.get("x86-amx").requires["cpu_features"]
+
+
+def test_host_is_amx_on_a_sapphire_rapids_with_the_tile_permission():
+    spr = DeviceInfo("x86_64", "Intel Xeon", frozenset(SAPPHIRE_RAPIDS), 2, (), "granted")
+    assert host_profile(spr).name == "x86-amx"
+    # The kernel refused the tiles: the best profile without them.
+    refused = DeviceInfo("x86_64", "Intel Xeon", frozenset(SAPPHIRE_RAPIDS), 2, (), "EPERM")
+    assert host_profile(refused).name == "x86-avx512-vnni"
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        AVX2,
+        AVX512 + ["avx512_vnni", "avx512_bf16"],
+        [f for f in SAPPHIRE_RAPIDS if f != "amx_int8"],
+    ],
+)
+def test_the_amx_profile_is_refused_without_amx_naming_what_is_missing(features):
+    from tvmdeploy.runtime.probe import missing_requirements
+
+    missing = missing_requirements(targets.get("x86-amx").requires, device("x86_64", features))
+    assert missing and "amx_int8" in missing[0]

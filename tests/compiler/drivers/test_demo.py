@@ -10,8 +10,22 @@ AVX512_BF16 = AVX2 + [
 ]  # fmt: skip
 
 
+AMX = AVX512_BF16 + [
+    "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_bitalg", "avx512_vpopcntdq",
+    "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+]  # fmt: skip
+
+
 def device(model, arch, features):
-    return DeviceInfo(arch=arch, cpu_model=model, cpu_features=frozenset(features), cores=2)
+    vendor = "" if arch != "x86_64" else "GenuineIntel" if "Intel" in model else "AuthenticAMD"
+    return DeviceInfo(
+        arch=arch,
+        cpu_model=model,
+        cpu_features=frozenset(features),
+        cores=2,
+        tile_permission="granted" if "amx_tile" in features else "",
+        vendor=vendor,
+    )
 
 
 @pytest.mark.parametrize(
@@ -19,8 +33,10 @@ def device(model, arch, features):
     [
         # Zen 4/5: vdpbf16ps at about half of ONNX Runtime fp32's time (docs/benchmarks.md).
         ("AMD EPYC 9R45", "x86_64", AVX512_BF16, ["fp32", "int8", "bf16"]),
-        # Sapphire Rapids: vdpbf16ps is slower than the fp32 FMA there: no bf16 artifact.
-        ("Intel(R) Xeon(R) Platinum 8488C", "x86_64", AVX512_BF16, ["fp32", "int8"]),
+        # Cooper Lake (the profile's rule): vdpbf16ps is slower than the fp32 FMA: no bf16.
+        ("Intel(R) Xeon(R) Platinum 8380HL", "x86_64", AVX512_BF16, ["fp32", "int8"]),
+        # Sapphire Rapids: x86-amx, whose bf16 is on tiles (tdpbf16ps).
+        ("Intel(R) Xeon(R) Platinum 8488C", "x86_64", AMX, ["fp32", "int8", "bf16"]),
         ("AMD EPYC 7R13", "x86_64", AVX2, ["fp32", "int8"]),
         ("Cortex-A72", "aarch64", ["asimd"], ["fp32", "int8"]),
     ],
