@@ -24,13 +24,13 @@ from tvmdeploy.runtime.timing import BenchConfig
 from tvmdeploy.targets.resolve import bf16_pays, resolve_profile
 
 from ..demo.finetune import finetune
-from ..demo.generation import run_generation
 from ..demo.sentiment_data import Example, load_split
 from ..evaluate import LabelledText
 from ..kernels.cpu_int8 import kernel_for
 from ..tooling.baselines import run_bench_with_baselines, torch_runner
 from ..tuning import describe, shipped_path
 from .compile import CompileOptions, compile_model
+from .demo_generation import run_generation
 
 logger = logging.getLogger(__name__)
 DEMO_BUCKETS = "1,8x16,32,64,128"
@@ -155,7 +155,7 @@ def run_demo(
 
     `summary["rows"]` holds one row per engine (accuracy, p50/p90 per sequence length, ratio to
     ONNX Runtime at seq 128), which the CLI draws as a table; `summary["generation"]` the
-    generation part's rows (demo/generation.py), None when left out.
+    generation part's rows (drivers/demo_generation.py), None when left out.
     """
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)

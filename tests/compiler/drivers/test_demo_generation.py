@@ -4,7 +4,7 @@ token for token as transformers generates them, timed beside PyTorch; the second
 from __future__ import annotations
 
 import pytest
-from tvmdeploy.compiler.demo.generation import PROMPTS, run_generation
+from tvmdeploy.compiler.drivers.demo_generation import PROMPTS, run_generation
 
 from tests.conftest import hf_greedy, save_tiny_gguf, save_tiny_llm
 

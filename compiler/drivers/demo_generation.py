@@ -78,7 +78,7 @@ def ensure_hf_folder(work_dir: Path, gguf: Path) -> Path:
 
 def ensure_generation_bundle(work_dir: Path, model_dir: Path, gguf: Path, target: str) -> Path:
     """Compile unless a bundle for this model file, profile and context is there."""
-    from ..drivers.compile import CompileOptions, compile_model
+    from .compile import CompileOptions, compile_model
 
     profile = resolve_profile(target).name
     bundle_dir = work_dir / f"{model_name(gguf)}.tvmd"
