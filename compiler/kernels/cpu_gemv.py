@@ -53,7 +53,9 @@ def int8_gemv(k: int, n: int, lanes: int, rows: int = ROWS) -> tirx.PrimFunc:
     sch.parallel(j_outer)
     sch.unroll(j_inner)
     sch.vectorize(k_lane)
-    sch.set_scope(partial, 0, "local")
+    # Left in "global" scope, the partial sums compact to a constant [rows, lanes] buffer that
+    # becomes a stack slot (registers, after LLVM); "local" scope made it a workspace allocation
+    # per task.
     init = sch.decompose_reduction(partial, k_outer)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.reverse_compute_at(total, i)
