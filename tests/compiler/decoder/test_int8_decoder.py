@@ -2,9 +2,9 @@
 transformers computes with the same rounded weights, and carries the quantized gate's record,
 which `load(precision="auto")` follows.
 
-The tiny random model's logits are nearly flat, so int8 rounding parts its greedy text from fp32
-early and its gate fails (real models pass: docs/benchmarks.md); the bundle is therefore built
-with `strict_parity=False`, which keeps a failed int8 artifact for explicit use only."""
+The tiny random model's logits are nearly flat, so int8 rounding flips many of its greedy choices
+and its gate may fail (SmolLM2's numbers: docs/benchmarks.md); the bundle is therefore built with
+`strict_parity=False`, which keeps a failed int8 artifact for explicit use only."""
 
 from __future__ import annotations
 
@@ -99,20 +99,17 @@ def test_the_manifest_holds_the_gate_as_measured(int8_bundle, manifest, referenc
     by_name = {a["name"]: a for a in manifest["artifacts"]}
     accuracy = by_name["x86-64-v3-int8"]["accuracy"]
     assert accuracy["threshold"]["min_agreement"] == quality.MIN_AGREEMENT
-    # the recorded agreement, recomputed here: greedy tokens identical to transformers fp32
-    # before the texts first part
+    # the recorded agreement, recomputed here: along transformers fp32's greedy tokens, the
+    # steps at which the artifact, fed the same prefix, picks the same next token
     generator = load(int8_bundle, precision="int8")
-    agreed = 0
+    agreed = total = 0
     for ids in parity.prompt_ids(tiny_llm_dir, 300):
-        got = generator.generate(ids, max_new_tokens=parity.GREEDY_TOKENS, ignore_eos=True)
         want = hf_greedy(fp32, ids, parity.GREEDY_TOKENS)
-        agreed += next(
-            (i for i, (a, b) in enumerate(zip(got.token_ids, want, strict=True)) if a != b),
-            parity.GREEDY_TOKENS,
-        )
-    total = parity.GREEDY_TOKENS * len(parity.PROMPTS)
-    assert accuracy["greedy_tokens"] == total
-    assert accuracy["value"] == pytest.approx(100 * agreed / total, abs=100 / total + 1e-9)
+        for t, token in enumerate(want):
+            agreed += int(generator.prefill_logits(ids + want[:t]).argmax()) == token
+            total += 1
+    assert accuracy["greedy_tokens"] == total == parity.GREEDY_TOKENS * len(parity.PROMPTS)
+    assert accuracy["value"] == pytest.approx(100 * agreed / total, abs=1e-6)
     ppl = accuracy["perplexity"]
     assert ppl["snippets"] > 0 and ppl["value"] > 1 and ppl["fp32"] > 1
     assert accuracy["ok"] == (
