@@ -109,7 +109,7 @@ def test_the_manifest_holds_the_gate_as_measured(int8_bundle, manifest, referenc
             agreed += int(generator.prefill_logits(ids + want[:t]).argmax()) == token
             total += 1
     assert accuracy["greedy_tokens"] == total == parity.GREEDY_TOKENS * len(parity.PROMPTS)
-    assert accuracy["value"] == pytest.approx(100 * agreed / total, abs=1e-6)
+    assert accuracy["value"] == pytest.approx(100 * agreed / total, abs=0.01)  # 2 decimals
     ppl = accuracy["perplexity"]
     assert ppl["snippets"] > 0 and ppl["value"] > 1 and ppl["fp32"] > 1
     assert accuracy["ok"] == (
