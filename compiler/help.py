@@ -45,8 +45,9 @@ HELP = {
     "arch are verified (and tuned) there.",
     "precision": "Precisions to build, comma-separated: fp32 (default), int8 (x86 and ARM CPUs: "
     "VNNI, AVX-512, AVX2, sdot or NEON kernels, chosen per profile), bf16 (the AVX-512 x86 "
-    "profiles; the artifact needs AVX512-BF16), fp16 (CUDA profiles). One artifact per profile "
-    "and precision; the runtime picks with load(precision=...).",
+    "profiles; the artifact needs AVX512-BF16), fp16 (CUDA profiles). Causal LMs: fp32 and int8 "
+    "(weight-only, CPU profiles, gated by greedy agreement and perplexity against fp32). One "
+    "artifact per profile and precision; the runtime picks with load(precision=...).",
     "bench_precision": "Which precision's artifact to time: auto (what load() takes), fp32, "
     "int8, bf16, fp16.",
     "eval_data": "Labelled examples (JSONL with text and label, or a CSV with text,label columns): "

@@ -70,12 +70,15 @@ def within_gate(accuracy: dict[str, Any] | None, gate_points: float) -> tuple[bo
     """Whether an artifact's recorded accuracy lets `auto` take it, and why (or why not).
 
     `accuracy` is the manifest's record: {"metric", "value", "fp32", "agreement", "examples"}
-    with value and fp32 in points (percent)."""
+    with value and fp32 in points (percent). A record that carries its own verdict (`ok`, with
+    its `threshold`: a generation artifact's quantized gate, compiler/decoder/quality.py) is
+    taken as decided at build time."""
     if not accuracy or accuracy.get("value") is None or accuracy.get("fp32") is None:
         return False, "no accuracy measured against fp32"
     drop = float(accuracy["fp32"]) - float(accuracy["value"])
-    text = (
-        f"{accuracy.get('metric', 'accuracy')} {accuracy['value']:.2f} vs fp32 "
-        f"{accuracy['fp32']:.2f} ({drop:+.2f} points lost, gate {gate_points:g})"
-    )
-    return drop <= gate_points, text
+    metric = accuracy.get("metric", "accuracy")
+    text = f"{metric} {accuracy['value']:.2f} vs fp32 {accuracy['fp32']:.2f}"
+    if "ok" in accuracy:
+        verdict = "within" if accuracy["ok"] else "outside"
+        return bool(accuracy["ok"]), f"{text} ({verdict} its gate {accuracy.get('threshold')})"
+    return drop <= gate_points, f"{text} ({drop:+.2f} points lost, gate {gate_points:g})"

@@ -12,6 +12,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from .config import DecoderConfig
 from .entry import DecoderModule
+from .quantized import tied_logits
 
 
 class Attention(nn.Module):
@@ -79,5 +80,5 @@ class GPT2Decoder(DecoderModule):
 
     def lm_logits(self, hidden: nn.Tensor) -> nn.Tensor:
         if self.config.tie_word_embeddings:
-            return nn.op.matmul(hidden, nn.op.permute_dims(self.wte.weight))
+            return tied_logits(self.wte, hidden)
         return self.lm_head(hidden)

@@ -13,6 +13,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from .config import DecoderConfig
 from .entry import DecoderModule
+from .quantized import tied_logits
 
 
 class Attention(nn.Module):
@@ -81,5 +82,5 @@ class LlamaDecoder(DecoderModule):
 
     def lm_logits(self, hidden: nn.Tensor) -> nn.Tensor:
         if self.config.tie_word_embeddings:
-            return nn.op.matmul(hidden, nn.op.permute_dims(self.embed_tokens.weight))
+            return tied_logits(self.embed_tokens, hidden)
         return self.lm_head(hidden)

@@ -26,10 +26,22 @@ def definition(config: DecoderConfig, target) -> DecoderModule:
     return LlamaDecoder(config, target)
 
 
-def export(config: DecoderConfig, target) -> tuple[relax.Expr, list[tuple[str, object]]]:
-    """(IRModule with the entry functions, [(parameter name, nn.Parameter)] in call order)."""
+#: The token-embedding attribute of each family's definition (quantized with the weights).
+TOKEN_EMBEDDINGS = ("embed_tokens", "wte")
+
+
+def export(
+    config: DecoderConfig, target, precision: str = "float32"
+) -> tuple[relax.Expr, list[tuple[str, object]]]:
+    """(IRModule with the entry functions, [(parameter name, nn.Parameter)] in call order);
+    `precision` "int8": weight-only int8 layers (decoder/quantized.py)."""
     model = definition(config, target)
     model.to("float32")
+    if precision == "int8":
+        from ..kernels.cpu_target import vector_lanes
+        from .quantized import quantize_module
+
+        model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS)
     mod, named, _extern = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     return mod, named
 

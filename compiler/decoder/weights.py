@@ -87,7 +87,8 @@ def decoder_params(model_dir: str | Path, config: DecoderConfig) -> dict[str, np
 def ordered_params(
     named: list[tuple[str, object]], params: dict[str, np.ndarray], where: str
 ) -> list[np.ndarray]:
-    """The arrays in the order the exported functions take them; a missing or misshapen one is a
+    """The arrays in the order the exported functions take them, each in its parameter's dtype
+    (fp32; int8 and the scales for an int8 definition); a missing or misshapen one is a
     ModelLoadError naming it (a checkpoint that does not match its config)."""
     ordered = []
     for name, param in named:
@@ -99,5 +100,5 @@ def ordered_params(
                 f"{where}: weight {name} has shape {params[name].shape}, the config implies "
                 f"{expected}"
             )
-        ordered.append(np.ascontiguousarray(params[name], dtype=np.float32))
+        ordered.append(np.ascontiguousarray(params[name], dtype=str(param.dtype)))
     return ordered

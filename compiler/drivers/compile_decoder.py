@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from tvmdeploy.runtime.generate import PAGE_SIZE
-from tvmdeploy.runtime.precision import canonical, short
+from tvmdeploy.runtime.precision import artifact_name, canonical, short
 from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profiles
 
 from .. import build, package
-from ..decoder import lower, onnx_export, parity, sources, weights
+from ..decoder import lower, onnx_export, parity, quality, quantized, sources, weights
 from ..decoder.config import DecoderConfig, read_decoder_config
 from ..errors import OptionError, ParityError, QemuUnavailable
 from .stages import Stages
@@ -50,20 +50,37 @@ EMULATION_TIMEOUT_S = 1800
 EMULATION_MAX_WEIGHT_BYTES = 64 << 20
 
 
+#: The precisions a generation bundle can hold (weight-only int8: decoder/quantized.py).
+DECODER_PRECISIONS = ("float32", "int8")
+
+
 def plan_profiles(options) -> list[Profile]:
     """The profiles to build, refusing what the decoder path does not build yet."""
     profiles = resolve_profiles(options.profiles)
     dtypes = {canonical(p) for p in options.precisions}
-    if dtypes != {"float32"}:
+    unknown = sorted(dtypes - set(DECODER_PRECISIONS))
+    if unknown:
         raise OptionError(
-            f"--precision {','.join(options.precisions)}: generation bundles are fp32 for now "
-            "(weight-only int8/int4 decode kernels are not built yet); use --precision fp32"
+            f"--precision {','.join(options.precisions)}: generation bundles are built in "
+            f"{', '.join(map(short, DECODER_PRECISIONS))} (not {', '.join(map(short, unknown))})"
+        )
+    gpus = [p.name for p in profiles if p.family == "cuda"]
+    if "int8" in dtypes and gpus:
+        raise OptionError(
+            f"--precision int8: the weight-only int8 decode kernels are CPU kernels; profile(s) "
+            f"{', '.join(gpus)} build fp32 only (compile them with --precision fp32)"
         )
     if options.tune_trials:
         raise OptionError("--tune does not apply to generation bundles yet; leave it out")
     if options.rpc:
         raise OptionError("--rpc does not apply to generation bundles yet; leave it out")
     return profiles
+
+
+def precisions_of(options) -> list[str]:
+    """The asked precisions as dtypes, fp32 first, each once."""
+    dtypes = {canonical(p) for p in options.precisions}
+    return [p for p in DECODER_PRECISIONS if p in dtypes]
 
 
 def context_length(config: DecoderConfig, asked: int | None) -> int:
@@ -79,15 +96,18 @@ def context_length(config: DecoderConfig, asked: int | None) -> int:
     return min(config.context_length, DEFAULT_CONTEXT)
 
 
-def build_profile(config: DecoderConfig, profile: Profile, out_dir: Path, stages: Stages):
-    """Stage 2 for one profile: (BuildResult, [(parameter name, nn.Parameter)])."""
-    with stages(f"build {profile.name}"):
+def build_profile(
+    config: DecoderConfig, profile: Profile, out_dir: Path, stages: Stages, precision: str
+):
+    """Stage 2 for one profile and precision: (BuildResult, [(parameter name, nn.Parameter)])."""
+    name = artifact_name(profile.name, precision)
+    with stages(f"build {name}"):
         target = build.tvm_target(profile)
-        mod, named = lower.export(config, target)
+        mod, named = lower.export(config, target, precision)
         built = build.build_artifact(
-            mod, profile, out_dir / profile.name, pipeline=lower.pipeline_for(profile, target)
+            mod, profile, out_dir / name, pipeline=lower.pipeline_for(profile, target)
         )
-    logger.info("  %s: built in %.1f s", profile.name, built.seconds)
+    logger.info("  %s: built in %.1f s", name, built.seconds)
     return built, named
 
 
@@ -101,13 +121,18 @@ class References:
     no_onnx_why: str = ""
 
 
-def gate(references: References | None, strict: bool, stages: Stages):
+def gate(references: References | None, strict: bool, stages: Stages, heldout=None):
     """The staged bundle's check: each artifact this device runs against both references; an
-    aarch64 artifact whose profile names a `qemu_cpu`, on an x86 machine, under qemu-user."""
+    aarch64 artifact whose profile names a `qemu_cpu`, on an x86 machine, under qemu-user.
+    A quantized artifact passes the quantized gate instead (decoder/quality.py), on `heldout`:
+    (held-out token ids, transformers fp32's perplexity on them, where the text came from)."""
+    texts, fp32_perplexity, text_source = heldout or ([], None, "")
 
     def run(staging: Path) -> dict[str, dict[str, Any]]:
         from tvmdeploy.runtime import Bundle, probe
+        from tvmdeploy.runtime.generate import Generator
         from tvmdeploy.runtime.probe import missing_requirements
+        from tvmdeploy.runtime.select import Choice
 
         bundle, device = Bundle(staging), probe()
         fields: dict[str, dict[str, Any]] = {}
@@ -118,6 +143,26 @@ def gate(references: References | None, strict: bool, stages: Stages):
                 why = "verification disabled" if not references else f"this machine lacks {lacking}"
                 fields[artifact.name] = {"parity": {"where": "not-run", "detail": why}}
                 logger.info("  parity %s: not run (%s)", artifact.name, why)
+                continue
+            if artifact.precision != "float32":
+                if cpu:
+                    why = "the quantized gate runs natively only (not under QEMU)"
+                    fields[artifact.name] = {"parity": {"where": "not-run", "detail": why}}
+                    logger.info("  parity %s: not run (%s)", artifact.name, why)
+                    continue
+                with stages(f"verify {artifact.name} against transformers fp32 (quantized gate)"):
+                    generator = Generator(bundle, Choice(artifact.name, "verifying"), device, 1)
+                    record, accuracy = quality.check(
+                        generator, references.transformers, texts, fp32_perplexity, text_source
+                    )
+                logger.info("  gate %s: %s", artifact.name, quality.summary(accuracy))
+                if not accuracy["ok"] and strict:
+                    raise ParityError(
+                        f"{artifact.name}: the quantized gate against transformers fp32 failed: "
+                        f"{quality.summary(accuracy)}; no bundle written (build --precision fp32, "
+                        "or pass --no-strict-parity to keep it as an artifact `auto` never takes)"
+                    )
+                fields[artifact.name] = {"parity": record, "accuracy": accuracy}
                 continue
             against = "transformers" + (" and ONNX Runtime" if references.onnxruntime else "")
             where = f"qemu:{cpu}" if cpu else "native"
@@ -274,7 +319,11 @@ def model_info(config: DecoderConfig, source, name: str, context: int) -> dict[s
 def compile_decoder(options) -> Path:
     """Compile a causal LM into a generation bundle; returns its path."""
     profiles = plan_profiles(options)
-    stages = Stages(3 + bool(options.onnx) + len(profiles) * (1 + bool(options.verify)))
+    stages = Stages(
+        3
+        + bool(options.onnx)
+        + len(profiles) * len(precisions_of(options)) * (1 + bool(options.verify))
+    )
     with tempfile.TemporaryDirectory(prefix="tvmdeploy-") as work:
         work_dir = Path(work)
         with stages("read the model (merge an adapter, convert GGUF)"):
@@ -295,44 +344,58 @@ def compile_decoder(options) -> Path:
         if options.onnx:
             with stages(f"export to ONNX (optimum, {onnx_export.TASK})"):
                 exported = onnx_export.export_decoder(source.model_dir, work_dir / "onnx")
-        entries, named = [], None
+        dtypes = precisions_of(options)
+        entries, named = [], {}
         for profile in profiles:
-            built, named = build_profile(config, profile, work_dir / "artifacts", stages)
-            entries.append(
-                package.ArtifactEntry(
-                    profile=profile.name,
-                    family=profile.family,
-                    target=built.target,
-                    requires=profile.for_precision(short("float32")).requires,
-                    lib_path=built.lib_path,
-                    code_form=built.code_form,
+            for precision in dtypes:
+                built, named[precision] = build_profile(
+                    config, profile, work_dir / "artifacts", stages, precision
                 )
-            )
-        references, export_parity = None, None
+                entries.append(
+                    package.ArtifactEntry(
+                        profile=profile.name,
+                        family=profile.family,
+                        target=built.target,
+                        requires=profile.for_precision(short("float32")).requires,
+                        lib_path=built.lib_path,
+                        code_form=built.code_form,
+                        precision=precision,
+                        weights=precision,
+                    )
+                )
+        references, export_parity, heldout = None, None, None
         title = "transformers'" + (" and ONNX Runtime's" if exported.onnx_path else "")
         with stages(f"reference: {title} logits and greedy tokens"):
             if options.verify:
                 found = reference_runs(source.model_dir, config, exported, context)
                 references, export_parity = found
+                if "int8" in dtypes:
+                    heldout = reference_heldout(source.model_dir)
         info = model_info(config, source, options.name or _default_name(options.model), context)
         info["onnx_export"] = exported.record
         with stages("package bundle (each artifact gated on the staged bundle)"):
-            params = weights.ordered_params(
-                named, weights.decoder_params(source.model_dir, config), str(source.model_dir)
-            )
-            names = [n for n, _ in named]
-            blob = package.weights_blob(names, [_tensor(p) for p in params])
-            del params
+            checkpoint = weights.decoder_params(source.model_dir, config)
+            blobs = {}
+            for precision in dtypes:
+                values = checkpoint
+                if precision == "int8":
+                    values = quantized.quantize_params(named[precision], checkpoint)
+                names = [n for n, _ in named[precision]]
+                arrays = weights.ordered_params(named[precision], values, str(source.model_dir))
+                blob = package.weights_blob(names, [_tensor(a) for a in arrays])
+                blobs[precision] = (names, blob)
+                del values, arrays
+            del checkpoint
             out = package.write_bundle(
                 options.output,
                 exported.onnx_path,
-                {"float32": (names, blob)},
+                blobs,
                 entries,
                 info,
                 [],
                 tokenizer_dir=source.model_dir,
                 export_parity=export_parity,
-                check_staged=gate(references, options.strict_parity, stages),
+                check_staged=gate(references, options.strict_parity, stages, heldout),
             )
     logger.info("bundle written: %s", out)
     return out
@@ -360,6 +423,17 @@ def reference_runs(
         exported.record = {"file": None, "detail": f"left out: {why}"}
         return References(prompts, cases, None, exported.record["detail"]), record
     return References(prompts, cases, ort_cases), record
+
+
+def reference_heldout(model_dir: Path):
+    """(held-out token ids, transformers fp32's perplexity on them, their source) for the
+    quantized gate; no ids (and the reason as the source) when none can be had."""
+    from tvmdeploy.runtime.paths import cache_dir
+
+    texts, source = quality.heldout_ids(model_dir, cache_dir() / "data")
+    if not texts:
+        logger.info("  perplexity not measured: %s", source)
+    return texts, quality.reference_perplexity(model_dir, texts), source
 
 
 def _tensor(array):

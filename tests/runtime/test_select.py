@@ -172,6 +172,24 @@ def test_auto_takes_int8_only_within_the_accuracy_gate(tiny_bundle, tmp_path):
     assert select(Bundle(beyond.path), device(V3)).artifact == "x86-64-v3-int8"
 
 
+def test_a_generation_gate_verdict_decides_auto(tiny_bundle, tmp_path):
+    """A generation bundle's int8 record carries its own verdict (greedy agreement and
+    perplexity against fp32, compiler/decoder/quality.py): `auto` follows it, whatever the
+    points lost."""
+    for ok, expected in ((True, "x86-64-v3-int8"), (False, "x86-64-v3")):
+        bundle = precision_bundle(tiny_bundle, tmp_path / str(ok), int8_accuracy=None)
+        manifest = json.loads((bundle.path / "manifest.json").read_text())
+        record = {"metric": "greedy agreement (%)", "value": 90.6, "fp32": 100.0, "ok": ok}
+        for entry in manifest["artifacts"]:
+            if entry["precision"] == "int8":
+                entry["accuracy"] = record | {"threshold": {"min_agreement": 0.75}}
+        (bundle.path / "manifest.json").write_text(json.dumps(manifest))
+        choice = select(Bundle(bundle.path), device(V3))
+        assert choice.artifact == expected
+        if not ok:
+            assert "outside its gate" in choice.rejected["x86-64-v3-int8"]
+
+
 def test_an_explicit_precision_is_honoured_or_refused(tiny_bundle, tmp_path):
     bundle = precision_bundle(tiny_bundle, tmp_path, int8_accuracy=None)
     assert select(bundle, device(V3), precision="int8").artifact == "x86-64-v3-int8"

@@ -130,9 +130,18 @@ def test_unsupported_models_and_options_are_refused_before_any_build(tiny_llm_di
     done = _cli("compile", str(scaled), "-o", str(tmp_path / "s.tvmd"))
     assert done.exit_code == 2 and "rope_scaling" in done.stderr
 
-    with pytest.raises(OptionError, match="generation bundles are fp32 for now"):
+    with pytest.raises(OptionError, match=r"built in fp32, int8 \(not bf16\)"):
         compile_model(
-            CompileOptions(model=str(tiny_llm_dir), output=str(tmp_path / "q"), precisions=["int8"])
+            CompileOptions(model=str(tiny_llm_dir), output=str(tmp_path / "q"), precisions=["bf16"])
+        )
+    with pytest.raises(OptionError, match="cuda-sm80 build fp32 only"):
+        compile_model(
+            CompileOptions(
+                model=str(tiny_llm_dir),
+                output=str(tmp_path / "g"),
+                profiles=["cuda-sm80"],
+                precisions=["fp32", "int8"],
+            )
         )
     with pytest.raises(OptionError, match="exceeds the model's own limit of 256"):
         compile_model(
