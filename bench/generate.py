@@ -100,7 +100,7 @@ def load_tvmdeploy(spec: dict, threads: int) -> Engine:
         try:
             generator = load(path, precision=spec["precision"], max_concurrency=1)
         except Exception as err:  # noqa: BLE001 - the runtime says why (no such precision ...)
-            reasons.append(f"{Path(path).name}: {err}")
+            reasons.append(str(err).replace(str(path), Path(path).name))  # no machine path
             continue
         spec = {"kind": "tvmdeploy", "precision": spec["precision"], "path": path}
         break
