@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from tvmdeploy.runtime import load
 from tvmdeploy.runtime.atomic import write_json_atomic
-from tvmdeploy.runtime.bundle import Bundle
 from tvmdeploy.runtime.errors import BundleError
 from tvmdeploy.runtime.probe import DeviceInfo, probe
 from tvmdeploy.runtime.timing import BenchConfig
 from tvmdeploy.targets.resolve import bf16_pays, resolve_profile
 
+from ..demo.cache import cached_bundle
 from ..demo.finetune import finetune
 from ..demo.sentiment_data import Example, load_split
 from ..evaluate import LabelledText
@@ -116,27 +115,16 @@ def ensure_bundle(
         "precisions": precisions,
         "held_out": len(held_out or []),
     }
-    stamp = work_dir / f".{bundle_dir.name}.key.json"
-    try:
-        Bundle(bundle_dir).verify()
-        if json.loads(stamp.read_text()) == key:
-            logger.info("bundle: cached at %s", bundle_dir)
-            return bundle_dir
-    except (BundleError, OSError, json.JSONDecodeError):
-        pass
-    compile_model(
-        CompileOptions(
-            model=str(model_dir),
-            output=str(bundle_dir),
-            profiles=profiles,
-            buckets=DEMO_BUCKETS,
-            name="minilm-sentiment",
-            precisions=precisions,
-            eval_data=[LabelledText(e.text, e.label) for e in held_out] if held_out else None,
-        )
+    options = CompileOptions(
+        model=str(model_dir),
+        output=str(bundle_dir),
+        profiles=profiles,
+        buckets=DEMO_BUCKETS,
+        name="minilm-sentiment",
+        precisions=precisions,
+        eval_data=[LabelledText(e.text, e.label) for e in held_out] if held_out else None,
     )
-    write_json_atomic(stamp, key)
-    return bundle_dir
+    return cached_bundle(bundle_dir, key, lambda: compile_model(options))
 
 
 def predicted_labels(logits_fn, model, test: list[Example], batch_size: int = 8) -> np.ndarray:

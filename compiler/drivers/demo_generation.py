@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from tvmdeploy.runtime import load
-from tvmdeploy.runtime.atomic import write_json_atomic
-from tvmdeploy.runtime.bundle import Bundle
 from tvmdeploy.runtime.errors import BundleError, IncompatibleDeviceError
 from tvmdeploy.targets.resolve import resolve_profile
 
 from ..decoder.sources import convert_gguf
+from ..demo.cache import cached_bundle
+from .compile import CompileOptions, compile_model
 
 logger = logging.getLogger(__name__)
 
@@ -78,32 +78,19 @@ def ensure_hf_folder(work_dir: Path, gguf: Path) -> Path:
 
 def ensure_generation_bundle(work_dir: Path, model_dir: Path, gguf: Path, target: str) -> Path:
     """Compile unless a bundle for this model file, profile and context is there."""
-    from .compile import CompileOptions, compile_model
-
     profile = resolve_profile(target).name
     bundle_dir = work_dir / f"{model_name(gguf)}.tvmd"
     own_limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
     context = min(CONTEXT, own_limit or CONTEXT)
     key = {"model": file_digest(gguf), "profile": profile, "context": context}
-    stamp = work_dir / f".{bundle_dir.name}.key.json"
-    try:
-        Bundle(bundle_dir).verify()
-        if json.loads(stamp.read_text()) == key:
-            logger.info("generation bundle: cached at %s", bundle_dir)
-            return bundle_dir
-    except (BundleError, OSError, json.JSONDecodeError):
-        pass
-    compile_model(
-        CompileOptions(
-            model=str(model_dir),
-            output=str(bundle_dir),
-            profiles=[profile],
-            name=model_name(gguf),
-            context=context,
-        )
+    options = CompileOptions(
+        model=str(model_dir),
+        output=str(bundle_dir),
+        profiles=[profile],
+        name=model_name(gguf),
+        context=context,
     )
-    write_json_atomic(stamp, key)
-    return bundle_dir
+    return cached_bundle(bundle_dir, key, lambda: compile_model(options))
 
 
 def torch_timing(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
