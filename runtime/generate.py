@@ -471,6 +471,32 @@ class Generator:
         assert request.logits is not None
         return request.logits
 
+    def forced_logits(self, prompt: list[int], continuation: list[int]) -> np.ndarray:
+        """Logits [1 + len(continuation), vocab]: after `prompt` (token ids), then after each
+        token of `continuation` fed in turn (teacher forcing), through the prefill and the
+        decode steps that `generate` runs: one decode step per token, not a prefill per prefix
+        (the quantized gate's agreement and perplexity, compiler/decoder/quality.py)."""
+        rows: list[np.ndarray] = []
+        forced = iter(continuation)
+
+        def feed(row: np.ndarray, _history: np.ndarray) -> int:
+            rows.append(np.array(row, dtype=np.float32, copy=True))
+            return next(forced, 0)  # the last one is never fed
+
+        ids = self.prompt_ids(prompt)
+        if len(ids) + len(continuation) >= self.context_length:
+            raise InputError(
+                f"{len(ids)} prompt and {len(continuation)} forced tokens exceed this bundle's "
+                f"context of {self.context_length} tokens"
+            )
+        request = _Request(ids, len(continuation) + 1, feed, frozenset())  # type: ignore[arg-type]
+        self._stepper.submit(request)
+        while not isinstance(item := request.out.get(), _Done):
+            pass
+        if item.error is not None:
+            raise BundleError(f"generation failed in the compiled model: {item.error}")
+        return np.stack(rows)
+
     def chat(
         self, messages: list[dict[str, str]], **options
     ) -> GenerationResult | GenerationStream:

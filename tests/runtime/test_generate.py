@@ -129,6 +129,21 @@ def test_prefill_logits_match_transformers(generator, reference):
     np.testing.assert_allclose(generator.prefill_logits(ids), expected, atol=1e-4)
 
 
+def test_forced_logits_are_transformers_logits_at_every_position(generator, reference):
+    import torch
+
+    tokenizer, model = reference
+    ids = tokenizer(PROMPT).input_ids
+    continuation = [17, 250, 3, 99, 42]  # fed in turn, whatever the model would pick
+    with torch.inference_mode():
+        expected = model(torch.tensor([ids + continuation])).logits[0, len(ids) - 1 :].numpy()
+    rows = generator.forced_logits(ids, continuation)
+    assert rows.shape == expected.shape == (len(continuation) + 1, generator.vocab_size)
+    np.testing.assert_allclose(rows, expected, atol=1e-4)
+    with pytest.raises(InputError, match="context"):
+        generator.forced_logits(ids, [5] * generator.context_length)
+
+
 def test_limits_and_bad_requests_are_refused_by_name(generator):
     with pytest.raises(InputError, match="context is 256 tokens"):
         generator.generate(list(range(3, 259)))
