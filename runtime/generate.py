@@ -10,6 +10,8 @@ request's sequence at the next step. Sampling is runtime/sampling.py's, whatever
 
 Limits are checked before anything reaches TVM: token ids in the vocabulary (TVM's `take` has no
 bounds check), a prompt shorter than the context, `max_new_tokens` cut to the room left.
+One module, though long: the stepping thread, the request and its stream share private state
+(the request's queue and cancel event) that no other module should reach into.
 """
 
 from __future__ import annotations
@@ -472,10 +474,9 @@ class Generator:
         return request.logits
 
     def forced_logits(self, prompt: list[int], continuation: list[int]) -> np.ndarray:
-        """Logits [1 + len(continuation), vocab]: after `prompt` (token ids), then after each
-        token of `continuation` fed in turn (teacher forcing), through the prefill and the
-        decode steps that `generate` runs: one decode step per token, not a prefill per prefix
-        (the quantized gate's agreement and perplexity, compiler/decoder/quality.py)."""
+        """Logits [1 + len(continuation), vocab] after `prompt` (ids), then after each token of
+        `continuation` fed in turn (teacher forcing: the quantized gate, decoder/quality.py),
+        through the prefill and one decode step per token, as `generate` runs them."""
         rows: list[np.ndarray] = []
         forced = iter(continuation)
 
@@ -486,8 +487,7 @@ class Generator:
         ids = self.prompt_ids(prompt)
         if len(ids) + len(continuation) >= self.context_length:
             raise InputError(
-                f"{len(ids)} prompt and {len(continuation)} forced tokens exceed this bundle's "
-                f"context of {self.context_length} tokens"
+                f"prompt and forced tokens exceed the {self.context_length}-token context"
             )
         request = _Request(ids, len(continuation) + 1, feed, frozenset())  # type: ignore[arg-type]
         self._stepper.submit(request)
