@@ -14,12 +14,11 @@ compiled artifacts are still gated against transformers; only the ONNX Runtime e
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..frontend.export import check_onnx, external_data_files
+from ..frontend.export import check_onnx, external_data_files, optimum_export
 
 logger = logging.getLogger(__name__)
 
@@ -43,24 +42,9 @@ def export_decoder(model_dir: Path, work_dir: Path) -> DecoderExport:
     """Export the merged or converted HF folder with optimum; a refusal is recorded, not raised."""
     from importlib.metadata import version
 
-    import transformers
-    from optimum.exporters.onnx import main_export
-
     work_dir.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("optimum").setLevel(logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():  # tracer chatter; the gate stage checks the result
-            warnings.simplefilter("ignore")
-            main_export(
-                str(model_dir),
-                output=str(work_dir),
-                task=TASK,
-                no_post_process=True,
-                local_files_only=True,
-                library_name="transformers",
-                do_validation=False,  # the gate compares it with transformers on our prompts
-            )
+    try:  # do_validation off: the gate compares it with transformers on our prompts
+        optimum_export(model_dir, work_dir, task=TASK, do_validation=False)
         onnx_path = work_dir / "model.onnx"
         if not onnx_path.is_file():
             raise ValueError(f"no model.onnx written for task {TASK}")

@@ -59,6 +59,27 @@ def external_data_files(path: Path) -> list[str]:
     return sorted(names)
 
 
+def optimum_export(model_dir: Path, work_dir: Path, **options) -> None:
+    """optimum's `main_export` of a local HF folder into `work_dir`, offline, without its
+    post-processing, its log lines and the tracer's warnings (what a caller checks afterwards
+    is what matters); `options` go to `main_export` (task, opset, atol, do_validation)."""
+    import transformers
+    from optimum.exporters.onnx import main_export
+
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(
+            str(model_dir),
+            output=str(work_dir),
+            no_post_process=True,
+            local_files_only=True,
+            library_name="transformers",
+            **options,
+        )
+
+
 def check_onnx(path: Path) -> None:
     """Run onnx's checker; a broken graph or a missing external-data file is a ModelLoadError
     naming the file."""
@@ -190,24 +211,8 @@ def export_model(
 
     config = read_config(model_path)
     task = task or infer_task(model_path, config)
-    import transformers
-    from optimum.exporters.onnx import main_export
-
-    logging.getLogger("optimum").setLevel(logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():  # tracer chatter; optimum's own validation still reports
-            warnings.simplefilter("ignore")
-            main_export(
-                str(model_path),
-                output=str(work_dir),
-                task=task,
-                opset=opset,
-                atol=atol,
-                no_post_process=True,
-                local_files_only=True,
-                library_name="transformers",
-            )
+    try:  # optimum's own validation still reports
+        optimum_export(model_path, work_dir, task=task, opset=opset, atol=atol)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{model_path}: optimum could not export this model: {err}") from None
     onnx_path = work_dir / "model.onnx"
