@@ -193,6 +193,17 @@ def tiny_llm_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llm_reference(tiny_llm_dir):
+    """transformers' (tokenizer, fp32 model) of the tiny Llama: the reference its bundle meets."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llm_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+@pytest.fixture(scope="session")
 def tiny_llm_bundle(tiny_llm_dir, tmp_path_factory) -> Path:
     """The tiny Llama compiled for the host into a generation bundle (gated against
     transformers on the way)."""

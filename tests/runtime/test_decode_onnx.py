@@ -31,13 +31,8 @@ def compiled(tiny_llm_bundle):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_llm_dir):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llm_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
-    return tokenizer, model
+def reference(tiny_llm_reference):
+    return tiny_llm_reference
 
 
 def test_forced_onnxruntime_generates_the_greedy_tokens_of_transformers(ort_generator, reference):

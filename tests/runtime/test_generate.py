@@ -22,13 +22,8 @@ def generator(tiny_llm_bundle) -> Generator:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_llm_dir):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llm_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
-    return tokenizer, model
+def reference(tiny_llm_reference):
+    return tiny_llm_reference
 
 
 def test_load_gives_a_generator_with_the_bundles_limits(generator):
