@@ -392,6 +392,18 @@ def _generator(bundle: Path, artifact: str | None):
     return model
 
 
+# The options `generate` and `chat` share (their defaults are given where each is declared).
+GenerationBundle = Annotated[Path, Arg(help=HELP["gen_bundle"])]
+MaxNewTokens = Annotated[int, Opt("--max-new-tokens", help=HELP["max_new_tokens"])]
+Temperature = Annotated[float, Opt(help=HELP["temperature"])]
+TopK = Annotated[int, Opt("--top-k", help=HELP["top_k"])]
+TopP = Annotated[float, Opt("--top-p", help=HELP["top_p"])]
+RepetitionPenalty = Annotated[float, Opt("--repetition-penalty", help=HELP["repetition_penalty"])]
+Seed = Annotated[int | None, Opt(help=HELP["seed"])]
+System = Annotated[str | None, Opt(help=HELP["system"])]
+ArtifactName = Annotated[str | None, Opt(help=HELP["artifact"])]
+
+
 def _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed) -> dict:
     return {
         "max_new_tokens": max_new_tokens,
@@ -406,20 +418,18 @@ def _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, sto
 
 @app.command()
 def generate(
-    bundle: Annotated[Path, Arg(help=HELP["gen_bundle"])],
+    bundle: GenerationBundle,
     prompt: Annotated[str, Arg(help=HELP["prompt"])],
-    max_new_tokens: Annotated[int, Opt("--max-new-tokens", help=HELP["max_new_tokens"])] = 128,
-    temperature: Annotated[float, Opt(help=HELP["temperature"])] = 0.0,
-    top_k: Annotated[int, Opt("--top-k", help=HELP["top_k"])] = 0,
-    top_p: Annotated[float, Opt("--top-p", help=HELP["top_p"])] = 1.0,
-    repetition_penalty: Annotated[
-        float, Opt("--repetition-penalty", help=HELP["repetition_penalty"])
-    ] = 1.0,
+    max_new_tokens: MaxNewTokens = 128,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
     stop: Annotated[list[str] | None, Opt("--stop", help=HELP["stop"])] = None,
-    seed: Annotated[int | None, Opt(help=HELP["seed"])] = None,
+    seed: Seed = None,
     chat_template: Annotated[bool, Opt("--chat", help=HELP["chat_template"])] = False,
-    system: Annotated[str | None, Opt(help=HELP["system"])] = None,
-    artifact: Annotated[str | None, Opt(help=HELP["artifact"])] = None,
+    system: System = None,
+    artifact: ArtifactName = None,
     no_stream: Annotated[bool, Opt("--no-stream", help=HELP["no_stream"])] = False,
     json_output: Annotated[bool, Opt("--json", help=HELP["generate_json"])] = False,
 ) -> None:
@@ -478,17 +488,15 @@ def _fit_context(generator, messages: list[dict]) -> list[dict]:
 
 @app.command()
 def chat(
-    bundle: Annotated[Path, Arg(help=HELP["gen_bundle"])],
-    system: Annotated[str | None, Opt(help=HELP["system"])] = None,
-    max_new_tokens: Annotated[int, Opt("--max-new-tokens", help=HELP["max_new_tokens"])] = 256,
-    temperature: Annotated[float, Opt(help=HELP["temperature"])] = 0.0,
-    top_k: Annotated[int, Opt("--top-k", help=HELP["top_k"])] = 0,
-    top_p: Annotated[float, Opt("--top-p", help=HELP["top_p"])] = 1.0,
-    repetition_penalty: Annotated[
-        float, Opt("--repetition-penalty", help=HELP["repetition_penalty"])
-    ] = 1.0,
-    seed: Annotated[int | None, Opt(help=HELP["seed"])] = None,
-    artifact: Annotated[str | None, Opt(help=HELP["artifact"])] = None,
+    bundle: GenerationBundle,
+    system: System = None,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = None,
+    artifact: ArtifactName = None,
 ) -> None:
     """Chat with a generation bundle on the terminal: one line per turn, the history kept in the
     model's chat template (oldest turns dropped when it outgrows the context); Ctrl-C stops the
