@@ -4,12 +4,14 @@ dequantization prefill's fp32 GEMM reads.
 A decode step multiplies a few activation rows (`[b, K]`, b = sequences decoding together) by
 every weight once, so its speed is set by the bytes each weight costs. `int8_gemv` reads the
 weights as stored (int8 `W[N, K]`, one fp32 scale per output row): each task of the thread pool
-takes `ROWS` output rows; per row it keeps one accumulator vector of the target's SIMD width
-(8 lanes for AVX2, 16 for AVX-512, 4 for NEON), converts each loaded int8 vector to fp32 in
-registers (vpmovsxbd + vcvtdq2ps on x86) and accumulates with FMAs; `ROWS` independent
-accumulators hide the FMA latency and share each loaded activation vector. The scale is applied
-once per output, after the reduction. K need not be a multiple of the lanes, nor N of `ROWS` (the
-tail runs predicated).
+takes `ROWS` output rows and reads each row as one contiguous stream; per row it keeps
+`ACCUMULATORS` vectors of the target's SIMD width (8 lanes for AVX2, 16 for AVX-512, 4 for
+NEON), converts each loaded int8 vector to fp32 in registers (vpmovsxbd + vcvtdq2ps on x86) and
+accumulates with FMAs. Rows read one after another (not 4 rows interleaved, 576 bytes each) let
+the hardware prefetcher see one stream: on Zen 3 with the weights out of cache this doubled the
+GEMV's bandwidth (docs/benchmarks.md). The partial sums are added pairwise, since a serial chain
+of scalar adds per row cost as much as the row's FMAs. The scale is applied once per output.
+K need not be a multiple of the chunk, nor N of `ROWS` (the tails run predicated).
 
 `dequantize` is the prefill path: over 128-512 prompt tokens the fp32 register-blocked GEMM
 (cpu_matmul.py) reuses every weight across the rows, so the int8 weights are widened once per
@@ -23,44 +25,76 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-#: Output rows per thread-pool task (independent accumulators per activation vector).
+#: Output rows per thread-pool task.
 ROWS = 4
+#: Independent accumulator vectors per row (hide the FMA latency along K).
+ACCUMULATORS = 4
 _SCHEDULED = "tirx.is_scheduled"
 
 
-def int8_gemv(k: int, n: int, lanes: int, rows: int = ROWS) -> tirx.PrimFunc:
+def int8_gemv(
+    k: int, n: int, lanes: int, rows: int = ROWS, accumulators: int = ACCUMULATORS
+) -> tirx.PrimFunc:
     """`out[b, n] = scale[n] * sum_k x[b, k] * float(w[n, k])` for a symbolic batch b, scheduled
-    for `lanes`-wide fp32 SIMD: parallel over blocks of `rows` outputs, vectorized over K."""
+    for `lanes`-wide fp32 SIMD: parallel over blocks of `rows` outputs; each row is read as one
+    contiguous stream in chunks of `accumulators * lanes` weights, and the partial sums are
+    added pairwise (a tree, not a serial chain of scalar adds)."""
+    width = accumulators * lanes
     batch = tirx.Var("batch", "int64")
     x = te.placeholder((batch, k), "float32", name="x")
     w = te.placeholder((n, k), "int8", name="w")
     scale = te.placeholder((n,), "float32", name="scale")
-    r = te.reduce_axis((0, k), name="k")
-    acc = te.compute(
-        (batch, n),
-        lambda i, j: te.sum(x[i, r] * w[j, r].astype("float32"), axis=r),
-        name="acc",
+    chunk = te.reduce_axis((0, -(-k // width)), name="chunk")
+
+    def product(i, j, v):
+        kk = chunk * width + v
+        term = x[i, kk] * w[j, kk].astype("float32")
+        if k % width == 0:
+            return term
+        return tirx.if_then_else(kk < k, term, tirx.const(0.0, "float32"))
+
+    partial = te.compute(
+        (batch, n, width),
+        lambda i, j, v: te.sum(product(i, j, v), axis=chunk),
+        name="partial",
     )
-    out = te.compute((batch, n), lambda i, j: acc[i, j] * scale[j], name="out")
+    halves, total = [], partial
+    while total.shape[-1] > 1:
+        total = _halved(total)
+        halves.append(total.op.name)
+    out = te.compute((batch, n), lambda i, j: total[i, j, 0] * scale[j], name="out")
     sch = s_tir.Schedule(te.create_prim_func([x, w, scale, out]))
-    total = sch.get_sblock("acc")
-    _, _, kk = sch.get_loops(total)
-    _, k_lane = sch.split(kk, [None, lanes])
-    partial = sch.rfactor(k_lane, factor_axis=2)  # partial[i, j, lane]: one vector a row
-    i, j, k_outer, k_lane = sch.get_loops(partial)
+    block = sch.get_sblock("partial")
+    i, j, v, c = sch.get_loops(block)
     j_outer, j_inner = sch.split(j, [None, rows])
-    sch.reorder(j_outer, i, k_outer, j_inner, k_lane)
+    v_acc, v_lane = sch.split(v, [accumulators, lanes])
+    sch.reorder(j_outer, j_inner, i, c, v_acc, v_lane)
     sch.parallel(j_outer)
-    sch.unroll(j_inner)
-    sch.vectorize(k_lane)
-    # Left in "global" scope, the partial sums compact to a constant [rows, lanes] buffer that
-    # becomes a stack slot (registers, after LLVM); "local" scope made it a workspace allocation
-    # per task.
-    init = sch.decompose_reduction(partial, k_outer)
+    sch.unroll(v_acc)
+    sch.vectorize(v_lane)
+    # Left in "global" scope, the partial sums compact to a constant buffer per row that becomes
+    # registers after LLVM; "local" scope made it a workspace allocation per task.
+    init = sch.decompose_reduction(block, c)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.reverse_compute_at(total, i)
+    for name in halves:
+        sch.reverse_compute_at(sch.get_sblock(name), i)
     sch.reverse_compute_at(sch.get_sblock("out"), i)
+    for name in halves:
+        for loop in sch.get_loops(sch.get_sblock(name))[3:]:
+            sch.unroll(loop)
     return _named(sch, f"int8_gemv_k{k}_n{n}")
+
+
+def _halved(partial: te.Tensor) -> te.Tensor:
+    """`partial[..., v] + partial[..., v + half]`: one level of the pairwise sum."""
+    batch, n, width = partial.shape
+    half = width // 2
+    pair = te.reduce_axis((0, 2), name=f"pair{half}")
+    return te.compute(
+        (batch, n, half),
+        lambda i, j, v: te.sum(partial[i, j, pair * half + v], axis=pair),
+        name=f"sum{half}",
+    )
 
 
 def dequantize(k: int, n: int, lanes: int) -> tirx.PrimFunc:
