@@ -43,7 +43,6 @@ def _prompt(context: int, vocab: int) -> list[int]:
 def raw_steps(engine, prompt: list[int], steps: int) -> dict[str, float]:
     """Median milliseconds of each part of a decode step, called as the runtime calls them."""
     import numpy as np
-
     from tvmdeploy.runtime.sampling import Sampler, SamplingParams
 
     tvm, fn, s = engine._tvm, engine._fn, engine._shape
@@ -63,9 +62,9 @@ def raw_steps(engine, prompt: list[int], steps: int) -> dict[str, float]:
         t3 = time.perf_counter()
         fn["end_forward"](engine._cache)
         t4 = time.perf_counter()
-        row = (logits[0] if not hasattr(logits, "numpy") else logits).numpy().reshape(-1)
+        row = np.from_dlpack(logits[0] if not hasattr(logits, "numpy") else logits).reshape(-1)
         t5 = time.perf_counter()
-        token = sampler(row)
+        token = sampler.pick(row, lambda: None)
         t6 = time.perf_counter()
         for part, a, b in zip(PARTS, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6)):
             times[part].append((b - a) * 1e3)

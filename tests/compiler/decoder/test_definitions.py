@@ -1,6 +1,7 @@
 """The decoder definitions (compiler/decoder/) on TVM's paged KV cache compute what transformers
-computes: prefill logits within 1e-4 and 20 greedy decode steps with the same tokens (`decode` and the static `decode1` in turn), for tiny
-random 2-layer models of every supported family; unsupported configs are refused by name."""
+computes: prefill logits within 1e-4 and 20 greedy decode steps with the same tokens (`decode`
+and the static `decode1` in turn), for tiny random 2-layer models of every supported family;
+unsupported configs are refused by name."""
 
 from __future__ import annotations
 
