@@ -4,8 +4,10 @@ on the device.
 The artifact exports `create_paged_kv_cache`, `prefill` and `decode` (compiler/decoder/entry.py);
 the cache's sequences are added, advanced and removed through TVM's `vm.builtin.kv_state_*`
 functions. One decode call advances every running sequence (batched decode through the paged
-cache). It is driven by the Generator's one stepping thread only: a Relax VM must never be called
-from two threads at once. The cache itself is made on that thread (`open`).
+cache); when one sequence decodes, the artifact's static batch-1 entry `decode1` is called
+instead where it has one (artifacts compiled before it existed have only `decode`). It is driven
+by the Generator's one stepping thread only: a Relax VM must never be called from two threads at
+once. The cache itself is made on that thread (`open`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class TvmDecoder:
             for n in ("add_sequence", "remove_sequence", "begin_forward", "end_forward")
         }
         self._cache = None
+        self._decode1 = self.vm.module.implements_function("decode1")
+        self._ids: dict[tuple[int, ...], object] = {}
 
     def open(self) -> None:
         """A fresh, empty KV cache (on the stepping thread, before its first request)."""
@@ -76,14 +80,25 @@ class TvmDecoder:
 
     def decode(self, seq_ids: list[int], tokens: np.ndarray) -> np.ndarray:
         """Logits [len(seq_ids), vocab]: one new token per sequence, all in one call."""
-        return self._forward("decode", seq_ids, tokens.reshape(-1, 1))
+        return self._forward(self.step_function(len(seq_ids)), seq_ids, tokens.reshape(-1, 1))
+
+    def step_function(self, batch: int) -> str:
+        """The entry a decode step of `batch` sequences calls: the static `decode1` for one."""
+        return "decode1" if batch == 1 and self._decode1 else "decode"
 
     def _forward(self, function: str, seq_ids: list[int], tokens: np.ndarray) -> np.ndarray:
         s = self._shape
-        lengths = [tokens.shape[1] if function == "prefill" else 1] * len(seq_ids)
+        lengths = [1 if function != "prefill" else tokens.shape[1]] * len(seq_ids)
         self._fn["begin_forward"](self._cache, s(seq_ids), s(lengths))
-        ids = self._tvm.runtime.tensor(tokens.astype(np.int32), self.device)
+        ids = self._ids.get(tokens.shape)
+        if ids is None:  # one ids tensor per shape, refilled each step (no allocation per token)
+            ids = self._ids[tokens.shape] = self._tvm.runtime.empty(
+                tokens.shape, "int32", self.device
+            )
+        ids.copyfrom(tokens.astype(np.int32, copy=False))
         logits = self.vm[function](ids, self._cache, *self.params)
         self._fn["end_forward"](self._cache)
         out = logits[0] if not hasattr(logits, "numpy") else logits
-        return out.numpy().reshape(len(seq_ids), -1)
+        # a view of the VM's logits, not a copy (valid until the next call; CPU only)
+        rows = np.from_dlpack(out) if self.device.dlpack_device_type() == 1 else out.numpy()
+        return rows.reshape(len(seq_ids), -1)

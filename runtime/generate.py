@@ -130,7 +130,8 @@ class StepEngine(Protocol):
         ...
 
     def decode(self, seq_ids: list[int], tokens: np.ndarray) -> np.ndarray:
-        """Logits [len(seq_ids), vocab] after one more token for each sequence."""
+        """Logits [len(seq_ids), vocab] after one more token for each sequence (valid until the
+        engine's next call: a compiled engine hands out its own buffer, uncopied)."""
         ...
 
 
@@ -183,7 +184,7 @@ class _Stepper:
                 active = []
                 continue
             for r, row in zip(active, rows, strict=True):
-                r.generated.append(r.sampler(row, np.array(r.prompt + r.generated)))
+                r.generated.append(r.sampler.pick(row, lambda r=r: _history(r)))
                 r.out.put(r.generated[-1])
             active = [r for r in active if not self._finish_if_done(r)]
 
@@ -203,7 +204,7 @@ class _Stepper:
             self._end(request, "error", err)
             return False
         if request.keep_logits:
-            request.logits = row
+            request.logits = np.array(row, copy=True)  # the engine's row may be reused
         request.generated.append(request.sampler(row, prompt))
         request.prefill_ms = (time.perf_counter() - start) * 1e3
         request.started = time.perf_counter()
@@ -226,6 +227,11 @@ class _Stepper:
         decode_ms = (time.perf_counter() - r.started) * 1e3 if r.started else 0.0
         first = (r.started - r.submitted) * 1e3 if r.started else 0.0
         r.out.put(_Done(reason, r.prefill_ms, decode_ms, error, first))
+
+
+def _history(r: _Request) -> np.ndarray:
+    """The ids a repetition penalty applies to: the prompt and what was generated so far."""
+    return np.array(r.prompt + r.generated)
 
 
 class GenerationStream:

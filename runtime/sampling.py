@@ -47,6 +47,15 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self._rng = np.random.default_rng(params.seed)
+        #: whether `__call__` reads `seen` (the caller skips building the history otherwise)
+        self.needs_history = params.repetition_penalty != 1.0
+
+    def pick(self, logits: np.ndarray, history) -> int:
+        """`self(logits, history())`, the history built only when the penalty reads it; plain
+        greedy is one argmax on the row as it is (no copy: it runs once per token)."""
+        if self.params.greedy and not self.needs_history:
+            return int(np.argmax(logits))
+        return self(logits, history() if self.needs_history else None)
 
     def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
         """The next token from `logits` [vocab]; `seen` holds the ids the penalty applies to

@@ -1,6 +1,6 @@
 """The narrow interface every decoder definition exports, and the paged KV cache it creates.
 
-A compiled decoder holds exactly four functions, which the runtime (runtime/generate.py) calls by
+A compiled decoder holds these functions, which the runtime (runtime/generate.py) calls by
 name; docs/design.md, "Generation", writes them down:
 
 - `create_paged_kv_cache(max_batch, max_total_len, prefill_chunk, page_size, sliding_window)`:
@@ -8,7 +8,9 @@ name; docs/design.md, "Generation", writes them down:
 - `prefill(input_ids[1, n], cache, *params)`: n prompt tokens of one sequence into the cache;
   logits of the last one, `[1, 1, vocab]` (float32);
 - `decode(input_ids[b, 1], cache, *params)`: one new token for each of b sequences at once;
-  logits `[b, 1, vocab]`.
+  logits `[b, 1, vocab]`;
+- `decode1(input_ids[1, 1], cache, *params)`: the same for one sequence, every shape static, so
+  the VM runs no shape arithmetic and plans its memory once (the runtime calls it at batch 1).
 
 Which sequences a call covers is set on the cache beforehand (`vm.builtin.kv_state_begin_forward`);
 the model only reads and appends. The weights are the trailing plain parameters, in the order
@@ -25,7 +27,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from .config import DecoderConfig
 
-ENTRY_FUNCTIONS = ("create_paged_kv_cache", "prefill", "decode")
+ENTRY_FUNCTIONS = ("create_paged_kv_cache", "prefill", "decode", "decode1")
 
 
 class DecoderModule(nn.Module):
@@ -53,6 +55,9 @@ class DecoderModule(nn.Module):
     def decode(self, input_ids: nn.Tensor, paged_kv_cache: PagedKVCache):
         hidden = self.hidden_states(input_ids, paged_kv_cache)
         return self.lm_logits(hidden).astype("float32"), paged_kv_cache
+
+    def decode1(self, input_ids: nn.Tensor, paged_kv_cache: PagedKVCache):
+        return self.decode(input_ids, paged_kv_cache)
 
     def create_paged_kv_cache(
         self,
@@ -99,6 +104,11 @@ class DecoderModule(nn.Module):
             },
             "decode": {
                 "input_ids": nn.spec.Tensor(["batch_size", 1], "int32"),
+                "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
+                "$": plain,
+            },
+            "decode1": {
+                "input_ids": nn.spec.Tensor([1, 1], "int32"),
                 "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
                 "$": plain,
             },
