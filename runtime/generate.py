@@ -234,6 +234,21 @@ def _history(r: _Request) -> np.ndarray:
     return np.array(r.prompt + r.generated)
 
 
+class _ForcedTokens:
+    """A sampler that records each logits row and answers the next token of a fixed
+    continuation (teacher forcing, `Generator.forced_logits`)."""
+
+    def __init__(self, continuation: list[int]):
+        self.rows: list[np.ndarray] = []
+        self._tokens = iter(continuation)
+
+    def __call__(self, row: np.ndarray, _history=None) -> int:
+        self.rows.append(np.array(row, dtype=np.float32, copy=True))  # the engine reuses rows
+        return next(self._tokens, 0)  # the last one is never fed
+
+    pick = __call__
+
+
 class GenerationStream:
     """The text of one request as it is generated: iterate for text pieces; `result` once done.
 
@@ -483,13 +498,7 @@ class Generator:
         """Logits [1 + len(continuation), vocab] after `prompt` (ids), then after each token of
         `continuation` fed in turn (teacher forcing: the quantized gate, decoder/quality.py),
         through the prefill and one decode step per token, as `generate` runs them."""
-        rows: list[np.ndarray] = []
-        forced = iter(continuation)
-
-        def feed(row: np.ndarray, _history: np.ndarray) -> int:
-            rows.append(np.array(row, dtype=np.float32, copy=True))
-            return next(forced, 0)  # the last one is never fed
-
+        feed = _ForcedTokens(continuation)
         ids = self.prompt_ids(prompt)
         if len(ids) + len(continuation) >= self.context_length:
             raise InputError(
@@ -501,7 +510,7 @@ class Generator:
             pass
         if item.error is not None:
             raise BundleError(f"generation failed in the compiled model: {item.error}")
-        return np.stack(rows)
+        return np.stack(feed.rows)
 
     def chat(
         self, messages: list[dict[str, str]], **options
