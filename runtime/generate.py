@@ -183,10 +183,16 @@ class _Stepper:
                     self._end(r, "error", err)
                 active = []
                 continue
+            failed = set()
             for r, row in zip(active, rows, strict=True):
-                r.generated.append(r.sampler.pick(row, lambda r=r: _history(r)))
+                try:
+                    r.generated.append(r.sampler.pick(row, lambda r=r: _history(r)))
+                except Exception as err:  # noqa: BLE001 - this request fails, the thread lives
+                    self._end(r, "error", err)
+                    failed.add(id(r))
+                    continue
                 r.out.put(r.generated[-1])
-            active = [r for r in active if not self._finish_if_done(r)]
+            active = [r for r in active if id(r) not in failed and not self._finish_if_done(r)]
 
     def _start(self, request: _Request) -> bool:
         """Prefill the request's prompt (in chunks) and sample its first token."""
@@ -200,12 +206,12 @@ class _Stepper:
             prompt = np.array(request.prompt)
             for k in range(0, prompt.size, self.prefill_chunk):
                 row = self.engine.prefill(request.seq_id, prompt[k : k + self.prefill_chunk])
-        except Exception as err:  # noqa: BLE001 - the engine's
+            if request.keep_logits:
+                request.logits = np.array(row, copy=True)  # the engine's row may be reused
+            request.generated.append(request.sampler(row, prompt))
+        except Exception as err:  # noqa: BLE001 - the engine's or the sampler's: this one fails
             self._end(request, "error", err)
             return False
-        if request.keep_logits:
-            request.logits = np.array(row, copy=True)  # the engine's row may be reused
-        request.generated.append(request.sampler(row, prompt))
         request.prefill_ms = (time.perf_counter() - start) * 1e3
         request.started = time.perf_counter()
         request.out.put(request.generated[-1])

@@ -9,8 +9,9 @@ name; docs/design.md, "Generation", writes them down:
   logits of the last one, `[1, 1, vocab]` (float32);
 - `decode(input_ids[b, 1], cache, *params)`: one new token for each of b sequences at once;
   logits `[b, 1, vocab]`;
-- `decode1(input_ids[1, 1], cache, *params)`: the same for one sequence, every shape static, so
-  the VM runs no shape arithmetic and plans its memory once (the runtime calls it at batch 1).
+- `decode1(input_ids[1, 1], cache, *params)`, optional: the same for one sequence, every shape
+  static, so the VM runs no shape arithmetic and plans its memory once (the runtime calls it at
+  batch 1 where the artifact has it).
 
 Which sequences a call covers is set on the cache beforehand (`vm.builtin.kv_state_begin_forward`);
 the model only reads and appends. The weights are the trailing plain parameters, in the order
@@ -27,7 +28,10 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from .config import DecoderConfig
 
-ENTRY_FUNCTIONS = ("create_paged_kv_cache", "prefill", "decode", "decode1")
+#: The functions every compiled decoder exports.
+ENTRY_FUNCTIONS = ("create_paged_kv_cache", "prefill", "decode")
+#: The optional static batch-1 decode entry.
+STATIC_DECODE = "decode1"
 
 
 class DecoderModule(nn.Module):
@@ -94,7 +98,8 @@ class DecoderModule(nn.Module):
             target=self._target,
         )
 
-    def get_default_spec(self) -> nn.spec.ModuleSpec:
+    def get_default_spec(self, static_decode: bool = True) -> nn.spec.ModuleSpec:
+        """The entry functions' signatures; `static_decode` adds `decode1`."""
         plain = {"param_mode": "plain", "effect_mode": "none"}
         spec: dict[str, Any] = {
             "prefill": {
@@ -107,11 +112,6 @@ class DecoderModule(nn.Module):
                 "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
                 "$": plain,
             },
-            "decode1": {
-                "input_ids": nn.spec.Tensor([1, 1], "int32"),
-                "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
-                "$": plain,
-            },
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -121,6 +121,12 @@ class DecoderModule(nn.Module):
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }
+        if static_decode:
+            spec[STATIC_DECODE] = {
+                "input_ids": nn.spec.Tensor([1, 1], "int32"),
+                "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
+                "$": plain,
+            }
         return nn.spec.ModuleSpec.from_raw(spec, self)
 
 

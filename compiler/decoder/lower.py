@@ -42,7 +42,11 @@ def export(
         from .quantized import quantize_module
 
         model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS)
-    mod, named, _extern = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    # The static batch-1 entry pays for fp32 (SmolLM2 on a Zen 3: 38.7 against 46.7 ms a step)
+    # but not for int8, whose step took 13.9 ms through it against 8.5 through `decode`
+    # (docs/benchmarks.md): int8 artifacts decode one sequence through `decode` too.
+    spec = model.get_default_spec(static_decode=precision != "int8")
+    mod, named, _extern = model.export_tvm(spec=spec, allow_extern=True)
     return mod, named
 
 

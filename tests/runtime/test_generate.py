@@ -178,3 +178,26 @@ def test_stream_deltas_never_split_a_multibyte_character(generator):
     deltas = list(stream)
     assert all("\ufffd" not in d for d in deltas), deltas
     assert "".join(deltas) == text == stream.result.text
+
+
+def test_a_failing_sampler_fails_its_request_and_the_generator_keeps_serving(
+    generator, monkeypatch
+):
+    from tvmdeploy.runtime import sampling
+    from tvmdeploy.runtime.errors import BundleError
+
+    calls = {"n": 0}
+    real_pick = sampling.Sampler.pick
+
+    def pick_fails_once(self, logits, history):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second decode step (the prefill samples through __call__)
+            raise ValueError("a sampler bug")
+        return real_pick(self, logits, history)
+
+    monkeypatch.setattr(sampling.Sampler, "pick", pick_fails_once)
+    with pytest.raises(BundleError, match="a sampler bug"):
+        generator.generate(PROMPT, max_new_tokens=6, ignore_eos=True)
+    monkeypatch.undo()
+    result = generator.generate(PROMPT, max_new_tokens=4, ignore_eos=True)
+    assert result.completion_tokens == 4
