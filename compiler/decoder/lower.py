@@ -42,11 +42,15 @@ def export(
         from .quantized import quantize_module
 
         model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS)
-    # The static batch-1 entry pays for fp32 (SmolLM2 on a Zen 3: 38.7 against 46.7 ms a step)
-    # but not for int8, whose step took 13.9 ms through it against 8.5 through `decode`
-    # (docs/benchmarks.md): int8 artifacts decode one sequence through `decode` too.
-    spec = model.get_default_spec(static_decode=precision != "int8")
+    # The static batch-1 entry saves the VM's shape work per step (SmolLM2 fp32 on a Zen 3: 38.7
+    # against 46.7 ms a step). Its int8 step was once slower (13.9 against 8.5 ms): the row
+    # reduction rule computed each RMSNorm 576 times over for a single row (kernels/cpu_rules.py).
+    spec = model.get_default_spec(static_decode=True)
     mod, named, _extern = model.export_tvm(spec=spec, allow_extern=True)
+    if target.kind.name == "llvm":
+        from ..kernels.cpu_paged_attention import replace_decode_kernel
+
+        mod = replace_decode_kernel(mod, config.num_kv_heads, config.num_heads, config.head_dim)
     return mod, named
 
 

@@ -87,7 +87,14 @@ class CPURowReduction(ScheduleRule):
         last = blocks[-1]
         loops = sch.get_loops(last)
         exts = [loop_extent(sch, lp) for lp in loops]
-        row = sch.fuse(*loops[:num_rows]) if num_rows > 1 else loops[0]
+        if _single_row(infos, num_rows):
+            # One row (a static batch-1 decode step): its unit loops are gone, and the first
+            # loop left is the row's own axis. Computing every block per iteration of that
+            # would redo the whole reduction per element (576x for SmolLM2's RMSNorm, 73 us a
+            # call); the row is a unit loop of its own instead.
+            row = sch.add_unit_loop(loops[0])
+        else:
+            row = sch.fuse(*loops[:num_rows]) if num_rows > 1 else loops[0]
         if any(e is None for e in exts) or math.prod(exts) >= self.min_parallel_elems:
             sch.parallel(row)  # waking the thread pool costs more than a small kernel's work
         for blk in reversed(blocks[:-1]):
@@ -118,6 +125,18 @@ class CPURowReduction(ScheduleRule):
                 elif ext <= lanes:
                     sch.vectorize(b_loops[-1])
         return sch
+
+
+def _single_row(infos, num_rows: int) -> bool:
+    """Whether a row-reduction kernel has one row: a reduction whose leading `num_rows` axes
+    are all of extent 1 (normalization strips those from the element-wise blocks, not from
+    the reductions)."""
+    for info in infos:
+        if not info.is_injective():
+            dom = info.dom()[:num_rows]
+            if all(isinstance(d, int) for d in dom) and math.prod(dom) == 1:
+                return True
+    return False
 
 
 class CPUInjective(ScheduleRule):

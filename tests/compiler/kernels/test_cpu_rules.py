@@ -52,3 +52,43 @@ def test_layout_kernel_runs_rows_in_parallel_and_is_exact(shape, parallel):
     lib["main"](tvm.runtime.tensor(x), out)
     want = x.reshape(batch, seq, heads, depth).transpose(0, 2, 1, 3) * 0.125
     np.testing.assert_array_equal(out.numpy(), want)
+
+
+def rms_norm(shape):
+    """RMSNorm over the last axis of `shape`, as Relax legalizes it (the decoders' norm)."""
+    from tvm import relax
+
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(shape), "float32"))
+    w = relax.Var("w", relax.TensorType([shape[-1]], "float32"))
+    with builder.function("main", [x, w]):
+        builder.emit_func_output(builder.emit(relax.op.nn.rms_norm(x, w, axes=[-1])))
+    mod = relax.transform.LegalizeOps()(builder.get())
+    func = next(f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
+    return func.with_attr("global_symbol", "main")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 1, 576), (1, 5, 64)])
+def test_a_row_reduction_reduces_each_row_once_and_is_exact(shape):
+    """The static batch-1 decode step's norm has one row, whose unit loops normalization strips:
+    the rule once computed the whole reduction inside the hidden axis' loop (576x the work)."""
+    from tvmdeploy.compiler.kernels.cpu_rules import CPURowReduction
+
+    profile = targets.get("x86-64-v3")
+    target = build.tvm_target(profile)
+    sch = CPURowReduction().apply(rms_norm(shape), target, False)
+    assert sch is not None
+    update = sch.get_sblock("T_multiply_red_rf_update")
+    iterations = int(np.prod([int(sch.get(lp).extent) for lp in sch.get_loops(update)]))
+    assert iterations == int(np.prod(shape))  # every element once (the 8-lane loop counted)
+    if missing_requirements(profile.requires, probe()):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    lib = tvm.compile(sch.mod["main"].with_attr("tirx.is_scheduled", True), target=target)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(shape[-1]).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros(shape, np.float32))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
