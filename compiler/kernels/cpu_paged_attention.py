@@ -24,6 +24,8 @@ import math
 
 from tvm.script import tirx as T
 
+from .cpu_int8 import KERNEL_ATTR
+
 __all__ = [
     "DECODE_KERNEL",
     "MIN_PARALLEL_KEYS",
@@ -32,8 +34,9 @@ __all__ = [
     "replace_decode_kernel",
 ]
 
-#: The cache's name for the CPU decode kernel this one replaces (`TIRPagedKVCache`).
-DECODE_KERNEL = "tir_attention_decode_cpu"
+#: The module's name for the CPU decode kernel this one replaces (`TIRPagedKVCache` adds TVM's
+#: under its global symbol).
+DECODE_KERNEL = "batch_decode_paged_kv_cpu"
 #: Below this many keys per step (pages of all sequences x 16) one thread runs every head. On the
 #: 2-core Zen 3 (shared) the parallel form lost to the serial one at every length up to 1,000
 #: keys (bench: 19 against 58 us a layer at 190 keys), the pool's wake-up outweighing the work.
@@ -199,12 +202,20 @@ def decode_attention(
 
 def replace_decode_kernel(mod, num_kv_heads: int, num_qo_heads: int, head_dim: int):
     """`mod` (a decoder with a `TIRPagedKVCache` built for a CPU) with this decode kernel in the
-    place of TVM's, under the same name and symbol; a module without one is returned as it is."""
+    place of TVM's, under the same name; a module without TVM's kernel is refused by name (a TVM
+    that renamed it would otherwise keep its slow kernel unnoticed). A head dim that is not a
+    multiple of 8 keeps TVM's kernel."""
+    if head_dim % LANES:
+        return mod
     names = {gv.name_hint: gv for gv in mod.get_global_vars()}
     if DECODE_KERNEL not in names:
-        return mod
+        raise ValueError(
+            f"decode attention: the module has no {DECODE_KERNEL} (TVM's CPU paged-KV decode "
+            "kernel) to replace"
+        )
     gvar = names[DECODE_KERNEL]
-    symbol = mod[gvar].attrs["global_symbol"]
-    ours = decode_attention(num_kv_heads, num_qo_heads, head_dim).with_attr("global_symbol", symbol)
-    mod.update_func(gvar, ours)
+    ours = decode_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
+        "global_symbol", DECODE_KERNEL
+    )
+    mod.update_func(gvar, ours.with_attr(KERNEL_ATTR, "cpu_paged_attention"))
     return mod

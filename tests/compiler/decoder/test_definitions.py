@@ -107,3 +107,17 @@ def test_unsupported_configs_are_refused_by_name(change, named):
     raw.update(change)
     with pytest.raises(decoder_config.UnsupportedModelError, match=named):
         decoder_config.parse_decoder_config(raw)
+
+
+def test_cpu_decoders_decode_through_the_projects_attention_kernel():
+    """The parity above runs the project's paged decode attention (kernels/cpu_paged_attention.py)
+    in place of TVM's scalar kernel: the exported module holds it, under TVM's name."""
+    import tvm
+    from tvmdeploy.compiler.kernels import cpu_paged_attention
+
+    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **COMMON, **LLAMA_SHAPE}
+    raw.update(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=True)
+    config = decoder_config.parse_decoder_config(raw)
+    mod, _ = lower.export(config, tvm.target.Target("llvm"))
+    kernel = mod[cpu_paged_attention.DECODE_KERNEL]
+    assert kernel.attrs["tvmdeploy.kernel"] == "cpu_paged_attention"
