@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 def _engine(bundle: Path, precision: str, entry: str | None):
@@ -118,7 +120,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"  x{row['vs_first']:.2f}"
             )
     if args.json:
-        meta = {"precision": args.precision, "clock": args.clock, "rounds": args.rounds}
+        from x86_latency import machine_class
+
+        meta = {
+            "machine": machine_class()[0],
+            "threads": os.environ.get("TVM_NUM_THREADS", ""),
+            "precision": args.precision,
+            "clock": args.clock,
+            "rounds": args.rounds,
+            "variants": {
+                label: f"{path.name}:{entry or 'runtime'}" for label, path, entry in args.variants
+            },
+        }
         args.json.write_text(json.dumps({**meta, "contexts": report}, indent=2))
     return 0
 
