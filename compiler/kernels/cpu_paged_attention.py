@@ -14,8 +14,8 @@ few MB. This kernel takes the same arguments (so the cache calls it unchanged) a
   vectorized over the head dimension.
 
 It handles what our decoders give it: no sliding window, RoPE applied before the append
-(`rotary_mode` 0); any other mode stops the call with a clear error. The log-sum-exp it writes
-(base 2, as the cache merges states) is exact to the same rounding.
+(`rotary_mode` 0); any other mode stops the call with a clear error. It writes the log-sum-exp
+too (base 2, as the cache merges states with it); both match NumPy to fp32 rounding (tests).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ DECODE_KERNEL = "batch_decode_paged_kv_cpu"
 MIN_PARALLEL_KEYS = 1024
 #: Lanes of the partial dot products (one AVX2 register of fp32).
 LANES = 8
-#: A score no key gets (an empty slot of the last page): exp2 of it minus the max is 0.
+#: A score no key gets (an empty slot of the last page): its weight, 2**-126 after the clamp of
+#: `exp2_poly`, is nothing beside the max key's 1, and its V row is never read.
 NO_SCORE = -3.0e38
 
 
