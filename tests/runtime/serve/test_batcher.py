@@ -1,0 +1,83 @@
+"""The batcher on its own (no HTTP): batches form in arrival order, are never larger than the
+largest bucket, and every caller gets the rows the model gives for its input alone.
+
+The model is the tiny compiled BERT; the recording subclass only notes which rows each call got
+(and can hold the first call, so that a queue builds up behind it) before running for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from tvmdeploy.runtime import Model, load
+from tvmdeploy.runtime.serve.batcher import Batcher
+from tvmdeploy.runtime.serve.metrics import Metrics
+
+ATOL = 1e-5
+TAG_COLUMN = 1  # each request's token id here says which request a row came from
+
+
+class _Recording(Model):
+    """The tiny model, noting the request tags of every call's rows; the first call waits for
+    `release` so that the requests sent meanwhile queue up."""
+
+    def __init__(self, model: Model):
+        super().__init__(model.bundle, model.engine, model.choice)
+        self.calls: list[list[int]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, **inputs):
+        self.started.set()
+        assert self.release.wait(30), "the test never released the first batch"
+        self.calls.append([int(t) for t in inputs["input_ids"][:, TAG_COLUMN]])
+        return super().__call__(**inputs)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle) -> Model:
+    return load(tiny_bundle)
+
+
+def tagged(tag: int, seq: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(tag)
+    ids = rng.integers(1000, 30000, (1, seq), dtype=np.int64)
+    ids[0, 0], ids[0, TAG_COLUMN] = 101, 20000 + tag
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+async def _send_behind_a_held_batch(batcher: Batcher, recording: _Recording, requests):
+    """The first request starts a batch that is held; the rest queue in order behind it."""
+    first = asyncio.ensure_future(batcher.run(requests[0]))
+    while not recording.started.is_set():
+        await asyncio.sleep(0.005)
+    rest = [asyncio.ensure_future(batcher.run(r)) for r in requests[1:]]
+    await asyncio.sleep(0.05)  # every task has queued its rows
+    recording.release.set()
+    return await asyncio.gather(first, *rest)
+
+
+def test_batches_form_in_arrival_order_up_to_the_largest_bucket(model):
+    recording = _Recording(model)
+    batcher = Batcher("tiny", recording, Metrics(), max_batch_delay_ms=50)
+    # Lengths vary (one past the largest bucket's 32, which runs alone) so padding is exercised.
+    requests = [
+        tagged(k, 4 + (k * 7) % 29 if k != 5 else 40) for k in range(3 * model.max_batch + 4)
+    ]
+    batcher.start()
+    try:
+        answers = asyncio.run(_send_behind_a_held_batch(batcher, recording, requests))
+    finally:
+        batcher.stop()
+    order = [tag - 20000 for call in recording.calls for tag in call]
+    assert order == list(range(len(requests))), "batches did not take requests first come first"
+    assert all(len(call) <= model.max_batch for call in recording.calls)
+    assert [20005] in recording.calls, "the over-long request did not run alone"
+    full = [c for c in recording.calls[1:-1] if 20005 not in c]
+    assert full and all(len(c) == model.max_batch for c in full), recording.calls
+    for arrays, got in zip(requests, answers, strict=True):
+        want = model(**arrays)["logits"]
+        np.testing.assert_allclose(got["logits"], want, atol=ATOL, rtol=0)
