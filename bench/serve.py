@@ -241,6 +241,39 @@ def compile_minilm(work: Path, buckets: str) -> Path:
     return compile_model(options)
 
 
+def model_alone(model, rounds: int = 7) -> list[dict]:
+    """The model called directly on each bucket shape of batch x seq (no server), the shapes
+    alternated in each round: ms per call and per row, medians over rounds. What batching can
+    gain at most is the per-row time of batch 1 over that of the largest batch."""
+    shapes = sorted({(b.batch, b.seq) for b in model.bundle.buckets if b.seq <= 32})
+    arrays = {
+        shape: {
+            n: np.full(shape, 2000 if n == "input_ids" else 0, np.int64) for n in model.input_names
+        }
+        | (
+            {"attention_mask": np.ones(shape, np.int64)}
+            if "attention_mask" in model.input_names
+            else {}
+        )
+        for shape in shapes
+    }
+    for shape in shapes:
+        model(**arrays[shape])  # warm
+    times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
+    for _ in range(rounds):
+        for shape in shapes:
+            start = time.perf_counter()
+            model(**arrays[shape])
+            times[shape].append(time.perf_counter() - start)
+    rows = []
+    for (batch, seq), seconds in times.items():
+        ms = statistics.median(seconds) * 1e3
+        rows.append(
+            {"batch": batch, "seq": seq, "ms": round(ms, 2), "ms_per_row": round(ms / batch, 2)}
+        )
+    return rows
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -299,7 +332,7 @@ def main() -> None:
     title, slug = machine_class()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         bundle = Path(args.bundle) if args.bundle else compile_minilm(Path(tmp), args.buckets)
-        servers, checks, requests_of = [], {}, {}
+        servers, checks, requests_of, alone = [], {}, {}, []
         for engine in args.engines.split(","):
             artifact = "onnxruntime" if engine == "onnxruntime" else None
             reference = load(bundle, precision="fp32", artifact=artifact)
@@ -310,6 +343,9 @@ def main() -> None:
                 http_post("127.0.0.1", "/v2/models/m/infer", *binary_body(a)) for a in requests
             ]
             requests_of[engine] = (requests, bodies, reference.choice.artifact)
+            if engine == "tvmdeploy":
+                alone = model_alone(reference)
+                log(f"model alone: {json.dumps(alone)}")
             checks[engine] = checker(reference, requests)
             modes = [("unbatched", 0.0, 1)]
             for d in args.delay_ms.split(","):
@@ -354,6 +390,7 @@ def main() -> None:
         "seconds": args.seconds,
         "rows": rows,
         "target_64": verdicts,
+        "model_alone": alone,
         "per_round": rounds,
     }
     path = Path(args.output) if args.output else RESULTS / f"serve-{slug}.json"

@@ -76,8 +76,29 @@ def test_batches_form_in_arrival_order_up_to_the_largest_bucket(model):
     assert order == list(range(len(requests))), "batches did not take requests first come first"
     assert all(len(call) <= model.max_batch for call in recording.calls)
     assert [20005] in recording.calls, "the over-long request did not run alone"
-    full = [c for c in recording.calls[1:-1] if 20005 not in c]
-    assert full and all(len(c) == model.max_batch for c in full), recording.calls
+    assert any(len(c) == model.max_batch for c in recording.calls), recording.calls
     for arrays, got in zip(requests, answers, strict=True):
         want = model(**arrays)["logits"]
         np.testing.assert_allclose(got["logits"], want, atol=ATOL, rtol=0)
+
+
+def test_a_batch_is_cut_where_padding_would_cost_more_than_it_saves(model):
+    """With batch 2 measured as dearer per row than batch 1 (5% is allowed), two queued rows
+    run as two calls; with batch 2 cheaper per row they run as one. FIFO either way."""
+    batcher = Batcher("tiny", model, Metrics(), max_batch_delay_ms=0)
+    short = [tagged(k, 10) for k in range(2)]
+    pending = [_pending(arrays) for arrays in short]
+    batcher._bucket_s = {(1, 16): 1.0, (2, 16): 2.3, (1, 32): 1.5, (2, 32): 3.5}
+    assert batcher._plan(pending) == 1
+    batcher._bucket_s = {(1, 16): 1.0, (2, 16): 1.2, (1, 32): 1.5, (2, 32): 3.5}
+    assert batcher._plan(pending) == 2
+    # A longer second row moves the pair to the seq-32 bucket: 3.5 / 2 per row against 1.0.
+    pending[1] = _pending(tagged(9, 20))
+    assert batcher._plan(pending) == 1
+
+
+def _pending(arrays):
+    from tvmdeploy.runtime.serve.batcher import _Pending
+
+    rows, seq = arrays["input_ids"].shape
+    return _Pending(arrays, rows, seq, None, None, 0.0)
