@@ -10,6 +10,12 @@ length). Inputs longer than the largest bucket run alone (they take the model's 
 symbolic-length path anyway), and without an attention mask only rows of one length share a
 batch.
 
+Which rows share a batch: the oldest request, then the others of its length class (the bucket
+seq it pads to) oldest first, then shorter ones only where they fill rows the bucket pads anyway
+(`_candidates`); that list is cut where a smaller bucket costs less per row (`_plan`), by each
+bucket's time, measured once before serving and then followed as batches run. The oldest always
+runs, so no request waits behind younger ones of its class.
+
 Past `max_queue` waiting rows a request is refused at once with 429 and `Retry-After`. An error
 in a batch goes to that batch's callers only; the worker keeps serving.
 """
@@ -147,21 +153,55 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            candidates = [self._queue[0]]
-            rows = candidates[0].rows
-            if candidates[0].seq <= self.model.max_seq:
-                for candidate in itertools.islice(self._queue, 1, None):
-                    if not self._joins(candidates, candidate, rows):
-                        break
-                    rows += candidate.rows
-                    candidates.append(candidate)
-            batch = [self._queue.popleft() for _ in range(self._plan(candidates))]
+            candidates = self._candidates()
+            batch = candidates[: self._plan(candidates)]
+            taken = {id(p) for p in batch}
+            self._queue = deque(p for p in self._queue if id(p) not in taken)
             self._waiting_rows -= sum(p.rows for p in batch)
             self.metrics.queue_rows.labels(self.name).set(self._waiting_rows)
             return batch
 
+    def _candidates(self) -> list[_Pending]:
+        """The requests that may share the oldest one's batch, in the order they may be cut:
+        the oldest, the others of its length class (the bucket seq it pads to) oldest first,
+        then shorter ones where they fill rows that the bucket would pad anyway. A row of 16
+        tokens padded to 32 costs as much as one of 32 (MiniLM, bench/serve.py), so lengths are
+        not mixed for nothing. The oldest request always runs and none is passed by a younger
+        one of its own class, so a request waits at most for those older than it."""
+        head = self._queue[0]
+        chosen, rows = [head], head.rows
+        if head.seq > self.model.max_seq:
+            return chosen  # the symbolic-length path, alone
+        cls = self._class_seq(head.seq)
+        shorter = []
+        for candidate in itertools.islice(self._queue, 1, None):
+            if rows >= self.max_batch:
+                break
+            if not self._joins(chosen, candidate, rows):
+                continue
+            if self._class_seq(candidate.seq) == cls:
+                chosen.append(candidate)
+                rows += candidate.rows
+            elif candidate.seq < cls:
+                shorter.append(candidate)
+        key = self._bucket_key(rows, cls)
+        room = min(key[0] if key else rows, self.max_batch) - rows
+        for candidate in shorter:
+            if candidate.rows > room:
+                break
+            chosen.append(candidate)
+            room -= candidate.rows
+        return chosen
+
+    def _class_seq(self, seq: int) -> int:
+        """The sequence length rows of `seq` tokens run at: the smallest bucket seq holding
+        them; engines that take any shape have one class (the largest)."""
+        if not self.model.engine.fixed_shapes:
+            return self.model.max_seq
+        return min(b.seq for b in self.model.bundle.buckets if b.seq >= seq)
+
     def _plan(self, candidates: list[_Pending]) -> int:
-        """How many of the candidates (a FIFO prefix of the queue) to run now: the prefix whose
+        """How many of the candidates (`_candidates`' order) to run now: the prefix whose
         bucket costs least per row, by the bucket times measured (a bigger batch wins unless a
         smaller one is 5% cheaper per row). Padding 4 rows to an 8-row bucket can cost more than
         4 calls of batch 1; the rows left run next, first in line."""

@@ -1,5 +1,6 @@
-"""The batcher on its own (no HTTP): batches form in arrival order, are never larger than the
-largest bucket, and every caller gets the rows the model gives for its input alone.
+"""The batcher on its own (no HTTP): every batch holds the oldest request waiting, requests of one
+length class run in arrival order, no batch is larger than the largest bucket, and every caller
+gets the rows the model gives for its input alone.
 
 The model is the tiny compiled BERT; the recording subclass only notes which rows each call got
 (and can hold the first call, so that a queue builds up behind it) before running for real.
@@ -49,18 +50,23 @@ def tagged(tag: int, seq: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-async def _send_behind_a_held_batch(batcher: Batcher, recording: _Recording, requests):
-    """The first request starts a batch that is held; the rest queue in order behind it."""
+async def _send_behind_a_held_batch(
+    batcher: Batcher, recording: _Recording, requests, plan: bool = True
+):
+    """The first request starts a batch that is held; the rest queue in order behind it.
+    Without `plan`, the measured bucket times are dropped: batches are never cut for cost."""
     first = asyncio.ensure_future(batcher.run(requests[0]))
     while not recording.started.is_set():
         await asyncio.sleep(0.005)
+    if not plan:
+        batcher._bucket_s.clear()
     rest = [asyncio.ensure_future(batcher.run(r)) for r in requests[1:]]
     await asyncio.sleep(0.05)  # every task has queued its rows
     recording.release.set()
     return await asyncio.gather(first, *rest)
 
 
-def test_batches_form_in_arrival_order_up_to_the_largest_bucket(model):
+def test_batches_take_the_oldest_request_and_its_length_class_in_order(model):
     recording = _Recording(model)
     batcher = Batcher("tiny", recording, Metrics(), max_batch_delay_ms=50)
     # Lengths vary (one past the largest bucket's 32, which runs alone) so padding is exercised.
@@ -72,14 +78,39 @@ def test_batches_form_in_arrival_order_up_to_the_largest_bucket(model):
         answers = asyncio.run(_send_behind_a_held_batch(batcher, recording, requests))
     finally:
         batcher.stop()
-    order = [tag - 20000 for call in recording.calls for tag in call]
-    assert order == list(range(len(requests))), "batches did not take requests first come first"
-    assert all(len(call) <= model.max_batch for call in recording.calls)
-    assert [20005] in recording.calls, "the over-long request did not run alone"
-    assert any(len(c) == model.max_batch for c in recording.calls), recording.calls
+    runs = [[tag - 20000 for tag in call] for call in recording.calls]
+    assert sorted(k for run in runs for k in run) == list(range(len(requests)))
+    waiting = list(range(len(requests)))
+    for run in runs:  # each batch holds the oldest request left
+        assert run[0] == waiting[0], f"batch {run} skipped the oldest request {waiting[0]}"
+        waiting = [k for k in waiting if k not in run]
+    seq_class = [16 if r["input_ids"].shape[1] <= 16 else 32 for r in requests]
+    for cls in (16, 32):  # within one length class, first come first served
+        served = [k for run in runs for k in run if seq_class[k] == cls and k != 5]
+        assert served == sorted(served), f"class {cls} served out of order: {runs}"
+    assert all(len(run) <= model.max_batch for run in runs)
+    assert [5] in runs, "the over-long request did not run alone"
+    assert any(len(run) == model.max_batch for run in runs), runs
     for arrays, got in zip(requests, answers, strict=True):
         want = model(**arrays)["logits"]
         np.testing.assert_allclose(got["logits"], want, atol=ATOL, rtol=0)
+
+
+def test_short_rows_batch_with_short_rows_not_padded_into_long_batches(model):
+    recording = _Recording(model)
+    batcher = Batcher("tiny", recording, Metrics(), max_batch_delay_ms=50)
+    lengths = [10, 10, 20, 10, 20]  # classes 16, 16, 32, 16, 32 (buckets of seq 16 and 32)
+    requests = [tagged(k, n) for k, n in enumerate(lengths)]
+    batcher.start()
+    try:
+        answers = asyncio.run(_send_behind_a_held_batch(batcher, recording, requests, plan=False))
+    finally:
+        batcher.stop()
+    runs = [[tag - 20000 for tag in call] for call in recording.calls]
+    # First come first served alone would pad 1 and 3 to 32 beside 2 and 4: [1, 2], [3, 4].
+    assert runs == [[0], [1, 3], [2, 4]], runs
+    for arrays, got in zip(requests, answers, strict=True):
+        np.testing.assert_allclose(got["logits"], model(**arrays)["logits"], atol=ATOL, rtol=0)
 
 
 def test_a_batch_is_cut_where_padding_would_cost_more_than_it_saves(model):
