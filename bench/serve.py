@@ -18,7 +18,8 @@ measured window (`--client httpx`: asyncio + httpx clients in this process inste
 tensors, as the first version of this bench ran). The first answer to every distinct request is
 checked against the model called directly on that request. "Unbatched" is `max_batch=1` (every
 request runs alone); "batched" is `max_batch_delay_ms` = each --delay-ms, up to each
---batch-rows (default: the largest bucket's batch). Writes bench/results/serve-MACHINE.json;
+--batch-rows (default: the largest bucket's batch), rows batched by length class (`--fifo`
+adds the same first come first served). Writes bench/results/serve-MACHINE.json;
 bounded loops, loopback only.
 """
 
@@ -56,7 +57,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(bundle, artifact, port, delay_ms, max_batch, stack, tvm_threads) -> None:
+def serve(bundle, artifact, port, delay_ms, max_batch, stack, tvm_threads, classes=True) -> None:
     """The server process: the bundle loaded once, `create_app` on uvicorn."""
     if tvm_threads:
         os.environ["TVM_NUM_THREADS"] = str(tvm_threads)
@@ -66,7 +67,13 @@ def serve(bundle, artifact, port, delay_ms, max_batch, stack, tvm_threads) -> No
     from tvmdeploy.runtime.serve.server import uvicorn_config
 
     model = load(bundle, precision="fp32", artifact=artifact)
-    app = create_app({"m": model}, max_batch_delay_ms=delay_ms, max_queue=1024, max_batch=max_batch)
+    app = create_app(
+        {"m": model},
+        max_batch_delay_ms=delay_ms,
+        max_queue=1024,
+        max_batch=max_batch,
+        length_classes=classes,
+    )
     config = uvicorn_config(app, "127.0.0.1", port)
     if stack == "asyncio":  # the pure-Python loop and parser, as the first version ran
         config = uvicorn.Config(
@@ -161,12 +168,13 @@ def batch_stats(base: str) -> tuple[float, float]:
 class Server:
     """One configuration's server process."""
 
-    def __init__(self, engine, mode, bundle, artifact, delay_ms, max_batch, args):
+    def __init__(self, engine, mode, bundle, artifact, batching, args):
         self.engine, self.mode, self.port = engine, mode, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        delay_ms, max_batch, classes = batching
         config = (str(bundle), artifact, self.port, delay_ms, max_batch)
         self.process = multiprocessing.get_context("spawn").Process(
-            target=serve, args=(*config, args.stack, args.tvm_threads), daemon=True
+            target=serve, args=(*config, args.stack, args.tvm_threads, classes), daemon=True
         )
         self.process.start()
 
@@ -314,6 +322,9 @@ def main() -> None:
     parser.add_argument(
         "--batch-rows", default="", help="batch sizes to cap batching at (default: largest bucket)"
     )
+    parser.add_argument(
+        "--fifo", action="store_true", help="also batched first come first served (no classes)"
+    )
     parser.add_argument("--engines", default="tvmdeploy,onnxruntime")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured time per config")
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -343,17 +354,24 @@ def main() -> None:
                 http_post("127.0.0.1", "/v2/models/m/infer", *binary_body(a)) for a in requests
             ]
             requests_of[engine] = (requests, bodies, reference.choice.artifact)
+            shapes = " ".join(f"{b.batch}x{b.seq}" for b in reference.bundle.buckets)
             if engine == "tvmdeploy":
                 alone = model_alone(reference)
                 log(f"model alone: {json.dumps(alone)}")
             checks[engine] = checker(reference, requests)
-            modes = [("unbatched", 0.0, 1)]
+            modes = [("unbatched", 0.0, 1, True)]
             for d in args.delay_ms.split(","):
                 for rows in args.batch_rows.split(",") if args.batch_rows else [""]:
                     label = f"batched {d} ms" + (f", {rows} rows" if rows else "")
-                    modes.append((label, float(d), int(rows) if rows else None))
-            for mode, delay, max_batch in modes:
-                servers.append(Server(engine, mode, bundle, artifact, delay, max_batch, args))
+                    modes.append((label, float(d), int(rows) if rows else None, True))
+                    if args.fifo:
+                        modes.append(
+                            (label + ", fifo", float(d), int(rows) if rows else None, False)
+                        )
+            for mode, delay, max_batch, classes in modes:
+                servers.append(
+                    Server(engine, mode, bundle, artifact, (delay, max_batch, classes), args)
+                )
         try:
             for server in servers:
                 server.wait_ready()
@@ -382,8 +400,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "shared": args.shared,
         "load_average_1_5_15": loads,
-        "bundle": "all-MiniLM-L6-v2 fp32, buckets "
-        + (args.buckets if not args.bundle else "of " + bundle.name),
+        "bundle": "all-MiniLM-L6-v2 fp32, buckets " + shapes,
         "command": " ".join(["python", "bench/serve.py", *sys.argv[1:]]),
         "client": args.client,
         "stack": args.stack,

@@ -62,6 +62,7 @@ class Batcher:
         max_batch_delay_ms: float = 2.0,
         max_queue: int = 256,
         max_batch: int | None = None,
+        length_classes: bool = True,
     ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, not {max_queue}")
@@ -75,6 +76,7 @@ class Batcher:
         # At most the largest bucket's batch; 1 turns coalescing off (each request runs alone).
         self.max_batch = min(model.max_batch, max_batch or model.max_batch)
         self._masked = "attention_mask" in model.input_names
+        self._length_classes = length_classes  # False: one class, first come first served
         self._seq_axes = [
             "seq" in (spec.get("axes") or []) for spec in model.bundle.outputs
         ]  # per output, in the model's order
@@ -196,7 +198,7 @@ class Batcher:
     def _class_seq(self, seq: int) -> int:
         """The sequence length rows of `seq` tokens run at: the smallest bucket seq holding
         them; engines that take any shape have one class (the largest)."""
-        if not self.model.engine.fixed_shapes:
+        if not self.model.engine.fixed_shapes or not self._length_classes:
             return self.model.max_seq
         return min(b.seq for b in self.model.bundle.buckets if b.seq >= seq)
 
