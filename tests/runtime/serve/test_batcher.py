@@ -96,9 +96,12 @@ def test_batches_take_the_oldest_request_and_its_length_class_in_order(model):
         np.testing.assert_allclose(got["logits"], want, atol=ATOL, rtol=0)
 
 
-def test_short_rows_batch_with_short_rows_not_padded_into_long_batches(model):
+@pytest.mark.parametrize(
+    ("classes", "expected"), [(True, [[0], [1, 3], [2, 4]]), (False, [[0], [1, 2], [3, 4]])]
+)
+def test_short_rows_batch_with_short_rows_not_padded_into_long_batches(model, classes, expected):
     recording = _Recording(model)
-    batcher = Batcher("tiny", recording, Metrics(), max_batch_delay_ms=50)
+    batcher = Batcher("tiny", recording, Metrics(), max_batch_delay_ms=50, length_classes=classes)
     lengths = [10, 10, 20, 10, 20]  # classes 16, 16, 32, 16, 32 (buckets of seq 16 and 32)
     requests = [tagged(k, n) for k, n in enumerate(lengths)]
     batcher.start()
@@ -107,8 +110,9 @@ def test_short_rows_batch_with_short_rows_not_padded_into_long_batches(model):
     finally:
         batcher.stop()
     runs = [[tag - 20000 for tag in call] for call in recording.calls]
-    # First come first served alone would pad 1 and 3 to 32 beside 2 and 4: [1, 2], [3, 4].
-    assert runs == [[0], [1, 3], [2, 4]], runs
+    # By class, 2 waits one batch for 4; first come first served (length_classes=False) pads
+    # 1 and 3 to 32 beside 2 and 4.
+    assert runs == expected, runs
     for arrays, got in zip(requests, answers, strict=True):
         np.testing.assert_allclose(got["logits"], model(**arrays)["logits"], atol=ATOL, rtol=0)
 
