@@ -299,8 +299,9 @@ def median_rows(rounds: list[dict]) -> list[dict]:
             r for r in rounds if (r["engine"], r["mode"], r["clients"]) == (engine, mode, clients)
         ]
 
-        def med(key: str, runs=runs) -> float:
-            return round(statistics.median(r[key] for r in runs if r[key] is not None), 2)
+        def med(key: str, runs=runs) -> float | None:
+            values = [r[key] for r in runs if r[key] is not None]
+            return round(statistics.median(values), 2) if values else None
 
         out.append({
             "engine": engine, "mode": mode, "clients": clients, "artifact": runs[0]["artifact"],

@@ -48,8 +48,8 @@ def create_app(
     bucket's batch (or `max_batch` rows; 1 runs each request alone), rows of one length class
     together (`length_classes=False`: first come first served); past `max_queue` waiting rows
     a request gets 429. With `api_key`, every route but health needs `Authorization: Bearer KEY`.
-    The batchers start with the app's lifespan (uvicorn, or `with TestClient(app)`), and stop
-    after the last request is answered.
+    The batchers start with the app's lifespan (uvicorn, or `with TestClient(app)`), which is
+    ready once each has timed its model's buckets, and stop after the last request is answered.
     """
     state = ServerState(
         models,
@@ -65,6 +65,8 @@ def create_app(
     async def lifespan(app: Starlette):
         for batcher in state.batchers.values():
             batcher.start()
+        for batcher in state.batchers.values():  # its buckets timed: no request waits on that
+            await asyncio.to_thread(batcher.warmed.wait, 600)
         state.ready = True
         try:
             yield

@@ -88,6 +88,8 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._batch_s = 0.01  # running mean of a batch's time, for Retry-After
         self._bucket_s: dict[tuple[int, int], float] = {}  # running mean time of each bucket
+        #: Set once the buckets are timed (and warm): the app is ready from then on.
+        self.warmed = threading.Event()
 
     # -- the event loop's side ----------------------------------------------------------------
     def start(self) -> None:
@@ -136,7 +138,10 @@ class Batcher:
 
     # -- the worker thread ----------------------------------------------------------------------
     def _work(self) -> None:
-        self._measure_buckets()
+        try:
+            self._measure_buckets()
+        finally:
+            self.warmed.set()
         while True:
             batch = self._next_batch()
             if batch is None:
