@@ -18,8 +18,8 @@ measured window (`--client httpx`: asyncio + httpx clients in this process inste
 tensors, as the first version of this bench ran). The first answer to every distinct request is
 checked against the model called directly on that request. "Unbatched" is `max_batch=1` (every
 request runs alone); "batched" is `max_batch_delay_ms` = each --delay-ms, up to each
---batch-rows (default: the largest bucket's batch), rows batched by length class (`--fifo`
-adds the same first come first served). Writes bench/results/serve-MACHINE.json;
+--batch-rows (default: the largest bucket's batch), first come first served (`--classes` adds
+the same with rows batched by length class). Writes bench/results/serve-MACHINE.json;
 bounded loops, loopback only.
 """
 
@@ -57,7 +57,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(bundle, artifact, port, delay_ms, max_batch, stack, tvm_threads, classes=True) -> None:
+def serve(bundle, artifact, port, delay_ms, max_batch, stack, tvm_threads, classes=False) -> None:
     """The server process: the bundle loaded once, `create_app` on uvicorn."""
     if tvm_threads:
         os.environ["TVM_NUM_THREADS"] = str(tvm_threads)
@@ -324,7 +324,7 @@ def main() -> None:
         "--batch-rows", default="", help="batch sizes to cap batching at (default: largest bucket)"
     )
     parser.add_argument(
-        "--fifo", action="store_true", help="also batched first come first served (no classes)"
+        "--classes", action="store_true", help="also batched by length class (length_classes)"
     )
     parser.add_argument("--engines", default="tvmdeploy,onnxruntime")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured time per config")
@@ -360,15 +360,14 @@ def main() -> None:
                 alone = model_alone(reference)
                 log(f"model alone: {json.dumps(alone)}")
             checks[engine] = checker(reference, requests)
-            modes = [("unbatched", 0.0, 1, True)]
+            modes = [("unbatched", 0.0, 1, False)]
             for d in args.delay_ms.split(","):
                 for rows in args.batch_rows.split(",") if args.batch_rows else [""]:
                     label = f"batched {d} ms" + (f", {rows} rows" if rows else "")
-                    modes.append((label, float(d), int(rows) if rows else None, True))
-                    if args.fifo:
-                        modes.append(
-                            (label + ", fifo", float(d), int(rows) if rows else None, False)
-                        )
+                    cap = int(rows) if rows else None
+                    modes.append((label, float(d), cap, False))
+                    if args.classes:
+                        modes.append((label + ", classes", float(d), cap, True))
             for mode, delay, max_batch, classes in modes:
                 servers.append(
                     Server(engine, mode, bundle, artifact, (delay, max_batch, classes), args)

@@ -40,13 +40,13 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 64 << 20,
     max_batch: int | None = None,
-    length_classes: bool = True,
+    length_classes: bool = False,
 ) -> Starlette:
     """A Starlette app serving `models` by name; `app.state.server` is its `ServerState`.
 
     Concurrent requests for a model are batched within `max_batch_delay_ms` up to its largest
-    bucket's batch (or `max_batch` rows; 1 runs each request alone), rows of one length class
-    together (`length_classes=False`: first come first served); past `max_queue` waiting rows
+    bucket's batch (or `max_batch` rows; 1 runs each request alone), first come first served
+    (`length_classes=True`: rows of one length class together); past `max_queue` waiting rows
     a request gets 429. With `api_key`, every route but health needs `Authorization: Bearer KEY`.
     The batchers start with the app's lifespan (uvicorn, or `with TestClient(app)`), which is
     ready once each has timed its model's buckets, and stop after the last request is answered.

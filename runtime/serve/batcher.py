@@ -10,11 +10,11 @@ length). Inputs longer than the largest bucket run alone (they take the model's 
 symbolic-length path anyway), and without an attention mask only rows of one length share a
 batch.
 
-Which rows share a batch: the oldest request, then the others of its length class (the bucket
-seq it pads to) oldest first, then shorter ones only where they fill rows the bucket pads anyway
-(`_candidates`); that list is cut where a smaller bucket costs less per row (`_plan`), by each
-bucket's time, measured once before serving and then followed as batches run. The oldest always
-runs, so no request waits behind younger ones of its class.
+Which rows share a batch: the oldest request and those after it, first come first served (with
+`length_classes`, the others of its length class first, then shorter ones only where they fill
+rows the bucket pads anyway: `_candidates`); that list is cut where a smaller bucket costs less
+per row (`_plan`), by each bucket's time, measured once before serving and then followed as
+batches run. The oldest always runs.
 
 Past `max_queue` waiting rows a request is refused at once with 429 and `Retry-After`. An error
 in a batch goes to that batch's callers only; the worker keeps serving.
@@ -62,7 +62,7 @@ class Batcher:
         max_batch_delay_ms: float = 2.0,
         max_queue: int = 256,
         max_batch: int | None = None,
-        length_classes: bool = True,
+        length_classes: bool = False,
     ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, not {max_queue}")

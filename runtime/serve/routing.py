@@ -41,7 +41,7 @@ class ServerState:
         api_key: str | None = None,
         max_body_bytes: int = 64 << 20,
         max_batch: int | None = None,
-        length_classes: bool = True,
+        length_classes: bool = False,
     ):
         if not models:
             raise OptionError("serve needs at least one model")
