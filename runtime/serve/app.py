@@ -40,14 +40,16 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 64 << 20,
     max_batch: int | None = None,
+    length_classes: bool = False,
 ) -> Starlette:
     """A Starlette app serving `models` by name; `app.state.server` is its `ServerState`.
 
     Concurrent requests for a model are batched within `max_batch_delay_ms` up to its largest
-    bucket's batch (or `max_batch` rows; 1 runs each request alone); past `max_queue` waiting rows
+    bucket's batch (or `max_batch` rows; 1 runs each request alone), first come first served
+    (`length_classes=True`: rows of one length class together); past `max_queue` waiting rows
     a request gets 429. With `api_key`, every route but health needs `Authorization: Bearer KEY`.
-    The batchers start with the app's lifespan (uvicorn, or `with TestClient(app)`), and stop
-    after the last request is answered.
+    The batchers start with the app's lifespan (uvicorn, or `with TestClient(app)`), which is
+    ready once each has timed its model's buckets, and stop after the last request is answered.
     """
     state = ServerState(
         models,
@@ -56,12 +58,15 @@ def create_app(
         api_key=api_key,
         max_body_bytes=max_body_bytes,
         max_batch=max_batch,
+        length_classes=length_classes,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         for batcher in state.batchers.values():
             batcher.start()
+        for batcher in state.batchers.values():  # its buckets timed: no request waits on that
+            await asyncio.to_thread(batcher.warmed.wait, 600)
         state.ready = True
         try:
             yield

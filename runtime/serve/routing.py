@@ -41,6 +41,7 @@ class ServerState:
         api_key: str | None = None,
         max_body_bytes: int = 64 << 20,
         max_batch: int | None = None,
+        length_classes: bool = False,
     ):
         if not models:
             raise OptionError("serve needs at least one model")
@@ -48,7 +49,15 @@ class ServerState:
         self.metrics = Metrics()
         # Generation bundles batch inside their Generator (one decode step for all requests).
         self.batchers = {
-            name: Batcher(name, model, self.metrics, max_batch_delay_ms, max_queue, max_batch)
+            name: Batcher(
+                name,
+                model,
+                self.metrics,
+                max_batch_delay_ms,
+                max_queue,
+                max_batch,
+                length_classes=length_classes,
+            )
             for name, model in self.models.items()
             if not isinstance(model, Generator)
         }

@@ -87,6 +87,18 @@ class _Server:
         self.server.run()
 
 
+def uvicorn_config(app, host: str, port: int):
+    """uvicorn's settings for `serve`: uvloop and httptools where they are installed (the
+    `serve` extra lists them; the event loop's CPU time per request fell by a third with them,
+    docs/design.md § Serving), asyncio and h11 otherwise; no access log of uvicorn's own (the
+    app writes one per request)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, loop="auto", http="auto"
+    )
+
+
 def serve(
     bundles: Sequence[str | Path],
     *,
@@ -103,8 +115,6 @@ def serve(
     `$TVMDEPLOY_API_KEY`."""
     import os
 
-    import uvicorn
-
     if max_queue < 1:
         raise OptionError(f"--max-queue must be at least 1, not {max_queue}")
     if max_batch_delay_ms < 0:
@@ -116,11 +126,6 @@ def serve(
         max_queue=max_queue,
         api_key=api_key or os.environ.get(API_KEY_ENV) or None,
     )
-    # The asyncio loop and h11 parser on every install: uvicorn would pick uvloop and httptools
-    # where they are installed (the serve-ray extra pulls them in), and the benchmarks were
-    # measured on these.
-    config = uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=False, loop="asyncio", http="h11"
-    )
+    config = uvicorn_config(app, host, port)
     log.info("serving %s on http://%s:%d", ", ".join(models), host, port)
     _Server(config).run()
