@@ -170,3 +170,30 @@ def test_auto_takes_int8_only_within_its_gate(int8_bundle, manifest):
     chosen = load(int8_bundle).choice.artifact
     assert chosen == ("x86-64-v3-int8" if passed else "x86-64-v3")
     assert load(int8_bundle, precision="int8").choice.artifact == "x86-64-v3-int8"
+
+
+def test_an_x86_amx_int8_decoder_prefills_on_amx_tiles(tiny_llm_dir, tmp_path):
+    """The x86-amx int8 artifact (it cannot run here): its LLVM build for the AMX features
+    succeeds and the prefill GEMMs are `tdpbusd` tile products (issue 27, item 7)."""
+    import subprocess
+
+    from tvmdeploy.compiler import build
+    from tvmdeploy.compiler.decoder import lower
+    from tvmdeploy.compiler.decoder.config import read_decoder_config
+
+    profile = targets.get("x86-amx")
+    kernel = kernel_for(profile)
+    assert kernel.name == "amx-int8"
+    target = build.tvm_target(profile)
+    mod, _ = lower.export(read_decoder_config(tiny_llm_dir), target, "int8", kernel)
+    built = build.build_artifact(
+        mod, profile, tmp_path, pipeline=lower.pipeline_for(profile, target)
+    )
+    code = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(built.lib_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "tdpbusd" in code and "ldtilecfg" in code
+    assert "prefill_int8_gemm_amx" in code
