@@ -131,3 +131,17 @@ def test_the_amx_prefill_gemm_is_tile_instructions():
     assert {"tdpbusd", "ldtilecfg", "tileloadd"} <= set(
         re.findall(r"\b(tdpbusd|ldtilecfg|tileloadd)\b", asm)
     )
+
+
+@pytest.mark.parametrize(
+    "profile,instruction",
+    [("arm64-dotprod", "sdot"), ("arm64-neon", "smull"), ("x86-64-v4", "vpmaddubsw")],
+)
+def test_the_prefill_gemm_builds_for_the_other_cpus(profile, instruction):
+    """Each profile's prefill GEMM (its kernel_for micro-kernel on a symbolic row count)
+    compiles for that CPU and runs its dot-product instruction."""
+    kernel = kernel_for(targets.get(profile))
+    target = build.tvm_target(targets.get(profile))
+    mod = tvm.IRModule({"main": prefill.int8_gemm(kernel, 64, 128)})
+    asm = tvm.compile(mod, target=target).mod.inspect_source("asm")
+    assert instruction in asm
