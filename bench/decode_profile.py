@@ -5,6 +5,11 @@ own (issue 28).
 
     python bench/decode_profile.py BUNDLE --precision int8 --context 32
     python bench/decode_profile.py BUNDLE --context 512 --json profile.json
+    python bench/decode_profile.py BUNDLE --precision int8 --prefill 512
+
+`--prefill N` profiles the prefill of an N-token prompt instead (one `prefill` call, a fresh
+sequence each time; the median of `--steps` calls): wall time and tokens/s, then the same split
+per kernel, and the kernels grouped into GEMMs, attention and the rest.
 
 One sequence decodes `--steps` tokens after a `--context`-token prompt of fixed ids. The median of
 the steps is reported (the machine may be shared). The instrumented pass adds a few microseconds
@@ -137,6 +142,88 @@ def profile(bundle: Path, precision: str, context: int, steps: int) -> dict:
     }
 
 
+#: Kernel-name fragments of each group in a prefill profile (the first that matches wins).
+GROUPS = (
+    ("attention", ("attention", "attn", "tree_", "rope", "kv_cache", "append", "copy_single")),
+    ("gemm", ("matmul", "gemm", "dequantize", "quantize", "pack")),
+)
+
+
+def _group(name: str) -> str:
+    lowered = name.lower()
+    for group, parts in GROUPS:
+        if any(part in lowered for part in parts):
+            return group
+    return "rest"
+
+
+def prefill_profile(bundle: Path, precision: str, tokens: int, calls: int) -> dict:
+    """Wall time of a `tokens`-token prefill (median of `calls`) and its per-kernel split."""
+    import numpy as np
+    from tvmdeploy.runtime import load
+
+    generator = load(bundle, precision=precision)
+    engine = _engine(generator)
+    prompt = np.array(_prompt(tokens, generator.vocab_size))
+    engine.open()
+
+    def once() -> float:
+        engine.add_sequence(0)
+        t0 = time.perf_counter()
+        engine.prefill(0, prompt)
+        elapsed = time.perf_counter() - t0
+        engine.remove_sequence(0)
+        return elapsed
+
+    once()  # warm-up
+    wall = statistics.median(once() for _ in range(calls))
+    seconds: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    start = [0.0]
+
+    def instrument(_func, symbol, before_run, _ret, *_args):
+        if before_run:
+            start[0] = time.perf_counter()
+        else:
+            seconds[symbol] += time.perf_counter() - start[0]
+            counts[symbol] += 1
+        return 0
+
+    engine.vm.set_instrument(instrument)
+    for _ in range(calls):
+        once()
+    engine.vm.set_instrument(lambda *_a: 0)
+    kernels = {k: v * 1e3 / calls for k, v in seconds.most_common()}
+    groups: collections.Counter = collections.Counter()
+    for name, ms in kernels.items():
+        groups[_group(name)] += ms
+    return {
+        "bundle": str(bundle),
+        "artifact": generator.choice.artifact,
+        "prefill_tokens": tokens,
+        "calls": calls,
+        "prefill_ms": wall * 1e3,
+        "prefill_tokens_per_s": tokens / wall,
+        "groups_ms": dict(groups.most_common()),
+        "kernels_ms": kernels,
+        "kernel_calls": {k: counts[k] // calls for k in kernels},
+    }
+
+
+def _print_prefill(report: dict, top: int) -> None:
+    print(f"{report['bundle']} [{report['artifact']}] prefill {report['prefill_tokens']} tokens")
+    print(f"  {report['prefill_ms']:.1f} ms ({report['prefill_tokens_per_s']:.1f} tok/s)")
+    total = sum(report["groups_ms"].values())
+    print(
+        "  instrumented, ms/prefill: "
+        + "  ".join(
+            f"{g} {ms:.1f} ({100 * ms / total:.0f}%)" for g, ms in report["groups_ms"].items()
+        )
+    )
+    for name, ms in list(report["kernels_ms"].items())[:top]:
+        print(f"    {ms:8.3f}  x{report['kernel_calls'][name]:<5d} {name}")
+
+
 def _print(report: dict, top: int) -> None:
     raw = report["raw_step_ms"]
     print(f"{report['bundle']} [{report['artifact']}] context {report['context']}")
@@ -157,10 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=32, help="prompt tokens before decoding")
     parser.add_argument("--steps", type=int, default=32, help="decode steps measured")
     parser.add_argument("--top", type=int, default=15, help="kernels printed")
+    parser.add_argument(
+        "--prefill", type=int, metavar="N", help="profile the prefill of an N-token prompt"
+    )
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     args = parser.parse_args(argv)
-    report = profile(args.bundle, args.precision, args.context, args.steps)
-    _print(report, args.top)
+    if args.prefill:
+        report = prefill_profile(args.bundle, args.precision, args.prefill, min(args.steps, 5))
+        _print_prefill(report, args.top)
+    else:
+        report = profile(args.bundle, args.precision, args.context, args.steps)
+        _print(report, args.top)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

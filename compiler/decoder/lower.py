@@ -31,17 +31,18 @@ TOKEN_EMBEDDINGS = ("embed_tokens", "wte")
 
 
 def export(
-    config: DecoderConfig, target, precision: str = "float32"
+    config: DecoderConfig, target, precision: str = "float32", int8_kernel=None
 ) -> tuple[relax.Expr, list[tuple[str, object]]]:
     """(IRModule with the entry functions, [(parameter name, nn.Parameter)] in call order);
-    `precision` "int8": weight-only int8 layers (decoder/quantized.py)."""
+    `precision` "int8": weight-only int8 layers (decoder/quantized.py), whose prefill runs on
+    `int8_kernel` (cpu_int8.kernel_for the profile; None: dequantize-then-fp32-GEMM)."""
     model = definition(config, target)
     model.to("float32")
     if precision == "int8":
         from ..kernels.cpu_target import vector_lanes
         from .quantized import quantize_module
 
-        model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS)
+        model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS, int8_kernel)
     # The static batch-1 entry saves the VM's shape work per step (SmolLM2 fp32 on a Zen 3: 38.7
     # against 46.7 ms a step). Its int8 step was once slower (13.9 against 8.5 ms): the row
     # reduction rule computed each RMSNorm 576 times over for a single row (kernels/cpu_rules.py).

@@ -9,8 +9,11 @@ weights).
 What each reads per call:
 - a step with one token per sequence (decode, and prefill's last-token LM head) runs the int8
   GEMV of kernels/cpu_gemv.py: the weights are read as int8 and widened in registers;
-- a prompt (prefill) widens each weight once into fp32 and runs the fp32 GEMM schedule: there
-  every weight serves all prompt rows, so GEMM speed matters more than weight bytes;
+- a prompt (prefill) runs W8A8 where the profile has an int8 GEMM kernel (cpu_int8.kernel_for:
+  AVX2/AVX-512/VNNI/sdot/NEON micro-kernels, AMX tiles): its rows quantized per row, the int8
+  weight re-laid out per call into the kernel's panels (kernels/cpu_prefill_int8.py), measured
+  faster than widening each weight into fp32 for the fp32 GEMM (docs/benchmarks.md), which stays
+  the path of a profile without a kernel;
 - the embedding gathers int8 rows and scales them; with tied embeddings the LM head is the
   same int8 table through the GEMV.
 """
@@ -18,9 +21,11 @@ What each reads per call:
 from __future__ import annotations
 
 import numpy as np
+from tvm import relax
 from tvm.relax.frontend import nn
 
-from ..kernels import cpu_gemv
+from ..kernels import cpu_gemv, cpu_prefill_int8
+from ..kernels.cpu_int8 import Int8Kernel
 
 #: The suffix of a quantized weight's scale parameter (`<layer>.weight` -> `<layer>.scale`).
 SCALE_SUFFIX = ".scale"
@@ -70,31 +75,85 @@ def one_token(x: nn.Tensor) -> bool:
     return isinstance(seq, int) and seq == 1
 
 
-def matmul_int8(x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, lanes: int) -> nn.Tensor:
+def w8a8(x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, kernel: Int8Kernel) -> nn.Tensor:
+    """x[..., K] @ dequant(weight[N, K]).T through the int8 GEMM (kernels/cpu_prefill_int8.py):
+    rows quantized and padded to whole register tiles, the weight packed, padded rows dropped."""
+    n, k = (int(d) for d in weight.shape)
+    rows = _rows(x)
+    m = rows.shape[0]
+    r, kp, lanes = (
+        cpu_prefill_int8.row_tile(kernel),
+        cpu_prefill_int8.padded_k(kernel, k),
+        kernel.lanes,
+    )
+    blocks = (m + r - 1) // r
+    q, a_scale, a_zero = nn.op.tensor_ir_op(
+        cpu_prefill_int8.quantize_rows(kernel, k),
+        "prefill_quantize",
+        [rows],
+        [
+            nn.Tensor.placeholder((blocks, r, kp), kernel.a_dtype),
+            nn.Tensor.placeholder((blocks, r), "float32"),
+            nn.Tensor.placeholder((blocks, r), "float32"),
+        ],
+    )
+    packed, colsum = nn.op.tensor_ir_op(
+        cpu_prefill_int8.pack_weight(kernel, n, k),
+        "prefill_pack",
+        [weight],
+        [
+            nn.Tensor.placeholder((n // lanes, kp // 4, lanes, 4), "int8"),
+            nn.Tensor.placeholder((n,), "int32"),
+        ],
+    )
+    out = nn.op.tensor_ir_op(
+        cpu_prefill_int8.int8_gemm(kernel, n, k),
+        "prefill_int8_gemm",
+        [q, packed, colsum, scale, a_scale, a_zero],
+        nn.Tensor.placeholder((blocks, r, n), "float32"),
+    )
+    flat = nn.op.reshape(out, (blocks * r, n))
+    sliced = relax.op.strided_slice(flat._expr, axes=[0], begin=[0], end=[m], assume_inbound=True)
+    kept = nn.Tensor(_expr=relax.BlockBuilder.current().emit(sliced))
+    return nn.op.reshape(kept, (*x.shape[:-1], n))
+
+
+def matmul_int8(
+    x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, lanes: int, kernel: Int8Kernel | None
+) -> nn.Tensor:
+    """The weight-only int8 product: the GEMV for one token, else W8A8 where `kernel` can run
+    the shape, else dequantize-then-fp32-GEMM."""
     if one_token(x):
         return gemv(x, weight, scale, lanes)
+    n, k = (int(d) for d in weight.shape)
+    if cpu_prefill_int8.supports(kernel, n, k):
+        return w8a8(x, weight, scale, kernel)
     return nn.op.matmul(x, nn.op.permute_dims(dequantized(weight, scale, lanes)))
 
 
 class Int8Linear(nn.Module):
     """`nn.Linear` with an int8 weight [out, in] and one fp32 scale per output."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, lanes: int):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, lanes: int, kernel: Int8Kernel | None
+    ):
         self.lanes = lanes
+        self.kernel = kernel
         self.weight = nn.Parameter((out_features, in_features), "int8")
         self.scale = nn.Parameter((out_features,), "float32")
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        out = matmul_int8(x, self.weight, self.scale, self.lanes)
+        out = matmul_int8(x, self.weight, self.scale, self.lanes, self.kernel)
         return out + self.bias if self.bias is not None else out
 
 
 class Int8Embedding(nn.Module):
     """`nn.Embedding` with int8 rows and one fp32 scale per row; `lm_head` is the tied head."""
 
-    def __init__(self, num: int, dim: int, lanes: int):
+    def __init__(self, num: int, dim: int, lanes: int, kernel: Int8Kernel | None):
         self.lanes = lanes
+        self.kernel = kernel
         self.weight = nn.Parameter((num, dim), "int8")
         self.scale = nn.Parameter((num,), "float32")
 
@@ -105,26 +164,34 @@ class Int8Embedding(nn.Module):
         return nn.op.reshape(scaled, (*ids.shape, self.weight.shape[1]))
 
     def lm_head(self, hidden: nn.Tensor) -> nn.Tensor:
-        return matmul_int8(hidden, self.weight, self.scale, self.lanes)
+        return matmul_int8(hidden, self.weight, self.scale, self.lanes, self.kernel)
 
 
 class _Quantizer(nn.Mutator):
-    def __init__(self, lanes: int, token_embeddings: tuple[str, ...]):
+    def __init__(self, lanes: int, token_embeddings: tuple[str, ...], kernel: Int8Kernel | None):
         self.lanes = lanes
+        self.kernel = kernel
         self.token_embeddings = token_embeddings
 
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, nn.Linear):
             bias = node.bias is not None
-            return Int8Linear(node.in_features, node.out_features, bias, self.lanes)
+            return Int8Linear(node.in_features, node.out_features, bias, self.lanes, self.kernel)
         if isinstance(node, nn.Embedding) and name in self.token_embeddings:
-            return Int8Embedding(node.num, node.dim, self.lanes)
+            return Int8Embedding(node.num, node.dim, self.lanes, self.kernel)
         return self.visit(name, node)
 
 
-def quantize_module(model: nn.Module, lanes: int, token_embeddings: tuple[str, ...]) -> nn.Module:
-    """`model` with every `nn.Linear`, and the embeddings named `token_embeddings`, made int8."""
-    return _Quantizer(lanes, token_embeddings).visit("", model)
+def quantize_module(
+    model: nn.Module,
+    lanes: int,
+    token_embeddings: tuple[str, ...],
+    kernel: Int8Kernel | None = None,
+) -> nn.Module:
+    """`model` with every `nn.Linear`, and the embeddings named `token_embeddings`, made int8;
+    `kernel` (cpu_int8.kernel_for the profile): the int8 GEMM prefill runs on (None: the fp32
+    GEMM on dequantized weights)."""
+    return _Quantizer(lanes, token_embeddings, kernel).visit("", model)
 
 
 def tied_logits(embedding: nn.Module, hidden: nn.Tensor) -> nn.Tensor:

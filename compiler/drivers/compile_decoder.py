@@ -32,6 +32,7 @@ from .. import build, package
 from ..decoder import lower, onnx_export, parity, quality, quantized, sources, weights
 from ..decoder.config import DecoderConfig, read_decoder_config
 from ..errors import OptionError, ParityError, QemuUnavailable
+from ..kernels.cpu_int8 import kernel_for
 from .stages import Stages
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def build_profile(
     name = artifact_name(profile.name, precision)
     with stages(f"build {name}"):
         target = build.tvm_target(profile)
-        mod, named = lower.export(config, target, precision)
+        kernel = kernel_for(profile) if precision == "int8" else None
+        mod, named = lower.export(config, target, precision, kernel)
         built = build.build_artifact(
             mod, profile, out_dir / name, pipeline=lower.pipeline_for(profile, target)
         )

@@ -13,9 +13,10 @@ GEMV's bandwidth (docs/benchmarks.md). The partial sums are added pairwise, sinc
 of scalar adds per row cost as much as the row's FMAs. The scale is applied once per output.
 K need not be a multiple of the chunk, nor N of `ROWS` (the tails run predicated).
 
-`dequantize` is the prefill path: over 128-512 prompt tokens the fp32 register-blocked GEMM
-(cpu_matmul.py) reuses every weight across the rows, so the int8 weights are widened once per
-call into an fp32 buffer that GEMM reads (measured against W8A8 in docs/benchmarks.md).
+`dequantize` is the prefill path of a profile without an int8 GEMM kernel (or a shape its
+panels do not divide): the int8 weights widened once per call into an fp32 buffer that the fp32
+register-blocked GEMM (cpu_matmul.py) reads. Where the profile has one, prefill runs W8A8
+instead (cpu_prefill_int8.py), measured faster (docs/benchmarks.md).
 
 Both functions come out scheduled (marked `tirx.is_scheduled`), so the rule-based pass leaves
 them alone, and carry no fusion pattern, so FuseOps keeps them out of other kernels.
