@@ -11,6 +11,10 @@ import pytest
 # The test session builds models, so it is a compiler process: importing the compiler first makes
 # TVM load its full library whichever test happens to import TVM first.
 import tvmdeploy.compiler  # noqa: F401
+from tvmdeploy.compiler.tvmscript_stack import install as _cheap_tvmscript_stack
+
+# As compile_model and tune_model do: tests that build kernels directly parse TVMScript too.
+_cheap_tvmscript_stack()
 
 # Keep the user's caches out of tests; keep thread use predictable on small CI machines.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
