@@ -12,9 +12,10 @@ demo: setup
 	$(VENV)/bin/tvmdeploy demo
 
 # Two workers, whole modules per worker (module fixtures built once): the suite is mostly
-# single-threaded compile work, so two workers on two cores take about half the time.
+# single-threaded compile work, so two workers on two cores take about half the time. Modules
+# go out longest first (tests/conftest.py LONGEST_FIRST), not xdist's most-tests-first.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

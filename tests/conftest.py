@@ -11,10 +11,38 @@ import pytest
 # The test session builds models, so it is a compiler process: importing the compiler first makes
 # TVM load its full library whichever test happens to import TVM first.
 import tvmdeploy.compiler  # noqa: F401
+from tvmdeploy.compiler.tvmscript_stack import install as _cheap_tvmscript_stack
+
+# As compile_model and tune_model do: tests that build kernels directly parse TVMScript too.
+_cheap_tvmscript_stack()
 
 # Keep the user's caches out of tests; keep thread use predictable on small CI machines.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+#: The modules that take longest (`pytest --durations`, 2-core Zen 3), run first: `make test`
+#: hands whole modules to two workers (`--dist loadfile --no-loadscope-reorder`), and one
+#: of these started last would leave the other worker idle for its minutes (xdist's default
+#: order, most tests first, put the one-test SmolLM2 module near the end).
+LONGEST_FIRST = (
+    "tests/e2e/test_smollm2.py",
+    "tests/e2e/test_minilm.py",
+    "tests/compiler/tuning/test_tune.py",
+    "tests/compiler/test_kill9.py",
+    "tests/compiler/frontend/test_onnx_corpus.py",
+    "tests/compiler/tuning/test_tune_rpc.py",
+    "tests/runtime/serve/test_ray.py",
+    "tests/compiler/kernels/test_cuda_build.py",
+    "tests/compiler/emulation/test_qemu.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest modules first, the rest in their own order (a stable sort: same on every
+    worker, as xdist requires)."""
+    rank = {path: k for k, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
 
 LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
 TINY_BUCKETS = "1,2x16,32"

@@ -469,7 +469,9 @@ def compile_model(options: CompileOptions) -> Path:
     """Run the pipeline; returns the bundle path. Raises ParityError if an artifact is wrong.
     A causal LM (HF folder, LoRA adapter, GGUF file) goes to the decoder driver."""
     from ..decoder.sources import is_decoder_source
+    from ..tvmscript_stack import install
 
+    install()  # TVMScript parsing without a source lookup per stack frame (tvmscript_stack.py)
     if is_decoder_source(options.model):
         from .compile_decoder import compile_decoder
 

