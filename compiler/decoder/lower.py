@@ -26,6 +26,8 @@ def definition(config: DecoderConfig, target) -> DecoderModule:
     return LlamaDecoder(config, target)
 
 
+#: The weight-only quantized precisions (their artifacts decode through `decode`, no `decode1`).
+QUANTIZED = ("int8", "int4")
 #: The token-embedding attribute of each family's definition (quantized with the weights).
 TOKEN_EMBEDDINGS = ("embed_tokens", "wte")
 
@@ -34,18 +36,22 @@ def export(
     config: DecoderConfig, target, precision: str = "float32"
 ) -> tuple[relax.Expr, list[tuple[str, object]]]:
     """(IRModule with the entry functions, [(parameter name, nn.Parameter)] in call order);
-    `precision` "int8": weight-only int8 layers (decoder/quantized.py)."""
+    `precision` "int8" / "int4": weight-only int8 / int4 layers (decoder/quantized.py,
+    decoder/quantized_int4.py)."""
     model = definition(config, target)
     model.to("float32")
-    if precision == "int8":
+    if precision in QUANTIZED:
         from ..kernels.cpu_target import vector_lanes
-        from .quantized import quantize_module
 
+        if precision == "int8":
+            from .quantized import quantize_module
+        else:
+            from .quantized_int4 import quantize_module
         model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS)
     # The static batch-1 entry pays for fp32 (SmolLM2 on a Zen 3: 38.7 against 46.7 ms a step)
     # but not for int8, whose step took 13.9 ms through it against 8.5 through `decode`
-    # (docs/benchmarks.md): int8 artifacts decode one sequence through `decode` too.
-    spec = model.get_default_spec(static_decode=precision != "int8")
+    # (docs/benchmarks.md): int8 (and int4) artifacts decode one sequence through `decode` too.
+    spec = model.get_default_spec(static_decode=precision not in QUANTIZED)
     mod, named, _extern = model.export_tvm(spec=spec, allow_extern=True)
     return mod, named
 
