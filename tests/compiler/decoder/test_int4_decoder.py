@@ -221,3 +221,48 @@ def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf,
         )
         result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)
         assert list(result.token_ids) == hf_greedy(reference, ids, 16)
+
+
+@pytest.mark.qemu
+def test_the_neon_int4_artifact_runs_under_qemu(tiny_llm_dir, rounded, tmp_path):
+    """The arm64-neon int4 artifact (4-lane GEMV: 8 accumulators, a chunk of one group) run in
+    the aarch64 Python under qemu-user computes what transformers does with the rounded weights
+    (the quantized gate itself runs natively only)."""
+    import os
+
+    from tvmdeploy.compiler.emulation import qemu, qemu_decoder
+    from tvmdeploy.runtime import Bundle
+
+    from tests.compiler.decoder.test_qemu_decoder import USER_SYSROOT
+
+    os.environ["TVMDEPLOY_ARM64_SYSROOT"] = str(USER_SYSROOT)
+    arm = qemu.ensure_arm64_python()
+    out = compile_model(
+        CompileOptions(
+            model=str(tiny_llm_dir),
+            output=str(tmp_path / "arm.tvmd"),
+            profiles=["arm64-neon"],
+            precisions=["int4"],
+            verify=False,
+        )
+    )
+    bundle = Bundle(out)
+    (artifact,) = bundle.artifacts
+    entry = bundle.weights_entry(artifact.weights)
+    prompts = [[5, 17, 42], [9, 100, 3, 250, 7, 61, 12]]
+    run = qemu_decoder.run_decoder(
+        bundle.file(artifact.file),
+        bundle.file(entry["file"]),
+        entry["names"],
+        prompts,
+        12,
+        "cortex-a72",
+        context_length=int(bundle.model["generation"]["context_length"]),
+        prefill_chunk=int(bundle.model["generation"]["prefill_chunk"]),
+        arm=arm,
+        timeout=900,
+    )
+    assert run.ok, run.detail
+    for ids, got in zip(prompts, run.prompts, strict=True):
+        assert np.abs(got.prefill_logits - _logits(rounded, ids)).max() <= SAME_WEIGHTS_ATOL
+        assert got.tokens == hf_greedy(rounded, ids, 12)
