@@ -84,9 +84,10 @@ def _slot(name: str, config: DecoderConfig) -> tuple[str, int] | None:
 
 def kept_planes(
     path: Path, config: DecoderConfig, checkpoint: dict[str, np.ndarray]
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], dict[str, str]]:
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], dict[str, str], dict[str, str]]:
     """({weight: its int4 planes} for every weight with a Q4_0/Q4_1 part in the file,
-    {weight: where its int4 values came from} for every int4 weight the file holds).
+    {weight: where its int4 values came from}, {weight: its GGUF type(s), "+"-joined}) for the
+    definition's weights the file holds.
     `checkpoint` is the fp32 parameters read from the same file (parts of other types are
     quantized from their rows)."""
     import gguf
@@ -94,7 +95,8 @@ def kept_planes(
     reader = gguf.GGUFReader(str(path))
     arch = _architecture(reader)
     if arch not in LLAMA_STYLE or config.family == "gpt2":
-        return {}, {"*": f"quantized from fp32 (GGUF architecture {arch!r}: blocks not mapped)"}
+        why = f"quantized from fp32 (GGUF architecture {arch!r}: blocks not mapped)"
+        return {}, {"*": why}, {}
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     found: dict[str, dict[int, tuple[str, object]]] = {}
     for tensor in reader.tensors:
@@ -109,9 +111,10 @@ def kept_planes(
             if arch in PERMUTED_ARCHITECTURES and role in heads:
                 value = tuple(reverse_permute(a, heads[role]) for a in value)
         found.setdefault(slot[0], {})[slot[1]] = (kind, value)
-    planes, record = {}, {}
+    planes, record, types = {}, {}, {}
     for weight, parts in found.items():
         kinds = [parts[i][0] for i in sorted(parts)]
+        types[weight] = "+".join(kinds)
         if not any(parts[i][1] is not None for i in parts):
             record[weight] = f"requantized to int4 from {'+'.join(kinds)} (through fp32)"
             continue
@@ -129,7 +132,7 @@ def kept_planes(
             f"GGUF {k} blocks as they are" if k in KEPT_TYPES else f"{k} requantized to int4"
             for k in kinds
         )
-    return planes, record
+    return planes, record, types
 
 
 def _part_rows(weight: str, config: DecoderConfig, total: int, count: int) -> list[int]:
@@ -147,12 +150,16 @@ def int4_params(
     `model.quantization.int4`)."""
     from .quantized_int4 import quantize_params
 
-    kept, record = {}, {}
+    kept, found, types = {}, {}, {}
     if gguf_path is not None:
-        kept, record = kept_planes(gguf_path, config, checkpoint)
-    int4 = [name for name, p in named if str(p.dtype) == "uint8"]
-    for name in int4:
-        record.setdefault(name, "quantized from fp32 (Q4_1-style min/max, groups of 32)")
-    if "*" in record:  # the file's blocks were not mapped: every weight from fp32
-        record = {name: record["*"] for name in int4}
+        kept, found, types = kept_planes(gguf_path, config, checkpoint)
+    record = {}
+    for name, param in named:
+        if str(param.dtype) == "int8":  # the 8-bit embedding (quantized_int4.EMBEDDING_BITS)
+            source = f" (GGUF {types[name]})" if name in types else ""
+            record[name] = f"int8 per row, quantized from fp32{source}"
+            kept.pop(name, None)
+        elif str(param.dtype) == "uint8":
+            fallback = "quantized from fp32 (Q4_1-style min/max, groups of 32)"
+            record[name] = found.get(name, found.get("*", fallback))
     return quantize_params(named, checkpoint, kept), record

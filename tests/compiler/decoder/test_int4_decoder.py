@@ -40,6 +40,13 @@ def q4_1_rounded(weight: np.ndarray) -> np.ndarray:
     return (q.astype(np.float32) * d + low).reshape(n, k)
 
 
+def int8_rows_rounded(weight: np.ndarray) -> np.ndarray:
+    """`weight` through symmetric per-row int8 (scale max|w| / 127) and back: the int4
+    artifact's token embedding and tied LM head."""
+    scale = np.abs(weight).max(axis=1, keepdims=True) / np.float32(127)
+    return (np.clip(np.rint(weight / scale), -127, 127) * scale).astype(np.float32)
+
+
 def _logits(model, ids):
     import torch
 
@@ -58,15 +65,19 @@ def int4_bundle(tiny_llm_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rounded(tiny_llm_dir):
-    """transformers with every 2-D weight (the tied embedding and LM head too) Q4_1-rounded."""
+    """transformers with every 2-D weight Q4_1-rounded, the tied embedding (and LM head) int8
+    per row."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
+    original_embedding = model.get_input_embeddings().weight.detach().numpy().copy()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.copy_(torch.from_numpy(q4_1_rounded(p.numpy())))
+        embedding = model.get_input_embeddings().weight
+        embedding.copy_(torch.from_numpy(int8_rows_rounded(original_embedding)))
     return model
 
 
@@ -81,9 +92,10 @@ def test_the_int4_weights_are_stored_as_packed_groups(int4_bundle):
     qkv = params["layers.0.self_attn.qkv_proj.weight"]
     assert str(qkv.dtype) == "uint8" and tuple(qkv.shape) == (128, 32)  # [N, K/2]
     assert tuple(params["layers.0.self_attn.qkv_proj.scale"].shape) == (128, 2)  # [N, K/32]
-    assert str(params["embed_tokens.weight"].dtype) == "uint8"
+    assert str(params["embed_tokens.weight"].dtype) == "int8"  # EMBEDDING_BITS
     record = manifest["model"]["quantization"]["int4"]
-    assert record["embed_tokens.weight"].startswith("quantized from fp32")
+    assert record["embed_tokens.weight"] == "int8 per row, quantized from fp32"
+    assert record["layers.0.mlp.down_proj.weight"].startswith("quantized from fp32")
     by_name = {a["name"]: a for a in manifest["artifacts"]}
     assert by_name["x86-64-v3-int4"]["precision"] == "int4"
     accuracy = by_name["x86-64-v3-int4"]["accuracy"]
@@ -130,7 +142,7 @@ def q4_gguf(tiny_llm_dir, tmp_path_factory):
 def _planes_and_reference(path, tmp_path):
     folder = sources.convert_gguf(path, tmp_path / "hf")
     config = read_decoder_config(folder)
-    kept, record = gguf_int4.kept_planes(path, config, decoder_params(folder, config))
+    kept, record, _ = gguf_int4.kept_planes(path, config, decoder_params(folder, config))
     return config, kept, record
 
 
@@ -206,11 +218,15 @@ def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf,
     bundle = compile_model(options)
     manifest = json.loads((bundle / "manifest.json").read_text())
     record = manifest["model"]["quantization"]["int4"]
+    assert record.pop("embed_tokens.weight") == "int8 per row, quantized from fp32 (GGUF Q4_1)"
     parts = {part for origin in record.values() for part in origin.split(" + ")}
     assert parts == {"GGUF Q4_1 blocks as they are", "GGUF Q4_0 blocks as they are"}
     reference = AutoModelForCausalLM.from_pretrained(
         str(q4_gguf.parent), gguf_file=q4_gguf.name, dtype=torch.float32
     ).eval()
+    with torch.no_grad():  # the artifact's 8-bit embedding and tied LM head
+        embedding = reference.get_input_embeddings().weight
+        embedding.copy_(torch.from_numpy(int8_rows_rounded(embedding.numpy())))
     generator = load(bundle, precision="int4")
     rng = np.random.default_rng(9)
     for n in (4, 13):
