@@ -240,7 +240,7 @@ def _print(report: dict, top: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="a generation bundle (.tvmd)")
-    parser.add_argument("--precision", default="fp32", help="fp32 or int8 (default fp32)")
+    parser.add_argument("--precision", default="fp32", help="fp32, int8 or int4 (default fp32)")
     parser.add_argument("--context", type=int, default=32, help="prompt tokens before decoding")
     parser.add_argument("--steps", type=int, default=32, help="decode steps measured")
     parser.add_argument("--top", type=int, default=15, help="kernels printed")

@@ -45,11 +45,12 @@ HELP = {
     "arch are verified (and tuned) there.",
     "precision": "Precisions to build, comma-separated: fp32 (default), int8 (x86 and ARM CPUs: "
     "VNNI, AVX-512, AVX2, sdot or NEON kernels, chosen per profile), bf16 (the AVX-512 x86 "
-    "profiles; the artifact needs AVX512-BF16), fp16 (CUDA profiles). Causal LMs: fp32 and int8 "
-    "(weight-only, CPU profiles, gated by greedy agreement and perplexity against fp32). One "
+    "profiles; the artifact needs AVX512-BF16), fp16 (CUDA profiles). Causal LMs: fp32, int8 "
+    "and int4 (weight-only, CPU profiles, gated by greedy agreement and perplexity against "
+    "fp32; int4 keeps a GGUF file's Q4_0/Q4_1 blocks as they are). One "
     "artifact per profile and precision; the runtime picks with load(precision=...).",
     "bench_precision": "Which precision's artifact to time: auto (what load() takes), fp32, "
-    "int8, bf16, fp16.",
+    "int8, int4, bf16, fp16.",
     "eval_data": "Labelled examples (JSONL with text and label, or a CSV with text,label columns): "
     "each artifact's task accuracy is measured against fp32 and recorded in the bundle; "
     "load(precision='auto') takes a reduced precision only when it is within --accuracy-gate.",
@@ -120,7 +121,7 @@ HELP = {
     "host": "Address to listen on (0.0.0.0 for every interface).",
     "port": "TCP port to listen on.",
     "serve_precision": "Which precision's artifacts to load: auto (what load() takes), fp32, "
-    "int8, bf16, fp16.",
+    "int8, int4, bf16, fp16.",
     "max_batch_delay_ms": "How long a request waits for others to share its batch (ms); batches "
     "hold up to the largest bucket's batch.",
     "max_queue": "Rows that may wait per model; past it a request gets 429 with Retry-After.",

@@ -1,9 +1,10 @@
 """Precisions: their names, what an artifact of each is called, and which one `auto` may take.
 
 A bundle can hold several artifacts per profile, one per precision (docs/design.md, "Bundle").
-The manifest spells precisions as dtypes (`float32`, `int8`, `bfloat16`, `float16`); users write
-the short names (`fp32`, `int8`, `bf16`, `fp16`). An fp32 artifact is named after its profile
-(as before precisions existed); the others get the short name appended: `x86-64-v3-int8`.
+The manifest spells precisions as dtypes (`float32`, `int8`, `int4`, `bfloat16`, `float16`);
+users write the short names (`fp32`, `int8`, `int4`, `bf16`, `fp16`). An fp32 artifact is named
+after its profile (as before precisions existed); the others get the short name appended:
+`x86-64-v3-int8`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from typing import Any
 from .errors import OptionError
 
 #: Short name -> manifest dtype, fastest-expected last.
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+PRECISIONS = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "int8": "int8",
+    "int4": "int4",  # weight-only, generation bundles only (compiler/decoder/quantized_int4.py)
+}
 _SHORT = {v: k for k, v in PRECISIONS.items()}
 
 #: Parity tolerance against ONNX Runtime's fp32 outputs, per precision: |ours - ort| must stay
@@ -24,6 +31,7 @@ TOLERANCES = {
     "float16": {"atol": 2e-2, "rtol": 2e-2, "range_atol": 2e-2},
     "bfloat16": {"atol": 5e-2, "rtol": 5e-2, "range_atol": 5e-2},
     "int8": {"atol": 5e-2, "rtol": 5e-2, "range_atol": 5e-2},
+    "int4": {"atol": 1e-1, "rtol": 1e-1, "range_atol": 1e-1},
 }
 
 #: Accuracy points a reduced precision may lose against fp32 and still be taken by `auto`.

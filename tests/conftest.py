@@ -241,10 +241,11 @@ def tiny_llm_bundle(tiny_llm_dir, tmp_path_factory) -> Path:
     return compile_model(CompileOptions(model=str(tiny_llm_dir), output=str(out)))
 
 
-def save_tiny_gguf(model_dir: Path, path: Path) -> Path:
+def save_tiny_gguf(model_dir: Path, path: Path, block_type=None) -> Path:
     """The tiny Llama folder written as llama.cpp writes a GGUF file: llama metadata, the
     byte-level BPE tokenizer with its chat template, q/k rows permuted as llama.cpp's converter
-    does, 2-D weights in Q8_0 (so reading it dequantizes, as with real GGUF files)."""
+    does, 2-D weights in Q8_0 (so reading it dequantizes, as with real GGUF files), or in the
+    type `block_type(gguf tensor name)` names."""
     import json
 
     import gguf
@@ -311,8 +312,9 @@ def save_tiny_gguf(model_dir: Path, path: Path) -> Path:
         elif ".attn_k." in out:
             array = permute(array, kv_heads)
         if array.ndim == 2:
-            q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(out, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            kind = block_type(out) if block_type else gguf.GGMLQuantizationType.Q8_0
+            q = gguf.quants.quantize(array, kind)
+            writer.add_tensor(out, q, raw_shape=q.shape, raw_dtype=kind)
         else:
             writer.add_tensor(out, array)
     writer.write_header_to_file()

@@ -26,6 +26,8 @@ def definition(config: DecoderConfig, target) -> DecoderModule:
     return LlamaDecoder(config, target)
 
 
+#: The weight-only quantized precisions (their artifacts decode through `decode`, no `decode1`).
+QUANTIZED = ("int8", "int4")
 #: The token-embedding attribute of each family's definition (quantized with the weights).
 TOKEN_EMBEDDINGS = ("embed_tokens", "wte")
 
@@ -34,15 +36,22 @@ def export(
     config: DecoderConfig, target, precision: str = "float32", int8_kernel=None
 ) -> tuple[relax.Expr, list[tuple[str, object]]]:
     """(IRModule with the entry functions, [(parameter name, nn.Parameter)] in call order);
-    `precision` "int8": weight-only int8 layers (decoder/quantized.py), whose prefill runs on
-    `int8_kernel` (cpu_int8.kernel_for the profile; None: dequantize-then-fp32-GEMM)."""
+    `precision` "int8" / "int4": weight-only int8 / int4 layers (decoder/quantized.py,
+    decoder/quantized_int4.py); int8 prefill runs on `int8_kernel` (cpu_int8.kernel_for the
+    profile; None: dequantize-then-fp32-GEMM)."""
     model = definition(config, target)
     model.to("float32")
-    if precision == "int8":
+    if precision in QUANTIZED:
         from ..kernels.cpu_target import vector_lanes
-        from .quantized import quantize_module
 
-        model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS, int8_kernel)
+        if precision == "int8":
+            from .quantized import quantize_module
+
+            model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS, int8_kernel)
+        else:
+            from .quantized_int4 import quantize_module
+
+            model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS)
     # The static batch-1 entry saves the VM's shape work per step (SmolLM2 fp32 on a Zen 3: 38.7
     # against 46.7 ms a step). Its int8 step was once slower (13.9 against 8.5 ms): the row
     # reduction rule computed each RMSNorm 576 times over for a single row (kernels/cpu_rules.py).

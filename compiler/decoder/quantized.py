@@ -195,8 +195,8 @@ def quantize_module(
 
 
 def tied_logits(embedding: nn.Module, hidden: nn.Tensor) -> nn.Tensor:
-    """The LM head that reuses the token embedding (fp32 or int8)."""
-    if isinstance(embedding, Int8Embedding):
+    """The LM head that reuses the token embedding (fp32, or a quantized one's `lm_head`)."""
+    if not isinstance(embedding, nn.Embedding):
         return embedding.lm_head(hidden)
     return nn.op.matmul(hidden, nn.op.permute_dims(embedding.weight))
 

@@ -105,6 +105,11 @@ def artifact_pairs(profiles: list[Profile], precisions: list[str]) -> dict[str, 
     for profile in profiles:
         pairs[profile.name] = []
         for dtype in dtypes:
+            if dtype == "int4":
+                logger.warning(
+                    "int4 is for causal LMs (generation bundles): none for %s", profile.name
+                )
+                continue
             if dtype == "int8" and kernel_for(profile) is None:
                 logger.warning("no int8 kernels for %s: no int8 artifact for it", profile.name)
                 continue
@@ -124,7 +129,7 @@ def artifact_pairs(profiles: list[Profile], precisions: list[str]) -> dict[str, 
             raise OptionError(
                 f"no profile among {', '.join(pairs)} has {short(dtype)} kernels "
                 "(int8: the x86 and ARM CPU profiles; bf16: the AVX-512 x86 profiles; "
-                "fp16: the CUDA profiles)"
+                "fp16: the CUDA profiles; int4: causal LMs only)"
             )
     return pairs
 

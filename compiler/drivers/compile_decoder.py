@@ -29,7 +29,7 @@ from tvmdeploy.targets import Profile
 from tvmdeploy.targets.resolve import resolve_profiles
 
 from .. import build, package
-from ..decoder import lower, onnx_export, parity, quality, quantized, sources, weights
+from ..decoder import gguf_int4, lower, onnx_export, parity, quality, quantized, sources, weights
 from ..decoder.config import DecoderConfig, read_decoder_config
 from ..errors import OptionError, ParityError, QemuUnavailable
 from ..kernels.cpu_int8 import kernel_for
@@ -51,8 +51,9 @@ EMULATION_TIMEOUT_S = 1800
 EMULATION_MAX_WEIGHT_BYTES = 64 << 20
 
 
-#: The precisions a generation bundle can hold (weight-only int8: decoder/quantized.py).
-DECODER_PRECISIONS = ("float32", "int8")
+#: The precisions a generation bundle can hold (weight-only int8 and int4: decoder/quantized.py,
+#: decoder/quantized_int4.py).
+DECODER_PRECISIONS = ("float32", "int8", "int4")
 
 
 def plan_profiles(options) -> list[Profile]:
@@ -66,9 +67,11 @@ def plan_profiles(options) -> list[Profile]:
             f"{', '.join(map(short, DECODER_PRECISIONS))} (not {', '.join(map(short, unknown))})"
         )
     gpus = [p.name for p in profiles if p.family == "cuda"]
-    if "int8" in dtypes and gpus:
+    quantized_dtypes = sorted(dtypes & set(lower.QUANTIZED))
+    if quantized_dtypes and gpus:
         raise OptionError(
-            f"--precision int8: the weight-only int8 decode kernels are CPU kernels; profile(s) "
+            f"--precision {','.join(options.precisions)}: the weight-only "
+            f"{'/'.join(quantized_dtypes)} decode kernels are CPU kernels; profile(s) "
             f"{', '.join(gpus)} build fp32 only (compile them with --precision fp32)"
         )
     if options.tune_trials:
@@ -371,7 +374,7 @@ def compile_decoder(options) -> Path:
             if options.verify:
                 found = reference_runs(source.model_dir, config, exported, context)
                 references, export_parity = found
-                if "int8" in dtypes:
+                if set(dtypes) & set(lower.QUANTIZED):
                     heldout = reference_heldout(source.model_dir)
         info = model_info(config, source, options.name or _default_name(options.model), context)
         info["onnx_export"] = exported.record
@@ -382,6 +385,12 @@ def compile_decoder(options) -> Path:
                 values = checkpoint
                 if precision == "int8":
                     values = quantized.quantize_params(named[precision], checkpoint)
+                if precision == "int4":
+                    gguf_path = Path(source.origin) if source.kind == "gguf" else None
+                    values, record = gguf_int4.int4_params(
+                        named[precision], checkpoint, config, gguf_path
+                    )
+                    info.setdefault("quantization", {})["int4"] = record
                 names = [n for n, _ in named[precision]]
                 arrays = weights.ordered_params(named[precision], values, str(source.model_dir))
                 blob = package.weights_blob(names, [_tensor(a) for a in arrays])

@@ -196,8 +196,10 @@ def test_an_explicit_precision_is_honoured_or_refused(tiny_bundle, tmp_path):
     assert select(bundle, device(V3), precision="fp32").artifact == "x86-64-v3"
     with pytest.raises(IncompatibleDeviceError, match="no bf16 artifact"):
         select(bundle, device(V3), precision="bf16")
-    with pytest.raises(OptionError, match="unknown precision 'int4'"):
+    with pytest.raises(IncompatibleDeviceError, match="no int4 artifact"):
         select(bundle, device(V3), precision="int4")
+    with pytest.raises(OptionError, match="unknown precision 'int2'"):
+        select(bundle, device(V3), precision="int2")
 
 
 def test_bf16_artifact_is_refused_on_an_avx512_cpu_without_bf16(tiny_bundle, tmp_path):

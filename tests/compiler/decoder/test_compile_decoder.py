@@ -130,7 +130,7 @@ def test_unsupported_models_and_options_are_refused_before_any_build(tiny_llm_di
     done = _cli("compile", str(scaled), "-o", str(tmp_path / "s.tvmd"))
     assert done.exit_code == 2 and "rope_scaling" in done.stderr
 
-    with pytest.raises(OptionError, match=r"built in fp32, int8 \(not bf16\)"):
+    with pytest.raises(OptionError, match=r"built in fp32, int8, int4 \(not bf16\)"):
         compile_model(
             CompileOptions(model=str(tiny_llm_dir), output=str(tmp_path / "q"), precisions=["bf16"])
         )

@@ -140,7 +140,9 @@ def test_int8_model_matches_onnxruntime_fp32(tiny_case, profile_name, tmp_path):
 def test_unknown_and_unbuildable_precisions_are_refused_before_any_work():
     from tvmdeploy.compiler.drivers.compile import artifact_pairs
 
-    with pytest.raises(OptionError, match="unknown precision 'int4'"):
+    with pytest.raises(OptionError, match="unknown precision 'int2'"):
+        artifact_pairs([targets.get("x86-64-v3")], ["int2"])
+    with pytest.raises(OptionError, match="int4: causal LMs only"):
         artifact_pairs([targets.get("x86-64-v3")], ["int4"])
     with pytest.raises(OptionError, match="no profile among cuda-sm80 has int8"):
         artifact_pairs([targets.get("cuda-sm80")], ["int8"])

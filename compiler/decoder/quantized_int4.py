@@ -1,0 +1,202 @@
+"""Weight-only int4 for the decoder definitions: the layers, and the weights they read.
+
+The scheme holds GGUF's Q4_0 and Q4_1 blocks as they are: groups of `GROUP` = 32 weights along
+K (the input dimension), each with a scale d and a min m, `w = d * q + m`, q in 0..15 (Q4_1
+stores d and m; Q4_0 stores d with q - 8, which is m = -8 d). Stored as three planes per weight:
+- `<layer>.weight`: uint8 [N, K/2], each group's 16 bytes in GGUF's in-block order (byte j holds
+  element j in its low nibble and element j + 16 in its high nibble);
+- `<layer>.scale` and `<layer>.min`: fp32 [N, K/32] (GGUF's fp16 values widen exactly).
+That is 0.75 bytes per weight with fp32 d and m (0.5625 with fp16; the planes are read once per
+group, a small share of the stream).
+
+From fp32 weights (an HF checkpoint, or a GGUF tensor of another type) each group is quantized
+as llama.cpp's Q4_1 does: m = min, d = (max - min) / 15, q = floor((w - m) / d + 0.5) in 0..15
+(a constant group gets d = 0, q = 0, w = m exactly). Asymmetric, since a group of 32 rarely
+straddles zero evenly.
+
+Every `nn.Linear` becomes `Int4Linear`. The token embedding (with tied embeddings also the LM
+head) stays 8-bit by default: `quantized.Int8Embedding`, one scale per row. Measured on
+SmolLM2-135M from its Q4_1 GGUF (whose int4 layers then hold exactly the reference's values), a
+4-bit embedding and LM head (`Int4Embedding`, `embedding_bits=4`) alone failed the gate: greedy
+agreement 87.5%, perplexity x1.087 of fp32 (gate >= 90%, <= x1.05), where with the 8-bit one
+it passes (97.9%, x0.981; docs/benchmarks.md), for 7 MB more read per token. Norms and biases
+stay fp32.
+
+Decode runs `int4_gemv` (kernels/cpu_gemv_int4.py), which unpacks in registers; prefill
+dequantizes each weight once to fp32 and runs the fp32 GEMM, as int8 does where the profile has no int8 kernel (quantized.py); a
+4-bit embedding gathers packed rows and dequantizes those rows only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm.relax.frontend import nn
+
+from ..kernels import cpu_gemv_int4
+from ..kernels.cpu_gemv_int4 import GROUP
+from .quantized import Int8Embedding, one_token, quantize_rows
+
+#: Suffixes of a quantized weight's planes (`<layer>.weight` -> `<layer>.scale`, `.min`).
+SCALE_SUFFIX = ".scale"
+MIN_SUFFIX = ".min"
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """q uint8 [N, K] (0..15) -> uint8 [N, K/2] in GGUF's in-block order."""
+    n, k = q.shape
+    blocks = q.reshape(n, k // GROUP, 2, GROUP // 2).astype(np.uint8)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The inverse of `pack_nibbles`: uint8 [N, K] in 0..15."""
+    n, half = packed.shape
+    blocks = packed.reshape(n, half // (GROUP // 2), 1, GROUP // 2)
+    return np.concatenate([blocks & 15, blocks >> 4], axis=2).reshape(n, 2 * half)
+
+
+def dequantize(packed: np.ndarray, scale: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """The fp32 [N, K] the planes hold (in fp32 arithmetic: d * q + m, as the kernels compute)."""
+    q = unpack_nibbles(packed).astype(np.float32)
+    return q * np.repeat(scale, GROUP, axis=1) + np.repeat(low, GROUP, axis=1)
+
+
+def quantize_groups(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed uint8 [N, K/2], d fp32 [N, K/32], m fp32 [N, K/32]), Q4_1-style per group."""
+    weight = np.asarray(weight, dtype=np.float32)
+    n, k = weight.shape
+    cpu_gemv_int4.check_shape(k)
+    groups = weight.reshape(n, k // GROUP, GROUP)
+    low, high = groups.min(axis=2), groups.max(axis=2)
+    scale = ((high - low) / 15.0).astype(np.float32)
+    inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    # round half up, as llama.cpp's quantize_row_q4_1_ref (ties are common in Q8_0 sources)
+    q = np.floor((groups - low[..., None]) * inverse[..., None] + np.float32(0.5))
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    return pack_nibbles(q.reshape(n, k)), scale, low.astype(np.float32)
+
+
+def gemv(x: nn.Tensor, packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lanes: int):
+    """x[b, 1, K] @ dequant(W[N, K]).T -> [b, 1, N] through the int4 GEMV."""
+    n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
+    rows = nn.op.reshape(x, (-1, k))
+    out = nn.op.tensor_ir_op(
+        cpu_gemv_int4.int4_gemv(k, n, lanes),
+        "int4_gemv",
+        [rows, packed, scale, low],
+        nn.Tensor.placeholder((rows.shape[0], n), "float32"),
+    )
+    return nn.op.reshape(out, (*x.shape[:-1], n))
+
+
+def dequantized(packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lanes: int, n=None):
+    """The fp32 [N, K] of the planes (`n` None: a symbolic row count, gathered rows)."""
+    rows, k = packed.shape[0], 2 * int(packed.shape[1])
+    return nn.op.tensor_ir_op(
+        cpu_gemv_int4.int4_dequantize(k, n, lanes),
+        "int4_dequantize",
+        [packed, scale, low],
+        nn.Tensor.placeholder((rows, k), "float32"),
+    )
+
+
+def matmul_int4(x, packed, scale, low, lanes: int) -> nn.Tensor:
+    if one_token(x):
+        return gemv(x, packed, scale, low, lanes)
+    n = int(packed.shape[0])
+    return nn.op.matmul(x, nn.op.permute_dims(dequantized(packed, scale, low, lanes, n)))
+
+
+class Int4Linear(nn.Module):
+    """`nn.Linear` with int4 weights [out, in] in groups of 32 (packed, scale, min planes)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, lanes: int):
+        cpu_gemv_int4.check_shape(in_features, f"a linear layer ({out_features} x {in_features})")
+        self.lanes = lanes
+        groups = in_features // GROUP
+        self.weight = nn.Parameter((out_features, in_features // 2), "uint8")
+        self.scale = nn.Parameter((out_features, groups), "float32")
+        self.min = nn.Parameter((out_features, groups), "float32")
+        self.bias = nn.Parameter((out_features,), "float32") if bias else None
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        out = matmul_int4(x, self.weight, self.scale, self.min, self.lanes)
+        return out + self.bias if self.bias is not None else out
+
+
+class Int4Embedding(nn.Module):
+    """`nn.Embedding` with int4 rows in groups of 32; `lm_head` is the tied head."""
+
+    def __init__(self, num: int, dim: int, lanes: int):
+        cpu_gemv_int4.check_shape(dim, f"the token embedding ({num} x {dim})")
+        self.lanes = lanes
+        self.weight = nn.Parameter((num, dim // 2), "uint8")
+        self.scale = nn.Parameter((num, dim // GROUP), "float32")
+        self.min = nn.Parameter((num, dim // GROUP), "float32")
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        flat = nn.op.reshape(ids, (-1,))
+        rows = [nn.op.take(p, flat, axis=0) for p in (self.weight, self.scale, self.min)]
+        dim = 2 * int(self.weight.shape[1])
+        return nn.op.reshape(dequantized(*rows, self.lanes), (*ids.shape, dim))
+
+    def lm_head(self, hidden: nn.Tensor) -> nn.Tensor:
+        return matmul_int4(hidden, self.weight, self.scale, self.min, self.lanes)
+
+
+#: Bits of the token embedding (and a tied LM head) in an int4 artifact: 8 (the default, see
+#: the module docstring) or 4.
+EMBEDDING_BITS = 8
+
+
+class _Quantizer(nn.Mutator):
+    def __init__(self, lanes: int, token_embeddings: tuple[str, ...], embedding_bits: int):
+        self.lanes = lanes
+        self.token_embeddings = token_embeddings
+        self.embedding_bits = embedding_bits
+
+    def visit_module(self, name: str, node: nn.Module):
+        if isinstance(node, nn.Linear):
+            bias = node.bias is not None
+            return Int4Linear(node.in_features, node.out_features, bias, self.lanes)
+        if isinstance(node, nn.Embedding) and name in self.token_embeddings:
+            if self.embedding_bits == 8:
+                return Int8Embedding(node.num, node.dim, self.lanes, None)
+            return Int4Embedding(node.num, node.dim, self.lanes)
+        return self.visit(name, node)
+
+
+def quantize_module(
+    model: nn.Module,
+    lanes: int,
+    token_embeddings: tuple[str, ...],
+    embedding_bits: int = EMBEDDING_BITS,
+) -> nn.Module:
+    """`model` with every `nn.Linear` made int4, and the embeddings named `token_embeddings`
+    made `embedding_bits` (8 or 4) bits."""
+    return _Quantizer(lanes, token_embeddings, embedding_bits).visit("", model)
+
+
+def quantize_params(
+    named: list[tuple[str, nn.Parameter]],
+    params: dict[str, np.ndarray],
+    kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, np.ndarray]:
+    """The checkpoint as the int4 definition `named` takes it: each int4 weight as its three
+    planes, from `kept` (planes taken from a GGUF file's Q4 blocks, decoder/gguf_int4.py) where
+    it holds the weight, else quantized from the fp32 `params`; an int8 embedding per row
+    (quantized.quantize_rows); the rest unchanged."""
+    kept = kept or {}
+    int4 = {name for name, p in named if str(p.dtype) == "uint8"}
+    int8 = {name for name, p in named if str(p.dtype) == "int8"}
+    out: dict[str, np.ndarray] = {}
+    for name, array in params.items():
+        if name in int8:
+            out[name], out[name.removesuffix(".weight") + SCALE_SUFFIX] = quantize_rows(array)
+        elif name in int4:
+            packed, scale, low = kept[name] if name in kept else quantize_groups(array)
+            base = name.removesuffix(".weight")
+            out[name], out[base + SCALE_SUFFIX], out[base + MIN_SUFFIX] = packed, scale, low
+        else:
+            out[name] = array
+    return out

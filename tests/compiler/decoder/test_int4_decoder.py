@@ -1,0 +1,284 @@
+"""`--precision int4` on a causal LM: the artifact stores 4-bit groups (packed nibbles, a scale
+and a min per 32 weights), computes what transformers computes with the same rounded weights,
+and, compiled from a GGUF file with Q4_0/Q4_1 tensors, reads the file's blocks as they are:
+the repacked planes dequantize to exactly what `gguf.quants.dequantize` gives (after the q/k row
+permutation transformers undoes), and generation follows transformers reading the same file.
+
+The tiny random model's logits are nearly flat, so 4-bit rounding flips many of its greedy
+choices against fp32 and its gate fails (SmolLM2's numbers: docs/benchmarks.md); bundles are
+built with `strict_parity=False`, which keeps a failed artifact for explicit use only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tvmdeploy.compiler import CompileOptions, compile_model
+from tvmdeploy.compiler.decoder import gguf_int4, quantized_int4, sources
+from tvmdeploy.compiler.decoder.config import read_decoder_config
+from tvmdeploy.compiler.decoder.weights import decoder_params
+from tvmdeploy.compiler.errors import OptionError
+from tvmdeploy.runtime import load
+
+from tests.conftest import hf_greedy, save_tiny_gguf
+
+#: int4 kernels against transformers running the same rounded weights in fp32: only the
+#: summation order differs.
+SAME_WEIGHTS_ATOL = 1e-4
+
+
+def q4_1_rounded(weight: np.ndarray) -> np.ndarray:
+    """`weight` through llama.cpp's Q4_1 rounding (quantize_row_q4_1_ref: per 32 along K,
+    d = (max - min) / 15, q = min(15, int((w - min) / d + 0.5))) and back, in fp32."""
+    n, k = weight.shape
+    groups = weight.astype(np.float32).reshape(n, k // 32, 32)
+    low = groups.min(axis=2, keepdims=True)
+    d = (groups.max(axis=2, keepdims=True) - low) / np.float32(15)
+    inverse = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.minimum(15, np.floor((groups - low) * inverse + np.float32(0.5)))
+    return (q.astype(np.float32) * d + low).reshape(n, k)
+
+
+def int8_rows_rounded(weight: np.ndarray) -> np.ndarray:
+    """`weight` through symmetric per-row int8 (scale max|w| / 127) and back: the int4
+    artifact's token embedding and tied LM head."""
+    scale = np.abs(weight).max(axis=1, keepdims=True) / np.float32(127)
+    return (np.clip(np.rint(weight / scale), -127, 127) * scale).astype(np.float32)
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0, -1].numpy()
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tiny_llm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int4") / "tiny-llama.tvmd"
+    options = CompileOptions(
+        model=str(tiny_llm_dir), output=str(out), precisions=["fp32", "int4"], strict_parity=False
+    )
+    return compile_model(options)
+
+
+@pytest.fixture(scope="module")
+def rounded(tiny_llm_dir):
+    """transformers with every 2-D weight Q4_1-rounded, the tied embedding (and LM head) int8
+    per row."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
+    original_embedding = model.get_input_embeddings().weight.detach().numpy().copy()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.from_numpy(q4_1_rounded(p.numpy())))
+        embedding = model.get_input_embeddings().weight
+        embedding.copy_(torch.from_numpy(int8_rows_rounded(original_embedding)))
+    return model
+
+
+def test_the_int4_weights_are_stored_as_packed_groups(int4_bundle):
+    import tvm
+
+    manifest = json.loads((int4_bundle / "manifest.json").read_text())
+    entries = manifest["weights"]
+    sizes = {k: (int4_bundle / v["file"]).stat().st_size for k, v in entries.items()}
+    assert sizes["int4"] < 0.22 * sizes["float32"]  # 0.75 bytes a weight against 4
+    params = tvm.runtime.load_param_dict_from_file(str(int4_bundle / entries["int4"]["file"]))
+    qkv = params["layers.0.self_attn.qkv_proj.weight"]
+    assert str(qkv.dtype) == "uint8" and tuple(qkv.shape) == (128, 32)  # [N, K/2]
+    assert tuple(params["layers.0.self_attn.qkv_proj.scale"].shape) == (128, 2)  # [N, K/32]
+    assert str(params["embed_tokens.weight"].dtype) == "int8"  # EMBEDDING_BITS
+    record = manifest["model"]["quantization"]["int4"]
+    assert record["embed_tokens.weight"] == "int8 per row, quantized from fp32"
+    assert record["layers.0.mlp.down_proj.weight"].startswith("quantized from fp32")
+    by_name = {a["name"]: a for a in manifest["artifacts"]}
+    assert by_name["x86-64-v3-int4"]["precision"] == "int4"
+    accuracy = by_name["x86-64-v3-int4"]["accuracy"]
+    assert 0 <= accuracy["value"] <= 100 and accuracy["perplexity"]["snippets"] > 0
+    chosen = load(int4_bundle).choice.artifact  # auto: int4 only within its gate
+    assert chosen == ("x86-64-v3-int4" if accuracy["ok"] else "x86-64-v3")
+
+
+def test_int4_computes_what_transformers_does_with_the_rounded_weights(int4_bundle, rounded):
+    generator = load(int4_bundle, precision="int4")
+    rng = np.random.default_rng(5)
+    for n in (3, 17):
+        ids = rng.integers(3, 300, size=n).tolist()
+        got = generator.prefill_logits(ids)  # prefill: dequantize, then the fp32 GEMM
+        assert np.abs(got - _logits(rounded, ids)).max() <= SAME_WEIGHTS_ATOL
+        result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)  # the int4 GEMV
+        assert list(result.token_ids) == hf_greedy(rounded, ids, 16)
+
+
+def test_int4_on_a_gpu_profile_is_refused(tiny_llm_dir, tmp_path):
+    options = CompileOptions(
+        model=str(tiny_llm_dir),
+        output=str(tmp_path / "g.tvmd"),
+        profiles=["cuda-sm80"],
+        precisions=["int4"],
+    )
+    with pytest.raises(OptionError, match="int4 decode kernels are CPU kernels"):
+        compile_model(options)
+
+
+def _q4_types(name: str):
+    """Q4_1 for the embedding and attention, Q4_0 for the MLP: both kept block types."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType
+    return kind.Q4_0 if ".ffn_" in name else kind.Q4_1
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(tiny_llm_dir, tmp_path_factory):
+    return save_tiny_gguf(tiny_llm_dir, tmp_path_factory.mktemp("gguf") / "tiny-q4.gguf", _q4_types)
+
+
+def _planes_and_reference(path, tmp_path):
+    folder = sources.convert_gguf(path, tmp_path / "hf")
+    config = read_decoder_config(folder)
+    kept, record, _ = gguf_int4.kept_planes(path, config, decoder_params(folder, config))
+    return config, kept, record
+
+
+def _gguf_dequantized(path) -> dict[str, np.ndarray]:
+    """Each GGUF tensor through `gguf.quants.dequantize`, q/k rows un-permuted by transformers'
+    own GGUF loader code."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    reader = gguf.GGUFReader(str(path))
+    heads = int(reader.fields["llama.attention.head_count"].parts[-1][0])
+    kv_heads = int(reader.fields["llama.attention.head_count_kv"].parts[-1][0])
+    processor = LlamaTensorProcessor(
+        {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    )
+    out = {}
+    for t in reader.tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = processor.process(values, t.name).weights
+    return out
+
+
+def test_the_gguf_q4_blocks_are_repacked_bit_for_bit(q4_gguf, tmp_path):
+    config, kept, record = _planes_and_reference(q4_gguf, tmp_path)
+    want = _gguf_dequantized(q4_gguf)
+    assert record["embed_tokens.weight"] == "GGUF Q4_1 blocks as they are"
+    assert record["layers.1.mlp.gate_up_proj.weight"] == " + ".join(
+        ["GGUF Q4_0 blocks as they are"] * 2
+    )
+    np.testing.assert_array_equal(
+        quantized_int4.dequantize(*kept["embed_tokens.weight"]), want["token_embd.weight"]
+    )
+    for layer in range(config.num_layers):
+        qkv = quantized_int4.dequantize(*kept[f"layers.{layer}.self_attn.qkv_proj.weight"])
+        parts = [want[f"blk.{layer}.attn_{p}.weight"] for p in "qkv"]
+        np.testing.assert_array_equal(qkv, np.concatenate(parts))
+        gate_up = quantized_int4.dequantize(*kept[f"layers.{layer}.mlp.gate_up_proj.weight"])
+        parts = [want[f"blk.{layer}.ffn_{p}.weight"] for p in ("gate", "up")]
+        np.testing.assert_array_equal(gate_up, np.concatenate(parts))
+        down = quantized_int4.dequantize(*kept[f"layers.{layer}.mlp.down_proj.weight"])
+        np.testing.assert_array_equal(down, want[f"blk.{layer}.ffn_down.weight"])
+
+
+def test_a_part_of_another_type_is_requantized_and_said_so(tiny_llm_dir, tmp_path):
+    import gguf
+
+    def types(name):
+        return gguf.GGMLQuantizationType.Q8_0 if ".attn_v." in name else _q4_types(name)
+
+    path = save_tiny_gguf(tiny_llm_dir, tmp_path / "mixed.gguf", types)
+    config, kept, record = _planes_and_reference(path, tmp_path)
+    assert record["layers.0.self_attn.qkv_proj.weight"] == (
+        "GGUF Q4_1 blocks as they are + GGUF Q4_1 blocks as they are + Q8_0 requantized to int4"
+    )
+    want = _gguf_dequantized(path)
+    qkv = quantized_int4.dequantize(*kept["layers.0.self_attn.qkv_proj.weight"])
+    q_rows = config.num_heads * config.head_dim
+    np.testing.assert_array_equal(qkv[:q_rows], want["blk.0.attn_q.weight"])
+    v = want["blk.0.attn_v.weight"]
+    np.testing.assert_allclose(qkv[-v.shape[0] :], q4_1_rounded(v), atol=1e-6)
+
+
+def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    options = CompileOptions(
+        model=str(q4_gguf),
+        output=str(tmp_path / "q4.tvmd"),
+        precisions=["int4"],
+        strict_parity=False,
+    )
+    bundle = compile_model(options)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    record = manifest["model"]["quantization"]["int4"]
+    assert record.pop("embed_tokens.weight") == "int8 per row, quantized from fp32 (GGUF Q4_1)"
+    parts = {part for origin in record.values() for part in origin.split(" + ")}
+    assert parts == {"GGUF Q4_1 blocks as they are", "GGUF Q4_0 blocks as they are"}
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(q4_gguf.parent), gguf_file=q4_gguf.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():  # the artifact's 8-bit embedding and tied LM head
+        embedding = reference.get_input_embeddings().weight
+        embedding.copy_(torch.from_numpy(int8_rows_rounded(embedding.numpy())))
+    generator = load(bundle, precision="int4")
+    rng = np.random.default_rng(9)
+    for n in (4, 13):
+        ids = rng.integers(3, 300, size=n).tolist()
+        assert (
+            np.abs(generator.prefill_logits(ids) - _logits(reference, ids)).max()
+            <= SAME_WEIGHTS_ATOL
+        )
+        result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)
+        assert list(result.token_ids) == hf_greedy(reference, ids, 16)
+
+
+@pytest.mark.qemu
+def test_the_neon_int4_artifact_runs_under_qemu(tiny_llm_dir, rounded, tmp_path):
+    """The arm64-neon int4 artifact (4-lane GEMV: 8 vectors a group) run in
+    the aarch64 Python under qemu-user computes what transformers does with the rounded weights
+    (the quantized gate itself runs natively only)."""
+    import os
+
+    from tvmdeploy.compiler.emulation import qemu, qemu_decoder
+    from tvmdeploy.runtime import Bundle
+
+    from tests.compiler.decoder.test_qemu_decoder import USER_SYSROOT
+
+    os.environ["TVMDEPLOY_ARM64_SYSROOT"] = str(USER_SYSROOT)
+    arm = qemu.ensure_arm64_python()
+    out = compile_model(
+        CompileOptions(
+            model=str(tiny_llm_dir),
+            output=str(tmp_path / "arm.tvmd"),
+            profiles=["arm64-neon"],
+            precisions=["int4"],
+            verify=False,
+        )
+    )
+    bundle = Bundle(out)
+    (artifact,) = bundle.artifacts
+    entry = bundle.weights_entry(artifact.weights)
+    prompts = [[5, 17, 42], [9, 100, 3, 250, 7, 61, 12]]
+    run = qemu_decoder.run_decoder(
+        bundle.file(artifact.file),
+        bundle.file(entry["file"]),
+        entry["names"],
+        prompts,
+        12,
+        "cortex-a72",
+        context_length=int(bundle.model["generation"]["context_length"]),
+        prefill_chunk=int(bundle.model["generation"]["prefill_chunk"]),
+        arm=arm,
+        timeout=900,
+    )
+    assert run.ok, run.detail
+    for ids, got in zip(prompts, run.prompts, strict=True):
+        assert np.abs(got.prefill_logits - _logits(rounded, ids)).max() <= SAME_WEIGHTS_ATOL
+        assert got.tokens == hf_greedy(rounded, ids, 12)
