@@ -23,8 +23,9 @@ it passes (97.9%, x0.981; docs/benchmarks.md), for 7 MB more read per token. Nor
 stay fp32.
 
 Decode runs `int4_gemv` (kernels/cpu_gemv_int4.py), which unpacks in registers; prefill
-dequantizes each weight once to fp32 and runs the fp32 GEMM, as int8 does where the profile has no int8 kernel (quantized.py); a
-4-bit embedding gathers packed rows and dequantizes those rows only.
+dequantizes each weight once to fp32 and runs the fp32 GEMM, as int8 does where the profile has
+no int8 kernel (quantized.py); a 4-bit embedding gathers packed rows and dequantizes those rows
+only.
 """
 
 from __future__ import annotations
