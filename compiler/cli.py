@@ -131,6 +131,9 @@ def compile_cmd(
     opset: Annotated[int | None, Opt(help=HELP["opset"])] = None,
     tune: Annotated[int, Opt("--tune", help=HELP["tune_trials"])] = 0,
     no_verify: Annotated[bool, Opt("--no-verify", help=HELP["no_verify"])] = False,
+    no_strict_parity: Annotated[
+        bool, Opt("--no-strict-parity", help=HELP["no_strict_parity"])
+    ] = False,
     name: Annotated[str | None, Opt(help=HELP["name"])] = None,
     rpc: Annotated[str | None, Opt("--rpc", help=HELP["compile_rpc"])] = None,
     rpc_key: Annotated[str | None, Opt("--rpc-key", help=HELP["rpc_key"])] = None,
@@ -168,6 +171,7 @@ def compile_cmd(
         opset=opset,
         tune_trials=tune,
         verify=not no_verify,
+        strict_parity=not no_strict_parity,
         name=name,
         rpc=RpcTarget.from_options(rpc, rpc_key),
         precisions=[p.strip() for p in precision.split(",") if p.strip()],

@@ -9,6 +9,8 @@ HELP = {
     "adapter_config.json names); the adapter is merged at compile time.",
     "context": "Tokens of context (prompt + completion) a generation bundle serves; its KV cache "
     "is sized by it (default: the model's limit, at most 4096).",
+    "no_strict_parity": "Keep artifacts whose parity check or quantized gate failed, the failure "
+    "recorded in the manifest (default: such a compile fails and writes no bundle).",
     "no_onnx": "Generation bundles: leave out the model's ONNX export (a smaller bundle, and no "
     "ONNX Runtime engine to fall back on or to check the compiled model against).",
     "gen_bundle": "A generation bundle (compiled from a causal LM).",
