@@ -18,8 +18,11 @@ PRECISIONS = {
     "fp32": "float32",
     "fp16": "float16",
     "bf16": "bfloat16",
+    # Weight-only, generation bundles only (compiler/decoder/quantized_int4.py). Ranked below
+    # int8: fewer bytes, but on AVX2 its GEMV is compute-bound and its prefill dequantizes, so it
+    # decoded and prefilled slower than int8 (docs/benchmarks.md); a measured latency still wins.
+    "int4": "int4",
     "int8": "int8",
-    "int4": "int4",  # weight-only, generation bundles only (compiler/decoder/quantized_int4.py)
 }
 _SHORT = {v: k for k, v in PRECISIONS.items()}
 

@@ -5,7 +5,7 @@
    task accuracy is within the bundle's accuracy gate of fp32 and its profile does not say it is
    slower than fp32 on this CPU (vdpbf16ps on Intel); fp32 is always allowed;
 3. a latency measured on this device's fingerprint (in the bundle or the local cache) wins;
-4. otherwise GPU before CPU, then the reduced precision (int4 before int8 before bf16/fp16
+4. otherwise GPU before CPU, then the reduced precision (int8 before int4 before bf16/fp16
    before fp32), then the most specific ISA.
 The ONNX Runtime fallback (`onnxruntime`) competes only where a latency for it was measured.
 """
@@ -88,7 +88,7 @@ def bundle_latencies(bundle: Bundle, device: DeviceInfo) -> dict[str, float]:
     }
 
 
-_SPEED_ORDER = list(reversed(PRECISIONS.values()))  # int4, int8, bfloat16, float16, float32
+_SPEED_ORDER = list(reversed(PRECISIONS.values()))  # int8, int4, bfloat16, float16, float32
 
 
 def rank_key(is_gpu: bool, requires: dict, name: str, precision: str = "float32") -> tuple:
