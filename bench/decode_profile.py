@@ -79,10 +79,9 @@ def raw_steps(engine, prompt: list[int], steps: int) -> dict[str, float]:
     return out
 
 
-def kernel_times(engine, prompt: list[int], steps: int) -> tuple[dict, dict]:
-    """Milliseconds per step and calls per step of each VM-called function (instrumented)."""
-    import numpy as np
-
+def recorder() -> tuple:
+    """(instrument, seconds, calls): a VM instrument hook adding each called function's wall
+    time and call count to the two counters."""
     seconds: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     start = [0.0]
@@ -95,6 +94,24 @@ def kernel_times(engine, prompt: list[int], steps: int) -> tuple[dict, dict]:
             calls[symbol] += 1
         return 0
 
+    return instrument, seconds, calls
+
+
+def prefill_seconds(engine, prompt) -> float:
+    """Wall seconds of one prefill of `prompt` into a fresh sequence (removed afterwards)."""
+    engine.add_sequence(0)
+    t0 = time.perf_counter()
+    engine.prefill(0, prompt)
+    elapsed = time.perf_counter() - t0
+    engine.remove_sequence(0)
+    return elapsed
+
+
+def kernel_times(engine, prompt: list[int], steps: int) -> tuple[dict, dict]:
+    """Milliseconds per step and calls per step of each VM-called function (instrumented)."""
+    import numpy as np
+
+    instrument, seconds, calls = recorder()
     engine.open()
     engine.add_sequence(0)
     engine.prefill(0, np.array(prompt))
@@ -167,31 +184,12 @@ def prefill_profile(bundle: Path, precision: str, tokens: int, calls: int) -> di
     prompt = np.array(_prompt(tokens, generator.vocab_size))
     engine.open()
 
-    def once() -> float:
-        engine.add_sequence(0)
-        t0 = time.perf_counter()
-        engine.prefill(0, prompt)
-        elapsed = time.perf_counter() - t0
-        engine.remove_sequence(0)
-        return elapsed
-
-    once()  # warm-up
-    wall = statistics.median(once() for _ in range(calls))
-    seconds: collections.Counter = collections.Counter()
-    counts: collections.Counter = collections.Counter()
-    start = [0.0]
-
-    def instrument(_func, symbol, before_run, _ret, *_args):
-        if before_run:
-            start[0] = time.perf_counter()
-        else:
-            seconds[symbol] += time.perf_counter() - start[0]
-            counts[symbol] += 1
-        return 0
-
+    prefill_seconds(engine, prompt)  # warm-up
+    wall = statistics.median(prefill_seconds(engine, prompt) for _ in range(calls))
+    instrument, seconds, counts = recorder()
     engine.vm.set_instrument(instrument)
     for _ in range(calls):
-        once()
+        prefill_seconds(engine, prompt)
     engine.vm.set_instrument(lambda *_a: 0)
     kernels = {k: v * 1e3 / calls for k, v in seconds.most_common()}
     groups: collections.Counter = collections.Counter()

@@ -16,12 +16,13 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.decode_profile import prefill_seconds
 
 
 def _engine(bundle: Path, precision: str):
@@ -33,15 +34,6 @@ def _engine(bundle: Path, precision: str):
     engine = TvmDecoder(generator.bundle, generator.choice.artifact, probe(), 1)
     engine.open()
     return engine, generator.vocab_size, generator.choice.artifact
-
-
-def prefill_seconds(engine, prompt) -> float:
-    engine.add_sequence(0)
-    t0 = time.perf_counter()
-    engine.prefill(0, prompt)
-    elapsed = time.perf_counter() - t0
-    engine.remove_sequence(0)
-    return elapsed
 
 
 def measure(engines: dict, prompts: list[int], rounds: int) -> dict:
