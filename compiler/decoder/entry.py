@@ -71,23 +71,6 @@ class DecoderModule(nn.Module):
         page_size: tirx.Var,
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
-        with _cpu_prefill_attention(self._target, self.rope_mode):
-            return self._paged_kv_cache(
-                max_batch_size,
-                max_total_seq_len,
-                prefill_chunk_size,
-                page_size,
-                support_sliding_window,
-            )
-
-    def _paged_kv_cache(
-        self,
-        max_batch_size,
-        max_total_seq_len,
-        prefill_chunk_size,
-        page_size,
-        support_sliding_window,
-    ) -> PagedKVCache:
         config = self.config
         return TIRPagedKVCache(
             attn_kind="mha",
@@ -145,19 +128,6 @@ class DecoderModule(nn.Module):
                 "$": plain,
             }
         return nn.spec.ModuleSpec.from_raw(spec, self)
-
-
-def _cpu_prefill_attention(target, rope_mode):
-    """On a CPU target, the project's prefill attention kernel (kernels/cpu_prefill_attention.py)
-    in the cache being built; elsewhere (CUDA, rotary embedding inside attention) TVM's own."""
-    import contextlib
-
-    if target.kind.name != "llvm" or rope_mode == RopeMode.INLINE:
-        return contextlib.nullcontext()
-    from ..kernels.cpu_prefill_attention import installed
-    from ..kernels.cpu_target import vector_lanes
-
-    return installed(vector_lanes(target))
 
 
 def _last_of(hidden: nn.Tensor) -> nn.Tensor:

@@ -8,6 +8,7 @@ default CUDA pipeline with DLight GPU schedules (build.relax_pipeline).
 from __future__ import annotations
 
 from tvm import relax
+from tvm.relax.frontend.nn.llm.kv_cache import RopeMode
 
 from .config import DecoderConfig
 from .entry import ENTRY_FUNCTIONS, DecoderModule
@@ -57,10 +58,15 @@ def export(
     # reduction rule computed each RMSNorm 576 times over for a single row (kernels/cpu_rules.py).
     spec = model.get_default_spec(static_decode=True)
     mod, named, _extern = model.export_tvm(spec=spec, allow_extern=True)
-    if target.kind.name == "llvm":
+    if target.kind.name == "llvm":  # the project's CPU attention kernels in place of TVM's
         from ..kernels.cpu_paged_attention import replace_decode_kernel
+        from ..kernels.cpu_prefill_attention import replace_prefill_kernel
+        from ..kernels.cpu_target import vector_lanes
 
-        mod = replace_decode_kernel(mod, config.num_kv_heads, config.num_heads, config.head_dim)
+        heads = (config.num_kv_heads, config.num_heads, config.head_dim)
+        mod = replace_decode_kernel(mod, *heads)
+        if model.rope_mode != RopeMode.INLINE:  # it takes rotary embedding applied beforehand
+            mod = replace_prefill_kernel(mod, *heads, vector_lanes(target))
     return mod, named
 
 

@@ -13,17 +13,21 @@ log2 units, as the cache's merge step expects of `lse`):
 - scores and the probability-weighted sum of values vectorized along the head dimension.
 
 Only what the project's decoders use: rotary embedding applied before the cache (RopeMode NORMAL
-or NONE, so `rotary_mode` is 0), no sliding window. `installed()` puts it into the cache that
-`TIRPagedKVCache` builds; the paged prefill (keys already in pages, from a previous chunk) and
-decode keep TVM's kernels.
+or NONE, so `rotary_mode` is 0), no sliding window. `replace_prefill_kernel` puts it into the
+exported module in the place of TVM's kernel; the paged prefill (keys already in pages, from a
+previous chunk) keeps TVM's kernel, decode has its own (kernels/cpu_paged_attention.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 from tvm.script import tirx as T
+
+from .cpu_int8 import KERNEL_ATTR
+
+#: TVM's CPU ragged prefill kernel, by the name its cache module gives it.
+PREFILL_KERNEL = "batch_prefill_ragged_kv"
 
 LOG2E = math.log2(math.e)
 #: Taylor coefficients of 2**f = exp(f ln 2) on [-0.5, 0.5], degree 6 (relative error < 2e-7).
@@ -160,18 +164,17 @@ def ragged_prefill(h_kv: int, h_q: int, d: int, d_v: int, lanes: int, dtype: str
     return batch_prefill_ragged_kv.with_attr("tirx.is_scheduled", True)
 
 
-@contextlib.contextmanager
-def installed(lanes: int):
-    """While open, `TIRPagedKVCache` builds its CPU ragged prefill from `ragged_prefill`."""
-    from tvm.relax.frontend.nn.llm import kv_cache
-
-    stock = kv_cache._attention_prefill_ragged_cpu
-
-    def ours(h_kv, h_q, d_qk, d_v, dtype, rope_scaling):
-        return ragged_prefill(h_kv, h_q, d_qk, d_v, lanes, dtype)
-
-    kv_cache._attention_prefill_ragged_cpu = ours
-    try:
-        yield
-    finally:
-        kv_cache._attention_prefill_ragged_cpu = stock
+def replace_prefill_kernel(mod, num_kv_heads: int, num_qo_heads: int, head_dim: int, lanes: int):
+    """`mod` (a decoder with a `TIRPagedKVCache` built for a CPU, rotary embedding applied before
+    the cache) with this prefill kernel in the place of TVM's, under the same name, as
+    kernels/cpu_paged_attention.replace_decode_kernel does for decode; a module without TVM's
+    kernel is refused by name."""
+    names = {gv.name_hint: gv for gv in mod.get_global_vars()}
+    if PREFILL_KERNEL not in names:
+        raise ValueError(
+            f"prefill attention: the module has no {PREFILL_KERNEL} (TVM's CPU ragged prefill "
+            "kernel) to replace"
+        )
+    ours = ragged_prefill(num_kv_heads, num_qo_heads, head_dim, head_dim, lanes)
+    mod.update_func(names[PREFILL_KERNEL], ours.with_attr(KERNEL_ATTR, "cpu_prefill_attention"))
+    return mod

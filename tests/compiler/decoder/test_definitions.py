@@ -113,7 +113,7 @@ def test_cpu_decoders_decode_through_the_projects_attention_kernel():
     """The parity above runs the project's paged decode attention (kernels/cpu_paged_attention.py)
     in place of TVM's scalar kernel: the exported module holds it, under TVM's name."""
     import tvm
-    from tvmdeploy.compiler.kernels import cpu_paged_attention
+    from tvmdeploy.compiler.kernels import cpu_paged_attention, cpu_prefill_attention
 
     raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **COMMON, **LLAMA_SHAPE}
     raw.update(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=True)
@@ -121,3 +121,6 @@ def test_cpu_decoders_decode_through_the_projects_attention_kernel():
     mod, _ = lower.export(config, tvm.target.Target("llvm"))
     kernel = mod[cpu_paged_attention.DECODE_KERNEL]
     assert kernel.attrs["tvmdeploy.kernel"] == "cpu_paged_attention"
+    # and the prompt's attention through kernels/cpu_prefill_attention.py, under TVM's name too
+    prefill = mod[cpu_prefill_attention.PREFILL_KERNEL]
+    assert prefill.attrs["tvmdeploy.kernel"] == "cpu_prefill_attention"
