@@ -77,6 +77,7 @@ def test_a_lora_adapter_is_merged_and_generates_what_peft_does(tiny_llm_dir, tmp
             model=str(adapter_dir),
             output=str(tmp_path / "lora.tvmd"),
             base=str(tiny_llm_dir),
+            onnx=False,  # the merged folder exports as any folder does (tiny_llm_bundle)
         )
     )
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -97,7 +98,7 @@ def test_a_failed_gate_writes_no_bundle(tiny_llm_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(parity, "reference_cases", lambda _dir, prompts: real(other_dir, prompts))
     out = tmp_path / "refused.tvmd"
     with pytest.raises(ParityError, match="generation parity against transformers failed"):
-        compile_model(CompileOptions(model=str(tiny_llm_dir), output=str(out)))
+        compile_model(CompileOptions(model=str(tiny_llm_dir), output=str(out), onnx=False))
     assert not out.exists()
     assert not list(tmp_path.glob(".refused.tvmd*"))
 
@@ -180,7 +181,11 @@ def test_a_gguf_file_compiles_and_generates_what_transformers_reads_from_it(tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = save_tiny_gguf(tiny_llm_dir, tmp_path / "tiny-q8_0.gguf")
-    bundle = compile_model(CompileOptions(model=str(gguf_path), output=str(tmp_path / "q.tvmd")))
+    # No ONNX export: the GGUF's converted folder exports as any folder does (the real SmolLM2
+    # GGUF is exported and gated against ONNX Runtime in tests/e2e/test_smollm2.py).
+    bundle = compile_model(
+        CompileOptions(model=str(gguf_path), output=str(tmp_path / "q.tvmd"), onnx=False)
+    )
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model"]["source_kind"] == "gguf"
     assert manifest["model"]["name"] == "tiny-q8_0"

@@ -58,7 +58,11 @@ def _logits(model, ids):
 def int4_bundle(tiny_llm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("int4") / "tiny-llama.tvmd"
     options = CompileOptions(
-        model=str(tiny_llm_dir), output=str(out), precisions=["fp32", "int4"], strict_parity=False
+        model=str(tiny_llm_dir),
+        output=str(out),
+        precisions=["fp32", "int4"],
+        strict_parity=False,
+        onnx=False,  # no test here reads the export (test_families gates every family on it)
     )
     return compile_model(options)
 
@@ -214,6 +218,7 @@ def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf,
         output=str(tmp_path / "q4.tvmd"),
         precisions=["int4"],
         strict_parity=False,
+        onnx=False,
     )
     bundle = compile_model(options)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -260,6 +265,7 @@ def test_the_neon_int4_artifact_runs_under_qemu(tiny_llm_dir, rounded, tmp_path)
             profiles=["arm64-neon"],
             precisions=["int4"],
             verify=False,
+            onnx=False,
         )
     )
     bundle = Bundle(out)

@@ -61,7 +61,9 @@ def test_a_failed_arm64_gate_writes_no_bundle(tiny_llm_dir, tmp_path, monkeypatc
     out = tmp_path / "refused.tvmd"
     with pytest.raises(ParityError, match=r"failed \(qemu:cortex-a72\)"):
         compile_model(
-            CompileOptions(model=str(tiny_llm_dir), output=str(out), profiles=["arm64-neon"])
+            CompileOptions(
+                model=str(tiny_llm_dir), output=str(out), profiles=["arm64-neon"], onnx=False
+            )
         )
     assert not out.exists()
     assert not list(tmp_path.glob(".refused.tvmd*"))

@@ -159,15 +159,18 @@ def test_an_import_failure_names_the_onnx_node_and_op(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_default_buckets_follow_the_model(tiny_model_dir, tmp_path):
-    """The tiny BERT takes 128 positions: no 256-token bucket it could not run."""
+def test_default_buckets_follow_the_model(tiny_exported, tmp_path):
+    """The tiny BERT takes 128 positions: no 256-token bucket it could not run (its session
+    export, with the config.json beside it that says so)."""
     from tvmdeploy.compiler.options import default_buckets
 
     assert default_buckets(128) == "1,4x32,64,128"
     assert default_buckets(514) == "1,4x32,64,128,256,512"
     assert default_buckets(None) == DEFAULT_BUCKETS
     assert default_buckets(20) == "1,4x20"
-    out = compile_model(CompileOptions(model=str(tiny_model_dir), output=str(tmp_path / "d.tvmd")))
+    out = compile_model(
+        CompileOptions(model=str(tiny_exported.onnx_path), output=str(tmp_path / "d.tvmd"))
+    )
     seqs = {b.seq for b in Bundle(out).buckets}
     assert seqs == {32, 64, 128}
 

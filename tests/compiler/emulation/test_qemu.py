@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from tvmdeploy import targets
 from tvmdeploy.compiler.emulation import qemu
-from tvmdeploy.compiler.options import parse_buckets
 
 pytestmark = pytest.mark.qemu
 
@@ -54,21 +53,15 @@ def arm_bundle(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sve_build(tiny_model_dir, tmp_path_factory):
-    """The tiny BERT through export → import → reference cases, built for arm64-sve."""
+def sve_build(tiny_exported, tiny_imported, tmp_path_factory):
+    """The session's tiny BERT export and import (buckets 1,2x16,32), with its reference
+    cases, built for arm64-sve."""
     from tvmdeploy.compiler import build, verify
-    from tvmdeploy.compiler.frontend import export, importer
 
     work = tmp_path_factory.mktemp("sve")
-    exported = export.export_model(str(tiny_model_dir), work / "onnx")
-    imported = importer.import_onnx(
-        exported.onnx_path,
-        parse_buckets("1,2x16,32"),
-        exported.config.get("max_position_embeddings"),
-    )
-    cases = verify.reference_cases(exported.onnx_path, imported, exported.config)
-    built = build.build_artifact(imported.mod, targets.get("arm64-sve"), work / "arm64-sve")
-    return built, imported, cases
+    cases = verify.reference_cases(tiny_exported.onnx_path, tiny_imported, tiny_exported.config)
+    built = build.build_artifact(tiny_imported.mod, targets.get("arm64-sve"), work / "arm64-sve")
+    return built, tiny_imported, cases
 
 
 def test_bundle_with_host_and_neon_artifacts_verified_under_qemu(arm_bundle):
