@@ -203,15 +203,22 @@ class _Forwarder:
             if attempt:
                 start["headers"].append((RETRIED_HEADER.encode(), b"1"))
             break
-        await send(
-            {"type": "http.response.start", "status": start["status"], "headers": start["headers"]}
-        )
-        await send(
-            {"type": "http.response.body", "body": start["body"], "more_body": start["more_body"]}
-        )
-        if start["more_body"]:
+        # A streamed answer (server-sent events) goes on chunk by chunk as the replica yields
+        # it. If the client leaves, Ray's proxy cancels this call; the replica's call is
+        # cancelled with it, so its app sees `http.disconnect` and frees what the stream held.
+        ended = not start["more_body"]
+        try:
+            status, headers = start["status"], start["headers"]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send(
+                {"type": "http.response.body", "body": start["body"], "more_body": not ended}
+            )
             async for chunk in chunks:
                 await send({"type": "http.response.body", **chunk})
+                ended = not chunk["more_body"]
+        finally:
+            if not ended:
+                chunks.cancel()
 
 
 async def _answer(send, status: int, body: bytes, extra: list | None = None) -> None:
