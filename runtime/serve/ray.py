@@ -213,7 +213,12 @@ class _Forwarder:
             await send(
                 {"type": "http.response.body", "body": start["body"], "more_body": not ended}
             )
-            async for chunk in chunks:
+            while not ended:  # a whole answer came in one piece: no wait for the call's end
+                chunk = await anext(chunks, None)
+                if chunk is None:  # the replica's app ended the body without saying so
+                    await send({"type": "http.response.body", "body": b""})
+                    ended = True
+                    break
                 await send({"type": "http.response.body", **chunk})
                 ended = not chunk["more_body"]
         finally:
@@ -324,7 +329,7 @@ def serve_on_ray(
     import ray
 
     app = application(bundles, **options)
-    ray.init(address=None if address == "local" else address, log_to_driver=False)
+    ray.init(address=address, log_to_driver=False)  # "local": a new instance, never another
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
