@@ -109,7 +109,8 @@ def test_same_routes_through_the_proxy_spread_over_both_replicas(url, model):
 def test_openai_streams_through_the_proxy_equal_the_bundle_called_directly(url, llm):
     """The `openai` client streams chat and text completions (server-sent events) through Ray's
     proxy and the front: the text adds up to the whole answer and to the bundle's own greedy
-    generation here, and arrives as many events (the front does not buffer the stream)."""
+    generation here, and arrives as many events; a bad streamed request gets its 400 with the
+    message."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     expected = llm.chat(messages, max_new_tokens=24, temperature=0)
@@ -139,6 +140,10 @@ def test_openai_streams_through_the_proxy_equal_the_bundle_called_directly(url, 
         model="llm", prompt=prompt, max_tokens=32, temperature=0, stream=True
     )
     assert "".join(c.choices[0].text for c in stream) == expected.text
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.completions.create(model="llm", prompt=prompt, n=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="not a text-generation model"):
+        client.chat.completions.create(model="tiny", messages=messages, stream=True)
 
 
 def _stream_counts(url: str) -> tuple[str, float, float]:
