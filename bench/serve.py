@@ -5,6 +5,7 @@ on tvmdeploy's code and on ONNX Runtime behind the same server.
     python bench/serve.py                          # compiles MiniLM (-t host, BUCKETS below)
     python bench/serve.py --bundle minilm.tvmd     # a bundle at hand
     python bench/serve.py --rounds 5 --delay-ms 2,5 --batch-rows 8,32
+    python bench/serve.py --engines tvmdeploy --ray-replicas 1   # and on Ray Serve
 
 Each configuration's server (`create_app` on uvicorn, set up as `tvmdeploy serve` sets it up) is
 a process of its own on a loopback port; all of them are started first and stay up, and the
@@ -19,8 +20,11 @@ tensors, as the first version of this bench ran). The first answer to every dist
 checked against the model called directly on that request. "Unbatched" is `max_batch=1` (every
 request runs alone); "batched" is `max_batch_delay_ms` = each --delay-ms, up to each
 --batch-rows (default: the largest bucket's batch), first come first served (`--classes` adds
-the same with rows batched by length class). Writes bench/results/serve-MACHINE.json;
-bounded loops, loopback only.
+the same with rows batched by length class). `--ray-replicas N` adds tvmdeploy on Ray Serve:
+a local Ray cluster in a process of its own, N replicas of the bundle (this machine's CPUs
+shared out, as many TVM threads each) batched with the first --delay-ms, behind Ray's HTTP
+proxy and the app's front (runtime/serve/ray.py), measured in the same rounds as the others.
+Writes bench/results/serve-MACHINE.json; bounded loops, loopback only.
 """
 
 from __future__ import annotations
@@ -81,6 +85,27 @@ def serve(bundle, artifact, port, delay_ms, max_batch, stack, tvm_threads, class
             loop="asyncio", http="h11",
         )  # fmt: skip
     uvicorn.Server(config).run()
+
+
+def serve_ray(bundle, port, delay_ms, replicas, replica_cpus, tvm_threads) -> None:
+    """The Ray Serve process: a local Ray cluster on this machine, `replicas` replicas of the
+    bundle (`replica_cpus` CPUs and TVM threads each) behind Ray's HTTP proxy, as
+    `tvmdeploy serve --ray local` runs them; SIGTERM deletes the application and stops Ray."""
+    if tvm_threads:
+        os.environ["TVM_NUM_THREADS"] = str(tvm_threads)
+    from tvmdeploy.runtime.serve.ray import serve_on_ray
+
+    serve_on_ray(
+        [f"m={bundle}"],
+        address="local",
+        host="127.0.0.1",
+        port=port,
+        replicas=replicas,
+        replica_cpus=replica_cpus,
+        precision="fp32",
+        max_batch_delay_ms=delay_ms,
+        max_queue=1024,
+    )
 
 
 def request_arrays(seed: int, vocab: int, names: list[str]) -> dict[str, np.ndarray]:
@@ -168,13 +193,23 @@ def batch_stats(base: str) -> tuple[float, float]:
 class Server:
     """One configuration's server process."""
 
-    def __init__(self, engine, mode, bundle, artifact, batching, args):
+    def __init__(self, engine, mode, bundle, artifact, batching, args, ray_replicas=0):
         self.engine, self.mode, self.port = engine, mode, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         delay_ms, max_batch, classes = batching
-        config = (str(bundle), artifact, self.port, delay_ms, max_batch)
+        #: /metrics speaks for the whole server (with several Ray replicas, for one of them)
+        self.batch_metrics = ray_replicas <= 1
+        if ray_replicas:
+            cpus = args.ray_cpus or max(1, (os.cpu_count() or 1) // ray_replicas)
+            target = serve_ray
+            config = (str(bundle), self.port, delay_ms, ray_replicas, cpus, args.tvm_threads)
+        else:
+            target = serve
+            config = (str(bundle), artifact, self.port, delay_ms, max_batch)
+            config += (args.stack, args.tvm_threads, classes)
+        # Not a daemon: the Ray process starts Ray's own processes, which a daemon may not.
         self.process = multiprocessing.get_context("spawn").Process(
-            target=serve, args=(*config, args.stack, args.tvm_threads, classes), daemon=True
+            target=target, args=config, daemon=not ray_replicas
         )
         self.process.start()
 
@@ -194,7 +229,10 @@ class Server:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.join(30)
+        self.process.join(60)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(10)
 
 
 def measure(server: Server, requests, bodies, clients: int, args, check) -> dict:
@@ -208,6 +246,7 @@ def measure(server: Server, requests, bodies, clients: int, args, check) -> dict
     latencies = sorted(load["latencies"])
     quantile = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
     batches = after[0] - before[0]
+    rows_per_batch = round((after[1] - before[1]) / batches, 2) if batches else 0.0
     return {
         "requests": len(latencies),
         "errors": len(load["errors"]),
@@ -216,7 +255,7 @@ def measure(server: Server, requests, bodies, clients: int, args, check) -> dict
         "requests_per_s": round(len(latencies) / args.seconds, 1),
         "p50_ms": round(statistics.median(latencies) * 1e3, 2) if latencies else None,
         "p99_ms": round(quantile(0.99) * 1e3, 2) if latencies else None,
-        "mean_batch_rows": round((after[1] - before[1]) / batches, 2) if batches else 0.0,
+        "mean_batch_rows": rows_per_batch if server.batch_metrics else None,
     }
 
 
@@ -327,6 +366,14 @@ def main() -> None:
         "--classes", action="store_true", help="also batched by length class (length_classes)"
     )
     parser.add_argument("--engines", default="tvmdeploy,onnxruntime")
+    parser.add_argument(
+        "--ray-replicas", type=int, default=0,
+        help="also tvmdeploy on Ray Serve: this many replicas behind Ray's HTTP proxy (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-cpus", type=float, default=0, help="CPUs (and TVM threads) per Ray replica "
+        "(default: this machine's CPUs over --ray-replicas)",
+    )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=4.0, help="measured time per config")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (medians kept)")
@@ -371,6 +418,13 @@ def main() -> None:
             for mode, delay, max_batch, classes in modes:
                 servers.append(
                     Server(engine, mode, bundle, artifact, (delay, max_batch, classes), args)
+                )
+            if engine == "tvmdeploy" and args.ray_replicas:
+                delay = float(args.delay_ms.split(",")[0])
+                replicas = args.ray_replicas
+                mode = f"ray serve, {replicas} replica{'s' * (replicas > 1)}, batched {delay:g} ms"
+                servers.append(
+                    Server(engine, mode, bundle, artifact, (delay, None, False), args, replicas)
                 )
         try:
             for server in servers:

@@ -11,6 +11,7 @@ plus `top_k` and `repetition_penalty` as extensions); `n` > 1, `logprobs`, `tool
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -159,6 +160,7 @@ def completion_routes(state: ServerState) -> list[Route]:
             return _sse(payload)
 
         async def events():
+            ended = False  # the generation's end counted in the metrics
             try:
                 if chat:
                     yield chunk({"role": "assistant", "content": ""}, None)
@@ -166,6 +168,7 @@ def completion_routes(state: ServerState) -> list[Route]:
                     yield chunk({"content": piece} if chat else piece, None)
                 result = stream.result
                 state.metrics.generated(name, result.completion_tokens, result.decode_ms / 1e3)
+                ended = True
                 yield chunk({} if chat else "", result.finish_reason)
                 if include_usage:
                     yield _sse(
@@ -179,6 +182,10 @@ def completion_routes(state: ServerState) -> list[Route]:
                         }
                     )
                 yield _sse("[DONE]")
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away
+                if not ended:
+                    state.metrics.streams_abandoned.labels(name).inc()
+                raise
             finally:  # the client went away (or the stream ended): free the sequence
                 stream.close()
 

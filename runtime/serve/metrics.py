@@ -21,7 +21,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class Metrics:
     """Requests, errors and latency per route and model; queue depth and batch sizes per model;
-    generated tokens and decode rates per generation model."""
+    generated tokens, decode rates and streams left by their clients per generation model."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -78,9 +78,23 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
             registry=self.registry,
         )
+        self.generations = Counter(
+            "tvmdeploy_generations",
+            "Generation requests that ran to their end (whole, or streamed to the last event)",
+            ("model",),
+            registry=self.registry,
+        )
+        self.streams_abandoned = Counter(
+            "tvmdeploy_streams_abandoned",
+            "Streamed generation requests whose client left before the end (their streams "
+            "closed, which frees their sequences at the next decode step)",
+            ("model",),
+            registry=self.registry,
+        )
 
     def generated(self, model: str, tokens: int, decode_seconds: float) -> None:
         """A finished generation request: its tokens, and its decode rate."""
+        self.generations.labels(model).inc()
         self.generated_tokens.labels(model).inc(tokens)
         if tokens > 1 and decode_seconds > 0:
             self.decode_rate.labels(model).observe((tokens - 1) / decode_seconds)

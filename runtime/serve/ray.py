@@ -203,15 +203,27 @@ class _Forwarder:
             if attempt:
                 start["headers"].append((RETRIED_HEADER.encode(), b"1"))
             break
-        await send(
-            {"type": "http.response.start", "status": start["status"], "headers": start["headers"]}
-        )
-        await send(
-            {"type": "http.response.body", "body": start["body"], "more_body": start["more_body"]}
-        )
-        if start["more_body"]:
-            async for chunk in chunks:
+        # A streamed answer (server-sent events) goes on chunk by chunk as the replica yields
+        # it. If the client leaves, Ray's proxy cancels this call; the replica's call is
+        # cancelled with it, so its app sees `http.disconnect` and frees what the stream held.
+        ended = not start["more_body"]
+        try:
+            status, headers = start["status"], start["headers"]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send(
+                {"type": "http.response.body", "body": start["body"], "more_body": not ended}
+            )
+            while not ended:  # a whole answer came in one piece: no wait for the call's end
+                chunk = await anext(chunks, None)
+                if chunk is None:  # the replica's app ended the body without saying so
+                    await send({"type": "http.response.body", "body": b""})
+                    ended = True
+                    break
                 await send({"type": "http.response.body", **chunk})
+                ended = not chunk["more_body"]
+        finally:
+            if not ended:
+                chunks.cancel()
 
 
 async def _answer(send, status: int, body: bytes, extra: list | None = None) -> None:
@@ -317,7 +329,7 @@ def serve_on_ray(
     import ray
 
     app = application(bundles, **options)
-    ray.init(address=None if address == "local" else address, log_to_driver=False)
+    ray.init(address=address, log_to_driver=False)  # "local": a new instance, never another
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"

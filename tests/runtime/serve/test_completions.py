@@ -7,6 +7,7 @@ problem."""
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import openai
@@ -97,10 +98,23 @@ def test_concurrent_requests_get_their_own_text(client, llm):
     assert found == expected
 
 
+def _stream_counts(url: str) -> tuple[float, float]:
+    """(streams left by their clients, generations run to their end) of the llm, from /metrics."""
+    counts = {"tvmdeploy_streams_abandoned_total": 0.0, "tvmdeploy_generations_total": 0.0}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition('{model="llm"} ')
+        if name in counts:
+            counts[name] = float(value)
+    return tuple(counts.values())
+
+
 def test_a_client_leaving_mid_stream_frees_its_sequence(url, client, llm):
     # More abandoned streams than the Generator has sequences: each must be freed, or the
-    # requests after them would wait forever.
-    for _ in range(6):
+    # requests after them would wait forever. The server counts the streams it cut: the tiny
+    # Llama's 200 tokens take ~0.1 s, so a stream may end first, but most must be cut.
+    abandoned_before, ended_before = _stream_counts(url)
+    left = 6
+    for _ in range(left):
         with httpx.stream(
             "POST",
             f"{url}/v1/completions",
@@ -109,6 +123,14 @@ def test_a_client_leaving_mid_stream_frees_its_sequence(url, client, llm):
         ) as response:
             assert response.status_code == 200
             next(response.iter_lines())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        abandoned, ended = _stream_counts(url)
+        if abandoned - abandoned_before + ended - ended_before >= left:
+            break
+        time.sleep(0.05)
+    assert abandoned - abandoned_before + ended - ended_before == left
+    assert abandoned - abandoned_before >= left / 2
     done = client.completions.create(model="llm", prompt=PROMPT, max_tokens=8, temperature=0)
     assert done.choices[0].text == llm.generate(PROMPT, max_new_tokens=8).text
 

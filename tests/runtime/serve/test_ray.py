@@ -1,7 +1,8 @@
 """The Ray Serve deployment on a real local Ray cluster: two raylets on 127.0.0.1 (one CPU each,
-so the two replicas sit one per raylet), requests through Ray Serve's HTTP proxy by real clients,
-answers compared with the model called directly in this process. One cluster for the module:
-Ray's start is the slow part."""
+so the two replicas sit one per raylet), requests through Ray Serve's HTTP proxy by real clients
+(tritonclient, httpx, the `openai` client streaming server-sent events), answers compared with
+the bundles called directly in this process. One cluster for the module: Ray's start is the slow
+part."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import ray
 import tritonclient.http as triton
@@ -40,23 +42,30 @@ def model(tiny_bundle):
 
 
 @pytest.fixture(scope="module")
-def url(tiny_bundle):
+def llm(tiny_llm_bundle):
+    return load(tiny_llm_bundle)
+
+
+@pytest.fixture(scope="module")
+def url(tiny_bundle, tiny_llm_bundle):
     # Ray turns 127.0.0.1 into the machine's own address when it connects, unless it runs in
     # its one-machine mode (the env var for the raylets and workers, the constant for here).
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         patch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
-        yield from _serving(tiny_bundle)
+        yield from _serving(tiny_bundle, tiny_llm_bundle)
 
 
-def _serving(tiny_bundle):
+def _serving(tiny_bundle, tiny_llm_bundle):
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
     cluster.add_node(**NODE)
     ray.init(address=cluster.address, log_to_driver=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = application([f"tiny={tiny_bundle}"], replicas=2, max_batch_delay_ms=400)
+        app = application(
+            [f"tiny={tiny_bundle}", f"llm={tiny_llm_bundle}"], replicas=2, max_batch_delay_ms=400
+        )
         serve.run(app, name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -95,6 +104,99 @@ def test_same_routes_through_the_proxy_spread_over_both_replicas(url, model):
     for arrays, (got, _) in zip(requests, answers, strict=True):
         np.testing.assert_allclose(got, model(**arrays)["logits"], atol=ATOL, rtol=0)
     assert len({replica for _, replica in answers}) == 2, "the proxy used one replica only"
+
+
+def test_openai_streams_through_the_proxy_equal_the_bundle_called_directly(url, llm):
+    """The `openai` client streams chat and text completions (server-sent events) through Ray's
+    proxy and the front: the text adds up to the whole answer and to the bundle's own greedy
+    generation here, and arrives as many events; a bad streamed request gets its 400 with the
+    message."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = llm.chat(messages, max_new_tokens=24, temperature=0)
+    whole = client.chat.completions.create(
+        model="llm", messages=messages, max_tokens=24, temperature=0
+    )
+    assert whole.choices[0].message.content == expected.text
+    chunks = list(
+        client.chat.completions.create(
+            model="llm",
+            messages=messages,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta]
+    assert "".join(p or "" for p in pieces) == expected.text
+    assert sum(1 for p in pieces if p) > 5, "the stream came as one piece"
+    assert chunks[-1].usage.completion_tokens == expected.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+
+    prompt = "The bundle holds"
+    expected = llm.generate(prompt, max_new_tokens=32, temperature=0)
+    stream = client.completions.create(
+        model="llm", prompt=prompt, max_tokens=32, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == expected.text
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.completions.create(model="llm", prompt=prompt, n=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="not a text-generation model"):
+        client.chat.completions.create(model="tiny", messages=messages, stream=True)
+
+
+def _stream_counts(url: str) -> tuple[str, float, float]:
+    """One replica's streams of the tiny Llama, from its /metrics (each GET goes to the replica
+    Ray's router picks): (replica, streams left by their clients, generations finished)."""
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    counts = {"tvmdeploy_streams_abandoned_total": 0.0, "tvmdeploy_generations_total": 0.0}
+    for line in response.text.splitlines():
+        name, _, value = line.partition('{model="llm"} ')
+        if name in counts:
+            counts[name] = float(value)
+    return response.headers[REPLICA_HEADER], *counts.values()
+
+
+def test_a_client_leaving_a_stream_through_the_proxy_frees_its_sequence(url, llm):
+    """Clients that leave after the third event: Ray's proxy cancels the front's call, the front
+    the replica's, and the replica's app closes the stream (which frees its sequence). Each
+    replica counts those streams (`tvmdeploy_streams_abandoned_total`) apart from the ones that
+    ended on their own: had the front buffered the answer or not passed the cancel on, every
+    stream would have run to its end and none would count as left. The tiny Llama generates
+    its 240 tokens in about 0.1 s, so a stream may end before the cancel reaches it: at least
+    half must count as left (a front that held the stream back after its first chunk cut none:
+    checked by hand). More streams are left
+    than both replicas hold sequences, then one more request is answered in full. Bounded: 10
+    streams, 20 s of polling."""
+    before: dict[str, float] = {}  # finished generations per replica, before
+    deadline = time.monotonic() + 20
+    while len(before) < 2 and time.monotonic() < deadline:
+        replica, abandoned, finished = _stream_counts(url)
+        assert abandoned == 0
+        before[replica] = finished
+    body = {"model": "llm", "prompt": "The bundle holds", "max_tokens": 240, "stream": True}
+    left = 10
+    for _ in range(left):
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = (line for line in response.iter_lines() if line)
+            for _ in range(3):  # three events, then leave: the front must not hold the rest
+                assert next(events).startswith("data: {")
+    counts: dict[str, tuple[float, float]] = {}  # the last (left, ended) read from each replica
+    while time.monotonic() < deadline:
+        replica, abandoned, finished = _stream_counts(url)
+        counts[replica] = (abandoned, finished - before[replica])
+        if sum(a + f for a, f in counts.values()) >= left:
+            break
+        time.sleep(0.05)
+    abandoned, ended = (sum(c) for c in zip(*counts.values(), strict=True))
+    assert abandoned + ended == left, counts
+    assert abandoned >= left / 2, f"only {abandoned:.0f} of {left} streams were cut: {counts}"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    done = client.completions.create(model="llm", prompt="The bundle", max_tokens=8, temperature=0)
+    assert done.choices[0].text == llm.generate("The bundle", max_new_tokens=8, temperature=0).text
 
 
 def test_a_replica_killed_under_load_loses_no_request(url, model):
