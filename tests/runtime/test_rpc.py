@@ -281,12 +281,12 @@ def test_baselines_are_refused_over_rpc(tiny_bundle, tracker):
     assert "run only on this machine" in result.output and "tvmdeploy report" in result.output
 
 
-def test_compile_verifies_through_rpc(tiny_model_dir, tracker, x86_server, tmp_path):
+def test_compile_verifies_through_rpc(tiny_exported, tracker, x86_server, tmp_path):
     from tvmdeploy.compiler import CompileOptions, compile_model
 
     bundle = compile_model(
         CompileOptions(
-            model=str(tiny_model_dir),
+            model=str(tiny_exported.onnx_path),  # the session's export: no second one
             output=str(tmp_path / "v.tvmd"),
             profiles=["host"],
             buckets=TINY_BUCKETS,
@@ -398,14 +398,15 @@ def test_tuning_measures_a_kernel_on_the_remote(tracker, x86_server, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def arm_bundle(tiny_model_dir, tracker, arm_server, tmp_path_factory) -> Path:
-    """The tiny BERT compiled for arm64-neon and verified on the emulated device through RPC."""
+def arm_bundle(tiny_exported, tracker, arm_server, tmp_path_factory) -> Path:
+    """The tiny BERT (the session's export) compiled for arm64-neon and verified on the
+    emulated device through RPC."""
     from tvmdeploy.compiler import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("arm-rpc") / "tiny-arm.tvmd"
     return compile_model(
         CompileOptions(
-            model=str(tiny_model_dir),
+            model=str(tiny_exported.onnx_path),
             output=str(out),
             profiles=["arm64-neon"],
             buckets=TINY_BUCKETS,

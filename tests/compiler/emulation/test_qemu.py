@@ -36,7 +36,8 @@ def _user_sysroot(monkeypatch, arm_python):
 
 
 @pytest.fixture(scope="module")
-def arm_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+def arm_bundle(tiny_exported, tmp_path_factory) -> Path:
+    """The session's tiny BERT export (its config beside it) compiled for host and NEON."""
     from tvmdeploy.compiler import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("arm") / "tiny-arm.tvmd"
@@ -44,7 +45,7 @@ def arm_bundle(tiny_model_dir, tmp_path_factory) -> Path:
         mp.setenv("TVMDEPLOY_ARM64_SYSROOT", str(USER_SYSROOT))
         return compile_model(
             CompileOptions(
-                model=str(tiny_model_dir),
+                model=str(tiny_exported.onnx_path),
                 output=str(out),
                 profiles=["host", "arm64-neon"],
                 buckets="1,2x16,32",
