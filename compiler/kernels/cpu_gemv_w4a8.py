@@ -1,0 +1,270 @@
+"""W4A8 decode GEMV: int4 weights times int8-quantized activations, in integer dot products.
+
+Why: the weight-only int4 GEMV (cpu_gemv_int4.py) widens every nibble to fp32 and multiplies in
+fp32, about 17 vector instructions per 32 weights on AVX2, so a decode step is compute-bound, not
+bandwidth-bound. llama.cpp's route (ggml_vec_dot_q4_1_q8_1) quantizes the activation row once
+per call and multiplies 4-bit by 8-bit integers with the CPU's byte dot products: about 7
+instructions per 32 weights here. This module is that route for TVM.
+
+Per call, for x[b, K] (fp32):
+
+1. `quantize_activations`: per group of `GROUP` = 32 along K, `sx = max|x| / 127`,
+   `xq = round(x / sx)` (int8, symmetric: llama.cpp's Q8_0/Q8_1 activations), and the group's fp32
+   sum of x (`xs`, for the weights' min term); `sx` is stored 4 times per group (`sx4[b, K/8]`)
+   so that a vector of per-group scales is one load. The int8 row is laid out for the kernel's
+   instruction set (`layout_for`): on x86, per pair of groups (g, g + 1), the 16 x's that meet low
+   nibbles of g then of g + 1, then the 16 that meet high nibbles of g then g + 1, so one 32-byte
+   load of packed weights (two groups) meets one 32-byte load of x per nibble half; on ARM, each
+   group's 32 x's in order (one 16-byte load of packed weights per group).
+2. `w4a8_gemv`: per output row n and group g, `isum = sum_k q[n, k] * xq[k]` exactly in int32,
+   then `acc += float(isum) * d[n, g] * sx[g]`; the min term `sum_g m[n, g] * xs[g]` is one
+   vector dot over the groups per row. The weights keep decoder/quantized_int4.py's planes
+   (GGUF's Q4_0/Q4_1 blocks), untouched: prefill keeps its dequantize-then-fp32-GEMM path.
+
+One kernel per instruction-set family (`dot_isa`, from the profile's int8 kernel, itself chosen
+from the profile's `requires`, never from the build machine):
+
+| family | instructions per 64 weights (two groups)                      | profiles            |
+|--------|----------------------------------------------------------------|---------------------|
+| avx2   | vpand/vpsrlw, 2 vpmaddubsw, vpaddw, vpmaddwd, vcvtdq2ps, FMA   | every x86-64 one    |
+| sdot   | and/ushr, 2 sdot per group, scvtf, fmul, fmla                  | arm64-dotprod, sve  |
+| neon   | and/ushr, smull/smlal on 8-byte halves, saddlp, scvtf, fmla    | arm64-neon          |
+
+vpmaddubsw multiplies unsigned bytes (the nibbles, 0..15) by signed ones (xq) into saturating
+int16 pairs; here no sum can saturate (2 x 2 x 15 x 127 = 7620 after adding both nibble halves).
+AVX-512 and VNNI profiles reuse the 256-bit AVX2 kernel (a 32-byte load is two groups, the natural
+unit; vpdpbusd would save one instruction of seven). CUDA keeps the weight-only kernels.
+
+Accuracy: the activation quantization adds at most half a step (sx / 2) of error per x, as
+llama.cpp's; the decoder's quality gate measures it (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+#: Weights per group (one d, one m): GGUF's Q4 block size, as in cpu_gemv_int4.
+GROUP = 32
+#: Output rows per thread-pool task (share each activation load; independent FMA chains).
+ROWS = 4
+_SCHEDULED = "tirx.is_scheduled"
+_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the function alone
+
+#: int8 GEMM kernel (cpu_int8.kernel_for) -> this module's instruction-set family.
+_FAMILY = {
+    "amx-int8": "avx2",
+    "avx512-vnni": "avx2",
+    "avx-vnni": "avx2",
+    "avx512bw": "avx2",
+    "avx2": "avx2",
+    "arm-sdot": "sdot",
+    "arm-neon": "neon",
+}
+FAMILIES = ("avx2", "sdot", "neon")
+
+
+def dot_isa(int8_kernel) -> str | None:
+    """The W4A8 family for a profile's int8 kernel (cpu_int8.kernel_for), None: none (CUDA, or a
+    CPU without one), the weight-only GEMV stays."""
+    return None if int8_kernel is None else _FAMILY.get(int8_kernel.name)
+
+
+def check_shape(k: int) -> None:
+    if k % GROUP:
+        raise ValueError(f"W4A8: K = {k} is not a multiple of the group size {GROUP}")
+
+
+def _position(isa: str, groups: int, g, chunk):
+    """Where 8 consecutive elements (chunk 0..3 of group g) go in the quantized row."""
+    if isa != "avx2":
+        return g * GROUP + chunk * 8
+    half = chunk // 2 * 32
+    within = chunk % 2 * 8
+    paired = (g // 2) * 64 + (g % 2) * 16 + half + within
+    if groups % 2 == 0:
+        return paired
+    # The last group of an odd count stands alone, its 32 x's in order.
+    return tirx.if_then_else(g == groups - 1, g * GROUP + chunk * 8, paired)
+
+
+def quantize_activations(k: int, isa: str) -> tirx.PrimFunc:
+    """``x[b, k] -> (xq[b, k] int8 in `isa`'s layout, sx4[b, k/8], xs[b, k/32])`` (see the module
+    docstring), for a symbolic b; serial (a row is K floats: waking the pool costs more)."""
+    check_shape(k)
+    groups = k // GROUP
+    batch = tirx.Var("batch", "int64")
+
+    @T.prim_func(s_tir=True)
+    def quantize(
+        x: T.Buffer((batch, k), "float32"),
+        xq: T.Buffer((batch, k), "int8"),
+        sx4: T.Buffer((batch, groups * 4), "float32"),
+        xs: T.Buffer((batch, groups), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        with T.sblock("root"):
+            for i in range(batch):
+                for g in range(groups):
+                    peak = T.alloc_buffer((8,), "float32")
+                    total = T.alloc_buffer((8,), "float32")
+                    for v in T.vectorized(8):
+                        peak[v] = T.abs(x[i, g * GROUP + v])
+                        total[v] = x[i, g * GROUP + v]
+                    for c in T.unroll(1, 4):
+                        for v in T.vectorized(8):
+                            peak[v] = T.max(peak[v], T.abs(x[i, g * GROUP + c * 8 + v]))
+                            total[v] = total[v] + x[i, g * GROUP + c * 8 + v]
+                    group = T.alloc_buffer((2,), "float32")
+                    group[0] = peak[0]
+                    group[1] = total[0]
+                    for v in T.unroll(1, 8):
+                        group[0] = T.max(group[0], peak[v])
+                        group[1] = group[1] + total[v]
+                    scale: T.let[T.float32] = group[0] / T.float32(127)
+                    inverse: T.let[T.float32] = T.if_then_else(
+                        group[0] > T.float32(0), T.float32(127) / group[0], T.float32(0)
+                    )
+                    xs[i, g] = group[1]
+                    for v in T.vectorized(4):
+                        sx4[i, g * 4 + v] = scale
+                    for c in T.unroll(4):
+                        for v in T.vectorized(8):
+                            xq[i, _position(isa, groups, g, c) + v] = T.Cast(
+                                "int8", T.round(x[i, g * GROUP + c * 8 + v] * inverse)
+                            )
+
+    return _finish(quantize, f"w4a8_quantize_{isa}_k{k}")
+
+
+def _finish(func: tirx.PrimFunc, symbol: str) -> tirx.PrimFunc:
+    return (
+        func.with_attr(_SCHEDULED, True)
+        .with_attr("op_pattern", _OPAQUE)
+        .with_attr("global_symbol", symbol)
+    )
+
+
+def _zero(lanes: int):
+    return T.Broadcast(T.float32(0), lanes)
+
+
+def _maddubs_pair(lo, hi, x_lo, x_hi):
+    """AVX2: 8 int32 sums of q * xq over 64 bytes (lo, hi: nibbles as int8x32)."""
+    pairs = T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), lo, x_lo, dtype="int16x16"
+    ) + T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), hi, x_hi, dtype="int16x16"
+    )
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+        pairs,
+        T.Broadcast(T.int16(1), 16),
+        dtype="int32x8",
+    )
+
+
+def _sdot_group(lo, hi, x_lo, x_hi):
+    """ARM dotprod: 4 int32 sums of q * xq over one group (lo, hi: nibbles as int8x16)."""
+    sdot = T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8")
+    first = T.call_llvm_pure_intrin(sdot, T.Broadcast(T.int32(0), 4), lo, x_lo, dtype="int32x4")
+    return T.call_llvm_pure_intrin(sdot, first, hi, x_hi, dtype="int32x4")
+
+
+def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
+    """``(xq, sx4, xs) of quantize_activations, packed[n, k/2], d, m[n, k/32] -> out[b, n]``,
+    `out[b, j] = sum_g (d[j, g] * sx[b, g]) * isum[b, j, g] + m[j, g] * xs[b, g]`, for a symbolic
+    b, on `isa`'s integer dot product (see the module docstring). Parallel over blocks of `rows`
+    output rows, which share each activation load; the last block recomputes row n - 1 where n
+    is not a multiple of `rows` and stores only the rows it owns."""
+    check_shape(k)
+    if isa not in FAMILIES:
+        raise ValueError(f"W4A8: no kernel for {isa!r}; choose from {', '.join(FAMILIES)}")
+    groups = k // GROUP
+    tasks = -(-n // rows)
+    batch = tirx.Var("batch", "int64")
+    lanes = 8 if isa == "avx2" else 4
+    pairs = groups // 2 if isa == "avx2" else 0
+    singles = groups - 2 * pairs  # groups done one at a time (all on ARM, an odd last on x86)
+    first_single = 2 * pairs
+    m_chunks = groups // lanes
+
+    @T.prim_func(s_tir=True)
+    def gemv(
+        xq: T.Buffer((batch, k), "int8"),
+        sx4: T.Buffer((batch, groups * 4), "float32"),
+        xs: T.Buffer((batch, groups), "float32"),
+        packed: T.Buffer((n, k // 2), "uint8"),
+        d: T.Buffer((n, groups), "float32"),
+        m: T.Buffer((n, groups), "float32"),
+        out: T.Buffer((batch, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        with T.sblock("root"):
+            for t in T.parallel(tasks):
+                for i in range(batch):
+                    acc = T.alloc_buffer((rows, lanes), "float32")
+                    tail = T.alloc_buffer((rows,), "float32")
+                    for r in T.unroll(rows):
+                        acc[r, T.ramp(0, 1, lanes)] = _zero(lanes)
+                        tail[r] = T.float32(0)
+                    if isa == "avx2":
+                        for p in range(pairs):
+                            x_lo: T.let[T.int8x32] = xq.vload([i, p * 64], "int8x32")
+                            x_hi: T.let[T.int8x32] = xq.vload([i, p * 64 + 32], "int8x32")
+                            sx: T.let[T.float32x8] = sx4.vload([i, p * 8], "float32x8")
+                            for r in T.unroll(rows):
+                                row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                                w: T.let[T.uint8x32] = packed.vload([row, p * 32], "uint8x32")
+                                lo: T.let[T.int8x32] = T.reinterpret(w & T.Broadcast(T.uint8(15), 32), dtype="int8x32")
+                                hi: T.let[T.int8x32] = T.reinterpret(
+                                    T.shift_right(w, T.Broadcast(T.uint8(4), 32)), dtype="int8x32"
+                                )
+                                scales: T.let[T.float32x8] = T.Select(
+                                    T.ramp(0, 1, 8) < T.Broadcast(4, 8),
+                                    T.Broadcast(d[row, 2 * p], 8),
+                                    T.Broadcast(d[row, 2 * p + 1], 8),
+                                )
+                                acc[r, T.ramp(0, 1, 8)] = acc[r, T.ramp(0, 1, 8)] + T.Cast(
+                                    "float32x8", _maddubs_pair(lo, hi, x_lo, x_hi)
+                                ) * (scales * sx)
+                    for s in range(singles):
+                        g: T.let[T.int32] = first_single + s
+                        for r in T.unroll(rows):
+                            row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                            isum = T.alloc_buffer((1,), "int32")
+                            isum[0] = 0
+                            for e in range(GROUP // 2):
+                                byte: T.let[T.uint8] = packed[row, g * 16 + e]
+                                isum[0] = (
+                                    isum[0]
+                                    + T.Cast("int32", byte & T.uint8(15))
+                                    * T.Cast("int32", xq[i, g * GROUP + e])
+                                    + T.Cast("int32", T.shift_right(byte, T.uint8(4)))
+                                    * T.Cast("int32", xq[i, g * GROUP + 16 + e])
+                                )
+                            tail[r] = tail[r] + T.Cast("float32", isum[0]) * (
+                                d[row, g] * sx4[i, g * 4]
+                            )
+                    for r in T.unroll(rows):
+                        row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                        for c in range(m_chunks):
+                            acc[r, T.ramp(0, 1, lanes)] = (
+                                acc[r, T.ramp(0, 1, lanes)]
+                                + m.vload([row, c * lanes], f"float32x{lanes}")
+                                * xs.vload([i, c * lanes], f"float32x{lanes}")
+                            )
+                        for g in range(m_chunks * lanes, groups):
+                            tail[r] = tail[r] + m[row, g] * xs[i, g]
+                        if t * rows + r < n:
+                            half = T.alloc_buffer((4,), "float32")
+                            if lanes == 8:
+                                half[T.ramp(0, 1, 4)] = (
+                                    acc[r, T.ramp(0, 1, 4)] + acc[r, T.ramp(4, 1, 4)]
+                                )
+                            else:
+                                half[T.ramp(0, 1, 4)] = acc[r, T.ramp(0, 1, 4)]
+                            out[i, row] = (half[0] + half[2]) + (half[1] + half[3]) + tail[r]
+
+    return _finish(gemv, f"w4a8_gemv_{isa}_k{k}_n{n}")
+
