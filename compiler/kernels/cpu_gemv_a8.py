@@ -75,9 +75,15 @@ def check_shape(k: int) -> None:
         raise ValueError(f"W4A8: K = {k} is not a multiple of the group size {GROUP}")
 
 
-def _position(isa: str, groups: int, g, chunk):
+def layout_for(isa: str, weight_bits: int) -> str:
+    """The quantized row's layout a GEMV reads: "paired" (AVX2 int4, see the module docstring),
+    else "plain" (the elements in order)."""
+    return "paired" if isa == "avx2" and weight_bits == 4 else "plain"
+
+
+def _position(layout: str, groups: int, g, chunk):
     """Where 8 consecutive elements (chunk 0..3 of group g) go in the quantized row."""
-    if isa != "avx2":
+    if layout == "plain":
         return g * GROUP + chunk * 8
     half = chunk // 2 * 32
     within = chunk % 2 * 8
@@ -88,10 +94,13 @@ def _position(isa: str, groups: int, g, chunk):
     return tirx.if_then_else(g == groups - 1, g * GROUP + chunk * 8, paired)
 
 
-def quantize_activations(k: int, isa: str) -> tirx.PrimFunc:
-    """``x[b, k] -> (xq[b, k] int8 in `isa`'s layout, sx4[b, k/8], xs[b, k/32])`` (see the module
-    docstring), for a symbolic b; serial (a row is K floats: waking the pool costs more)."""
+def quantize_activations(k: int, layout: str) -> tirx.PrimFunc:
+    """``x[b, k] -> (xq[b, k] int8 in `layout` (layout_for), sx4[b, k/8], xs[b, k/32])`` (see
+    the module docstring), for a symbolic b; serial (a row is K floats: waking the pool costs
+    more than the work)."""
     check_shape(k)
+    if layout not in ("paired", "plain"):
+        raise ValueError(f"W4A8: unknown activation layout {layout!r}")
     groups = k // GROUP
     batch = tirx.Var("batch", "int64")
 
@@ -130,11 +139,11 @@ def quantize_activations(k: int, isa: str) -> tirx.PrimFunc:
                         sx4[i, g * 4 + v] = scale
                     for c in T.unroll(4):
                         for v in T.vectorized(8):
-                            xq[i, _position(isa, groups, g, c) + v] = T.Cast(
+                            xq[i, _position(layout, groups, g, c) + v] = T.Cast(
                                 "int8", T.round(x[i, g * GROUP + c * 8 + v] * inverse)
                             )
 
-    return _finish(quantize, f"w4a8_quantize_{isa}_k{k}")
+    return _finish(quantize, f"a8_quantize_{layout}_k{k}")
 
 
 def _finish(func: tirx.PrimFunc, symbol: str) -> tirx.PrimFunc:
@@ -171,6 +180,11 @@ def _sdot_group(lo, hi, x_lo, x_hi):
     return T.call_llvm_pure_intrin(sdot, first, hi, x_hi, dtype="int32x4")
 
 
+def _widened(nibbles):
+    """NEON: 8 nibbles (uint8, 0..15) as int16, sign-extended from int8 (smull/smlal)."""
+    return T.Cast("int16x8", T.reinterpret(nibbles, dtype="int8x8"))
+
+
 def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
     """``(xq, sx4, xs) of quantize_activations, packed[n, k/2], d, m[n, k/32] -> out[b, n]``,
     `out[b, j] = sum_g (d[j, g] * sx[b, g]) * isum[b, j, g] + m[j, g] * xs[b, g]`, for a symbolic
@@ -185,7 +199,7 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
     batch = tirx.Var("batch", "int64")
     lanes = 8 if isa == "avx2" else 4
     pairs = groups // 2 if isa == "avx2" else 0
-    singles = groups - 2 * pairs  # groups done one at a time (all on ARM, an odd last on x86)
+    singles = groups % 2 if isa == "avx2" else 0  # an odd last group on x86, in scalar code
     first_single = 2 * pairs
     m_chunks = groups // lanes
 
@@ -228,6 +242,56 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                                 acc[r, T.ramp(0, 1, 8)] = acc[r, T.ramp(0, 1, 8)] + T.Cast(
                                     "float32x8", _maddubs_pair(lo, hi, x_lo, x_hi)
                                 ) * (scales * sx)
+                    if isa == "sdot":
+                        for g in range(groups):
+                            x_lo: T.let[T.int8x16] = xq.vload([i, g * GROUP], "int8x16")
+                            x_hi: T.let[T.int8x16] = xq.vload([i, g * GROUP + 16], "int8x16")
+                            sx: T.let[T.float32x4] = sx4.vload([i, g * 4], "float32x4")
+                            for r in T.unroll(rows):
+                                row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                                w: T.let[T.uint8x16] = packed.vload([row, g * 16], "uint8x16")
+                                lo: T.let[T.int8x16] = T.reinterpret(
+                                    w & T.Broadcast(T.uint8(15), 16), dtype="int8x16"
+                                )
+                                hi: T.let[T.int8x16] = T.reinterpret(
+                                    T.shift_right(w, T.Broadcast(T.uint8(4), 16)), dtype="int8x16"
+                                )
+                                acc[r, T.ramp(0, 1, 4)] = acc[r, T.ramp(0, 1, 4)] + T.Cast(
+                                    "float32x4", _sdot_group(lo, hi, x_lo, x_hi)
+                                ) * (T.Broadcast(d[row, g], 4) * sx)
+                    if isa == "neon":
+                        for g in range(groups):
+                            x0: T.let[T.int16x8] = T.Cast("int16x8", xq.vload([i, g * 32], "int8x8"))
+                            x1: T.let[T.int16x8] = T.Cast(
+                                "int16x8", xq.vload([i, g * 32 + 8], "int8x8")
+                            )
+                            x2: T.let[T.int16x8] = T.Cast(
+                                "int16x8", xq.vload([i, g * 32 + 16], "int8x8")
+                            )
+                            x3: T.let[T.int16x8] = T.Cast(
+                                "int16x8", xq.vload([i, g * 32 + 24], "int8x8")
+                            )
+                            sx: T.let[T.float32x4] = sx4.vload([i, g * 4], "float32x4")
+                            for r in T.unroll(rows):
+                                row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                                w0: T.let[T.uint8x8] = packed.vload([row, g * 16], "uint8x8")
+                                w1: T.let[T.uint8x8] = packed.vload([row, g * 16 + 8], "uint8x8")
+                                products: T.let[T.int16x8] = (
+                                    _widened(w0 & T.Broadcast(T.uint8(15), 8)) * x0
+                                    + _widened(w1 & T.Broadcast(T.uint8(15), 8)) * x1
+                                    + _widened(T.shift_right(w0, T.Broadcast(T.uint8(4), 8))) * x2
+                                    + _widened(T.shift_right(w1, T.Broadcast(T.uint8(4), 8))) * x3
+                                )
+                                acc[r, T.ramp(0, 1, 4)] = acc[r, T.ramp(0, 1, 4)] + T.Cast(
+                                    "float32x4",
+                                    T.call_llvm_pure_intrin(
+                                        T.llvm_lookup_intrinsic_id(
+                                            "llvm.aarch64.neon.saddlp.v4i32.v8i16"
+                                        ),
+                                        products,
+                                        dtype="int32x4",
+                                    ),
+                                ) * (T.Broadcast(d[row, g], 4) * sx)
                     for s in range(singles):
                         g: T.let[T.int32] = first_single + s
                         for r in T.unroll(rows):
@@ -268,3 +332,124 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
 
     return _finish(gemv, f"w4a8_gemv_{isa}_k{k}_n{n}")
 
+
+
+def _avx2_dot_int8(w, x):
+    """AVX2: 8 int32 sums of w * xq over 32 bytes, both signed: vpmaddubsw(|w|, sign(xq, w))
+    (llama.cpp's Q8_0 dot; |w| <= 127, so 2 x 127 x 127 cannot saturate)."""
+    magnitude = T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), w, w, dtype="int8x32"
+    )
+    signed_x = T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), x, w, dtype="int8x32"
+    )
+    pairs = T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+        magnitude,
+        signed_x,
+        dtype="int16x16",
+    )
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+        pairs,
+        T.Broadcast(T.int16(1), 16),
+        dtype="int32x8",
+    )
+
+
+def w8a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
+    """``(xq, sx4) of quantize_activations ("plain"), w[n, k] int8, scale[n] -> out[b, n]``,
+    `out[b, j] = scale[j] * sum_g sx[b, g] * sum_{k in g} w[j, k] * xq[b, k]`, for a symbolic
+    b: decoder/quantized.py's symmetric int8 rows times the int8 activation groups, on `isa`'s
+    dot product (AVX2: vpsignb + vpmaddubsw + vpmaddwd; ARM: sdot, or smull/smlal + saddlp),
+    parallel over blocks of `rows` output rows as w4a8_gemv."""
+    check_shape(k)
+    if isa not in FAMILIES:
+        raise ValueError(f"W8A8: no kernel for {isa!r}; choose from {', '.join(FAMILIES)}")
+    groups = k // GROUP
+    tasks = -(-n // rows)
+    batch = tirx.Var("batch", "int64")
+    lanes = 8 if isa == "avx2" else 4
+
+    @T.prim_func(s_tir=True)
+    def gemv(
+        xq: T.Buffer((batch, k), "int8"),
+        sx4: T.Buffer((batch, groups * 4), "float32"),
+        w: T.Buffer((n, k), "int8"),
+        scale: T.Buffer((n,), "float32"),
+        out: T.Buffer((batch, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        with T.sblock("root"):
+            for t in T.parallel(tasks):
+                for i in range(batch):
+                    acc = T.alloc_buffer((rows, lanes), "float32")
+                    for r in T.unroll(rows):
+                        acc[r, T.ramp(0, 1, lanes)] = _zero(lanes)
+                    for g in range(groups):
+                        if isa == "avx2":
+                            x: T.let[T.int8x32] = xq.vload([i, g * GROUP], "int8x32")
+                            sx: T.let[T.float32x8] = T.Broadcast(sx4[i, g * 4], 8)
+                            for r in T.unroll(rows):
+                                row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                                acc[r, T.ramp(0, 1, 8)] = acc[r, T.ramp(0, 1, 8)] + T.Cast(
+                                    "float32x8",
+                                    _avx2_dot_int8(w.vload([row, g * GROUP], "int8x32"), x),
+                                ) * sx
+                        if isa == "sdot":
+                            x_lo: T.let[T.int8x16] = xq.vload([i, g * GROUP], "int8x16")
+                            x_hi: T.let[T.int8x16] = xq.vload([i, g * GROUP + 16], "int8x16")
+                            sx: T.let[T.float32x4] = sx4.vload([i, g * 4], "float32x4")
+                            for r in T.unroll(rows):
+                                row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                                acc[r, T.ramp(0, 1, 4)] = acc[r, T.ramp(0, 1, 4)] + T.Cast(
+                                    "float32x4",
+                                    _sdot_group(
+                                        w.vload([row, g * GROUP], "int8x16"),
+                                        w.vload([row, g * GROUP + 16], "int8x16"),
+                                        x_lo,
+                                        x_hi,
+                                    ),
+                                ) * sx
+                        if isa == "neon":
+                            sx: T.let[T.float32x4] = sx4.vload([i, g * 4], "float32x4")
+                            for r in T.unroll(rows):
+                                row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                                products: T.let[T.int32x4] = T.call_llvm_pure_intrin(
+                                    T.llvm_lookup_intrinsic_id(
+                                        "llvm.aarch64.neon.saddlp.v4i32.v8i16"
+                                    ),
+                                    _int16(w, row, g * GROUP) * _int16(xq, i, g * GROUP)
+                                    + _int16(w, row, g * GROUP + 8) * _int16(xq, i, g * GROUP + 8),
+                                    dtype="int32x4",
+                                ) + T.call_llvm_pure_intrin(
+                                    T.llvm_lookup_intrinsic_id(
+                                        "llvm.aarch64.neon.saddlp.v4i32.v8i16"
+                                    ),
+                                    _int16(w, row, g * GROUP + 16) * _int16(xq, i, g * GROUP + 16)
+                                    + _int16(w, row, g * GROUP + 24)
+                                    * _int16(xq, i, g * GROUP + 24),
+                                    dtype="int32x4",
+                                )
+                                acc[r, T.ramp(0, 1, 4)] = (
+                                    acc[r, T.ramp(0, 1, 4)] + T.Cast("float32x4", products) * sx
+                                )
+                    for r in T.unroll(rows):
+                        if t * rows + r < n:
+                            half = T.alloc_buffer((4,), "float32")
+                            if lanes == 8:
+                                half[T.ramp(0, 1, 4)] = (
+                                    acc[r, T.ramp(0, 1, 4)] + acc[r, T.ramp(4, 1, 4)]
+                                )
+                            else:
+                                half[T.ramp(0, 1, 4)] = acc[r, T.ramp(0, 1, 4)]
+                            out[i, t * rows + r] = (
+                                (half[0] + half[2]) + (half[1] + half[3])
+                            ) * scale[t * rows + r]
+
+    return _finish(gemv, f"w8a8_gemv_{isa}_k{k}_n{n}")
+
+
+def _int16(buffer, row, start):
+    """NEON: 8 int8 of `buffer[row, start:start + 8]` sign-extended to int16 (smull/smlal)."""
+    return T.Cast("int16x8", buffer.vload([row, start], "int8x8"))
