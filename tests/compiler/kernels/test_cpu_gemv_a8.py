@@ -25,12 +25,13 @@ def rng():
 
 
 def quantized_reference(x: np.ndarray):
-    """(xq [b, g, 32] as float64 integers, sx [b, g], xs [b, g]): llama.cpp's Q8 groups."""
+    """(xq [b, g, 32] as float64 integers, sx [b, g], xs [b, g] = sx * sum(xq)): llama.cpp's
+    Q8_1 groups."""
     b, k = x.shape
     groups = x.reshape(b, k // 32, 32).astype(np.float64)
     sx = np.abs(groups).max(axis=2) / 127
     xq = np.round(groups / np.where(sx > 0, sx, 1)[..., None])
-    return xq, sx, groups.sum(axis=2)
+    return xq, sx, sx * xq.sum(axis=2)
 
 
 def paired(xq: np.ndarray) -> np.ndarray:
