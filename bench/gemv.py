@@ -28,7 +28,7 @@ def _kernel(name: str, k: int, n: int):
     """(the compiled GEMV, [weight argument lists, cold copies], bytes read per call)."""
     import numpy as np
     import tvm
-    from tvmdeploy.compiler.kernels import cpu_gemv, cpu_gemv_int4, cpu_gemv_a8
+    from tvmdeploy.compiler.kernels import cpu_gemv, cpu_gemv_a8, cpu_gemv_int4
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2"})
     rng = np.random.default_rng(0)
@@ -125,7 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="TVM_NUM_THREADS (default 2)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds, best kept (default 4)")
-    parser.add_argument("--kernels", default="int8,int4,w4a8,w8a8", help="int8, int4, w4a8, w8a8 (default: all)")
+    parser.add_argument(
+        "--kernels", default="int8,int4,w4a8,w8a8", help="int8, int4, w4a8, w8a8 (default: all)"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     kernels = [name.strip() for name in args.kernels.split(",") if name.strip()]

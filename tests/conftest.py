@@ -204,9 +204,9 @@ def quantized_in_groups(x):
     import torch
 
     groups = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
-    scale = groups.abs().amax(-1, keepdim=True) / 127
-    q = torch.round(groups / torch.where(scale > 0, scale, torch.ones_like(scale)))
-    return (q * scale).reshape(x.shape)
+    peak = groups.abs().amax(-1, keepdim=True)
+    inverse = torch.where(peak > 0, 127 / torch.where(peak > 0, peak, 1), 0)  # as the kernel
+    return (torch.round(groups * inverse) * (peak / 127)).reshape(x.shape)
 
 
 def quantize_decode_activations(model, prompts=None):

@@ -7,8 +7,10 @@ at a quarter of its fp32 size; norms, biases and GPT-2's position table stay fp3
 weights).
 
 What each reads per call:
-- a step with one token per sequence (decode, and prefill's last-token LM head) runs the int8
-  GEMV of kernels/cpu_gemv.py: the weights are read as int8 and widened in registers;
+- a step with one token per sequence (decode, and prefill's last-token LM head) runs W8A8 on a
+  profile with an int8 kernel (kernels/cpu_gemv_a8.py: the activation row quantized to int8 per
+  group of 32, integer dot products), else the int8 GEMV of kernels/cpu_gemv.py (the weights
+  widened to fp32 in registers);
 - a prompt (prefill) runs W8A8 where the profile has an int8 GEMM kernel (cpu_int8.kernel_for:
   AVX2/AVX-512/VNNI/sdot/NEON micro-kernels, AMX tiles): its rows quantized per row, the int8
   weight re-laid out per call into the kernel's panels (kernels/cpu_prefill_int8.py), measured

@@ -22,10 +22,12 @@ agreement 87.5%, perplexity x1.087 of fp32 (gate >= 90%, <= x1.05), where with t
 it passes (97.9%, x0.981; docs/benchmarks.md), for 7 MB more read per token. Norms and biases
 stay fp32.
 
-Decode runs `int4_gemv` (kernels/cpu_gemv_int4.py), which unpacks in registers; prefill
-dequantizes each weight once to fp32 and runs the fp32 GEMM, as int8 does where the profile has
-no int8 kernel (quantized.py); a 4-bit embedding gathers packed rows and dequantizes those rows
-only.
+Decode runs W4A8 (kernels/cpu_gemv_a8.py: the activation row quantized to int8 per group of
+32, the nibbles multiplied as bytes, llama.cpp's Q4_1 x Q8_1 dot) on a CPU profile with an int8
+kernel, else the weight-only `int4_gemv` (kernels/cpu_gemv_int4.py), which unpacks to fp32 in
+registers; prefill dequantizes each weight once to fp32 and runs the fp32 GEMM, as int8 does
+where the profile has no int8 kernel (quantized.py); a 4-bit embedding gathers packed rows and
+dequantizes those rows only.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 from tvm.relax.frontend import nn
 
-from ..kernels import cpu_gemv_int4, cpu_gemv_a8
+from ..kernels import cpu_gemv_a8, cpu_gemv_int4
 from ..kernels.cpu_gemv_int4 import GROUP
 from .quantized import Int8Embedding, one_token, quantize_rows
 
@@ -210,9 +212,7 @@ class _Quantizer(nn.Mutator):
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, nn.Linear):
             bias = node.bias is not None
-            return Int4Linear(
-                node.in_features, node.out_features, bias, self.lanes, self.dot_isa
-            )
+            return Int4Linear(node.in_features, node.out_features, bias, self.lanes, self.dot_isa)
         if isinstance(node, nn.Embedding) and name in self.token_embeddings:
             if self.embedding_bits == 8:
                 return Int8Embedding(node.num, node.dim, self.lanes, self.int8_kernel)

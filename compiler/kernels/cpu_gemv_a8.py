@@ -238,7 +238,9 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                             for r in T.unroll(rows):
                                 row: T.let[T.int32] = T.min(t * rows + r, n - 1)
                                 w: T.let[T.uint8x32] = packed.vload([row, p * 32], "uint8x32")
-                                lo: T.let[T.int8x32] = T.reinterpret(w & T.Broadcast(T.uint8(15), 32), dtype="int8x32")
+                                lo: T.let[T.int8x32] = T.reinterpret(
+                                    w & T.Broadcast(T.uint8(15), 32), dtype="int8x32"
+                                )
                                 hi: T.let[T.int8x32] = T.reinterpret(
                                     T.shift_right(w, T.Broadcast(T.uint8(4), 32)), dtype="int8x32"
                                 )
@@ -269,7 +271,9 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                                 ) * (T.Broadcast(d[row, g], 4) * sx)
                     if isa == "neon":
                         for g in range(groups):
-                            x0: T.let[T.int16x8] = T.Cast("int16x8", xq.vload([i, g * 32], "int8x8"))
+                            x0: T.let[T.int16x8] = T.Cast(
+                                "int16x8", xq.vload([i, g * 32], "int8x8")
+                            )
                             x1: T.let[T.int16x8] = T.Cast(
                                 "int16x8", xq.vload([i, g * 32 + 8], "int8x8")
                             )
@@ -321,11 +325,9 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                     for r in T.unroll(rows):
                         row: T.let[T.int32] = T.min(t * rows + r, n - 1)
                         for c in range(m_chunks):
-                            acc[r, T.ramp(0, 1, lanes)] = (
-                                acc[r, T.ramp(0, 1, lanes)]
-                                + m.vload([row, c * lanes], f"float32x{lanes}")
-                                * xs.vload([i, c * lanes], f"float32x{lanes}")
-                            )
+                            acc[r, T.ramp(0, 1, lanes)] = acc[r, T.ramp(0, 1, lanes)] + m.vload(
+                                [row, c * lanes], f"float32x{lanes}"
+                            ) * xs.vload([i, c * lanes], f"float32x{lanes}")
                         for g in range(m_chunks * lanes, groups):
                             tail[r] = tail[r] + m[row, g] * xs[i, g]
                         if t * rows + r < n:
@@ -339,7 +341,6 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                             out[i, row] = (half[0] + half[2]) + (half[1] + half[3]) + tail[r]
 
     return _finish(gemv, f"w4a8_gemv_{isa}_k{k}_n{n}")
-
 
 
 def _avx2_dot_int8(w, x):
@@ -446,7 +447,9 @@ def w8a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                                 + (acc[1, T.ramp(0, 1, 4)] + acc[1, T.ramp(4, 1, 4)])
                             )
                         else:
-                            half[T.ramp(0, 1, 4)] = acc[0, T.ramp(0, 1, 4)] + acc[1, T.ramp(0, 1, 4)]
+                            half[T.ramp(0, 1, 4)] = (
+                                acc[0, T.ramp(0, 1, 4)] + acc[1, T.ramp(0, 1, 4)]
+                            )
                         if t * rows + r < n:
                             out[i, row] = ((half[0] + half[2]) + (half[1] + half[3])) * scale[row]
 

@@ -59,7 +59,9 @@ def run_quantize(x: np.ndarray, layout: str):
     return [a.numpy() for a in arrays]
 
 
-@pytest.mark.parametrize(("layout", "k", "b"), [("paired", 96, 1), ("paired", 128, 3), ("plain", 96, 2)])
+@pytest.mark.parametrize(
+    ("layout", "k", "b"), [("paired", 96, 1), ("paired", 128, 3), ("plain", 96, 2)]
+)
 def test_the_activation_row_is_quantized_per_group_in_the_kernels_layout(rng, layout, k, b):
     x = rng.standard_normal((b, k)).astype(np.float32)
     x[0, 32:64] = 0  # an all-zero group: scale 0, q 0
