@@ -243,7 +243,7 @@ def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf,
 
 @pytest.mark.qemu
 def test_the_neon_int4_artifact_runs_under_qemu(tiny_llm_dir, rounded, tmp_path):
-    """The arm64-neon int4 artifact (4-lane GEMV: 8 vectors a group) run in
+    """The arm64-neon int4 artifact (W4A8 and the W8A8 LM head on NEON smull/saddlp) run in
     the aarch64 Python under qemu-user computes what transformers does with the rounded weights
     (the quantized gate itself runs natively only)."""
     import os
