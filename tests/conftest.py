@@ -198,6 +198,58 @@ def save_tiny_llm(path: Path, family: str = "llama", seed: int = 0, tokenizer: b
     return path
 
 
+def quantized_in_groups(x):
+    """A torch tensor's last axis quantized as the decode GEMVs quantize their activation row
+    (kernels/cpu_gemv_a8.py): per group of 32, symmetric, 127 steps of max|x| / 127."""
+    import torch
+
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    peak = groups.abs().amax(-1, keepdim=True)
+    inverse = torch.where(peak > 0, 127 / torch.where(peak > 0, peak, 1), 0)  # as the kernel
+    return (torch.round(groups * inverse) * (peak / 127)).reshape(x.shape)
+
+
+def quantize_decode_activations(model, prompts=None):
+    """`model` with the input of every linear layer quantized in groups (quantized_in_groups) at
+    decode steps (one token), as the int8 and int4 decode GEMVs do, and of the LM head at every
+    step (the compiled prefill runs it on the last token through the same GEMV); a prompt's
+    inputs (more than one token) go through `prompts` (None: left in fp32)."""
+    import torch
+
+    def quantize(module, args):
+        (x,) = args
+        if module is lm_head or x.shape[-2] <= 1:
+            return (quantized_in_groups(x),)
+        return None if prompts is None else (prompts(x),)
+
+    lm_head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(quantize)
+    return model
+
+
+def hf_greedy_logits(model, ids: list[int], new: int):
+    """(transformers' greedy continuation of `ids`, EOS ignored; the logits [new, vocab] each of
+    its tokens was picked from: the prompt's last, then one decode step per token)."""
+    import numpy as np
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    logits = np.stack([step[0].float().numpy() for step in out.logits])
+    return out.sequences[0, len(ids) :].tolist(), logits
+
+
 def hf_greedy(model, ids: list[int], new: int) -> list[int]:
     """transformers' greedy continuation of `ids`, EOS ignored (so a compiled model and the
     reference both run `new` steps)."""

@@ -39,7 +39,8 @@ def export(
     """(IRModule with the entry functions, [(parameter name, nn.Parameter)] in call order);
     `precision` "int8" / "int4": weight-only int8 / int4 layers (decoder/quantized.py,
     decoder/quantized_int4.py); int8 prefill runs on `int8_kernel` (cpu_int8.kernel_for the
-    profile; None: dequantize-then-fp32-GEMM)."""
+    profile; None: dequantize-then-fp32-GEMM), and int4 decode on its family's W4A8 GEMV
+    (kernels/cpu_gemv_w4a8.py; None: the weight-only int4 GEMV)."""
     model = definition(config, target)
     model.to("float32")
     if precision in QUANTIZED:
@@ -52,7 +53,9 @@ def export(
         else:
             from .quantized_int4 import quantize_module
 
-            model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS)
+            model = quantize_module(
+                model, vector_lanes(target), TOKEN_EMBEDDINGS, int8_kernel=int8_kernel
+            )
     # The static batch-1 entry saves the VM's shape work per step (SmolLM2 fp32 on a Zen 3: 38.7
     # against 46.7 ms a step). Its int8 step was once slower (13.9 against 8.5 ms): the row
     # reduction rule computed each RMSNorm 576 times over for a single row (kernels/cpu_rules.py).

@@ -7,8 +7,10 @@ at a quarter of its fp32 size; norms, biases and GPT-2's position table stay fp3
 weights).
 
 What each reads per call:
-- a step with one token per sequence (decode, and prefill's last-token LM head) runs the int8
-  GEMV of kernels/cpu_gemv.py: the weights are read as int8 and widened in registers;
+- a step with one token per sequence (decode, and prefill's last-token LM head) runs W8A8 on a
+  profile with an int8 kernel (kernels/cpu_gemv_a8.py: the activation row quantized to int8 per
+  group of 32, integer dot products), else the int8 GEMV of kernels/cpu_gemv.py (the weights
+  widened to fp32 in registers);
 - a prompt (prefill) runs W8A8 where the profile has an int8 GEMM kernel (cpu_int8.kernel_for:
   AVX2/AVX-512/VNNI/sdot/NEON micro-kernels, AMX tiles): its rows quantized per row, the int8
   weight re-laid out per call into the kernel's panels (kernels/cpu_prefill_int8.py), measured
@@ -24,7 +26,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax.frontend import nn
 
-from ..kernels import cpu_gemv, cpu_prefill_int8
+from ..kernels import cpu_gemv, cpu_gemv_a8, cpu_prefill_int8
 from ..kernels.cpu_int8 import Int8Kernel
 
 #: The suffix of a quantized weight's scale parameter (`<layer>.weight` -> `<layer>.scale`).
@@ -45,10 +47,32 @@ def _rows(x: nn.Tensor) -> nn.Tensor:
     return nn.op.reshape(x, (-1, x.shape[-1]))
 
 
-def gemv(x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, lanes: int) -> nn.Tensor:
-    """x[b, 1, K] @ dequant(weight[N, K]).T -> [b, 1, N] through the int8 GEMV."""
+def gemv(
+    x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, lanes: int, dot_isa: str | None = None
+) -> nn.Tensor:
+    """x[b, 1, K] @ dequant(weight[N, K]).T -> [b, 1, N]: W8A8 on `dot_isa`'s integer dot
+    product (kernels/cpu_gemv_a8.py; K a multiple of 32), else the weight-only int8 GEMV."""
     n, k = (int(d) for d in weight.shape)
     rows = _rows(x)
+    if dot_isa is not None and k % cpu_gemv_a8.GROUP == 0:
+        b = rows.shape[0]
+        xq, sx4, _ = nn.op.tensor_ir_op(
+            cpu_gemv_a8.quantize_activations(k, cpu_gemv_a8.layout_for(dot_isa, 8)),
+            "a8_quantize",
+            [rows],
+            [
+                nn.Tensor.placeholder((b, k), "int8"),
+                nn.Tensor.placeholder((b, k // 8), "float32"),
+                nn.Tensor.placeholder((b, k // cpu_gemv_a8.GROUP), "float32"),
+            ],
+        )
+        out = nn.op.tensor_ir_op(
+            cpu_gemv_a8.w8a8_gemv(k, n, dot_isa),
+            "w8a8_gemv",
+            [xq, sx4, weight, scale],
+            nn.Tensor.placeholder((b, n), "float32"),
+        )
+        return nn.op.reshape(out, (*x.shape[:-1], n))
     out = nn.op.tensor_ir_op(
         cpu_gemv.int8_gemv(k, n, lanes),
         "int8_gemv",
@@ -124,7 +148,7 @@ def matmul_int8(
     """The weight-only int8 product: the GEMV for one token, else W8A8 where `kernel` can run
     the shape, else dequantize-then-fp32-GEMM."""
     if one_token(x):
-        return gemv(x, weight, scale, lanes)
+        return gemv(x, weight, scale, lanes, cpu_gemv_a8.dot_isa(kernel))
     n, k = (int(d) for d in weight.shape)
     if cpu_prefill_int8.supports(kernel, n, k):
         return w8a8(x, weight, scale, kernel)

@@ -22,10 +22,12 @@ agreement 87.5%, perplexity x1.087 of fp32 (gate >= 90%, <= x1.05), where with t
 it passes (97.9%, x0.981; docs/benchmarks.md), for 7 MB more read per token. Norms and biases
 stay fp32.
 
-Decode runs `int4_gemv` (kernels/cpu_gemv_int4.py), which unpacks in registers; prefill
-dequantizes each weight once to fp32 and runs the fp32 GEMM, as int8 does where the profile has
-no int8 kernel (quantized.py); a 4-bit embedding gathers packed rows and dequantizes those rows
-only.
+Decode runs W4A8 (kernels/cpu_gemv_a8.py: the activation row quantized to int8 per group of
+32, the nibbles multiplied as bytes, llama.cpp's Q4_1 x Q8_1 dot) on a CPU profile with an int8
+kernel, else the weight-only `int4_gemv` (kernels/cpu_gemv_int4.py), which unpacks to fp32 in
+registers; prefill dequantizes each weight once to fp32 and runs the fp32 GEMM, as int8 does
+where the profile has no int8 kernel (quantized.py); a 4-bit embedding gathers packed rows and
+dequantizes those rows only.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 from tvm.relax.frontend import nn
 
-from ..kernels import cpu_gemv_int4
+from ..kernels import cpu_gemv_a8, cpu_gemv_int4
 from ..kernels.cpu_gemv_int4 import GROUP
 from .quantized import Int8Embedding, one_token, quantize_rows
 
@@ -77,10 +79,20 @@ def quantize_groups(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return pack_nibbles(q.reshape(n, k)), scale, low.astype(np.float32)
 
 
-def gemv(x: nn.Tensor, packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lanes: int):
-    """x[b, 1, K] @ dequant(W[N, K]).T -> [b, 1, N] through the int4 GEMV."""
+def gemv(
+    x: nn.Tensor,
+    packed: nn.Tensor,
+    scale: nn.Tensor,
+    low: nn.Tensor,
+    lanes: int,
+    dot_isa: str | None = None,
+):
+    """x[b, 1, K] @ dequant(W[N, K]).T -> [b, 1, N]: W4A8 on `dot_isa`'s integer dot product
+    (kernels/cpu_gemv_a8.py), else (None) the weight-only int4 GEMV."""
     n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
     rows = nn.op.reshape(x, (-1, k))
+    if dot_isa is not None:
+        return nn.op.reshape(w4a8(rows, packed, scale, low, dot_isa), (*x.shape[:-1], n))
     out = nn.op.tensor_ir_op(
         cpu_gemv_int4.int4_gemv(k, n, lanes),
         "int4_gemv",
@@ -88,6 +100,29 @@ def gemv(x: nn.Tensor, packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lane
         nn.Tensor.placeholder((rows.shape[0], n), "float32"),
     )
     return nn.op.reshape(out, (*x.shape[:-1], n))
+
+
+def w4a8(rows: nn.Tensor, packed, scale, low, dot_isa: str) -> nn.Tensor:
+    """rows[b, K] @ dequant(W[N, K]).T -> [b, N]: the rows quantized to int8 per group of 32,
+    then the integer-dot GEMV (kernels/cpu_gemv_a8.py)."""
+    n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
+    b = rows.shape[0]
+    xq, sx4, xs = nn.op.tensor_ir_op(
+        cpu_gemv_a8.quantize_activations(k, cpu_gemv_a8.layout_for(dot_isa, 4)),
+        "a8_quantize",
+        [rows],
+        [
+            nn.Tensor.placeholder((b, k), "int8"),
+            nn.Tensor.placeholder((b, k // 8), "float32"),
+            nn.Tensor.placeholder((b, k // GROUP), "float32"),
+        ],
+    )
+    return nn.op.tensor_ir_op(
+        cpu_gemv_a8.w4a8_gemv(k, n, dot_isa),
+        "w4a8_gemv",
+        [xq, sx4, xs, packed, scale, low],
+        nn.Tensor.placeholder((b, n), "float32"),
+    )
 
 
 def dequantized(packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lanes: int, n=None):
@@ -101,9 +136,9 @@ def dequantized(packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lanes: int,
     )
 
 
-def matmul_int4(x, packed, scale, low, lanes: int) -> nn.Tensor:
+def matmul_int4(x, packed, scale, low, lanes: int, dot_isa: str | None = None) -> nn.Tensor:
     if one_token(x):
-        return gemv(x, packed, scale, low, lanes)
+        return gemv(x, packed, scale, low, lanes, dot_isa)
     n = int(packed.shape[0])
     return nn.op.matmul(x, nn.op.permute_dims(dequantized(packed, scale, low, lanes, n)))
 
@@ -111,9 +146,17 @@ def matmul_int4(x, packed, scale, low, lanes: int) -> nn.Tensor:
 class Int4Linear(nn.Module):
     """`nn.Linear` with int4 weights [out, in] in groups of 32 (packed, scale, min planes)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, lanes: int):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        lanes: int,
+        dot_isa: str | None = None,
+    ):
         cpu_gemv_int4.check_shape(in_features, f"a linear layer ({out_features} x {in_features})")
         self.lanes = lanes
+        self.dot_isa = dot_isa
         groups = in_features // GROUP
         self.weight = nn.Parameter((out_features, in_features // 2), "uint8")
         self.scale = nn.Parameter((out_features, groups), "float32")
@@ -121,16 +164,17 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        out = matmul_int4(x, self.weight, self.scale, self.min, self.lanes)
+        out = matmul_int4(x, self.weight, self.scale, self.min, self.lanes, self.dot_isa)
         return out + self.bias if self.bias is not None else out
 
 
 class Int4Embedding(nn.Module):
     """`nn.Embedding` with int4 rows in groups of 32; `lm_head` is the tied head."""
 
-    def __init__(self, num: int, dim: int, lanes: int):
+    def __init__(self, num: int, dim: int, lanes: int, dot_isa: str | None = None):
         cpu_gemv_int4.check_shape(dim, f"the token embedding ({num} x {dim})")
         self.lanes = lanes
+        self.dot_isa = dot_isa
         self.weight = nn.Parameter((num, dim // 2), "uint8")
         self.scale = nn.Parameter((num, dim // GROUP), "float32")
         self.min = nn.Parameter((num, dim // GROUP), "float32")
@@ -142,7 +186,7 @@ class Int4Embedding(nn.Module):
         return nn.op.reshape(dequantized(*rows, self.lanes), (*ids.shape, dim))
 
     def lm_head(self, hidden: nn.Tensor) -> nn.Tensor:
-        return matmul_int4(hidden, self.weight, self.scale, self.min, self.lanes)
+        return matmul_int4(hidden, self.weight, self.scale, self.min, self.lanes, self.dot_isa)
 
 
 #: Bits of the token embedding (and a tied LM head) in an int4 artifact: 8 (the default, see
@@ -151,19 +195,28 @@ EMBEDDING_BITS = 8
 
 
 class _Quantizer(nn.Mutator):
-    def __init__(self, lanes: int, token_embeddings: tuple[str, ...], embedding_bits: int):
+    def __init__(
+        self,
+        lanes: int,
+        token_embeddings: tuple[str, ...],
+        embedding_bits: int,
+        dot_isa: str | None,
+        int8_kernel,
+    ):
         self.lanes = lanes
+        self.dot_isa = dot_isa
+        self.int8_kernel = int8_kernel
         self.token_embeddings = token_embeddings
         self.embedding_bits = embedding_bits
 
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, nn.Linear):
             bias = node.bias is not None
-            return Int4Linear(node.in_features, node.out_features, bias, self.lanes)
+            return Int4Linear(node.in_features, node.out_features, bias, self.lanes, self.dot_isa)
         if isinstance(node, nn.Embedding) and name in self.token_embeddings:
             if self.embedding_bits == 8:
-                return Int8Embedding(node.num, node.dim, self.lanes, None)
-            return Int4Embedding(node.num, node.dim, self.lanes)
+                return Int8Embedding(node.num, node.dim, self.lanes, self.int8_kernel)
+            return Int4Embedding(node.num, node.dim, self.lanes, self.dot_isa)
         return self.visit(name, node)
 
 
@@ -172,10 +225,16 @@ def quantize_module(
     lanes: int,
     token_embeddings: tuple[str, ...],
     embedding_bits: int = EMBEDDING_BITS,
+    int8_kernel=None,
 ) -> nn.Module:
     """`model` with every `nn.Linear` made int4, and the embeddings named `token_embeddings`
-    made `embedding_bits` (8 or 4) bits."""
-    return _Quantizer(lanes, token_embeddings, embedding_bits).visit("", model)
+    made `embedding_bits` (8 or 4) bits; `int8_kernel` (cpu_int8.kernel_for the profile) picks
+    the W4A8 decode GEMV's instruction set (cpu_gemv_a8.dot_isa; None: the weight-only int4
+    GEMV)."""
+    dot_isa = cpu_gemv_a8.dot_isa(int8_kernel)
+    return _Quantizer(lanes, token_embeddings, embedding_bits, dot_isa, int8_kernel).visit(
+        "", model
+    )
 
 
 def quantize_params(

@@ -107,7 +107,7 @@ def build_profile(
     name = artifact_name(profile.name, precision)
     with stages(f"build {name}"):
         target = build.tvm_target(profile)
-        kernel = kernel_for(profile) if precision == "int8" else None
+        kernel = kernel_for(profile) if precision in ("int8", "int4") else None
         mod, named = lower.export(config, target, precision, kernel)
         built = build.build_artifact(
             mod, profile, out_dir / name, pipeline=lower.pipeline_for(profile, target)

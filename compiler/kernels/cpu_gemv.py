@@ -13,6 +13,9 @@ GEMV's bandwidth (docs/benchmarks.md). The partial sums are added pairwise, sinc
 of scalar adds per row cost as much as the row's FMAs. The scale is applied once per output.
 K need not be a multiple of the chunk, nor N of `ROWS` (the tails run predicated).
 
+Where the profile has an int8 kernel, decode runs W8A8 instead (cpu_gemv_a8.py: the activation
+row quantized to int8, llama.cpp's Q8_0 dot); `int8_gemv` stays for the other profiles.
+
 `dequantize` is the prefill path of a profile without an int8 GEMM kernel (or a shape its
 panels do not divide): the int8 weights widened once per call into an fp32 buffer that the fp32
 register-blocked GEMM (cpu_matmul.py) reads. Where the profile has one, prefill runs W8A8

@@ -17,6 +17,9 @@ dequantized per weight, then the FMA with x) that is one vector FMA less per `la
 measured single-threaded on Zen 3, 1.05-1.8x faster per shape, equal on 1536 x 576
 (docs/benchmarks.md).
 
+Decoding on a CPU profile with an int8 kernel runs W4A8 instead (cpu_gemv_a8.py: integer dots,
+about 7 vector instructions per 32 weights against ~17 here); `int4_gemv` stays for the others.
+
 Both functions come out scheduled and under a per-shape symbol, as cpu_gemv's do.
 """
 

@@ -21,7 +21,7 @@ from tvmdeploy.compiler.decoder.weights import decoder_params
 from tvmdeploy.compiler.errors import OptionError
 from tvmdeploy.runtime import load
 
-from tests.conftest import hf_greedy, save_tiny_gguf
+from tests.conftest import hf_greedy, quantize_decode_activations, save_tiny_gguf
 
 #: int4 kernels against transformers running the same rounded weights in fp32: only the
 #: summation order differs.
@@ -70,7 +70,8 @@ def int4_bundle(tiny_llm_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rounded(tiny_llm_dir):
     """transformers with every 2-D weight Q4_1-rounded, the tied embedding (and LM head) int8
-    per row."""
+    per row, and the activations of decode steps and of the LM head quantized in groups of 32
+    as the W4A8 and W8A8 decode GEMVs quantize them (the prompt's stay fp32, as prefill's)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,7 +83,7 @@ def rounded(tiny_llm_dir):
                 p.copy_(torch.from_numpy(q4_1_rounded(p.numpy())))
         embedding = model.get_input_embeddings().weight
         embedding.copy_(torch.from_numpy(int8_rows_rounded(original_embedding)))
-    return model
+    return quantize_decode_activations(model)
 
 
 def test_the_int4_weights_are_stored_as_packed_groups(int4_bundle):
@@ -115,7 +116,7 @@ def test_int4_computes_what_transformers_does_with_the_rounded_weights(int4_bund
         ids = rng.integers(3, 300, size=n).tolist()
         got = generator.prefill_logits(ids)  # prefill: dequantize, then the fp32 GEMM
         assert np.abs(got - _logits(rounded, ids)).max() <= SAME_WEIGHTS_ATOL
-        result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)  # the int4 GEMV
+        result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)  # the W4A8 GEMV
         assert list(result.token_ids) == hf_greedy(rounded, ids, 16)
 
 
@@ -232,6 +233,7 @@ def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf,
     with torch.no_grad():  # the artifact's 8-bit embedding and tied LM head
         embedding = reference.get_input_embeddings().weight
         embedding.copy_(torch.from_numpy(int8_rows_rounded(embedding.numpy())))
+    quantize_decode_activations(reference)  # as the decode GEMVs quantize activations
     generator = load(bundle, precision="int4")
     rng = np.random.default_rng(9)
     for n in (4, 13):
@@ -246,7 +248,7 @@ def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf,
 
 @pytest.mark.qemu
 def test_the_neon_int4_artifact_runs_under_qemu(tiny_llm_dir, rounded, tmp_path):
-    """The arm64-neon int4 artifact (4-lane GEMV: 8 vectors a group) run in
+    """The arm64-neon int4 artifact (W4A8 and the W8A8 LM head on NEON smull/saddlp) run in
     the aarch64 Python under qemu-user computes what transformers does with the rounded weights
     (the quantized gate itself runs natively only)."""
     import os

@@ -20,7 +20,7 @@ from tvmdeploy.compiler.decoder.quantized import quantize_rows
 from tvmdeploy.compiler.kernels.cpu_int8 import kernel_for
 from tvmdeploy.runtime import load
 
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, quantize_decode_activations
 
 #: W8A8 prefill against transformers with the same weights and activations quantized in PyTorch:
 #: the summation order, and now and then an activation rounded to the neighbouring level.
@@ -63,33 +63,27 @@ def references(tiny_llm_dir):
     return fp32, rounded
 
 
-def _fake_quantized_prompts(model, levels: int):
-    """`model` with every layer's input quantized per row as the W8A8 prefill does (asymmetric,
-    `levels` steps over [min(row, 0), max(row, 0)]) when it holds a prompt (more than one token;
-    decode steps stay weight-only); the LM head, run on the last token by the GEMV, is left out."""
+def _prompt_quantizer(levels: int):
+    """A layer's input quantized per row as the W8A8 prefill does (asymmetric, `levels` steps
+    over [min(row, 0), max(row, 0)])."""
     import torch
 
-    def quantize(_module, args):
-        (x,) = args
-        if x.shape[-2] <= 1:
-            return None
+    def quantize(x):
         hi = x.amax(-1, keepdim=True).clamp(min=0)
         lo = x.amin(-1, keepdim=True).clamp(max=0)
         scale = ((hi - lo) / levels).clamp(min=1e-12)
         zero = torch.round(-lo / scale)
         q = torch.clamp(torch.round(x / scale) + zero, 0, levels)
-        return ((q - zero) * scale,)
+        return (q - zero) * scale
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            module.register_forward_pre_hook(quantize)
-    return model
+    return quantize
 
 
 @pytest.fixture(scope="module")
 def w8a8_reference(tiny_llm_dir):
     """transformers on the rounded int8 weights, prompts' activations quantized as this CPU's
-    int8 kernel quantizes them (7 bits for AVX2's vpmaddubsw)."""
+    int8 prefill kernel quantizes them (7 bits for AVX2's vpmaddubsw), decode steps' (and the
+    LM head's) in groups of 32 as the W8A8 decode GEMV does."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +94,7 @@ def w8a8_reference(tiny_llm_dir):
                 q, scale = quantize_rows(p.numpy())
                 p.copy_(torch.from_numpy(q.astype(np.float32) * scale[:, None]))
     levels = kernel_for(targets.get("x86-64-v3")).a_levels
-    return _fake_quantized_prompts(model, levels)
+    return quantize_decode_activations(model, _prompt_quantizer(levels))
 
 
 def _logits(model, ids):
@@ -138,7 +132,7 @@ def test_int8_computes_what_transformers_does_with_the_rounded_weights(
         assert np.abs(got - _logits(w8a8_reference, ids)).max() <= SAME_W8A8_ATOL
         want = _logits(fp32, ids)
         assert np.abs(got - want).max() <= FP32_RANGE_ATOL * float(want.max() - want.min())
-        # decode: the GEMV path, token for token, on the cache the W8A8 prefill filled
+        # decode: the W8A8 GEMV, token for token, on the cache the W8A8 prefill filled
         result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)
         assert list(result.token_ids) == hf_greedy(w8a8_reference, ids, 16)
 
