@@ -11,6 +11,7 @@ The merged or converted folder lives in the compile's work directory and is remo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -64,15 +65,49 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
 
     logger.info("  reading %s with transformers (GGUF weights dequantized to fp32)", path.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        )
+        with _gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            )
     except (ValueError, KeyError, OSError, RuntimeError) as err:
         raise ModelLoadError(f"{path}: transformers cannot read this GGUF file: {err}") from None
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """While converting one file: transformers parses a GGUF file's metadata three times
+    (tokenizer, config, weights), each in Python (SmolLM2's 49,152-token vocabulary: ~5 s a
+    parse), and builds gguf's tensor-name map once per tensor (~7 s for 272 tensors, the same
+    map each time). Here one `GGUFReader` per file and one map per (arch, layers) serve every
+    call; both are only read. transformers imports them from `gguf` at each call, so the
+    module attributes are what is swapped, and put back after (compile converts one file at a
+    time, on one thread)."""
+    import gguf
+
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+    name_maps: dict = {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in name_maps:
+            name_maps[arch, n_blocks] = real_name_map(arch, n_blocks)
+        return name_maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
 
 
 def _adapter_base(adapter: Path, base: str | Path | None) -> Path:
