@@ -47,6 +47,23 @@ def _rows(x: nn.Tensor) -> nn.Tensor:
     return nn.op.reshape(x, (-1, x.shape[-1]))
 
 
+def quantized_activations(rows: nn.Tensor, k: int, dot_isa: str, weight_bits: int) -> tuple:
+    """(xq int8 [b, K], scales [b, K/8], group sums [b, K/32]) of rows[b, K]: the activation
+    quantization the integer-dot decode GEMVs read, in the layout of `dot_isa`'s GEMV for
+    weights of `weight_bits` (kernels/cpu_gemv_a8.py)."""
+    b = rows.shape[0]
+    return nn.op.tensor_ir_op(
+        cpu_gemv_a8.quantize_activations(k, cpu_gemv_a8.layout_for(dot_isa, weight_bits)),
+        "a8_quantize",
+        [rows],
+        [
+            nn.Tensor.placeholder((b, k), "int8"),
+            nn.Tensor.placeholder((b, k // 8), "float32"),
+            nn.Tensor.placeholder((b, k // cpu_gemv_a8.GROUP), "float32"),
+        ],
+    )
+
+
 def gemv(
     x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, lanes: int, dot_isa: str | None = None
 ) -> nn.Tensor:
@@ -56,16 +73,7 @@ def gemv(
     rows = _rows(x)
     if dot_isa is not None and k % cpu_gemv_a8.GROUP == 0:
         b = rows.shape[0]
-        xq, sx4, _ = nn.op.tensor_ir_op(
-            cpu_gemv_a8.quantize_activations(k, cpu_gemv_a8.layout_for(dot_isa, 8)),
-            "a8_quantize",
-            [rows],
-            [
-                nn.Tensor.placeholder((b, k), "int8"),
-                nn.Tensor.placeholder((b, k // 8), "float32"),
-                nn.Tensor.placeholder((b, k // cpu_gemv_a8.GROUP), "float32"),
-            ],
-        )
+        xq, sx4, _ = quantized_activations(rows, k, dot_isa, weight_bits=8)
         out = nn.op.tensor_ir_op(
             cpu_gemv_a8.w8a8_gemv(k, n, dot_isa),
             "w8a8_gemv",

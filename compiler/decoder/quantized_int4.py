@@ -37,7 +37,7 @@ from tvm.relax.frontend import nn
 
 from ..kernels import cpu_gemv_a8, cpu_gemv_int4
 from ..kernels.cpu_gemv_int4 import GROUP
-from .quantized import Int8Embedding, one_token, quantize_rows
+from .quantized import Int8Embedding, one_token, quantize_rows, quantized_activations
 
 #: Suffixes of a quantized weight's planes (`<layer>.weight` -> `<layer>.scale`, `.min`).
 SCALE_SUFFIX = ".scale"
@@ -107,16 +107,7 @@ def w4a8(rows: nn.Tensor, packed, scale, low, dot_isa: str) -> nn.Tensor:
     then the integer-dot GEMV (kernels/cpu_gemv_a8.py)."""
     n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
     b = rows.shape[0]
-    xq, sx4, xs = nn.op.tensor_ir_op(
-        cpu_gemv_a8.quantize_activations(k, cpu_gemv_a8.layout_for(dot_isa, 4)),
-        "a8_quantize",
-        [rows],
-        [
-            nn.Tensor.placeholder((b, k), "int8"),
-            nn.Tensor.placeholder((b, k // 8), "float32"),
-            nn.Tensor.placeholder((b, k // GROUP), "float32"),
-        ],
-    )
+    xq, sx4, xs = quantized_activations(rows, k, dot_isa, weight_bits=4)
     return nn.op.tensor_ir_op(
         cpu_gemv_a8.w4a8_gemv(k, n, dot_isa),
         "w4a8_gemv",
