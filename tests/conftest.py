@@ -253,18 +253,7 @@ def hf_greedy_logits(model, ids: list[int], new: int):
 def hf_greedy(model, ids: list[int], new: int) -> list[int]:
     """transformers' greedy continuation of `ids`, EOS ignored (so a compiled model and the
     reference both run `new` steps)."""
-    import torch
-
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(ids) :].tolist()
+    return hf_greedy_logits(model, ids, new)[0]
 
 
 @pytest.fixture(scope="session")
