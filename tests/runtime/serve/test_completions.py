@@ -118,7 +118,9 @@ def test_a_client_leaving_mid_stream_frees_its_sequence(url, client, llm):
         with httpx.stream(
             "POST",
             f"{url}/v1/completions",
-            json={"model": "llm", "prompt": PROMPT, "max_tokens": 200, "stream": True},
+            # greedy: its continuation of PROMPT runs all 200 tokens (sampled, it can end early)
+            json={"model": "llm", "prompt": PROMPT, "max_tokens": 200, "temperature": 0,
+                  "stream": True},
             timeout=30,
         ) as response:
             assert response.status_code == 200

@@ -175,7 +175,15 @@ def test_a_client_leaving_a_stream_through_the_proxy_frees_its_sequence(url, llm
         replica, abandoned, finished = _stream_counts(url)
         assert abandoned == 0
         before[replica] = finished
-    body = {"model": "llm", "prompt": "The bundle holds", "max_tokens": 240, "stream": True}
+    # Greedy: the tiny Llama's greedy continuation of this prompt runs all 240 tokens (sampled,
+    # as OpenAI's default temperature 1 would, it can end within the three events read).
+    body = {
+        "model": "llm",
+        "prompt": "The bundle holds",
+        "max_tokens": 240,
+        "temperature": 0,
+        "stream": True,
+    }
     left = 10
     for _ in range(left):
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
