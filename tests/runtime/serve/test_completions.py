@@ -119,8 +119,13 @@ def test_a_client_leaving_mid_stream_frees_its_sequence(url, client, llm):
             "POST",
             f"{url}/v1/completions",
             # greedy: its continuation of PROMPT runs all 200 tokens (sampled, it can end early)
-            json={"model": "llm", "prompt": PROMPT, "max_tokens": 200, "temperature": 0,
-                  "stream": True},
+            json={
+                "model": "llm",
+                "prompt": PROMPT,
+                "max_tokens": 200,
+                "temperature": 0,
+                "stream": True,
+            },
             timeout=30,
         ) as response:
             assert response.status_code == 200
