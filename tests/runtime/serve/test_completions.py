@@ -98,14 +98,19 @@ def test_concurrent_requests_get_their_own_text(client, llm):
     assert found == expected
 
 
-def _stream_counts(url: str) -> tuple[float, float]:
-    """(streams left by their clients, generations run to their end) of the llm, from /metrics."""
+def stream_counts(metrics: str) -> tuple[float, float]:
+    """(streams left by their clients, generations run to their end) of the llm, from the text
+    of a /metrics answer."""
     counts = {"tvmdeploy_streams_abandoned_total": 0.0, "tvmdeploy_generations_total": 0.0}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+    for line in metrics.splitlines():
         name, _, value = line.partition('{model="llm"} ')
         if name in counts:
             counts[name] = float(value)
-    return tuple(counts.values())
+    return counts["tvmdeploy_streams_abandoned_total"], counts["tvmdeploy_generations_total"]
+
+
+def _stream_counts(url: str) -> tuple[float, float]:
+    return stream_counts(httpx.get(f"{url}/metrics", timeout=10).text)
 
 
 def test_a_client_leaving_mid_stream_frees_its_sequence(url, client, llm):

@@ -31,6 +31,7 @@ from tvmdeploy.runtime.serve.ray import (
 from tvmdeploy.runtime.signing import generate_keypair
 from typer.testing import CliRunner
 
+from .test_completions import stream_counts
 from .test_server import ATOL, TEXTS, free_port, logits_of, token_rows, v2_body
 
 NODE = {"num_cpus": 1, "object_store_memory": 80 << 20, "node_ip_address": "127.0.0.1"}
@@ -150,12 +151,7 @@ def _stream_counts(url: str) -> tuple[str, float, float]:
     """One replica's streams of the tiny Llama, from its /metrics (each GET goes to the replica
     Ray's router picks): (replica, streams left by their clients, generations finished)."""
     response = httpx.get(f"{url}/metrics", timeout=10)
-    counts = {"tvmdeploy_streams_abandoned_total": 0.0, "tvmdeploy_generations_total": 0.0}
-    for line in response.text.splitlines():
-        name, _, value = line.partition('{model="llm"} ')
-        if name in counts:
-            counts[name] = float(value)
-    return response.headers[REPLICA_HEADER], *counts.values()
+    return response.headers[REPLICA_HEADER], *stream_counts(response.text)
 
 
 def test_a_client_leaving_a_stream_through_the_proxy_frees_its_sequence(url, llm):
