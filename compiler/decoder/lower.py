@@ -64,10 +64,19 @@ def export(
     if target.kind.name == "llvm":  # the project's CPU attention kernels in place of TVM's
         from ..kernels.cpu_paged_attention import replace_decode_kernel
         from ..kernels.cpu_prefill_attention import replace_prefill_kernel
+        from ..kernels.cpu_rope import replace_rope_kernel
         from ..kernels.cpu_target import vector_lanes
 
         heads = (config.num_kv_heads, config.num_heads, config.head_dim)
         mod = replace_decode_kernel(mod, *heads)
+        mod = replace_rope_kernel(
+            mod,
+            config.rope_theta,
+            config.head_dim,
+            config.num_heads,
+            config.num_kv_heads,
+            vector_lanes(target),
+        )
         if model.rope_mode != RopeMode.INLINE:  # it takes rotary embedding applied beforehand
             mod = replace_prefill_kernel(mod, *heads, vector_lanes(target))
     return mod, named
@@ -83,17 +92,19 @@ def pipeline_for(profile, target):
 def cpu_pipeline(target):
     """The project's CPU pipeline (kernels/cpu_schedule.py: fusion, then the rule-based
     register-blocked matmul, reduction and injective schedules), transposes fused into the
-    matmuls first. Weight packing stays off: its `transform_params` cannot be lifted over the
-    cache-creating function, which takes no weights. With TVM's stock schedules instead, SmolLM2's
-    prefill ran at 3 tokens/s, with these at 80 (2-core Zen 3)."""
+    matmuls first and SiLU put on a vectorizable exp (kernels/cpu_fast_math.py). Weight packing
+    stays off: its `transform_params` cannot be lifted over the cache-creating function, which
+    takes no weights. With TVM's stock schedules instead, SmolLM2's prefill ran at 3 tokens/s,
+    with these at 80 (2-core Zen 3)."""
     import tvm
 
+    from ..kernels.cpu_fast_math import fast_silu
     from ..kernels.cpu_schedule import cpu_pipeline as project_pipeline
 
     ours = project_pipeline(target, pack=False)
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, ctx):
-        return ours(relax.transform.FuseTransposeMatmul()(mod))
+        return ours(fast_silu(relax.transform.FuseTransposeMatmul()(mod)))
 
     return pipeline

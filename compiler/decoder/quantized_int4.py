@@ -22,12 +22,12 @@ agreement 87.5%, perplexity x1.087 of fp32 (gate >= 90%, <= x1.05), where with t
 it passes (97.9%, x0.981; docs/benchmarks.md), for 7 MB more read per token. Norms and biases
 stay fp32.
 
-Decode runs W4A8 (kernels/cpu_gemv_a8.py: the activation row quantized to int8 per group of
-32, the nibbles multiplied as bytes, llama.cpp's Q4_1 x Q8_1 dot) on a CPU profile with an int8
-kernel, else the weight-only `int4_gemv` (kernels/cpu_gemv_int4.py), which unpacks to fp32 in
-registers; prefill dequantizes each weight once to fp32 and runs the fp32 GEMM, as int8 does
-where the profile has no int8 kernel (quantized.py); a 4-bit embedding gathers packed rows and
-dequantizes those rows only.
+Decode and prefill run W4A8 (kernels/cpu_gemv_a8.py: each activation row quantized to int8 per
+group of 32, the nibbles multiplied as bytes, llama.cpp's Q4_1 x Q8_1 dot; a prompt through the
+prefill GEMM, which shares each weight load between prompt rows) on a CPU profile with an int8
+kernel. Elsewhere decode runs the weight-only `int4_gemv` (kernels/cpu_gemv_int4.py), which
+unpacks to fp32 in registers, and prefill dequantizes each weight once to fp32 for the fp32
+GEMM. A 4-bit embedding gathers packed rows and dequantizes those rows only.
 """
 
 from __future__ import annotations
@@ -102,17 +102,19 @@ def gemv(
     return nn.op.reshape(out, (*x.shape[:-1], n))
 
 
-def w4a8(rows: nn.Tensor, packed, scale, low, dot_isa: str) -> nn.Tensor:
+def w4a8(rows: nn.Tensor, packed, scale, low, dot_isa: str, prompt: bool = False) -> nn.Tensor:
     """rows[b, K] @ dequant(W[N, K]).T -> [b, N]: the rows quantized to int8 per group of 32,
-    then the integer-dot GEMV (kernels/cpu_gemv_a8.py)."""
+    then the integer-dot GEMV, or for a `prompt` the prefill GEMM where `dot_isa` has one
+    (kernels/cpu_gemv_a8.py)."""
     n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
     b = rows.shape[0]
     xq, sx4, xs = quantized_activations(rows, k, dot_isa, weight_bits=4)
+    if prompt and cpu_gemv_a8.prefill_gemm_supports(dot_isa, k):
+        kernel, name = cpu_gemv_a8.w4a8_gemm(k, n, dot_isa), "w4a8_gemm"
+    else:
+        kernel, name = cpu_gemv_a8.w4a8_gemv(k, n, dot_isa), "w4a8_gemv"
     return nn.op.tensor_ir_op(
-        cpu_gemv_a8.w4a8_gemv(k, n, dot_isa),
-        "w4a8_gemv",
-        [xq, sx4, xs, packed, scale, low],
-        nn.Tensor.placeholder((b, n), "float32"),
+        kernel, name, [xq, sx4, xs, packed, scale, low], nn.Tensor.placeholder((b, n), "float32")
     )
 
 
@@ -128,9 +130,15 @@ def dequantized(packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lanes: int,
 
 
 def matmul_int4(x, packed, scale, low, lanes: int, dot_isa: str | None = None) -> nn.Tensor:
+    """x[..., K] @ dequant(W[N, K]).T: W4A8 on `dot_isa` (one token: the GEMV; a prompt: the
+    prefill GEMM), else the weight-only GEMV for one token and dequantize-then-fp32-GEMM for a
+    prompt."""
     if one_token(x):
         return gemv(x, packed, scale, low, lanes, dot_isa)
-    n = int(packed.shape[0])
+    n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
+    if dot_isa is not None:
+        out = w4a8(nn.op.reshape(x, (-1, k)), packed, scale, low, dot_isa, prompt=True)
+        return nn.op.reshape(out, (*x.shape[:-1], n))
     return nn.op.matmul(x, nn.op.permute_dims(dequantized(packed, scale, low, lanes, n)))
 
 

@@ -22,7 +22,8 @@ Per call, for x[b, K] (fp32):
 2. `w4a8_gemv`: per output row n and group g, `isum = sum_k q[n, k] * xq[k]` exactly in int32,
    then `acc += float(isum) * d[n, g] * sx[g]`; the min term `sum_g m[n, g] * xs[g]` is one
    vector dot over the groups per row. The weights keep decoder/quantized_int4.py's planes
-   (GGUF's Q4_0/Q4_1 blocks), untouched: prefill keeps its dequantize-then-fp32-GEMM path.
+   (GGUF's Q4_0/Q4_1 blocks), untouched. A prompt's rows take `w4a8_gemm` (AVX2), the same
+   products with each weight load shared by 2 rows.
 
 One kernel per instruction-set family (`dot_isa`, from the profile's int8 kernel, itself chosen
 from the profile's `requires`, never from the build machine):
@@ -341,6 +342,97 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                             out[i, row] = (half[0] + half[2]) + (half[1] + half[3]) + tail[r]
 
     return _finish(gemv, f"w4a8_gemv_{isa}_k{k}_n{n}")
+
+
+#: Prompt rows per weight load in the W4A8 prefill GEMM (`w4a8_gemm`).
+PROMPT_ROWS = 2
+
+
+def prefill_gemm_supports(isa: str, k: int) -> bool:
+    """Whether `w4a8_gemm` takes K on `isa` (AVX2, whole pairs of groups); else a prompt runs
+    through `w4a8_gemv`, one row after another."""
+    return isa == "avx2" and (k // GROUP) % 2 == 0 and k % GROUP == 0
+
+
+def w4a8_gemm(k: int, n: int, isa: str, rows: int = ROWS, cols: int = PROMPT_ROWS):
+    """`w4a8_gemv` for a prompt (many rows, AVX2): each 32-byte load of packed weights, its
+    nibbles and its group scales serve `cols` prompt rows, a `rows` x `cols` register tile of
+    accumulators. SmolLM2's shapes on a 2-core Zen 3: 89 GMAC/s, where the GEMV over the same
+    rows does 72 (it unpacks every weight again for every row), and dequantize-then-fp32-GEMM
+    reads and writes 4 bytes a weight per call (docs/benchmarks.md)."""
+    if not prefill_gemm_supports(isa, k):
+        raise ValueError(f"W4A8 prefill GEMM: no {isa!r} kernel for K = {k}")
+    groups = k // GROUP
+    pairs = groups // 2
+    m_chunks = groups // 8
+    tasks = -(-n // rows)
+    batch = tirx.Var("batch", "int64")
+
+    @T.prim_func(s_tir=True)
+    def gemm(
+        xq: T.Buffer((batch, k), "int8"),
+        sx4: T.Buffer((batch, groups * 4), "float32"),
+        xs: T.Buffer((batch, groups), "float32"),
+        packed: T.Buffer((n, k // 2), "uint8"),
+        d: T.Buffer((n, groups), "float32"),
+        m: T.Buffer((n, groups), "float32"),
+        out: T.Buffer((batch, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        with T.sblock("root"):
+            for t in T.parallel(tasks):
+                for block in range((batch + cols - 1) // cols):
+                    acc = T.alloc_buffer((rows, cols, 8), "float32")
+                    for r in T.unroll(rows):
+                        for c in T.unroll(cols):
+                            acc[r, c, T.ramp(0, 1, 8)] = _zero(8)
+                    for p in range(pairs):
+                        for r in T.unroll(rows):
+                            row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                            w: T.let[T.uint8x32] = packed.vload([row, p * 32], "uint8x32")
+                            lo: T.let[T.int8x32] = T.reinterpret(
+                                w & T.Broadcast(T.uint8(15), 32), dtype="int8x32"
+                            )
+                            hi: T.let[T.int8x32] = T.reinterpret(
+                                T.shift_right(w, T.Broadcast(T.uint8(4), 32)), dtype="int8x32"
+                            )
+                            scales: T.let[T.float32x8] = T.Select(
+                                T.ramp(0, 1, 8) < T.Broadcast(4, 8),
+                                T.Broadcast(d[row, 2 * p], 8),
+                                T.Broadcast(d[row, 2 * p + 1], 8),
+                            )
+                            for c in T.unroll(cols):
+                                # a last block past the prompt repeats its last row
+                                i: T.let[T.int64] = T.min(block * cols + c, batch - 1)
+                                acc[r, c, T.ramp(0, 1, 8)] = acc[r, c, T.ramp(0, 1, 8)] + T.Cast(
+                                    "float32x8",
+                                    _maddubs_pair(
+                                        lo,
+                                        hi,
+                                        xq.vload([i, p * 64], "int8x32"),
+                                        xq.vload([i, p * 64 + 32], "int8x32"),
+                                    ),
+                                ) * (scales * sx4.vload([i, p * 8], "float32x8"))
+                    for r in T.unroll(rows):
+                        row: T.let[T.int32] = T.min(t * rows + r, n - 1)
+                        for c in T.unroll(cols):
+                            i: T.let[T.int64] = T.min(block * cols + c, batch - 1)
+                            for ch in range(m_chunks):
+                                acc[r, c, T.ramp(0, 1, 8)] = acc[r, c, T.ramp(0, 1, 8)] + m.vload(
+                                    [row, ch * 8], "float32x8"
+                                ) * xs.vload([i, ch * 8], "float32x8")
+                            tail = T.alloc_buffer((1,), "float32")
+                            tail[0] = T.float32(0)
+                            for g in range(m_chunks * 8, groups):
+                                tail[0] = tail[0] + m[row, g] * xs[i, g]
+                            if t * rows + r < n:
+                                half = T.alloc_buffer((4,), "float32")
+                                half[T.ramp(0, 1, 4)] = (
+                                    acc[r, c, T.ramp(0, 1, 4)] + acc[r, c, T.ramp(4, 1, 4)]
+                                )
+                                out[i, row] = (half[0] + half[2]) + (half[1] + half[3]) + tail[0]
+
+    return _finish(gemm, f"w4a8_gemm_{isa}_k{k}_n{n}")
 
 
 def _avx2_dot_int8(w, x):

@@ -113,7 +113,7 @@ def test_cpu_decoders_decode_through_the_projects_attention_kernel():
     """The parity above runs the project's paged decode attention (kernels/cpu_paged_attention.py)
     in place of TVM's scalar kernel: the exported module holds it, under TVM's name."""
     import tvm
-    from tvmdeploy.compiler.kernels import cpu_paged_attention, cpu_prefill_attention
+    from tvmdeploy.compiler.kernels import cpu_paged_attention, cpu_prefill_attention, cpu_rope
 
     raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **COMMON, **LLAMA_SHAPE}
     raw.update(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=True)
@@ -124,3 +124,5 @@ def test_cpu_decoders_decode_through_the_projects_attention_kernel():
     # and the prompt's attention through kernels/cpu_prefill_attention.py, under TVM's name too
     prefill = mod[cpu_prefill_attention.PREFILL_KERNEL]
     assert prefill.attrs["tvmdeploy.kernel"] == "cpu_prefill_attention"
+    # and the split of q, k, v with RoPE through kernels/cpu_rope.py
+    assert mod[cpu_rope.ROPE_KERNEL].attrs["tvmdeploy.kernel"] == "cpu_rope"

@@ -21,11 +21,18 @@ from tvmdeploy.compiler.decoder.weights import decoder_params
 from tvmdeploy.compiler.errors import OptionError
 from tvmdeploy.runtime import load
 
-from tests.conftest import hf_greedy, quantize_decode_activations, save_tiny_gguf
+from tests.conftest import (
+    assert_greedy_agrees,
+    quantize_decode_activations,
+    quantized_in_groups,
+    save_tiny_gguf,
+)
 
-#: int4 kernels against transformers running the same rounded weights in fp32: only the
-#: summation order differs.
-SAME_WEIGHTS_ATOL = 1e-4
+#: A prompt's logits against transformers running the same rounded weights and activation
+#: quantization, as a share of the logit range: a prompt quantizes thousands of activations, and
+#: one within float noise of a rounding boundary moves by an int8 step (conftest.NEAR_TIE); a
+#: wrong kernel moves them by the whole range. Exactness is the kernels' tests' business.
+PROMPT_RANGE_ATOL = 0.05
 
 
 def q4_1_rounded(weight: np.ndarray) -> np.ndarray:
@@ -70,8 +77,8 @@ def int4_bundle(tiny_llm_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rounded(tiny_llm_dir):
     """transformers with every 2-D weight Q4_1-rounded, the tied embedding (and LM head) int8
-    per row, and the activations of decode steps and of the LM head quantized in groups of 32
-    as the W4A8 and W8A8 decode GEMVs quantize them (the prompt's stay fp32, as prefill's)."""
+    per row, and the input of every linear layer quantized in groups of 32 as the W4A8 GEMV
+    and prefill GEMM and the W8A8 LM head quantize them."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -83,7 +90,7 @@ def rounded(tiny_llm_dir):
                 p.copy_(torch.from_numpy(q4_1_rounded(p.numpy())))
         embedding = model.get_input_embeddings().weight
         embedding.copy_(torch.from_numpy(int8_rows_rounded(original_embedding)))
-    return quantize_decode_activations(model)
+    return quantize_decode_activations(model, prompts=quantized_in_groups)
 
 
 def test_the_int4_weights_are_stored_as_packed_groups(int4_bundle):
@@ -114,10 +121,11 @@ def test_int4_computes_what_transformers_does_with_the_rounded_weights(int4_bund
     rng = np.random.default_rng(5)
     for n in (3, 17):
         ids = rng.integers(3, 300, size=n).tolist()
-        got = generator.prefill_logits(ids)  # prefill: dequantize, then the fp32 GEMM
-        assert np.abs(got - _logits(rounded, ids)).max() <= SAME_WEIGHTS_ATOL
+        got = generator.prefill_logits(ids)  # prefill: the W4A8 GEMM
+        want = _logits(rounded, ids)
+        assert np.abs(got - want).max() <= PROMPT_RANGE_ATOL * float(want.max() - want.min())
         result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)  # the W4A8 GEMV
-        assert list(result.token_ids) == hf_greedy(rounded, ids, 16)
+        assert_greedy_agrees(list(result.token_ids), rounded, ids, 16)
 
 
 def test_int4_on_a_gpu_profile_is_refused(tiny_llm_dir, tmp_path):
@@ -233,17 +241,16 @@ def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf,
     with torch.no_grad():  # the artifact's 8-bit embedding and tied LM head
         embedding = reference.get_input_embeddings().weight
         embedding.copy_(torch.from_numpy(int8_rows_rounded(embedding.numpy())))
-    quantize_decode_activations(reference)  # as the decode GEMVs quantize activations
+    quantize_decode_activations(reference, prompts=quantized_in_groups)  # as W4A8 quantizes
     generator = load(bundle, precision="int4")
     rng = np.random.default_rng(9)
     for n in (4, 13):
         ids = rng.integers(3, 300, size=n).tolist()
-        assert (
-            np.abs(generator.prefill_logits(ids) - _logits(reference, ids)).max()
-            <= SAME_WEIGHTS_ATOL
-        )
+        want = _logits(reference, ids)
+        got = generator.prefill_logits(ids)
+        assert np.abs(got - want).max() <= PROMPT_RANGE_ATOL * float(want.max() - want.min())
         result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)
-        assert list(result.token_ids) == hf_greedy(reference, ids, 16)
+        assert_greedy_agrees(list(result.token_ids), reference, ids, 16)
 
 
 @pytest.mark.qemu
@@ -288,5 +295,8 @@ def test_the_neon_int4_artifact_runs_under_qemu(tiny_llm_dir, rounded, tmp_path)
     )
     assert run.ok, run.detail
     for ids, got in zip(prompts, run.prompts, strict=True):
-        assert np.abs(got.prefill_logits - _logits(rounded, ids)).max() <= SAME_WEIGHTS_ATOL
-        assert got.tokens == hf_greedy(rounded, ids, 12)
+        want = _logits(rounded, ids)
+        assert np.abs(got.prefill_logits - want).max() <= PROMPT_RANGE_ATOL * float(
+            want.max() - want.min()
+        )
+        assert_greedy_agrees(got.tokens, rounded, ids, 12)

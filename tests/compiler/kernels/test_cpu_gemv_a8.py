@@ -2,7 +2,8 @@
 (per group of 32: scale max|x| / 127, the kernel's layout, the group sums), the integer dot
 product exactly (an fp32 sum of exact int32 group dots), and the fp32 product within the bound
 the quantization allows (half a step per x); odd N (a last task that recomputes a row), K with
-an odd number of groups (AVX2 int4's lone last group), 1 and 3 rows. The AVX2 build is
+an odd number of groups (AVX2 int4's lone last group), 1 and 3 rows; the same for W4A8's prefill
+GEMM (blocks of prompt rows, an odd row count repeating the last row). The AVX2 build is
 vpmaddubsw in registers; the ARM builds (cross-compiled) are sdot or smull/saddlp."""
 
 from __future__ import annotations
@@ -74,14 +75,21 @@ def test_the_activation_row_is_quantized_per_group_in_the_kernels_layout(rng, la
     np.testing.assert_allclose(xs, want_xs, rtol=1e-5, atol=1e-5)
 
 
-def _gemv(bits: int, k: int, n: int, b: int, rng):
-    """(out of the kernel, out of the integer reference, fp32 product, error bound)."""
+def _gemv(bits: int, k: int, n: int, b: int, rng, kernel: str = "gemv"):
+    """(out of the kernel, out of the integer reference, fp32 product, error bound); `kernel`
+    "gemm": W4A8's prefill GEMM in place of the GEMV."""
     x = rng.standard_normal((b, k)).astype(np.float32)
     layout = cpu_gemv_a8.layout_for("avx2", bits)
     mod = tvm.IRModule(
         {
             "quantize": cpu_gemv_a8.quantize_activations(k, layout),
-            "gemv": (cpu_gemv_a8.w4a8_gemv if bits == 4 else cpu_gemv_a8.w8a8_gemv)(k, n, "avx2"),
+            "gemv": (
+                cpu_gemv_a8.w8a8_gemv
+                if bits == 8
+                else cpu_gemv_a8.w4a8_gemm
+                if kernel == "gemm"
+                else cpu_gemv_a8.w4a8_gemv
+            )(k, n, "avx2"),
         }
     )
     lib = tvm.compile(mod, target=HOST)
@@ -94,7 +102,7 @@ def _gemv(bits: int, k: int, n: int, b: int, rng):
     if bits == 4:
         q, packed, d, m = packed_random(rng, n, k)
         weights = [packed, d, m]
-        lib.mod.get_function(f"w4a8_gemv_avx2_k{k}_n{n}")(
+        lib.mod.get_function(f"w4a8_{kernel}_avx2_k{k}_n{n}")(
             xq, sx4, xs, *(tvm.runtime.tensor(a) for a in weights), out
         )
         qg = q.reshape(n, k // 32, 32).astype(np.int64)
@@ -127,15 +135,31 @@ def test_the_gemv_is_the_integer_dot_and_within_the_quantization_bound(rng, bits
     assert np.abs(got - fp32).max() > 0  # the activations were quantized, not read as fp32
 
 
+@pytest.mark.parametrize(("k", "n", "b"), [(576, 37, 5), (64, 5, 2), (128, 8, 1)])
+def test_the_w4a8_prefill_gemm_is_the_integer_dot_and_within_the_bound(rng, k, n, b):
+    got, integer, fp32, bound = _gemv(4, k, n, b, rng, kernel="gemm")
+    scale = np.abs(integer).max()
+    np.testing.assert_allclose(got, integer, atol=2e-6 * scale)
+    assert np.all(np.abs(got - fp32) <= bound + 2e-6 * scale)
+
+
+def test_the_w4a8_prefill_gemm_refuses_an_odd_number_of_groups():
+    assert not cpu_gemv_a8.prefill_gemm_supports("avx2", 96)  # 3 groups: the GEMV runs it
+    assert not cpu_gemv_a8.prefill_gemm_supports("sdot", 64)
+    with pytest.raises(ValueError, match="no 'avx2' kernel for K = 96"):
+        cpu_gemv_a8.w4a8_gemm(96, 8, "avx2")
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_avx2_gemv_is_byte_dot_products_in_registers(bits):
-    make = cpu_gemv_a8.w4a8_gemv if bits == 4 else cpu_gemv_a8.w8a8_gemv
-    asm = tvm.compile(make(576, 64, "avx2"), target=HOST).mod.inspect_source("asm")
-    assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "ymm" in asm
-    if bits == 8:
-        assert "vpsignb" in asm  # llama.cpp's sign trick: |w| unsigned times sign(x, w)
-    # Accumulators on the stack (registers), not a workspace allocated per task and row.
-    assert "TVMBackendAllocWorkspace" not in asm
+    makes = [cpu_gemv_a8.w4a8_gemv, cpu_gemv_a8.w4a8_gemm] if bits == 4 else [cpu_gemv_a8.w8a8_gemv]
+    for make in makes:
+        asm = tvm.compile(make(576, 64, "avx2"), target=HOST).mod.inspect_source("asm")
+        assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "ymm" in asm
+        if bits == 8:
+            assert "vpsignb" in asm  # llama.cpp's sign trick: |w| unsigned times sign(x, w)
+        # Accumulators on the stack (registers), not a workspace allocated per task and row.
+        assert "TVMBackendAllocWorkspace" not in asm, make.__name__
 
 
 @pytest.mark.parametrize(
