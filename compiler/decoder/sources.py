@@ -65,7 +65,7 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
 
     logger.info("  reading %s with transformers (GGUF weights dequantized to fp32)", path.name)
     try:
-        with _gguf_parsed_once():
+        with gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
                 str(path.parent), gguf_file=path.name, dtype=torch.float32
@@ -78,14 +78,15 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _gguf_parsed_once():
+def gguf_parsed_once():
     """While converting one file: transformers parses a GGUF file's metadata three times
     (tokenizer, config, weights), each in Python (SmolLM2's 49,152-token vocabulary: ~5 s a
     parse), and builds gguf's tensor-name map once per tensor (~7 s for 272 tensors, the same
     map each time). Here one `GGUFReader` per file and one map per (arch, layers) serve every
     call; both are only read. transformers imports them from `gguf` at each call, so the
     module attributes are what is swapped, and put back after (compile converts one file at a
-    time, on one thread)."""
+    time, on one thread). Any transformers read of GGUF files can use it (the end-to-end test's
+    reference does)."""
     import gguf
 
     real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map

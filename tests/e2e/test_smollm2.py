@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from tvmdeploy.compiler import CompileOptions, compile_model
+from tvmdeploy.compiler.decoder import sources
 from tvmdeploy.runtime import load
 
 pytestmark = pytest.mark.slow
@@ -43,10 +44,13 @@ def test_smollm2_answers_as_transformers_does(tmp_path):
     assert "Paris" in answer.text
     assert answer.finish_reason == "stop"  # the model ends its turn itself
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    ).eval()
+    # transformers reading the file itself, parsed once for tokenizer and weights (a ~20 s
+    # saving; tests/compiler/decoder/test_sources.py checks that this reads the same weights).
+    with sources.gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        ).eval()
     ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
     assert answer.prompt_tokens == len(ids)
     with torch.inference_mode():
