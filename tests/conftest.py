@@ -8,14 +8,6 @@ from pathlib import Path
 
 import pytest
 
-# Under xdist two workers share the cores: a TVM pool thread that spins (sched_yield, up to
-# 300,000 times) waiting for its next kernel takes CPU the other worker's build needs. With no
-# spin it sleeps at once (read at the pool's first use, so set before any kernel runs). The
-# decoder tests on 2 workers: 174 -> 169 s, system CPU 46 -> 25 s. Speed only; a product
-# process keeps TVM's default, which suits one process owning the cores.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-
 # The test session builds models, so it is a compiler process: importing the compiler first makes
 # TVM load its full library whichever test happens to import TVM first.
 import tvmdeploy.compiler  # noqa: F401
