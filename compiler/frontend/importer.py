@@ -21,6 +21,7 @@ from ..errors import ModelLoadError, OptionError, StageError, UnsupportedOperato
 from ..kernels.safe_take import SafeTake
 from ..options import FALLBACK_FUNCTION, BucketSpec
 from . import normalize
+from .clip_bounds import resolve_clip_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def import_onnx(
     spec = None
     if fallback and max_positions and max_positions > longest:
         spec = _add_fallback(merged, prepared, inputs, param_names, max_positions, source)
-    merged = SafeTake()(merged)
+    merged = resolve_clip_bounds(SafeTake()(merged))
     return ImportedModel(
         merged, params, param_names, inputs, outputs, buckets, prepared.source_precision, spec
     )

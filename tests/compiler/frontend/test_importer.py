@@ -142,3 +142,34 @@ def test_folding_without_the_weights_it_cannot_use_gives_the_same_graph():
     assert light.SerializeToString() == whole.SerializeToString()
     assert "pos_gather" not in {n.name for n in light.graph.node}  # folded: 2*16*96*4 bytes
     np.testing.assert_allclose(run(light), run(model), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("low", "high"), [(-0.5, 0.75), (float("nan"), 0.75)])
+def test_constant_clip_bounds_are_resolved_at_import_and_match_onnxruntime(tmp_path, low, high):
+    """TVM guards each Clip bound with `where(isnan(bound), ...)`; constant bounds are resolved
+    at import (frontend/clip_bounds.py), so no `isnan` is left for constant folding to build,
+    and a NaN bound still means unbounded, as in ONNX Runtime."""
+    import onnxruntime
+    import tvm
+    from tvm import relax
+
+    path = embedding_graph("Identity", tmp_path / "clip.onnx")
+    model = onnx.load(path)
+    model.graph.node[-1].CopyFrom(helper.make_node("Clip", ["h", "lo", "hi"], ["out"]))
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(low, np.float32), "lo"),
+            numpy_helper.from_array(np.array(high, np.float32), "hi"),
+        ]
+    )
+    onnx.save(model, path)
+    imported = import_onnx(path, parse_buckets("1x4"))
+    assert "isnan" not in imported.mod.script()
+    ids = np.array([[1, 7, 30, 49]], np.int64)
+    mod = relax.transform.BindParams("b1_s4", {})(imported.mod)
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    got = vm["b1_s4"](tvm.runtime.tensor(ids), *[tvm.runtime.tensor(p) for p in imported.params])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    want = session.run(None, {"input_ids": ids})[0]
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert want.min() < -0.5 if np.isnan(low) else want.min() == np.float32(-0.5)
