@@ -9,8 +9,12 @@ log2 units, as the cache's merge step expects of `lse`):
 
 - parallel over (head, query row) tasks, head-major, so consecutive tasks of a thread read the
   same key/value head from cache;
-- the causal mask as a loop bound: query i reads keys 0 .. kv_len - q_len + i only;
-- scores and the probability-weighted sum of values vectorized along the head dimension.
+- the causal mask as a loop bound: query i reads keys 0 .. kv_len - q_len + i only (rounded up
+  to a block of keys, the rest selected out lane by lane);
+- the sequence's keys transposed per head once per call, so a block of `KEY_VECTORS` vectors of
+  keys' scores is `d` broadcast FMAs into as many accumulators (no horizontal sum per key); the
+  max, the exp and its sum on vectors, and the probability-weighted sum of values vectorized
+  along the head dimension, with the accumulators in registers.
 
 Only what the project's decoders use: rotary embedding applied before the cache (RopeMode NORMAL
 or NONE, so `rotary_mode` is 0), no sliding window. `replace_prefill_kernel` puts it into the
