@@ -167,6 +167,26 @@ def _zero(lanes: int):
     return T.Broadcast(T.float32(0), lanes)
 
 
+def _low_nibbles(w):
+    """AVX2: the low nibbles of 32 packed bytes, as int8x32 (0..15)."""
+    return T.reinterpret(w & T.Broadcast(T.uint8(15), 32), dtype="int8x32")
+
+
+def _high_nibbles(w):
+    """AVX2: the high nibbles of 32 packed bytes, as int8x32 (0..15)."""
+    return T.reinterpret(T.shift_right(w, T.Broadcast(T.uint8(4), 32)), dtype="int8x32")
+
+
+def _pair_scales(d, row, pair):
+    """AVX2: 8 lanes of group scales for a pair of groups, the first 4 lanes group 2 * pair (the
+    int32 sums of `_maddubs_pair` hold group 2 * pair in lanes 0..3)."""
+    return T.Select(
+        T.ramp(0, 1, 8) < T.Broadcast(4, 8),
+        T.Broadcast(d[row, 2 * pair], 8),
+        T.Broadcast(d[row, 2 * pair + 1], 8),
+    )
+
+
 def _maddubs_pair(lo, hi, x_lo, x_hi):
     """AVX2: 8 int32 sums of q * xq over 64 bytes (lo, hi: nibbles as int8x32)."""
     pairs = T.call_llvm_pure_intrin(
@@ -239,17 +259,9 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                             for r in T.unroll(rows):
                                 row: T.let[T.int32] = T.min(t * rows + r, n - 1)
                                 w: T.let[T.uint8x32] = packed.vload([row, p * 32], "uint8x32")
-                                lo: T.let[T.int8x32] = T.reinterpret(
-                                    w & T.Broadcast(T.uint8(15), 32), dtype="int8x32"
-                                )
-                                hi: T.let[T.int8x32] = T.reinterpret(
-                                    T.shift_right(w, T.Broadcast(T.uint8(4), 32)), dtype="int8x32"
-                                )
-                                scales: T.let[T.float32x8] = T.Select(
-                                    T.ramp(0, 1, 8) < T.Broadcast(4, 8),
-                                    T.Broadcast(d[row, 2 * p], 8),
-                                    T.Broadcast(d[row, 2 * p + 1], 8),
-                                )
+                                lo: T.let[T.int8x32] = _low_nibbles(w)
+                                hi: T.let[T.int8x32] = _high_nibbles(w)
+                                scales: T.let[T.float32x8] = _pair_scales(d, row, p)
                                 acc[r, T.ramp(0, 1, 8)] = acc[r, T.ramp(0, 1, 8)] + T.Cast(
                                     "float32x8", _maddubs_pair(lo, hi, x_lo, x_hi)
                                 ) * (scales * sx)
@@ -390,17 +402,9 @@ def w4a8_gemm(k: int, n: int, isa: str, rows: int = ROWS, cols: int = PROMPT_ROW
                         for r in T.unroll(rows):
                             row: T.let[T.int32] = T.min(t * rows + r, n - 1)
                             w: T.let[T.uint8x32] = packed.vload([row, p * 32], "uint8x32")
-                            lo: T.let[T.int8x32] = T.reinterpret(
-                                w & T.Broadcast(T.uint8(15), 32), dtype="int8x32"
-                            )
-                            hi: T.let[T.int8x32] = T.reinterpret(
-                                T.shift_right(w, T.Broadcast(T.uint8(4), 32)), dtype="int8x32"
-                            )
-                            scales: T.let[T.float32x8] = T.Select(
-                                T.ramp(0, 1, 8) < T.Broadcast(4, 8),
-                                T.Broadcast(d[row, 2 * p], 8),
-                                T.Broadcast(d[row, 2 * p + 1], 8),
-                            )
+                            lo: T.let[T.int8x32] = _low_nibbles(w)
+                            hi: T.let[T.int8x32] = _high_nibbles(w)
+                            scales: T.let[T.float32x8] = _pair_scales(d, row, p)
                             for c in T.unroll(cols):
                                 # a last block past the prompt repeats its last row
                                 i: T.let[T.int64] = T.min(block * cols + c, batch - 1)
