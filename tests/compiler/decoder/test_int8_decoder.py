@@ -132,7 +132,7 @@ def test_int8_computes_what_transformers_does_with_the_rounded_weights(
         assert np.abs(got - _logits(w8a8_reference, ids)).max() <= SAME_W8A8_ATOL
         want = _logits(fp32, ids)
         assert np.abs(got - want).max() <= FP32_RANGE_ATOL * float(want.max() - want.min())
-        # decode: the W8A8 GEMV, token for token, on the cache the W8A8 prefill filled
+        # decode: the W8A8 GEMV, token for token up to a near tie, on the cache W8A8 prefill filled
         result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)
         assert_greedy_agrees(list(result.token_ids), w8a8_reference, ids, 16)
 
