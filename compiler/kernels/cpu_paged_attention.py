@@ -208,15 +208,22 @@ def replace_decode_kernel(mod, num_kv_heads: int, num_qo_heads: int, head_dim: i
     multiple of 8 keeps TVM's kernel."""
     if head_dim % LANES:
         return mod
-    names = {gv.name_hint: gv for gv in mod.get_global_vars()}
-    if DECODE_KERNEL not in names:
-        raise ValueError(
-            f"decode attention: the module has no {DECODE_KERNEL} (TVM's CPU paged-KV decode "
-            "kernel) to replace"
-        )
-    gvar = names[DECODE_KERNEL]
     ours = decode_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
         "global_symbol", DECODE_KERNEL
     )
-    mod.update_func(gvar, ours.with_attr(KERNEL_ATTR, "cpu_paged_attention"))
+    return replace_kernel(
+        mod, DECODE_KERNEL, ours, "cpu_paged_attention", "decode attention", "paged-KV decode"
+    )
+
+
+def replace_kernel(mod, name: str, ours, kernel: str, what: str, tvm_kernel: str):
+    """`mod` with the PrimFunc `name` (a TVM kernel of the paged KV cache) replaced by `ours`,
+    marked as the project's `kernel`; a module without `name` is refused, naming `what` is
+    replaced (a TVM that renamed its kernel would otherwise keep it unnoticed)."""
+    names = {gv.name_hint: gv for gv in mod.get_global_vars()}
+    if name not in names:
+        raise ValueError(
+            f"{what}: the module has no {name} (TVM's CPU {tvm_kernel} kernel) to replace"
+        )
+    mod.update_func(names[name], ours.with_attr(KERNEL_ATTR, kernel))
     return mod

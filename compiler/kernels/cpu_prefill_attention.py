@@ -28,7 +28,7 @@ import math
 
 from tvm.script import tirx as T
 
-from .cpu_int8 import KERNEL_ATTR
+from .cpu_paged_attention import replace_kernel
 
 #: TVM's CPU ragged prefill kernel, by the name its cache module gives it.
 PREFILL_KERNEL = "batch_prefill_ragged_kv"
@@ -209,12 +209,7 @@ def replace_prefill_kernel(mod, num_kv_heads: int, num_qo_heads: int, head_dim: 
     the cache) with this prefill kernel in the place of TVM's, under the same name, as
     kernels/cpu_paged_attention.replace_decode_kernel does for decode; a module without TVM's
     kernel is refused by name."""
-    names = {gv.name_hint: gv for gv in mod.get_global_vars()}
-    if PREFILL_KERNEL not in names:
-        raise ValueError(
-            f"prefill attention: the module has no {PREFILL_KERNEL} (TVM's CPU ragged prefill "
-            "kernel) to replace"
-        )
     ours = ragged_prefill(num_kv_heads, num_qo_heads, head_dim, head_dim, lanes)
-    mod.update_func(names[PREFILL_KERNEL], ours.with_attr(KERNEL_ATTR, "cpu_prefill_attention"))
-    return mod
+    return replace_kernel(
+        mod, PREFILL_KERNEL, ours, "cpu_prefill_attention", "prefill attention", "ragged prefill"
+    )

@@ -21,7 +21,7 @@ import math
 
 from tvm.script import tirx as T
 
-from .cpu_int8 import KERNEL_ATTR
+from .cpu_paged_attention import replace_kernel
 
 #: TVM's CPU split-and-rotate kernel, by its own name (the cache calls it as `tir_split_rotary`).
 ROPE_KERNEL = "fused_rope"
@@ -99,9 +99,5 @@ def replace_rope_kernel(
 ):
     """`mod` (a decoder with a `TIRPagedKVCache` built for a CPU) with this kernel in the place
     of TVM's, under the same name; a module without TVM's kernel is refused by name."""
-    names = {gv.name_hint: gv for gv in mod.get_global_vars()}
-    if ROPE_KERNEL not in names:
-        raise ValueError(f"rope: the module has no {ROPE_KERNEL} (TVM's CPU kernel) to replace")
     ours = split_rotary(theta, head_dim, num_q_heads, num_kv_heads, lanes)
-    mod.update_func(names[ROPE_KERNEL], ours.with_attr(KERNEL_ATTR, "cpu_rope"))
-    return mod
+    return replace_kernel(mod, ROPE_KERNEL, ours, "cpu_rope", "rope", "split-and-rotate")

@@ -46,3 +46,10 @@ def test_split_rotary_is_transformers_rope(hq, hkv, d, theta):
     fn(tvm.runtime.tensor(qkv), tvm.runtime.tensor(positions), *outs, 0)  # split only
     np.testing.assert_array_equal(outs[0].numpy(), qkv[:, :hq])
     np.testing.assert_array_equal(outs[1].numpy(), qkv[:, hq : hq + hkv])
+
+
+def test_a_module_without_tvms_kernel_is_refused_by_name():
+    from tvmdeploy.compiler.kernels.cpu_rope import replace_rope_kernel
+
+    with pytest.raises(ValueError, match="rope: the module has no fused_rope"):
+        replace_rope_kernel(tvm.IRModule(), 10000.0, 64, 9, 3, 8)
