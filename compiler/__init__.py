@@ -31,5 +31,10 @@ __all__ = ["CompileOptions", "TuneOptions", "compile_model", "tune_model"]
 def __getattr__(name: str):
     """Load a public name's module on first use (PEP 562)."""
     if name in _API:
+        # TVM before the stages import it, without torch (runtime/_tvm.py: 2 s of every
+        # `tvmdeploy compile`/`tune` start); the export stage imports torch when it runs.
+        from tvmdeploy.runtime._tvm import import_tvm
+
+        import_tvm()
         return getattr(_importlib.import_module(_API[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

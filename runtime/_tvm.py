@@ -1,9 +1,11 @@
-"""Import TVM's runtime alone, without its compiler library and without torch.
+"""Import TVM without torch: the runtime alone, or (for the compiler) the full library.
 
-`import tvmdeploy.runtime` must stay light: TVM_USE_RUNTIME_LIB=1 keeps libtvm_compiler unloaded,
-and tvm_ffi imports torch eagerly when it can, so torch is hidden while TVM itself is imported
-(it stays importable afterwards). Where TVM is already imported (for example by the compiler in
-the same process), that module is reused as it is.
+`import tvmdeploy.runtime` must stay light: TVM_USE_RUNTIME_LIB=1 keeps libtvm_compiler unloaded.
+tvm_ffi imports torch eagerly when it can (2 of `import tvm`'s 3 s on a 2-core Zen 3), though
+nothing in TVM needs it, so torch is hidden while TVM itself is imported, by the runtime and by
+the compiler alike; it stays importable afterwards (the export stage imports it when it runs).
+Where TVM is already imported (for example by the compiler in the same process), that module is
+reused as it is.
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ def default_num_threads() -> int:
 
 
 def import_tvm() -> ModuleType:
-    """The `tvm` module, imported runtime-only unless it is already loaded."""
+    """The `tvm` module, imported without torch; runtime-only unless the compiler asked for the
+    full library (TVM_USE_RUNTIME_LIB=0) or it is already loaded."""
     if "tvm" in sys.modules:
         return sys.modules["tvm"]
     os.environ.setdefault("TVM_NUM_THREADS", str(default_num_threads()))
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
-    hide_torch = os.environ["TVM_USE_RUNTIME_LIB"] == "1" and "torch" not in sys.modules
+    hide_torch = "torch" not in sys.modules
     if hide_torch:
         sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
     try:

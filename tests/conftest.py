@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,9 +83,32 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` run once per `make test` run, its output at `path` shared by the xdist
+    workers: a session fixture is otherwise built once per worker, and both workers need the
+    tiny models (their compiles cost ~25 s of CPU each time). The first worker builds under a
+    file lock, the other waits for it and reads the same files; tests treat them as read-only,
+    as they always did within a worker. Not in a distributed run: the session's own folder."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    path = root / "built-once" / name
+    done = path.parent / f"{name}.done"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f"{name}.lock")):
+        if not done.is_file():
+            if path.exists():
+                shutil.rmtree(path)  # a build that failed part way, in another worker
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny") / "tiny-bert")
+    return built_once(tmp_path_factory, "tiny-bert", save_tiny_bert)
 
 
 @pytest.fixture(scope="session")
@@ -92,12 +116,13 @@ def tiny_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny BERT compiled for the host through the real pipeline (export → package)."""
     from tvmdeploy.compiler import CompileOptions, compile_model
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny.tvmd"
-    return compile_model(
-        CompileOptions(
+    def build(out: Path) -> Path:
+        options = CompileOptions(
             model=str(tiny_model_dir), output=str(out), profiles=["host"], buckets=TINY_BUCKETS
         )
-    )
+        return compile_model(options)
+
+    return built_once(tmp_path_factory, "tiny.tvmd", build)
 
 
 @pytest.fixture(scope="session")
@@ -284,7 +309,7 @@ def hf_greedy(model, ids: list[int], new: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory) -> Path:
-    return save_tiny_llm(tmp_path_factory.mktemp("tiny-llm") / "tiny-llama")
+    return built_once(tmp_path_factory, "tiny-llama", save_tiny_llm)
 
 
 @pytest.fixture(scope="session")
@@ -304,8 +329,10 @@ def tiny_llm_bundle(tiny_llm_dir, tmp_path_factory) -> Path:
     transformers on the way)."""
     from tvmdeploy.compiler import CompileOptions, compile_model
 
-    out = tmp_path_factory.mktemp("llm-bundles") / "tiny-llama.tvmd"
-    return compile_model(CompileOptions(model=str(tiny_llm_dir), output=str(out)))
+    def build(out: Path) -> Path:
+        return compile_model(CompileOptions(model=str(tiny_llm_dir), output=str(out)))
+
+    return built_once(tmp_path_factory, "tiny-llama.tvmd", build)
 
 
 def save_tiny_gguf(model_dir: Path, path: Path, block_type=None) -> Path:
