@@ -38,6 +38,7 @@ from tvm.script import tirx as T
 from tvmdeploy.targets import Profile
 
 from .cpu_target import largest_divisor
+from .tensor_intrin import import_tensor_intrinsics
 
 #: Marks a hand-scheduled kernel (int8 here, bf16 in cpu_bf16.py): never fused, never tuned.
 KERNEL_ATTR = "tvmdeploy.kernel"
@@ -202,6 +203,7 @@ def _sdot(
 @cache
 def register_intrinsics() -> None:
     """Register our tensor intrinsics once per process (TensorIntrin names are global)."""
+    import_tensor_intrinsics("arm")  # TVM's arm_cpu module alone, not all of TVM's intrinsics
     from tvm.s_tir.tensor_intrin.arm_cpu import neon_4x4_i8i8i32_impl
 
     TensorIntrin.register(

@@ -7,9 +7,6 @@ each bucket's measured time.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +19,7 @@ from tvm.s_tir.dlight.analysis import get_root_block
 
 from ..kernels.cpu_int8 import KERNEL_ATTR
 from ..kernels.cpu_schedule import fusion_passes, is_matmul_like
+from ..kernels.tensor_intrin import import_tensor_intrinsics  # noqa: F401 (tuning's API)
 
 
 @dataclass
@@ -155,28 +153,3 @@ def set_coefficients(tasks: list[Task]) -> None:
         task.coefficient = sum(
             n / bucket_secs[b] for b, n in task.calls.items() if bucket_secs[b] > 0
         )
-
-
-def import_tensor_intrinsics(family: str = "x86") -> None:
-    """Register the tensor intrinsics of one CPU family only.
-
-    `import tvm.s_tir.tensor_intrin` (which MetaSchedule's TuneContext and LocalBuilder do in
-    every process) registers every intrinsic TVM has, CUDA's hundreds included, by parsing
-    TVMScript: 30-90 s on two shared cores, most of what a tuning process spent before its
-    first trial. The package is entered without running its `__init__`, and only the submodule
-    the profile's schedule rules use is imported; code that needs another family's intrinsics
-    imports that submodule itself (as DLight's GPU rules do), which still works.
-    """
-    name = "tvm.s_tir.tensor_intrin"
-    if name not in sys.modules:
-        import tvm.s_tir
-
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return
-        package = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not run
-        sys.modules[name] = package
-        tvm.s_tir.tensor_intrin = package
-    submodule = {"x86": "x86", "arm": "arm_cpu"}.get(family)
-    if submodule:
-        importlib.import_module(f"{name}.{submodule}")
