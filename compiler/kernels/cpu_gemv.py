@@ -27,6 +27,8 @@ them alone, and carry no fusion pattern, so FuseOps keeps them out of other kern
 
 from __future__ import annotations
 
+from functools import cache  # kernel builders: once per shape in a process, not once per layer
+
 from tvm import s_tir, te, tirx
 
 #: Output rows per thread-pool task.
@@ -36,6 +38,7 @@ ACCUMULATORS = 4
 _SCHEDULED = "tirx.is_scheduled"
 
 
+@cache
 def int8_gemv(
     k: int, n: int, lanes: int, rows: int = ROWS, accumulators: int = ACCUMULATORS
 ) -> tirx.PrimFunc:
@@ -101,6 +104,7 @@ def _halved(partial: te.Tensor) -> te.Tensor:
     )
 
 
+@cache
 def dequantize(k: int, n: int, lanes: int) -> tirx.PrimFunc:
     """`out[n, k] = float(w[n, k]) * scale[n]`: parallel over rows, vectorized along K."""
     w = te.placeholder((n, k), "int8", name="w")

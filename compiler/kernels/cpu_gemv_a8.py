@@ -45,6 +45,8 @@ llama.cpp's; the decoder's quality gate measures it (docs/benchmarks.md).
 
 from __future__ import annotations
 
+from functools import cache  # kernel builders: once per shape in a process, not once per layer
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -98,6 +100,7 @@ def _position(layout: str, groups: int, g, chunk):
     return tirx.if_then_else(g == groups - 1, g * GROUP + chunk * 8, paired)
 
 
+@cache
 def quantize_activations(k: int, layout: str) -> tirx.PrimFunc:
     """``x[b, k] -> (xq[b, k] int8 in `layout` (layout_for), sx4[b, k/8], xs[b, k/32])`` (see
     the module docstring), for a symbolic b; serial (a row is K floats: waking the pool costs
@@ -214,6 +217,7 @@ def _widened(nibbles):
     return T.Cast("int16x8", T.reinterpret(nibbles, dtype="int8x8"))
 
 
+@cache
 def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
     """``(xq, sx4, xs) of quantize_activations, packed[n, k/2], d, m[n, k/32] -> out[b, n]``,
     `out[b, j] = sum_g (d[j, g] * sx[b, g]) * isum[b, j, g] + m[j, g] * xs[b, g]`, for a symbolic
@@ -366,6 +370,7 @@ def prefill_gemm_supports(isa: str, k: int) -> bool:
     return isa == "avx2" and (k // GROUP) % 2 == 0 and k % GROUP == 0
 
 
+@cache
 def w4a8_gemm(k: int, n: int, isa: str, rows: int = ROWS, cols: int = PROMPT_ROWS):
     """`w4a8_gemv` for a prompt (many rows, AVX2): each 32-byte load of packed weights, its
     nibbles and its group scales serve `cols` prompt rows, a `rows` x `cols` register tile of
@@ -462,6 +467,7 @@ def _avx2_dot_int8(w, x):
     )
 
 
+@cache
 def w8a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
     """``(xq, sx4) of quantize_activations ("plain"), w[n, k] int8, scale[n] -> out[b, n]``,
     `out[b, j] = scale[j] * sum_g sx[b, g] * sum_{k in g} w[j, k] * xq[b, k]`, for a symbolic

@@ -25,6 +25,8 @@ Both functions come out scheduled and under a per-shape symbol, as cpu_gemv's do
 
 from __future__ import annotations
 
+from functools import cache  # kernel builders: once per shape in a process, not once per layer
+
 from tvm import s_tir, te, tirx
 
 from .cpu_gemv import ROWS, _halved, _named
@@ -49,6 +51,7 @@ def check_shape(k: int, what: str = "the weight") -> None:
         )
 
 
+@cache
 def int4_gemv(k: int, n: int, lanes: int, rows: int = ROWS) -> tirx.PrimFunc:
     """`out[b, n] = sum_g d[n, g] * sum_{k in g} x[b, k] * q[n, k] + m[n, g] * xs[b, g]` for a
     symbolic batch, with `xs[b, g]` the sum of x over group g, computed once per call; scheduled
@@ -116,6 +119,7 @@ def int4_gemv(k: int, n: int, lanes: int, rows: int = ROWS) -> tirx.PrimFunc:
     return _named(sch, f"int4_gemv_k{k}_n{n}")
 
 
+@cache
 def int4_dequantize(k: int, n, lanes: int) -> tirx.PrimFunc:
     """`out[n, k] = d[n, k/32] * q[n, k] + m[n, k/32]` (n an int, or None for a symbolic row
     count: the embedding's gathered rows): parallel over rows, vectorized along K."""

@@ -21,6 +21,8 @@ layout (kernels/cpu_gemv.py). So here, per prefill call:
 
 from __future__ import annotations
 
+from functools import cache  # kernel builders: once per shape in a process, not once per layer
+
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
@@ -47,6 +49,7 @@ def _finish(func: tirx.PrimFunc, name: str, symbol: str) -> tirx.PrimFunc:
     )
 
 
+@cache
 def quantize_rows(kernel: Int8Kernel, k: int) -> tirx.PrimFunc:
     """``x[m, k] -> (q[mb, r, kp], a_scale[mb, r], a_zero[mb, r])``, ``mb = ceil(m / r)``,
     ``r = row_tile(kernel)``: per-row asymmetric quantization to the kernel's levels (min and max
@@ -108,6 +111,7 @@ def quantize_rows(kernel: Int8Kernel, k: int) -> tirx.PrimFunc:
     return _finish(quantize, f"{kernel.name}-quantize", f"prefill_quantize_{kernel.name}_k{k}")
 
 
+@cache
 def pack_weight(kernel: Int8Kernel, n: int, k: int) -> tirx.PrimFunc:
     """``w[n, k] -> (packed[n / lanes, kp / 4, lanes, 4], colsum[n])``: the panels the GEMM reads
     (K zero-padded to `padded_k`) and each output row's sum of int8 weights, parallel over
@@ -146,6 +150,7 @@ def pack_weight(kernel: Int8Kernel, n: int, k: int) -> tirx.PrimFunc:
     return _finish(pack, f"{kernel.name}-pack", f"prefill_pack_{kernel.name}_n{n}_k{k}")
 
 
+@cache
 def int8_gemm(kernel: Int8Kernel, n: int, k: int) -> tirx.PrimFunc:
     """``(q[mb, r, kp], packed, colsum[n], w_scale[n], a_scale[mb, r], a_zero[mb, r]) ->
     out[mb, r, n]`` for a symbolic `mb`: cpu_int8.int8_gemm's schedule (column panels outside
