@@ -6,7 +6,7 @@ level cache, called in turn, as in a decode step that reads every layer once).
 
 Cold is what a decode step sees; hot shows the kernel's compute limit. The kernels are timed in
 turn per shape (so machine noise hits both alike); int4 bytes are the packed nibbles plus its
-fp32 scale and min planes (0.75 bytes a weight), int8's the weights plus one scale a row.
+fp16 scale and min planes (0.625 bytes a weight), int8's the weights plus one scale a row.
 `w4a8` and `w8a8` (kernels/cpu_gemv_a8.py) read int4's and int8's weights with the activation
 row quantized to int8; their time includes that quantization, a second call per GEMV, as in a
 decode step.
@@ -62,10 +62,10 @@ def _kernel(name: str, k: int, n: int):
             gemv(*activations, *weights_and_out)
 
         if bits == 4:
-            size = n * k // 2 + 2 * 4 * n * (k // 32)
+            size = n * k // 2 + 2 * 2 * n * (k // 32)
 
             def weights():
-                d = rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32)
+                d = rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float16)
                 return [rng.integers(0, 256, (n, k // 2), dtype=np.uint8), d, -8 * d]
         else:
             size = n * k + 4 * n
@@ -79,10 +79,10 @@ def _kernel(name: str, k: int, n: int):
         return call, sets, size
     else:
         lib = tvm.compile(cpu_gemv_int4.int4_gemv(k, n, 8), target=target)
-        size = n * k // 2 + 2 * 4 * n * (k // 32)
+        size = n * k // 2 + 2 * 2 * n * (k // 32)
 
         def weights():
-            d = rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32)
+            d = rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float16)
             return [rng.integers(0, 256, (n, k // 2), dtype=np.uint8), d, -8 * d]
 
     copies = max(2, COLD_BYTES // size)

@@ -3,8 +3,9 @@
 A Q4_1 block (llama.cpp's `block_q4_1`) is fp16 d, fp16 m, then 16 bytes of nibbles; a Q4_0
 block is fp16 d then the 16 bytes, with `w = d * (q - 8)`, which is m = -8 d. The nibbles are
 already in the order the int4 kernels read (decoder/quantized_int4.py), so repacking is a split
-into planes: the bytes copied, d and m widened fp16 → fp32 (exact). The planes dequantize to
-exactly what `gguf.quants.dequantize` gives (d * q + m is exact in fp32 for fp16 d and m).
+into planes: the bytes copied, d and m kept fp16, bit for bit (Q4_0's m = -8 d is exact in
+fp16). The planes dequantize to exactly what `gguf.quants.dequantize` gives (d * q + m is exact
+in fp32 for fp16 d and m).
 
 Two layout steps follow transformers' GGUF loader, so the planes line up with the fp32 weights
 the rest of the compile reads from the same file (decoder/sources.py):
@@ -55,16 +56,16 @@ def reverse_permute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def block_planes(data: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(packed uint8 [N, K/2], d fp32 [N, K/32], m fp32 [N, K/32]) of a Q4_0/Q4_1 tensor's raw
+    """(packed uint8 [N, K/2], d fp16 [N, K/32], m fp16 [N, K/32]) of a Q4_0/Q4_1 tensor's raw
     blocks (`GGUFReader` tensor data: uint8 [N, K/32 * block bytes])."""
     size = KEPT_TYPES[kind]
     n = data.shape[0]
     blocks = np.ascontiguousarray(data).reshape(n, -1, size)
-    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0]
     if kind == "Q4_1":
-        m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0]
     else:
-        m = -8.0 * d
+        m = (np.float16(-8) * d).astype(np.float16)  # exact (a power of two), or inf: refused
     packed = np.ascontiguousarray(blocks[:, :, size - GROUP // 2 :]).reshape(n, -1)
     return packed, d, m
 

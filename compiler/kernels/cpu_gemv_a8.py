@@ -181,13 +181,16 @@ def _high_nibbles(w):
 
 
 def _pair_scales(d, row, pair):
-    """AVX2: 8 lanes of group scales for a pair of groups, the first 4 lanes group 2 * pair (the
-    int32 sums of `_maddubs_pair` hold group 2 * pair in lanes 0..3)."""
-    return T.Select(
-        T.ramp(0, 1, 8) < T.Broadcast(4, 8),
-        T.Broadcast(d[row, 2 * pair], 8),
-        T.Broadcast(d[row, 2 * pair + 1], 8),
-    )
+    """AVX2: 8 lanes of group scales (fp16 in the planes, widened) for a pair of groups, the
+    first 4 lanes group 2 * pair (the int32 sums of `_maddubs_pair` hold group 2 * pair in lanes
+    0..3)."""
+    both = T.Cast("float32x2", d.vload([row, 2 * pair], "float16x2"))  # one 4-byte load
+    return T.Shuffle([both, both, both, both], [0, 2, 4, 6, 1, 3, 5, 7])
+
+
+def _mins(m, row, chunk, lanes: int):
+    """`lanes` group mins from the fp16 plane, widened (vcvtph2ps on x86, fcvtl on ARM)."""
+    return T.Cast(f"float32x{lanes}", m.vload([row, chunk * lanes], f"float16x{lanes}"))
 
 
 def _maddubs_pair(lo, hi, x_lo, x_hi):
@@ -242,8 +245,8 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
         sx4: T.Buffer((batch, groups * 4), "float32"),
         xs: T.Buffer((batch, groups), "float32"),
         packed: T.Buffer((n, k // 2), "uint8"),
-        d: T.Buffer((n, groups), "float32"),
-        m: T.Buffer((n, groups), "float32"),
+        d: T.Buffer((n, groups), "float16"),
+        m: T.Buffer((n, groups), "float16"),
         out: T.Buffer((batch, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
@@ -285,7 +288,7 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                                 )
                                 acc[r, T.ramp(0, 1, 4)] = acc[r, T.ramp(0, 1, 4)] + T.Cast(
                                     "float32x4", _sdot_group(lo, hi, x_lo, x_hi)
-                                ) * (T.Broadcast(d[row, g], 4) * sx)
+                                ) * (T.Broadcast(T.Cast("float32", d[row, g]), 4) * sx)
                     if isa == "neon":
                         for g in range(groups):
                             x0: T.let[T.int16x8] = T.Cast(
@@ -320,7 +323,7 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                                         products,
                                         dtype="int32x4",
                                     ),
-                                ) * (T.Broadcast(d[row, g], 4) * sx)
+                                ) * (T.Broadcast(T.Cast("float32", d[row, g]), 4) * sx)
                     for s in range(singles):
                         g: T.let[T.int32] = first_single + s
                         for r in T.unroll(rows):
@@ -337,16 +340,16 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                                     * T.Cast("int32", xq[i, g * GROUP + 16 + e])
                                 )
                             tail[r] = tail[r] + T.Cast("float32", isum[0]) * (
-                                d[row, g] * sx4[i, g * 4]
+                                T.Cast("float32", d[row, g]) * sx4[i, g * 4]
                             )
                     for r in T.unroll(rows):
                         row: T.let[T.int32] = T.min(t * rows + r, n - 1)
                         for c in range(m_chunks):
-                            acc[r, T.ramp(0, 1, lanes)] = acc[r, T.ramp(0, 1, lanes)] + m.vload(
-                                [row, c * lanes], f"float32x{lanes}"
+                            acc[r, T.ramp(0, 1, lanes)] = acc[r, T.ramp(0, 1, lanes)] + _mins(
+                                m, row, c, lanes
                             ) * xs.vload([i, c * lanes], f"float32x{lanes}")
                         for g in range(m_chunks * lanes, groups):
-                            tail[r] = tail[r] + m[row, g] * xs[i, g]
+                            tail[r] = tail[r] + T.Cast("float32", m[row, g]) * xs[i, g]
                         if t * rows + r < n:
                             half = T.alloc_buffer((4,), "float32")
                             if lanes == 8:
@@ -391,8 +394,8 @@ def w4a8_gemm(k: int, n: int, isa: str, rows: int = ROWS, cols: int = PROMPT_ROW
         sx4: T.Buffer((batch, groups * 4), "float32"),
         xs: T.Buffer((batch, groups), "float32"),
         packed: T.Buffer((n, k // 2), "uint8"),
-        d: T.Buffer((n, groups), "float32"),
-        m: T.Buffer((n, groups), "float32"),
+        d: T.Buffer((n, groups), "float16"),
+        m: T.Buffer((n, groups), "float16"),
         out: T.Buffer((batch, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
@@ -427,13 +430,13 @@ def w4a8_gemm(k: int, n: int, isa: str, rows: int = ROWS, cols: int = PROMPT_ROW
                         for c in T.unroll(cols):
                             i: T.let[T.int64] = T.min(block * cols + c, batch - 1)
                             for ch in range(m_chunks):
-                                acc[r, c, T.ramp(0, 1, 8)] = acc[r, c, T.ramp(0, 1, 8)] + m.vload(
-                                    [row, ch * 8], "float32x8"
+                                acc[r, c, T.ramp(0, 1, 8)] = acc[r, c, T.ramp(0, 1, 8)] + _mins(
+                                    m, row, ch, 8
                                 ) * xs.vload([i, ch * 8], "float32x8")
                             tail = T.alloc_buffer((1,), "float32")
                             tail[0] = T.float32(0)
                             for g in range(m_chunks * 8, groups):
-                                tail[0] = tail[0] + m[row, g] * xs[i, g]
+                                tail[0] = tail[0] + T.Cast("float32", m[row, g]) * xs[i, g]
                             if t * rows + r < n:
                                 half = T.alloc_buffer((4,), "float32")
                                 half[T.ramp(0, 1, 4)] = (

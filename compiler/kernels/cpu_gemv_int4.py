@@ -4,7 +4,7 @@ dequantization that prefill's fp32 GEMM and the embedding gather read.
 The layout (decoder/quantized_int4.py) is GGUF's Q4_0/Q4_1 block split into planes: groups of
 `GROUP` = 32 weights along K, `w = d * q + m` with q in 0..15; `packed[n, K/2]` uint8 holds, in
 each group's 16 bytes, element j in the low nibble of byte j and element j + 16 in its high
-nibble; `d[n, K/32]` and `m[n, K/32]` fp32.
+nibble; `d[n, K/32]` and `m[n, K/32]` fp16 (as GGUF stores them), widened to fp32 per group.
 
 `int4_gemv` is int8_gemv's schedule (kernels/cpu_gemv.py: `ROWS` output rows per thread-pool
 task, each row read as one contiguous stream) over nibbles, with d and m applied per group: per
@@ -62,8 +62,8 @@ def int4_gemv(k: int, n: int, lanes: int, rows: int = ROWS) -> tirx.PrimFunc:
     batch = tirx.Var("batch", "int64")
     x = te.placeholder((batch, k), "float32", name="x")
     packed = te.placeholder((n, k // 2), "uint8", name="packed")
-    d = te.placeholder((n, groups), "float32", name="d")
-    m = te.placeholder((n, groups), "float32", name="m")
+    d = te.placeholder((n, groups), "float16", name="d")
+    m = te.placeholder((n, groups), "float16", name="m")
     within = te.reduce_axis((0, GROUP), name="within")
     xs = te.compute(
         (batch, groups), lambda i, g: te.sum(x[i, g * GROUP + within], axis=within), name="xs"
@@ -80,12 +80,16 @@ def int4_gemv(k: int, n: int, lanes: int, rows: int = ROWS) -> tirx.PrimFunc:
     g_axis = te.reduce_axis((0, groups), name="g")
     partial = te.compute(
         (batch, n, lanes),
-        lambda i, j, v: te.sum(d[j, g_axis] * group_dot[i, j, g_axis, v], axis=g_axis),
+        lambda i, j, v: te.sum(
+            d[j, g_axis].astype("float32") * group_dot[i, j, g_axis, v], axis=g_axis
+        ),
         name="partial",
     )
     g_min = te.reduce_axis((0, groups), name="g_min")
     mins = te.compute(
-        (batch, n), lambda i, j: te.sum(m[j, g_min] * xs[i, g_min], axis=g_min), name="mins"
+        (batch, n),
+        lambda i, j: te.sum(m[j, g_min].astype("float32") * xs[i, g_min], axis=g_min),
+        name="mins",
     )
     halves, total = [], partial
     while total.shape[-1] > 1:
@@ -126,11 +130,14 @@ def int4_dequantize(k: int, n, lanes: int) -> tirx.PrimFunc:
     check_shape(k)
     rows = tirx.Var("rows", "int64") if n is None else n
     packed = te.placeholder((rows, k // 2), "uint8", name="packed")
-    d = te.placeholder((rows, k // GROUP), "float32", name="d")
-    m = te.placeholder((rows, k // GROUP), "float32", name="m")
+    d = te.placeholder((rows, k // GROUP), "float16", name="d")
+    m = te.placeholder((rows, k // GROUP), "float16", name="m")
     out = te.compute(
         (rows, k),
-        lambda r, c: _nibble(packed, r, c) * d[r, c // GROUP] + m[r, c // GROUP],
+        lambda r, c: (
+            _nibble(packed, r, c) * d[r, c // GROUP].astype("float32")
+            + m[r, c // GROUP].astype("float32")
+        ),
         name="out",
     )
     sch = s_tir.Schedule(te.create_prim_func([packed, d, m, out]))

@@ -37,14 +37,16 @@ PROMPT_RANGE_ATOL = 0.05
 
 def q4_1_rounded(weight: np.ndarray) -> np.ndarray:
     """`weight` through llama.cpp's Q4_1 rounding (quantize_row_q4_1_ref: per 32 along K,
-    d = (max - min) / 15, q = min(15, int((w - min) / d + 0.5))) and back, in fp32."""
+    d = (max - min) / 15, q = min(15, int((w - min) / d + 0.5)), d and min then stored as fp16)
+    and back, in fp32."""
     n, k = weight.shape
     groups = weight.astype(np.float32).reshape(n, k // 32, 32)
     low = groups.min(axis=2, keepdims=True)
     d = (groups.max(axis=2, keepdims=True) - low) / np.float32(15)
     inverse = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0).astype(np.float32)
     q = np.minimum(15, np.floor((groups - low) * inverse + np.float32(0.5)))
-    return (q.astype(np.float32) * d + low).reshape(n, k)
+    d16, low16 = (a.astype(np.float16).astype(np.float32) for a in (d, low))
+    return (q.astype(np.float32) * d16 + low16).reshape(n, k)
 
 
 def int8_rows_rounded(weight: np.ndarray) -> np.ndarray:
@@ -103,7 +105,9 @@ def test_the_int4_weights_are_stored_as_packed_groups(int4_bundle):
     params = tvm.runtime.load_param_dict_from_file(str(int4_bundle / entries["int4"]["file"]))
     qkv = params["layers.0.self_attn.qkv_proj.weight"]
     assert str(qkv.dtype) == "uint8" and tuple(qkv.shape) == (128, 32)  # [N, K/2]
-    assert tuple(params["layers.0.self_attn.qkv_proj.scale"].shape) == (128, 2)  # [N, K/32]
+    for plane in ("scale", "min"):  # [N, K/32], fp16 as in GGUF's Q4 blocks
+        array = params[f"layers.0.self_attn.qkv_proj.{plane}"]
+        assert tuple(array.shape) == (128, 2) and str(array.dtype) == "float16"
     assert str(params["embed_tokens.weight"].dtype) == "int8"  # EMBEDDING_BITS
     record = manifest["model"]["quantization"]["int4"]
     assert record["embed_tokens.weight"] == "int8 per row, quantized from fp32"

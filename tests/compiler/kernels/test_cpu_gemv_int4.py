@@ -27,13 +27,14 @@ def packed_random(rng, n: int, k: int):
     for g in range(k // 32):
         for j in range(16):
             packed[:, g * 16 + j] = q[:, g * 32 + j] | (q[:, g * 32 + 16 + j] << 4)
-    d = rng.uniform(0.001, 0.1, size=(n, k // 32)).astype(np.float32)
-    m = rng.uniform(-0.8, 0.0, size=(n, k // 32)).astype(np.float32)
+    d = rng.uniform(0.001, 0.1, size=(n, k // 32)).astype(np.float16)  # as the planes hold them
+    m = rng.uniform(-0.8, 0.0, size=(n, k // 32)).astype(np.float16)
     return q, packed, d, m
 
 
 def dequantized(q, d, m):
-    return q.astype(np.float64) * np.repeat(d, 32, axis=1) + np.repeat(m, 32, axis=1)
+    d, m = (np.repeat(p.astype(np.float64), 32, axis=1) for p in (d, m))
+    return q.astype(np.float64) * d + m
 
 
 @pytest.mark.parametrize(("k", "n", "lanes"), [(96, 13, 16), (64, 10, 8), (160, 7, 16), (32, 5, 4)])
