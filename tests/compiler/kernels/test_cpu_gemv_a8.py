@@ -160,6 +160,8 @@ def test_the_avx2_gemv_is_byte_dot_products_in_registers(bits):
             assert "vpsignb" in asm  # llama.cpp's sign trick: |w| unsigned times sign(x, w)
         # Accumulators on the stack (registers), not a workspace allocated per task and row.
         assert "TVMBackendAllocWorkspace" not in asm, make.__name__
+        if make is not cpu_gemv_a8.w4a8_gemm:  # the decode GEMVs fetch rows ahead
+            assert "prefetcht0" in asm, make.__name__
 
 
 @pytest.mark.parametrize(
