@@ -143,6 +143,23 @@ def test_int4_on_a_gpu_profile_is_refused(tiny_llm_dir, tmp_path):
         compile_model(options)
 
 
+def test_group_scales_beyond_fp16_are_refused_by_weight_name():
+    """The planes are fp16 (as GGUF's): a weight whose group scale or min cannot be held is
+    refused, naming it, instead of storing inf."""
+    from tvm.relax.frontend import nn
+    from tvmdeploy.compiler.errors import ModelLoadError
+
+    name = "layers.0.mlp.down_proj.weight"
+    weight = np.linspace(-1e6, 1e6, 4 * 64, dtype=np.float32).reshape(4, 64)
+    with pytest.raises(ModelLoadError, match=r"down_proj\.weight: .*fp16"):
+        quantized_int4.quantize_params([(name, nn.Parameter((4, 32), "uint8"))], {name: weight})
+    ordinary = weight / np.float32(1e5)  # the same shape of values, within range: stored
+    planes = quantized_int4.quantize_params(
+        [(name, nn.Parameter((4, 32), "uint8"))], {name: ordinary}
+    )
+    assert planes["layers.0.mlp.down_proj.scale"].dtype == np.float16
+
+
 def _q4_types(name: str):
     """Q4_1 for the embedding and attention, Q4_0 for the MLP: both kept block types."""
     import gguf
