@@ -48,8 +48,8 @@ HELP = {
     "precision": "Precisions to build, comma-separated: fp32 (default), int8 (x86 and ARM CPUs: "
     "VNNI, AVX-512, AVX2, sdot or NEON kernels, chosen per profile), bf16 (the AVX-512 x86 "
     "profiles; the artifact needs AVX512-BF16), fp16 (CUDA profiles). Causal LMs: fp32, int8 "
-    "and int4 (weight-only, CPU profiles, gated by greedy agreement and perplexity against "
-    "fp32; int4 keeps a GGUF file's Q4_0/Q4_1 blocks as they are). One "
+    "and int4 (weight-only, CPU and CUDA profiles, gated by greedy agreement and perplexity "
+    "against fp32; int4 keeps a GGUF file's Q4_0/Q4_1 blocks as they are). One "
     "artifact per profile and precision; the runtime picks with load(precision=...).",
     "bench_precision": "Which precision's artifact to time: auto (what load() takes), fp32, "
     "int8, int4, bf16, fp16.",

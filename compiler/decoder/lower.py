@@ -40,21 +40,24 @@ def export(
     `precision` "int8" / "int4": weight-only int8 / int4 layers (decoder/quantized.py,
     decoder/quantized_int4.py); int8 prefill runs on `int8_kernel` (cpu_int8.kernel_for the
     profile; None: dequantize-then-fp32-GEMM), and int4 decode on its family's W4A8 GEMV
-    (kernels/cpu_gemv_w4a8.py; None: the weight-only int4 GEMV)."""
+    (kernels/cpu_gemv_a8.py; None: the weight-only int4 GEMV); on a CUDA target both run the
+    weight-only products of kernels/gpu_gemv.py."""
     model = definition(config, target)
     model.to("float32")
     if precision in QUANTIZED:
         from ..kernels.cpu_target import vector_lanes
 
+        gpu = target.kind.name == "cuda"  # kernels/gpu_gemv.py, scheduled by DLight
+        lanes = vector_lanes(target)
         if precision == "int8":
             from .quantized import quantize_module
 
-            model = quantize_module(model, vector_lanes(target), TOKEN_EMBEDDINGS, int8_kernel)
+            model = quantize_module(model, lanes, TOKEN_EMBEDDINGS, int8_kernel, gpu=gpu)
         else:
             from .quantized_int4 import quantize_module
 
             model = quantize_module(
-                model, vector_lanes(target), TOKEN_EMBEDDINGS, int8_kernel=int8_kernel
+                model, lanes, TOKEN_EMBEDDINGS, int8_kernel=int8_kernel, gpu=gpu
             )
     # The static batch-1 entry saves the VM's shape work per step (SmolLM2 fp32 on a Zen 3: 38.7
     # against 46.7 ms a step). Its int8 step was once slower (13.9 against 8.5 ms): the row

@@ -26,7 +26,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax.frontend import nn
 
-from ..kernels import cpu_gemv, cpu_gemv_a8, cpu_prefill_int8
+from ..kernels import cpu_gemv, cpu_gemv_a8, cpu_prefill_int8, gpu_gemv
 from ..kernels.cpu_int8 import Int8Kernel
 
 #: The suffix of a quantized weight's scale parameter (`<layer>.weight` -> `<layer>.scale`).
@@ -150,11 +150,37 @@ def w8a8(x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, kernel: Int8Kernel) 
     return nn.op.reshape(kept, (*x.shape[:-1], n))
 
 
+def gpu_product(x: nn.Tensor, n: int, k: int, make_gemv, dequantize_func, weights: list):
+    """x[..., K] @ W[N, K].T on a GPU profile (kernels/gpu_gemv.py, scheduled by DLight): the
+    weight-only GEMV for one token (`make_gemv(rows)`, rows static where the entry's are), else
+    the weight widened once, then the fp32 matmul."""
+    if one_token(x):
+        rows = _rows(x)
+        count = rows.shape[0]
+        gemv_func = make_gemv(count if isinstance(count, int) else None)
+        placeholder = nn.Tensor.placeholder((rows.shape[0], n), "float32")
+        out = nn.op.tensor_ir_op(gemv_func, "gpu_gemv", [rows, *weights], placeholder)
+        return nn.op.reshape(out, (*x.shape[:-1], n))
+    full = nn.op.tensor_ir_op(
+        dequantize_func, "gpu_dequantize", weights, nn.Tensor.placeholder((n, k), "float32")
+    )
+    return nn.op.matmul(x, nn.op.permute_dims(full))
+
+
 def matmul_int8(
-    x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, lanes: int, kernel: Int8Kernel | None
+    x: nn.Tensor,
+    weight: nn.Tensor,
+    scale: nn.Tensor,
+    lanes: int,
+    kernel: Int8Kernel | None,
+    gpu: bool = False,
 ) -> nn.Tensor:
-    """The weight-only int8 product: the GEMV for one token, else W8A8 where `kernel` can run
-    the shape, else dequantize-then-fp32-GEMM."""
+    """The weight-only int8 product: on a GPU `gpu_product`; on a CPU the GEMV for one token,
+    else W8A8 where `kernel` can run the shape, else dequantize-then-fp32-GEMM."""
+    if gpu:
+        n, k = (int(d) for d in weight.shape)
+        make_gemv = lambda rows: gpu_gemv.int8_gemv(k, n, rows)
+        return gpu_product(x, n, k, make_gemv, gpu_gemv.int8_dequantize(k, n), [weight, scale])
     if one_token(x):
         return gemv(x, weight, scale, lanes, cpu_gemv_a8.dot_isa(kernel))
     n, k = (int(d) for d in weight.shape)
@@ -167,25 +193,33 @@ class Int8Linear(nn.Module):
     """`nn.Linear` with an int8 weight [out, in] and one fp32 scale per output."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, lanes: int, kernel: Int8Kernel | None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        lanes: int,
+        kernel: Int8Kernel | None,
+        gpu: bool = False,
     ):
         self.lanes = lanes
         self.kernel = kernel
+        self.gpu = gpu
         self.weight = nn.Parameter((out_features, in_features), "int8")
         self.scale = nn.Parameter((out_features,), "float32")
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        out = matmul_int8(x, self.weight, self.scale, self.lanes, self.kernel)
+        out = matmul_int8(x, self.weight, self.scale, self.lanes, self.kernel, self.gpu)
         return out + self.bias if self.bias is not None else out
 
 
 class Int8Embedding(nn.Module):
     """`nn.Embedding` with int8 rows and one fp32 scale per row; `lm_head` is the tied head."""
 
-    def __init__(self, num: int, dim: int, lanes: int, kernel: Int8Kernel | None):
+    def __init__(self, num: int, dim: int, lanes: int, kernel: Int8Kernel | None, gpu=False):
         self.lanes = lanes
         self.kernel = kernel
+        self.gpu = gpu
         self.weight = nn.Parameter((num, dim), "int8")
         self.scale = nn.Parameter((num,), "float32")
 
@@ -196,21 +230,26 @@ class Int8Embedding(nn.Module):
         return nn.op.reshape(scaled, (*ids.shape, self.weight.shape[1]))
 
     def lm_head(self, hidden: nn.Tensor) -> nn.Tensor:
-        return matmul_int8(hidden, self.weight, self.scale, self.lanes, self.kernel)
+        return matmul_int8(hidden, self.weight, self.scale, self.lanes, self.kernel, self.gpu)
 
 
 class _Quantizer(nn.Mutator):
-    def __init__(self, lanes: int, token_embeddings: tuple[str, ...], kernel: Int8Kernel | None):
+    def __init__(
+        self, lanes: int, token_embeddings: tuple[str, ...], kernel: Int8Kernel | None, gpu: bool
+    ):
         self.lanes = lanes
         self.kernel = kernel
+        self.gpu = gpu
         self.token_embeddings = token_embeddings
 
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, nn.Linear):
             bias = node.bias is not None
-            return Int8Linear(node.in_features, node.out_features, bias, self.lanes, self.kernel)
+            return Int8Linear(
+                node.in_features, node.out_features, bias, self.lanes, self.kernel, self.gpu
+            )
         if isinstance(node, nn.Embedding) and name in self.token_embeddings:
-            return Int8Embedding(node.num, node.dim, self.lanes, self.kernel)
+            return Int8Embedding(node.num, node.dim, self.lanes, self.kernel, self.gpu)
         return self.visit(name, node)
 
 
@@ -219,11 +258,12 @@ def quantize_module(
     lanes: int,
     token_embeddings: tuple[str, ...],
     kernel: Int8Kernel | None = None,
+    gpu: bool = False,
 ) -> nn.Module:
     """`model` with every `nn.Linear`, and the embeddings named `token_embeddings`, made int8;
     `kernel` (cpu_int8.kernel_for the profile): the int8 GEMM prefill runs on (None: the fp32
-    GEMM on dequantized weights)."""
-    return _Quantizer(lanes, token_embeddings, kernel).visit("", model)
+    GEMM on dequantized weights); `gpu`: a GPU profile's products (kernels/gpu_gemv.py)."""
+    return _Quantizer(lanes, token_embeddings, kernel, gpu).visit("", model)
 
 
 def tied_logits(embedding: nn.Module, hidden: nn.Tensor) -> nn.Tensor:

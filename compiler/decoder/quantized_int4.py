@@ -37,9 +37,9 @@ import numpy as np
 from tvm.relax.frontend import nn
 
 from ..errors import ModelLoadError
-from ..kernels import cpu_gemv_a8, cpu_gemv_int4
+from ..kernels import cpu_gemv_a8, cpu_gemv_int4, gpu_gemv
 from ..kernels.cpu_gemv_int4 import GROUP
-from .quantized import Int8Embedding, one_token, quantize_rows, quantized_activations
+from .quantized import Int8Embedding, gpu_product, one_token, quantize_rows, quantized_activations
 
 #: Suffixes of a quantized weight's planes (`<layer>.weight` -> `<layer>.scale`, `.min`).
 SCALE_SUFFIX = ".scale"
@@ -135,10 +135,17 @@ def dequantized(packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lanes: int,
     )
 
 
-def matmul_int4(x, packed, scale, low, lanes: int, dot_isa: str | None = None) -> nn.Tensor:
-    """x[..., K] @ dequant(W[N, K]).T: W4A8 on `dot_isa` (one token: the GEMV; a prompt: the
-    prefill GEMM), else the weight-only GEMV for one token and dequantize-then-fp32-GEMM for a
-    prompt."""
+def matmul_int4(
+    x, packed, scale, low, lanes: int, dot_isa: str | None = None, gpu: bool = False
+) -> nn.Tensor:
+    """x[..., K] @ dequant(W[N, K]).T: on a GPU `quantized.gpu_product`; on a CPU W4A8 on
+    `dot_isa` (one token: the GEMV; a prompt: the prefill GEMM), else the weight-only GEMV for
+    one token and dequantize-then-fp32-GEMM for a prompt."""
+    if gpu:
+        n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
+        make_gemv = lambda rows: gpu_gemv.int4_gemv(k, n, rows)
+        planes = [packed, scale, low]
+        return gpu_product(x, n, k, make_gemv, gpu_gemv.int4_dequantize(k, n), planes)
     if one_token(x):
         return gemv(x, packed, scale, low, lanes, dot_isa)
     n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
@@ -158,10 +165,12 @@ class Int4Linear(nn.Module):
         bias: bool,
         lanes: int,
         dot_isa: str | None = None,
+        gpu: bool = False,
     ):
         cpu_gemv_int4.check_shape(in_features, f"a linear layer ({out_features} x {in_features})")
         self.lanes = lanes
         self.dot_isa = dot_isa
+        self.gpu = gpu
         groups = in_features // GROUP
         self.weight = nn.Parameter((out_features, in_features // 2), "uint8")
         self.scale = nn.Parameter((out_features, groups), PLANE_DTYPE)
@@ -169,17 +178,18 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        out = matmul_int4(x, self.weight, self.scale, self.min, self.lanes, self.dot_isa)
+        out = matmul_int4(x, self.weight, self.scale, self.min, self.lanes, self.dot_isa, self.gpu)
         return out + self.bias if self.bias is not None else out
 
 
 class Int4Embedding(nn.Module):
     """`nn.Embedding` with int4 rows in groups of 32; `lm_head` is the tied head."""
 
-    def __init__(self, num: int, dim: int, lanes: int, dot_isa: str | None = None):
+    def __init__(self, num: int, dim: int, lanes: int, dot_isa: str | None = None, gpu=False):
         cpu_gemv_int4.check_shape(dim, f"the token embedding ({num} x {dim})")
         self.lanes = lanes
         self.dot_isa = dot_isa
+        self.gpu = gpu
         self.weight = nn.Parameter((num, dim // 2), "uint8")
         self.scale = nn.Parameter((num, dim // GROUP), PLANE_DTYPE)
         self.min = nn.Parameter((num, dim // GROUP), PLANE_DTYPE)
@@ -188,10 +198,20 @@ class Int4Embedding(nn.Module):
         flat = nn.op.reshape(ids, (-1,))
         rows = [nn.op.take(p, flat, axis=0) for p in (self.weight, self.scale, self.min)]
         dim = 2 * int(self.weight.shape[1])
-        return nn.op.reshape(dequantized(*rows, self.lanes), (*ids.shape, dim))
+        if self.gpu:
+            full = nn.op.tensor_ir_op(
+                gpu_gemv.int4_dequantize(dim, None),
+                "gpu_dequantize",
+                rows,
+                nn.Tensor.placeholder((rows[0].shape[0], dim), "float32"),
+            )
+        else:
+            full = dequantized(*rows, self.lanes)
+        return nn.op.reshape(full, (*ids.shape, dim))
 
     def lm_head(self, hidden: nn.Tensor) -> nn.Tensor:
-        return matmul_int4(hidden, self.weight, self.scale, self.min, self.lanes, self.dot_isa)
+        planes = (self.weight, self.scale, self.min)
+        return matmul_int4(hidden, *planes, self.lanes, self.dot_isa, self.gpu)
 
 
 #: Bits of the token embedding (and a tied LM head) in an int4 artifact: 8 (the default, see
@@ -207,21 +227,25 @@ class _Quantizer(nn.Mutator):
         embedding_bits: int,
         dot_isa: str | None,
         int8_kernel,
+        gpu: bool,
     ):
         self.lanes = lanes
         self.dot_isa = dot_isa
         self.int8_kernel = int8_kernel
+        self.gpu = gpu
         self.token_embeddings = token_embeddings
         self.embedding_bits = embedding_bits
 
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, nn.Linear):
             bias = node.bias is not None
-            return Int4Linear(node.in_features, node.out_features, bias, self.lanes, self.dot_isa)
+            return Int4Linear(
+                node.in_features, node.out_features, bias, self.lanes, self.dot_isa, self.gpu
+            )
         if isinstance(node, nn.Embedding) and name in self.token_embeddings:
             if self.embedding_bits == 8:
-                return Int8Embedding(node.num, node.dim, self.lanes, self.int8_kernel)
-            return Int4Embedding(node.num, node.dim, self.lanes, self.dot_isa)
+                return Int8Embedding(node.num, node.dim, self.lanes, self.int8_kernel, self.gpu)
+            return Int4Embedding(node.num, node.dim, self.lanes, self.dot_isa, self.gpu)
         return self.visit(name, node)
 
 
@@ -231,15 +255,15 @@ def quantize_module(
     token_embeddings: tuple[str, ...],
     embedding_bits: int = EMBEDDING_BITS,
     int8_kernel=None,
+    gpu: bool = False,
 ) -> nn.Module:
     """`model` with every `nn.Linear` made int4, and the embeddings named `token_embeddings`
     made `embedding_bits` (8 or 4) bits; `int8_kernel` (cpu_int8.kernel_for the profile) picks
     the W4A8 decode GEMV's instruction set (cpu_gemv_a8.dot_isa; None: the weight-only int4
-    GEMV)."""
+    GEMV); `gpu`: a GPU profile's products (kernels/gpu_gemv.py)."""
     dot_isa = cpu_gemv_a8.dot_isa(int8_kernel)
-    return _Quantizer(lanes, token_embeddings, embedding_bits, dot_isa, int8_kernel).visit(
-        "", model
-    )
+    quantizer = _Quantizer(lanes, token_embeddings, embedding_bits, dot_isa, int8_kernel, gpu)
+    return quantizer.visit("", model)
 
 
 def quantize_params(

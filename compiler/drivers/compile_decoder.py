@@ -66,14 +66,6 @@ def plan_profiles(options) -> list[Profile]:
             f"--precision {','.join(options.precisions)}: generation bundles are built in "
             f"{', '.join(map(short, DECODER_PRECISIONS))} (not {', '.join(map(short, unknown))})"
         )
-    gpus = [p.name for p in profiles if p.family == "cuda"]
-    quantized_dtypes = sorted(dtypes & set(lower.QUANTIZED))
-    if quantized_dtypes and gpus:
-        raise OptionError(
-            f"--precision {','.join(options.precisions)}: the weight-only "
-            f"{'/'.join(quantized_dtypes)} decode kernels are CPU kernels; profile(s) "
-            f"{', '.join(gpus)} build fp32 only (compile them with --precision fp32)"
-        )
     if options.tune_trials:
         raise OptionError("--tune does not apply to generation bundles yet; leave it out")
     if options.rpc:

@@ -37,7 +37,7 @@ from the profile's `requires`, never from the build machine):
 vpmaddubsw multiplies unsigned bytes (the nibbles, 0..15) by signed ones (xq) into saturating
 int16 pairs; here no sum can saturate (2 x 2 x 15 x 127 = 7620 after adding both nibble halves).
 AVX-512 and VNNI profiles reuse the 256-bit AVX2 kernel (a 32-byte load is two groups, the natural
-unit; vpdpbusd would save one instruction of seven). CUDA keeps the weight-only kernels.
+unit; vpdpbusd would save one instruction of seven). CUDA has its own (gpu_gemv.py).
 
 Accuracy: the activation quantization adds at most half a step (sx / 2) of error per x, as
 llama.cpp's; the decoder's quality gate measures it (docs/benchmarks.md).

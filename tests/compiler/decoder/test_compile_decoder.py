@@ -135,15 +135,6 @@ def test_unsupported_models_and_options_are_refused_before_any_build(tiny_llm_di
         compile_model(
             CompileOptions(model=str(tiny_llm_dir), output=str(tmp_path / "q"), precisions=["bf16"])
         )
-    with pytest.raises(OptionError, match="cuda-sm80 build fp32 only"):
-        compile_model(
-            CompileOptions(
-                model=str(tiny_llm_dir),
-                output=str(tmp_path / "g"),
-                profiles=["cuda-sm80"],
-                precisions=["fp32", "int8"],
-            )
-        )
     with pytest.raises(OptionError, match="exceeds the model's own limit of 256"):
         compile_model(
             CompileOptions(model=str(tiny_llm_dir), output=str(tmp_path / "c"), context=999)

@@ -1,7 +1,9 @@
 """Generation bundles for CUDA: the tiny Llama's definition and paged KV cache built for sm_80
 with TVM's GPU pipeline (DLight schedules; the cache's GPU attention kernels from
-`relax.frontend.nn.llm`) and nvcc, in the same bundle as the host's artifact. Where a GPU is
-lent (`pytest -m gpu`), the CUDA artifact generates what transformers does."""
+`relax.frontend.nn.llm`) and nvcc, in the same bundle as the host's artifact; int8 and int4
+artifacts on the weight-only GPU products (kernels/gpu_gemv.py). Where a GPU is lent
+(`pytest -m gpu`), the CUDA artifacts generate what transformers does, the quantized ones
+within the quantized gate."""
 
 from __future__ import annotations
 
@@ -77,3 +79,83 @@ def test_the_cuda_artifact_generates_what_transformers_does(cuda_llm_bundle, tin
     for t in threads:
         t.join()
     assert together == expected
+
+
+@pytest.fixture(scope="module")
+def cuda_quantized_bundle(tiny_llm_dir, tmp_path_factory) -> Path:
+    """int8 and int4 for sm_80 alone (the host's quantized artifacts are tested elsewhere)."""
+    if cuda.find_nvcc() is None:
+        pytest.skip("needs nvcc (the CUDA toolkit)")
+    from tvmdeploy.compiler import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp("cuda-llm-q") / "tiny-llama-cuda-q.tvmd"
+    options = CompileOptions(
+        model=str(tiny_llm_dir),
+        output=str(out),
+        profiles=["cuda-sm80"],
+        precisions=["int8", "int4"],
+        strict_parity=False,  # the tiny random model's int4 misses the gate (a GPU host gates it)
+        onnx=False,
+    )
+    return compile_model(options)
+
+
+def test_int8_and_int4_cuda_artifacts_read_the_quantized_weights(cuda_quantized_bundle):
+    import tvm
+    from tvmdeploy.compiler.decoder import quantized_int4
+
+    manifest = json.loads((cuda_quantized_bundle / "manifest.json").read_text())
+    artifacts = {a["name"]: a for a in manifest["artifacts"]}
+    assert set(artifacts) == {"cuda-sm80-int8", "cuda-sm80-int4"}
+    for name, artifact in artifacts.items():
+        assert artifact["code_form"] == "cuda-fatbin", name
+        if not has_gpu(80):
+            assert artifact["parity"]["where"] == "not-run" and "CUDA GPU" in str(
+                artifact["parity"]["detail"]
+            )
+    entries = manifest["weights"]
+    int8 = tvm.runtime.load_param_dict_from_file(
+        str(cuda_quantized_bundle / entries["int8"]["file"])
+    )
+    assert str(int8["layers.0.self_attn.qkv_proj.weight"].dtype) == "int8"
+    int4 = tvm.runtime.load_param_dict_from_file(
+        str(cuda_quantized_bundle / entries["int4"]["file"])
+    )
+    assert str(int4["layers.0.self_attn.qkv_proj.weight"].dtype) == "uint8"
+    scale = int4["layers.0.self_attn.qkv_proj" + quantized_int4.SCALE_SUFFIX]
+    assert str(scale.dtype) == quantized_int4.PLANE_DTYPE
+
+
+def test_the_gpu_products_are_weight_only_gemv_kernels(tiny_llm_dir):
+    """The decode step's products (static batch 1) read the stored weights in the kernel (int8
+    bytes; int4 nibbles and fp16 planes), never an fp32 copy; int8's get DLight's GEMV schedule
+    (the activation row shared, a warp reduction along K), int4's its fallback (a thread per
+    output: DLight's GEMV rule fails on the GGUF nibble order, kernels/gpu_gemv.py)."""
+    if cuda.find_nvcc() is None:
+        pytest.skip("needs nvcc (the CUDA toolkit)")
+    import tvm
+    from tvm.s_tir import dlight as dl
+    from tvmdeploy import targets
+    from tvmdeploy.compiler import build
+    from tvmdeploy.compiler.kernels import gpu_gemv
+
+    target = build.tvm_target(targets.get("cuda-sm80"))
+    # The rules of TVM's CUDA pipeline, in its order (relax/backend/cuda/pipeline.py).
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+    schedule = dl.ApplyDefaultSchedule(*rules, dl.gpu.Fallback())
+    for precision, make, weight_type in (
+        ("int8", gpu_gemv.int8_gemv, "signed char"),
+        ("int4", gpu_gemv.int4_gemv, "uchar"),
+    ):
+        func = make(576, 1536, 1)  # one row: the decode1 step
+        name = func.attrs["global_symbol"]
+        with target:
+            built = tvm.compile(schedule(tvm.IRModule({name: func})), target=target)
+        source = "\n".join(cuda._cuda_sources(built.mod))
+        start = source.index(f"{name}_kernel(", source.index(f"{name}_kernel(") + 1)
+        body = source[start : source.index("\n}", start)]  # the definition
+        assert weight_type in body, precision
+        assert "__shfl_down_sync" in body or precision == "int4", precision
+        assert "float* __restrict__ w" not in body  # no fp32 copy of the weight is read
+        if precision == "int4":
+            assert "half* __restrict__ d_ptr" in body  # the fp16 planes, as stored

@@ -18,7 +18,6 @@ from tvmdeploy.compiler import CompileOptions, compile_model
 from tvmdeploy.compiler.decoder import gguf_int4, quantized_int4, sources
 from tvmdeploy.compiler.decoder.config import read_decoder_config
 from tvmdeploy.compiler.decoder.weights import decoder_params
-from tvmdeploy.compiler.errors import OptionError
 from tvmdeploy.runtime import load
 
 from tests.conftest import (
@@ -130,17 +129,6 @@ def test_int4_computes_what_transformers_does_with_the_rounded_weights(int4_bund
         assert np.abs(got - want).max() <= PROMPT_RANGE_ATOL * float(want.max() - want.min())
         result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)  # the W4A8 GEMV
         assert_greedy_agrees(list(result.token_ids), rounded, ids, 16)
-
-
-def test_int4_on_a_gpu_profile_is_refused(tiny_llm_dir, tmp_path):
-    options = CompileOptions(
-        model=str(tiny_llm_dir),
-        output=str(tmp_path / "g.tvmd"),
-        profiles=["cuda-sm80"],
-        precisions=["int4"],
-    )
-    with pytest.raises(OptionError, match="int4 decode kernels are CPU kernels"):
-        compile_model(options)
 
 
 def test_group_scales_beyond_fp16_are_refused_by_weight_name():
