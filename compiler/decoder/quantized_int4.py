@@ -284,9 +284,7 @@ def quantize_params(
             out[name], out[name.removesuffix(".weight") + SCALE_SUFFIX] = quantize_rows(array)
         elif name in int4:
             packed, scale, low = kept[name] if name in kept else quantize_groups(array)
-            with np.errstate(over="ignore"):
-                finite = np.isfinite(scale).all() and np.isfinite(low).all()
-            if not finite:
+            if not (np.isfinite(scale).all() and np.isfinite(low).all()):
                 raise ModelLoadError(
                     f"{name}: its int4 group scales or mins exceed fp16's range (+-65504), in "
                     "which int4 stores them (as GGUF's Q4 blocks do); compile it in int8 or fp32"

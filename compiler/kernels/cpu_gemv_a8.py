@@ -50,6 +50,8 @@ from functools import cache  # kernel builders: once per shape in a process, not
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .cpu_int8 import OPAQUE_PATTERN
+
 #: Weights per group (one d, one m): GGUF's Q4 block size, as in cpu_gemv_int4.
 GROUP = 32
 #: Output rows per thread-pool task (share each activation load; independent FMA chains).
@@ -60,7 +62,6 @@ ROWS = 4
 #: of cache on a 2-core Zen 3; with this SmolLM2 decodes 1.17-1.27x faster (docs/benchmarks.md).
 PREFETCH_ROWS = 8
 _SCHEDULED = "tirx.is_scheduled"
-_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the function alone
 
 #: int8 GEMM kernel (cpu_int8.kernel_for) -> this module's instruction-set family.
 _FAMILY = {
@@ -166,7 +167,7 @@ def quantize_activations(k: int, layout: str) -> tirx.PrimFunc:
 def _finish(func: tirx.PrimFunc, symbol: str) -> tirx.PrimFunc:
     return (
         func.with_attr(_SCHEDULED, True)
-        .with_attr("op_pattern", _OPAQUE)
+        .with_attr("op_pattern", OPAQUE_PATTERN)
         .with_attr("global_symbol", symbol)
     )
 

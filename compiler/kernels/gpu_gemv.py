@@ -24,8 +24,7 @@ from functools import cache  # kernel builders: once per shape in a process, not
 from tvm import te, tirx
 
 from .cpu_gemv_int4 import GROUP, _nibble, check_shape
-
-_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the function alone
+from .cpu_int8 import OPAQUE_PATTERN
 
 
 def _i64(value: int) -> tirx.IntImm:
@@ -38,7 +37,7 @@ def _func(tensors: list[te.Tensor], name: str) -> tirx.PrimFunc:
     """Unscheduled (DLight schedules it), kept out of fusion (as the CPU kernels are: FuseTIR
     cannot merge these with their neighbours), under a symbol unique per shape."""
     func = te.create_prim_func(tensors).with_attr("global_symbol", name)
-    return func.with_attr("op_pattern", _OPAQUE)
+    return func.with_attr("op_pattern", OPAQUE_PATTERN)
 
 
 def _batch(rows: int | None):
