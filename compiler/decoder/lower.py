@@ -98,13 +98,15 @@ def cpu_pipeline(target):
     matmuls first and SiLU put on a vectorizable exp (kernels/cpu_fast_math.py). Weight packing
     stays off: its `transform_params` cannot be lifted over the cache-creating function, which
     takes no weights. With TVM's stock schedules instead, SmolLM2's prefill ran at 3 tokens/s,
-    with these at 80 (2-core Zen 3)."""
+    with these at 80 (2-core Zen 3). The step functions are finalized with fewer VM calls
+    (decoder/step_calls.py)."""
     import tvm
 
     from ..kernels.cpu_fast_math import fast_silu
     from ..kernels.cpu_schedule import cpu_pipeline as project_pipeline
+    from .step_calls import finalize_passes
 
-    ours = project_pipeline(target, pack=False)
+    ours = project_pipeline(target, pack=False, finalize=finalize_passes)
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, ctx):

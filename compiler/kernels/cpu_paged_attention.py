@@ -1,17 +1,21 @@
-"""Decode attention over TVM's paged KV cache for CPUs: parallel over heads, vectorized.
+"""Decode attention over TVM's paged KV cache for CPUs: a KV head's query heads together,
+vectorized, split over the pages in parallel on long contexts.
 
 Why: the CPU kernel TVM's `TIRPagedKVCache` ships for decode (`_attention_decode_cpu`) walks
 every sequence, head, key and head-dim element in serial scalar loops, with one libm `exp2` per
 key. On SmolLM2-135M (9 query heads of 64, 3 KV heads, 30 layers) that made the int8 decode step
-grow from 8.5 to 13 ms as the context went from 40 to 190 tokens, though the K/V it reads is a
-few MB. This kernel takes the same arguments (so the cache calls it unchanged) and:
+grow from 8.5 to 13 ms as the context went from 40 to 190 tokens. This kernel takes the same
+arguments (so the cache calls it unchanged) and:
 
-- runs one parallel task per (sequence, query head), when the step has enough keys to pay for
-  the thread pool's wake-up (`MIN_PARALLEL_KEYS`); else the calling thread runs them all;
-- takes the keys a page (16 rows) at a time: the page's scores as 8-lane partial dot products,
-  one max and one rescale of the running output per page (online softmax at page granularity),
-  the page's probabilities through a vectorized polynomial `exp2`, and the output update
-  vectorized over the head dimension.
+- runs one task per (sequence, KV head) with all the query heads that share it (grouped-query
+  attention reads each key and value row once for the group, not once per query head);
+- from `MIN_PARALLEL_KEYS` keys in the step, splits each sequence's pages into `SPLITS` parts,
+  one parallel task per (sequence, KV head, part), and merges the parts' softmax states by
+  their maxima (split-K, as flash-decoding does); below it the calling thread runs every task;
+- takes the keys a page (16 rows) at a time: 8 keys' scores as 8 vector accumulators reduced
+  by one tree of lane shuffles, the online softmax on vectors (the page's max broadcast by a
+  butterfly, a vectorized polynomial `exp2`, the sum kept lane-wise), and the weighted sum of
+  values in registers along the head dimension.
 
 It handles what our decoders give it: no sliding window, RoPE applied before the append
 (`rotary_mode` 0); any other mode stops the call with a clear error. It writes the log-sum-exp
@@ -37,30 +41,39 @@ __all__ = [
 #: The module's name for the CPU decode kernel this one replaces (`TIRPagedKVCache` adds TVM's
 #: under its global symbol).
 DECODE_KERNEL = "batch_decode_paged_kv_cpu"
-#: Below this many keys per step (pages of all sequences x 16) one thread runs every head. On the
-#: 2-core Zen 3 (shared) the parallel form lost to the serial one at every length up to 1,000
-#: keys (bench: 19 against 58 us a layer at 190 keys), the pool's wake-up outweighing the work.
-MIN_PARALLEL_KEYS = 1024
+#: From this many keys per step (pages of all sequences x 16) the pages are split over the
+#: thread pool. One layer of SmolLM2 on the 2-core Zen 3, one sequence, serial / split: 64 keys
+#: 7.9 / 10.6 us, 128 keys 13.0 / 9.9, 300 keys 25.4 / 16.6 (bench, docs/benchmarks.md).
+MIN_PARALLEL_KEYS = 128
 #: Lanes of the partial dot products (one AVX2 register of fp32).
 LANES = 8
+#: Parts the pages of a sequence are split into for a parallel step (each KV head's split a task,
+#: the parts merged by their log-sum-exp): 12 tasks for 3 KV heads, even on 2, 3, 4 or 6 threads.
+SPLITS = 4
 #: A score no key gets (an empty slot of the last page): its weight, 2**-126 after the clamp of
 #: `exp2_poly`, is nothing beside the max key's 1, and its V row is never read.
 NO_SCORE = -3.0e38
 
 
-def exp2_poly(x):
-    """2**x for x <= 0 (the softmax's shifted scores) from float ops only, so it vectorizes
-    (LLVM's exp2 of a vector is a libm call per lane): x clamped to -126, split into n + f with n
-    the nearest integer (f in [-1/2, 1/2]), 2**f by its degree-6 Taylor polynomial (relative error
-    below 3e-7), 2**n by the exponent bits."""
-    x = T.max(x, T.float32(-126.0))
-    n = T.floor(x + T.float32(0.5))
+def exp2_poly(x, lanes: int = 1):
+    """2**x for x <= 0 (the softmax's shifted scores; a scalar, or a vector of `lanes`) from
+    float ops only, so it vectorizes (LLVM's exp2 of a vector is a libm call per lane): x clamped
+    to -126, split into n + f with n the nearest integer (f in [-1/2, 1/2]), 2**f by its degree-6
+    Taylor polynomial (relative error below 3e-7), 2**n by the exponent bits."""
+
+    def const(value, dtype="float32"):
+        scalar = T.float32(value) if dtype == "float32" else T.int32(value)
+        return scalar if lanes == 1 else T.Broadcast(scalar, lanes)
+
+    x = T.max(x, const(-126.0))
+    n = T.floor(x + const(0.5))
     f = x - n
-    p = T.float32(_EXP2_TAYLOR[0])
+    p = const(_EXP2_TAYLOR[0])
     for c in _EXP2_TAYLOR[1:]:
-        p = p * f + T.float32(c)
-    bits = T.shift_left(T.Cast("int32", n) + 127, 23)
-    return p * T.reinterpret("float32", bits)
+        p = p * f + const(c)
+    itype = "int32" if lanes == 1 else f"int32x{lanes}"
+    bits = T.shift_left(T.Cast(itype, n) + const(127, "int32"), const(23, "int32"))
+    return p * T.reinterpret("float32" if lanes == 1 else f"float32x{lanes}", bits)
 
 
 #: ln(2)**k / k!, k = 6 .. 0: the coefficients of 2**f, highest first.
@@ -74,68 +87,123 @@ def decode_attention(
     page_size: int = 16,
     min_parallel_keys: int = MIN_PARALLEL_KEYS,
 ):
-    """The PrimFunc with `_attention_decode_cpu`'s signature (fp32, no sliding window); steps
-    with fewer than `min_parallel_keys` keys run on the calling thread."""
+    """The PrimFunc with `_attention_decode_cpu`'s signature (fp32, no sliding window): one
+    task per (sequence, KV head) and its query heads, or per (sequence, KV head, split of the
+    pages) in parallel when the step has `min_parallel_keys` keys or more."""
     H_qo, H_kv, D, P = num_qo_heads, num_kv_heads, head_dim, page_size
-    group = H_qo // H_kv
-    if D % LANES:
-        raise ValueError(f"decode attention: head dim {D} is not a multiple of {LANES}")
-    log2e = math.log2(math.e)
+    G = H_qo // H_kv
+    L = LANES
+    C = D // L  # vectors per head row
+    if D % L or P % L or L & (L - 1):
+        raise ValueError(
+            f"decode attention: head dim {D} and page size {P} must be multiples of {L}"
+        )
+    vector = f"float32x{L}"
+    scale_log2e = math.log2(math.e)
+
+    def bcast(value):
+        return T.Broadcast(value, L)
+
+    def lane_max(v):
+        """The largest lane of `v`, in every lane (three swaps of halves, quarters, pairs)."""
+        for width in (L // 2, L // 4, 1):
+            v = T.max(v, T.Shuffle([v], [i ^ width for i in range(L)]))
+        return v
+
+    def lane_sums(vectors):
+        """[sum of vectors[0]'s lanes, vectors[1]'s, ...] (L vectors): a tree of pairwise sums
+        of adjacent lanes, L - 1 shuffle pairs for L horizontal sums."""
+        even = [2 * i for i in range(L)]
+        odd = [i + 1 for i in even]
+        while len(vectors) > 1:
+            pairs = zip(vectors[::2], vectors[1::2], strict=True)
+            vectors = [T.Shuffle([a, b], even) + T.Shuffle([a, b], odd) for a, b in pairs]
+        return vectors[0]
 
     @T.macro
-    def head(b, h, Q, pages, indptr, values, last_len, output, lse, sm_scale):
-        with T.sblock("head"):
+    def task(
+        b, kv, split, splits, Q, pages, indptr, values, last_len, part_o, part_m, part_t, sm_scale
+    ):
+        with T.sblock("task"):
             T.reads()  # declared empty: the inferred regions would name the block's own lets
             T.writes()
-            q = T.sblock_alloc_buffer((D,), "float32")
-            o = T.sblock_alloc_buffer((D,), "float32")
-            acc = T.sblock_alloc_buffer((LANES,), "float32")
-            s = T.sblock_alloc_buffer((P,), "float32")
-            m = T.sblock_alloc_buffer((1,), "float32")
-            m_new = T.sblock_alloc_buffer((1,), "float32")
-            total = T.sblock_alloc_buffer((1,), "float32")
-            alpha = T.sblock_alloc_buffer((1,), "float32")
-            kv = h // group
+            q = T.sblock_alloc_buffer((G, D), "float32")
+            o = T.sblock_alloc_buffer((G, D), "float32")
+            p = T.sblock_alloc_buffer((G, P), "float32")
+            m = T.sblock_alloc_buffer((G, L), "float32")  # the running max, in every lane
+            total = T.sblock_alloc_buffer((G, L), "float32")  # lane-wise partial sums
+            acc = T.sblock_alloc_buffer((L, L), "float32")
+            part = T.sblock_alloc_buffer((C, L), "float32")
+            top = T.sblock_alloc_buffer((2, L), "float32")
             begin: T.let[T.int32] = indptr[b]
-            pages_of_b: T.let[T.int32] = indptr[b + 1] - begin
-            for d in T.vectorized(D):
-                q[d] = Q[b, h, d] * (sm_scale * log2e)
-                o[d] = T.float32(0)
-            m[0] = T.float32(NO_SCORE)
-            total[0] = T.float32(0)
-            for page in T.serial(pages_of_b):
-                page_no: T.let[T.int32] = values[begin + page]
-                rows: T.let[T.int32] = T.if_then_else(page == pages_of_b - 1, last_len[b], P)
-                for j in T.serial(P):
-                    s[j] = T.float32(NO_SCORE)
-                for j in T.serial(rows):
-                    for lane in T.vectorized(LANES):
-                        acc[lane] = T.float32(0)
-                    for dd in T.serial(D // LANES):
-                        for lane in T.vectorized(LANES):
-                            acc[lane] = (
-                                acc[lane]
-                                + q[dd * LANES + lane] * pages[page_no, 0, kv, j, dd * LANES + lane]
-                            )
-                    s[j] = (acc[0] + acc[1] + acc[2] + acc[3]) + (acc[4] + acc[5] + acc[6] + acc[7])
-                m_new[0] = m[0]
-                for j in T.serial(P):
-                    m_new[0] = T.max(m_new[0], s[j])
-                for j in T.vectorized(P):
-                    s[j] = exp2_poly(s[j] - m_new[0])
-                alpha[0] = exp2_poly(m[0] - m_new[0])
-                m[0] = m_new[0]
-                total[0] = total[0] * alpha[0]
-                for j in T.serial(P):
-                    total[0] = total[0] + s[j]
-                for d in T.vectorized(D):
-                    o[d] = o[d] * alpha[0]
-                for j in T.serial(rows):
-                    for d in T.vectorized(D):
-                        o[d] = o[d] + s[j] * pages[page_no, 1, kv, j, d]
-            for d in T.vectorized(D):
-                output[b, h, d] = o[d] / T.max(total[0], T.float32(1e-30))
-            lse[b, h] = m[0] + T.log2(T.max(total[0], T.float32(1e-30)))
+            count: T.let[T.int32] = indptr[b + 1] - begin
+            first: T.let[T.int32] = count * split // splits
+            end: T.let[T.int32] = count * (split + 1) // splits
+            for g in T.serial(G):
+                for c in T.serial(C):
+                    q[g, T.ramp(c * L, 1, L)] = Q.vload([b, kv * G + g, c * L], vector) * bcast(
+                        sm_scale * T.float32(scale_log2e)
+                    )
+                    o[g, T.ramp(c * L, 1, L)] = bcast(T.float32(0))
+                m[g, T.ramp(0, 1, L)] = bcast(T.float32(NO_SCORE))
+                total[g, T.ramp(0, 1, L)] = bcast(T.float32(0))
+            for page in T.serial(end - first):
+                page_no: T.let[T.int32] = values[begin + first + page]
+                rows: T.let[T.int32] = T.if_then_else(first + page == count - 1, last_len[b], P)
+                for g in T.serial(G):
+                    # Scores of L keys at a time: L accumulators, then one reduction tree.
+                    for half in T.serial(P // L):
+                        for u in T.unroll(L):
+                            acc[u, T.ramp(0, 1, L)] = bcast(T.float32(0))
+                        for c in T.unroll(C):
+                            for u in T.unroll(L):
+                                acc[u, T.ramp(0, 1, L)] = acc[u, T.ramp(0, 1, L)] + q[
+                                    g, T.ramp(c * L, 1, L)
+                                ] * pages.vload([page_no, 0, kv, half * L + u, c * L], vector)
+                        p[g, T.ramp(half * L, 1, L)] = T.Select(
+                            T.ramp(half * L, 1, L) < bcast(rows),
+                            lane_sums([acc[u, T.ramp(0, 1, L)] for u in range(L)]),
+                            bcast(T.float32(NO_SCORE)),
+                        )
+                    # Online softmax, a page at a time, on vectors: the page's max in every
+                    # lane (a butterfly), the old state rescaled, the sum kept lane-wise.
+                    top[0, T.ramp(0, 1, L)] = T.max(
+                        m[g, T.ramp(0, 1, L)],
+                        lane_max(T.max(p[g, T.ramp(0, 1, L)], p[g, T.ramp(L, 1, L)])),
+                    )
+                    top[1, T.ramp(0, 1, L)] = exp2_poly(
+                        m[g, T.ramp(0, 1, L)] - top[0, T.ramp(0, 1, L)], L
+                    )
+                    m[g, T.ramp(0, 1, L)] = top[0, T.ramp(0, 1, L)]
+                    for half in T.unroll(P // L):
+                        p[g, T.ramp(half * L, 1, L)] = exp2_poly(
+                            p[g, T.ramp(half * L, 1, L)] - top[0, T.ramp(0, 1, L)], L
+                        )
+                    total[g, T.ramp(0, 1, L)] = total[g, T.ramp(0, 1, L)] * top[1, T.ramp(0, 1, L)]
+                    for half in T.unroll(P // L):
+                        total[g, T.ramp(0, 1, L)] = (
+                            total[g, T.ramp(0, 1, L)] + p[g, T.ramp(half * L, 1, L)]
+                        )
+                    # The weighted sum of values, the head row in C accumulators.
+                    for c in T.unroll(C):
+                        part[c, T.ramp(0, 1, L)] = (
+                            o[g, T.ramp(c * L, 1, L)] * top[1, T.ramp(0, 1, L)]
+                        )
+                    for j in T.serial(rows):
+                        for c in T.unroll(C):
+                            part[c, T.ramp(0, 1, L)] = part[c, T.ramp(0, 1, L)] + bcast(
+                                p[g, j]
+                            ) * pages.vload([page_no, 1, kv, j, c * L], vector)
+                    for c in T.unroll(C):
+                        o[g, T.ramp(c * L, 1, L)] = part[c, T.ramp(0, 1, L)]
+            for g in T.serial(G):
+                for c in T.serial(C):
+                    part_o[b, kv * G + g, split, T.ramp(c * L, 1, L)] = o[g, T.ramp(c * L, 1, L)]
+                part_m[b, kv * G + g, split] = m[g, 0]
+                top[0, 0] = T.float32(0)
+                for lane in T.unroll(L):
+                    top[0, 0] = top[0, 0] + total[g, lane]
+                part_t[b, kv * G + g, split] = top[0, 0]
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
@@ -187,16 +255,69 @@ def decode_attention(
             "decode attention (cpu_paged_attention): only RoPE applied before the append "
             "(rotary_mode 0) is supported",
         )
-        if nnz_pages * P >= min_parallel_keys:
-            for bh in T.parallel(B * H_qo):
-                head(
-                    bh // H_qo, bh % H_qo, Q, pages, indptr, values, last_len, output, lse, sm_scale
-                )
-        else:
+        with T.sblock("root"):
+            part_o = T.alloc_buffer((B, H_qo, SPLITS, D), "float32")
+            part_m = T.alloc_buffer((B, H_qo, SPLITS), "float32")
+            part_t = T.alloc_buffer((B, H_qo, SPLITS), "float32")
+            splits: T.let[T.int32] = T.if_then_else(nnz_pages * P >= min_parallel_keys, SPLITS, 1)
+            if splits > 1:
+                for t in T.parallel(B * H_kv * SPLITS):
+                    task(
+                        t // (H_kv * SPLITS),
+                        t // SPLITS % H_kv,
+                        t % SPLITS,
+                        SPLITS,
+                        Q,
+                        pages,
+                        indptr,
+                        values,
+                        last_len,
+                        part_o,
+                        part_m,
+                        part_t,
+                        sm_scale,
+                    )
+            else:
+                for t in T.serial(B * H_kv):
+                    task(
+                        t // H_kv,
+                        t % H_kv,
+                        0,
+                        1,
+                        Q,
+                        pages,
+                        indptr,
+                        values,
+                        last_len,
+                        part_o,
+                        part_m,
+                        part_t,
+                        sm_scale,
+                    )
+            # The splits' states merged (a single split: only normalized).
             for bh in T.serial(B * H_qo):
-                head(
-                    bh // H_qo, bh % H_qo, Q, pages, indptr, values, last_len, output, lse, sm_scale
-                )
+                with T.sblock("merge"):
+                    T.reads()
+                    T.writes()
+                    state = T.sblock_alloc_buffer((3,), "float32")
+                    acc = T.sblock_alloc_buffer((D,), "float32")
+                    b: T.let[T.int32] = bh // H_qo
+                    h: T.let[T.int32] = bh % H_qo
+                    state[0] = part_m[b, h, 0]
+                    for s in T.serial(1, splits):
+                        state[0] = T.max(state[0], part_m[b, h, s])
+                    state[1] = T.float32(0)
+                    for d in T.vectorized(D):
+                        acc[d] = T.float32(0)
+                    for s in T.serial(splits):
+                        state[2] = exp2_poly(part_m[b, h, s] - state[0])
+                        state[1] = state[1] + part_t[b, h, s] * state[2]
+                        for d in T.vectorized(D):
+                            acc[d] = acc[d] + part_o[b, h, s, d] * state[2]
+                    state[1] = T.max(state[1], T.float32(1e-30))
+                    for d in T.vectorized(D):
+                        output[b, h, d] = acc[d] / state[1]
+                    lse[b, h] = state[0] + T.log2(state[1])
 
     return batch_decode_paged_kv
 

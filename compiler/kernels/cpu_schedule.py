@@ -192,6 +192,7 @@ def cpu_pipeline(
     fast_math: bool = True,
     database: s_tir.meta_schedule.Database | None = None,
     pack: bool = True,
+    finalize=None,
 ) -> tvm.transform.Pass:
     """The relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)`` on CPU.
 
@@ -205,6 +206,9 @@ def cpu_pipeline(
     fusion (``relax.transform.MetaScheduleApplyDatabase``): a fused function whose workload
     has a record gets the tuned schedule and is marked scheduled, so the rule-based pass that
     follows leaves it alone and schedules only the rest.
+
+    `finalize(target)` gives the finalization passes in the place of TVM's CPU ones (a
+    decoder's: compiler/decoder/step_calls.py).
     """
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
@@ -218,7 +222,7 @@ def cpu_pipeline(
             seq = tvm.transform.Sequential(
                 [default_schedule_pass(target)]
                 + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
+                + (finalize or cpu_generic.finalize_passes)(target)
             )
             mod = seq(mod)
         return mod

@@ -1,8 +1,9 @@
 """The paged decode-attention kernel against NumPy: causal decode over a paged cache with GQA
 (9 query heads on 3 KV heads, as SmolLM2), several lengths around the page boundaries (1, 15,
-16, 17, 33 and past the parallel threshold), batches with sequences of unequal lengths and
-scattered pages; the log-sum-exp too (the cache merges states with it). TVM's own CPU kernel
-runs on the same inputs as a second reference."""
+16, 17, 33) and on both sides of the length from which the pages are split over threads,
+batches with sequences of unequal lengths (a split with no pages among them) and scattered
+pages; the log-sum-exp too (the cache merges states with it). TVM's own CPU kernel runs on the
+same inputs as a second reference."""
 
 from __future__ import annotations
 
@@ -88,7 +89,21 @@ def _run(kernel, q, pages, indptr, values, last, rotary_mode=0):
 
 
 @pytest.mark.parametrize(
-    "lengths", [[1], [15], [16], [17], [33], [300], [5, 16, 40], [17, 290], [cpa.MIN_PARALLEL_KEYS]]
+    "lengths",
+    [
+        [1],
+        [15],
+        [16],
+        [17],
+        [33],
+        [cpa.MIN_PARALLEL_KEYS - 16],  # the last serial length (whole pages)
+        [cpa.MIN_PARALLEL_KEYS],  # the first split one
+        [300],
+        [1000],
+        [5, 16, 40],
+        [17, 290],
+        [1, 300],  # the one-page sequence's splits are empty but one
+    ],
 )
 def test_decode_attention_matches_numpy(kernels, lengths):
     rng = np.random.default_rng(sum(lengths))
