@@ -185,12 +185,24 @@ class CPUInjective(ScheduleRule):
         if not loops:
             return False
         exts = [loop_extent(sch, lp) for lp in loops]
-        if any(e is None for e in exts):
+        inner_ext = exts[-1]
+        if inner_ext is None:
             return False
+        if any(e is None for e in exts):
+            # A symbolic row count (a prompt's length): rows in parallel, each row vectorized
+            # when it is whole vectors. Unscheduled, a prefill's fused SiLU-multiply wrote five
+            # intermediates serially (69 ms of SmolLM2's 512-token prefill).
+            outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+            if len(loops) == 1:
+                return False
+            sch.parallel(outer)
+            if inner_ext % lanes == 0:
+                _, vec = sch.split(loops[-1], factors=[None, lanes])
+                sch.vectorize(vec)
+            return True
         total = 1
         for e in exts:
             total *= e
-        inner_ext = exts[-1]
         if len(loops) > 1 and inner_ext % lanes == 0 and total // inner_ext >= self.min_rows:
             # Rows in parallel, each row's vectors in a serial loop: the index arithmetic of a
             # reshape/transpose is done once a row, not once a vector (the head-split transposes
