@@ -95,6 +95,10 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     seq_id: int = -1
     keep_logits: bool = False  # keep the prefill's logits row (Generator.prefill_logits)
+    # Tokens are read once, at the end (a call that neither streams nor stops at a string): the
+    # stepping thread then queues only the end. Waking the caller for every token cost 0.1-0.25
+    # ms of a ~4.5 ms SmolLM2 step on 2 cores (the caller's thread and the kernels' share them).
+    quiet: bool = False
     logits: np.ndarray | None = None
     prefill_ms: float = 0.0
     submitted: float = field(default_factory=time.perf_counter)
@@ -191,7 +195,8 @@ class _Stepper:
                     self._end(r, "error", err)
                     failed.add(id(r))
                     continue
-                r.out.put(r.generated[-1])
+                if not r.quiet:
+                    r.out.put(r.generated[-1])
             active = [r for r in active if id(r) not in failed and not self._finish_if_done(r)]
 
     def _start(self, request: _Request) -> bool:
@@ -214,7 +219,8 @@ class _Stepper:
             return False
         request.prefill_ms = (time.perf_counter() - start) * 1e3
         request.started = time.perf_counter()
-        request.out.put(request.generated[-1])
+        if not request.quiet:
+            request.out.put(request.generated[-1])
         return not self._finish_if_done(request)
 
     def _finish_if_done(self, r: _Request) -> bool:
@@ -293,6 +299,8 @@ class GenerationStream:
                     raise BundleError(
                         f"generation failed in {self._generator.choice.artifact}: {item.error}"
                     )
+                if self._request.quiet:
+                    self._read_all()
                 held = self._text[self._sent :]
                 if held:
                     self._sent = len(self._text)
@@ -319,6 +327,14 @@ class GenerationStream:
                 self._sent = len(self._text)
             if piece:
                 yield piece
+
+    def _read_all(self) -> None:
+        """A quiet request's tokens and text, read once at its end."""
+        skip = self._request.eos if self._skip_eos else frozenset()
+        self._ids = [t for t in self._request.generated if t not in skip]
+        if self._generator.has_tokenizer:  # a half character at the end is left out, as it is
+            text = self._generator.tokenizer.decode(self._ids, skip_special_tokens=True)
+            self._text = text.rstrip("\ufffd")  # when streamed
 
     def _advance(self) -> str | None:
         """The new text safe to show; None when a stop string ended the request."""
@@ -478,6 +494,7 @@ class Generator:
             Sampler(params),
             frozenset() if ignore_eos else self.eos_token_ids,
         )
+        request.quiet = not stream and not stops
         result_stream = GenerationStream(self, request, stops, skip_eos=not ignore_eos)
         self._stepper.submit(request)
         if stream:

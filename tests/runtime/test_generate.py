@@ -180,6 +180,34 @@ def test_stream_deltas_never_split_a_multibyte_character(generator):
     assert "".join(deltas) == text == stream.result.text
 
 
+def test_a_quiet_request_reads_the_same_tokens_and_text_as_a_streamed_one(generator):
+    """A call that neither streams nor stops at a string reads its tokens once, at the end: the
+    same ids (an end-of-sequence token left out) and text (a half character at the end left out)
+    as the token-by-token stream of the same tokens."""
+    from tvmdeploy.runtime.generate import GenerationStream, _Done, _Request
+    from tvmdeploy.runtime.sampling import Sampler, SamplingParams
+
+    ids = generator.tokenizer.encode("café ☕ done", add_special_tokens=False).ids
+    cut = max(k for k in range(len(ids)) if generator.tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    tokens = ids[:cut]  # ends inside the cup's bytes
+    tokens += [2]  # and then the end of the sequence
+
+    def read(quiet: bool):
+        request = _Request([1], 64, Sampler(SamplingParams()), frozenset({2}), quiet=quiet)
+        request.generated.extend(tokens)
+        for token in [] if quiet else tokens:
+            request.out.put(token)
+        request.out.put(_Done("stop", 1.0, 1.0))
+        stream = GenerationStream(generator, request, stop=[], skip_eos=True)
+        return "".join(stream), stream.result
+
+    quiet_text, quiet = read(True)
+    streamed_text, streamed = read(False)
+    assert quiet.token_ids == streamed.token_ids == tokens[:-1]
+    assert quiet.text == streamed.text == quiet_text == streamed_text
+    assert quiet.text.startswith("café") and "\ufffd" not in quiet.text
+
+
 def test_a_failing_sampler_fails_its_request_and_the_generator_keeps_serving(
     generator, monkeypatch
 ):
