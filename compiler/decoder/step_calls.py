@@ -1,18 +1,22 @@
 """Fewer Relax VM calls per decode step: the CPU finalization passes, less what costs a step
 time and buys it nothing.
 
-A decode step of SmolLM2 (30 layers) ran ~2,200 VM calls around its ~330 kernels: 798
+A decode step of SmolLM2 (30 layers) ran 2,176 VM calls around its ~330 kernels: 798
 `vm.builtin.null_value` (KillAfterLastUse's `kill_tensor`/`kill_storage`), 668
-`alloc_tensor`, 123 `reshape` and 122 `make_tuple`. Two of those kinds do nothing a step needs:
+`alloc_tensor`, 123 `reshape` and 122 `make_tuple`. In the step functions:
 
-- **kills in the step functions**: StaticPlanBlockMemory has already fixed which storage each
-  tensor lives in, so releasing a view early frees no memory; the step's handful of storages
-  are released when it returns. Prefill keeps its kills (its tensors grow with the prompt).
-- **tuples nobody reads**: CallTIRRewrite leaves each multi-output kernel's results bound as a
-  tuple, and its elements taken out of it, though later code reads the results themselves;
+- **no kills**: StaticPlanBlockMemory has already fixed which storage each tensor lives in, so
+  releasing a view early frees no memory; the step's handful of storages are released when it
+  returns. Prefill keeps its kills (its tensors grow with the prompt).
+- **no tuples nobody reads**: CallTIRRewrite leaves each multi-output kernel's results bound as
+  a tuple, and its elements taken out of it, though later code reads the results themselves;
   the VM still builds the tuple and takes the elements.
+- **each tensor view made once**: every layer asks for the same views of the same planned
+  storage (668 `alloc_tensor` calls for 26 distinct views); without kills, the first one can
+  serve them all, and a `reshape` of the same view to the same shape likewise.
 
-Dropping both took the int4 step from 4.83 to 4.66 ms on a 2-core Zen 3 (docs/benchmarks.md).
+502 VM calls a step remain; the int4 step went 4.83 -> 4.66 ms with the first two and 4.03 ->
+3.77 ms with the third on a 2-core Zen 3 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -69,6 +73,38 @@ def drop_unread_tuples(func: relax.Function) -> relax.Function:
         func = lean
 
 
+@relax.expr_functor.mutator
+class _ShareViews(relax.PyExprMutator):
+    """The function with each tensor view made once: a later `alloc_tensor` of the same storage,
+    offset, shape and dtype (or `reshape` of the same tensor to the same shape) reads the first.
+    Only where nothing is killed: a view shared by two values must outlive both."""
+
+    VIEWS = ("relax.memory.alloc_tensor", "relax.reshape")
+
+    def __init__(self):
+        super().__init__()
+        self.first: dict[tuple, relax.Var] = {}
+
+    def visit_var_binding_(self, binding):
+        value = binding.value
+        if isinstance(value, relax.Call) and getattr(value.op, "name", "") in self.VIEWS:
+            args = [self.visit_expr(a) for a in value.args]
+            key = (value.op.name, args[0], *(str(a) for a in args[1:]))
+            if key in self.first:
+                self.set_var_remap(binding.var, self.first[key])
+                return
+            super().visit_var_binding_(binding)
+            self.first[key] = binding.var
+            return
+        super().visit_var_binding_(binding)
+
+
+def share_views(func: relax.Function) -> relax.Function:
+    """`func` with its repeated tensor views made once (a decode step: SmolLM2's 30 layers asked
+    for the same 26 views 668 times; each `alloc_tensor` is a VM call that builds an object)."""
+    return _ShareViews().visit_expr(func)
+
+
 def finalize_passes(target, step_functions=STEP_FUNCTIONS) -> list:
     """TVM's CPU finalization passes, unread tuples dropped and no kills in `step_functions`."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -85,7 +121,7 @@ def finalize_passes(target, step_functions=STEP_FUNCTIONS) -> list:
         killed = relax.transform.KillAfterLastUse()(mod)
         for gv in mod.get_global_vars():
             if gv.name_hint in step_functions:
-                killed[gv] = mod[gv]
+                killed[gv] = share_views(mod[gv])
         return killed
 
     stock = cpu_generic.finalize_passes(target)
