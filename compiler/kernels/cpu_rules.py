@@ -192,9 +192,7 @@ class CPUInjective(ScheduleRule):
             # A symbolic row count (a prompt's length): rows in parallel, each row vectorized
             # when it is whole vectors. Unscheduled, a prefill's fused SiLU-multiply wrote five
             # intermediates serially (69 ms of SmolLM2's 512-token prefill).
-            outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-            if len(loops) == 1:
-                return False
+            outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]  # >= 2 loops here
             sch.parallel(outer)
             if inner_ext % lanes == 0:
                 _, vec = sch.split(loops[-1], factors=[None, lanes])

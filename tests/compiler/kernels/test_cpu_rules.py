@@ -1,6 +1,6 @@
 """`CPUInjective`: layout kernels (the head-split transposes of attention) run rows in parallel with
 each row's vectors in a serial loop, and stay exact; shapes without whole rows of vectors keep the
-flattened loop."""
+flattened loop; a symbolic row count (a prompt) runs its rows in parallel too."""
 
 from __future__ import annotations
 
@@ -52,6 +52,31 @@ def test_layout_kernel_runs_rows_in_parallel_and_is_exact(shape, parallel):
     lib["main"](tvm.runtime.tensor(x), out)
     want = x.reshape(batch, seq, heads, depth).transpose(0, 2, 1, 3) * 0.125
     np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_a_prompt_length_kernel_runs_rows_in_parallel_vectorized_and_is_exact():
+    """A symbolic row count (a prompt's length), as a decoder's prefill SiLU-multiply has it: the
+    chain is inlined, rows run in parallel, each row in vectors; exact against NumPy."""
+    rows = tirx.Var("seq_len", "int64")
+    x = te.placeholder((rows, 64), "float32", name="x")
+    gate = te.compute((rows, 32), lambda i, j: x[i, j], name="gate")
+    up = te.compute((rows, 32), lambda i, j: x[i, j + 32], name="up")
+    out = te.compute((rows, 32), lambda i, j: gate[i, j] * 2.0 + up[i, j], name="out")
+    func = te.create_prim_func([x, out]).with_attr("global_symbol", "main")
+    profile = targets.get("x86-64-v3")
+    target = build.tvm_target(profile)
+    sch = CPUInjective().apply(func, target, False)
+    assert sch is not None
+    script = sch.mod["main"].script()
+    assert "T.parallel(seq_len)" in script and "T.vectorized(" in script
+    assert "gate" not in script.split("def main")[1].split("T.parallel")[1]  # inlined
+    if missing_requirements(profile.requires, probe()):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    lib = tvm.compile(sch.mod, target=target)
+    data = np.random.default_rng(0).standard_normal((37, 64)).astype(np.float32)
+    result = tvm.runtime.tensor(np.zeros((37, 32), np.float32))
+    lib["main"](tvm.runtime.tensor(data), result)
+    np.testing.assert_array_equal(result.numpy(), data[:, :32] * 2.0 + data[:, 32:])
 
 
 def rms_norm(shape):
