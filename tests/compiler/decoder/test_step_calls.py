@@ -1,7 +1,7 @@
 """The decoder's finalization (compiler/decoder/step_calls.py): the step functions of a tiny
 Llama lowered both ways hold no kills, no tuples nobody reads and fewer tensor views where TVM's
-stock CPU finalization has them, the same kernel calls, and prefill keeps its kills. (That the lean steps
-compute the same tokens: test_definitions.py, whose builds use this finalization.)"""
+stock CPU finalization has them, the same kernel calls, and prefill keeps its kills. (That the
+lean steps compute the same tokens: test_definitions.py, whose builds use this finalization.)"""
 
 from __future__ import annotations
 
