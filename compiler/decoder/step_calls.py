@@ -24,7 +24,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-#: The functions run once per generated token (kernels/../decoder/entry.py).
+#: The functions run once per generated token (decoder/entry.py).
 STEP_FUNCTIONS = ("decode", "decode1")
 
 
@@ -77,7 +77,8 @@ def drop_unread_tuples(func: relax.Function) -> relax.Function:
 class _ShareViews(relax.PyExprMutator):
     """The function with each tensor view made once: a later `alloc_tensor` of the same storage,
     offset, shape and dtype (or `reshape` of the same tensor to the same shape) reads the first.
-    Only where nothing is killed: a view shared by two values must outlive both."""
+    Only where nothing is killed (a view shared by two values must outlive both), and for
+    straight-line code as the step functions are (the first view must come before every use)."""
 
     VIEWS = ("relax.memory.alloc_tensor", "relax.reshape")
 
@@ -106,7 +107,8 @@ def share_views(func: relax.Function) -> relax.Function:
 
 
 def finalize_passes(target, step_functions=STEP_FUNCTIONS) -> list:
-    """TVM's CPU finalization passes, unread tuples dropped and no kills in `step_functions`."""
+    """TVM's CPU finalization passes, unread tuples dropped everywhere; `step_functions` without
+    kills and with their tensor views shared."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     @tvm.transform.module_pass(opt_level=0, name="DropUnreadTuples")
