@@ -8,6 +8,7 @@ Tuning never changes what a model computes: records only choose schedules, and e
 still verified against ONNX Runtime by the verify stage.
 """
 
+from ..kernels.tensor_intrin import import_tensor_intrinsics
 from .lookup import TuneResult, describe, lookup, pick
 from .progress import LoggingProgress, RichTuneProgress, TuneStatus, task_table
 from .records import (
@@ -29,7 +30,6 @@ from .tasks import (
     Task,
     extract_tasks,
     fused_module,
-    import_tensor_intrinsics,
     select_tasks,
     workload_key,
 )

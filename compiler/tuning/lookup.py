@@ -16,8 +16,9 @@ from tvm.s_tir import meta_schedule as ms
 from tvmdeploy.targets import Profile
 
 from ..build import tvm_target
+from ..kernels.tensor_intrin import import_tensor_intrinsics
 from .records import RecordStore, StoredRecord, cache_path, shipped_path, write_database
-from .tasks import Task, extract_tasks, import_tensor_intrinsics
+from .tasks import Task, extract_tasks
 from .workers import num_cores
 
 logger = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ from tvmdeploy.targets import Profile
 
 from ..build import tvm_target
 from ..errors import TuningError
+from ..kernels.tensor_intrin import import_tensor_intrinsics
 from .records import META_FILE, RecordStore, read_meta, write_database
 from .search import TuneSettings, check_tunable, rule_based_mod
-from .tasks import import_tensor_intrinsics
 from .workers import Workers, num_cores
 
 logger = logging.getLogger(__name__)

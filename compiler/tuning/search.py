@@ -38,10 +38,11 @@ from tvmdeploy.targets import Profile
 from ..build import tvm_target
 from ..errors import OptionError, TuningError, TuningInterrupted
 from ..kernels.cpu_schedule import default_schedule_pass
+from ..kernels.tensor_intrin import import_tensor_intrinsics
 from .lookup import TuneResult, describe, lookup
 from .progress import TuneStatus, progress_callback, silent
 from .records import ERROR_SECS, RecordStore, cache_path
-from .tasks import Task, extract_tasks, import_tensor_intrinsics, select_tasks, set_coefficients
+from .tasks import Task, extract_tasks, select_tasks, set_coefficients
 from .workers import RpcMeasure, Workers, num_cores
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from tvm.s_tir.dlight.analysis import get_root_block
 
 from ..kernels.cpu_int8 import KERNEL_ATTR
 from ..kernels.cpu_schedule import fusion_passes, is_matmul_like
-from ..kernels.tensor_intrin import import_tensor_intrinsics  # noqa: F401 (tuning's API)
 
 
 @dataclass
