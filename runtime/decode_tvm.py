@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._tvm import import_tvm
+from ._tvm import import_tvm, prepare_params
 from .bundle import Bundle
 from .engine import cuda_index, read_weights
 from .errors import BundleError
@@ -46,7 +46,7 @@ class TvmDecoder:
         for function in ("create_paged_kv_cache", "prefill", "decode"):
             if not self.vm.module.implements_function(function):
                 raise BundleError(f"{lib_path}: not a decoder artifact (no {function} function)")
-        self.params = read_weights(bundle, self.artifact, self.device)
+        self.params = prepare_params(self.vm, read_weights(bundle, self.artifact, self.device))
         self._tvm = tvm
         self._shape = tvm.runtime.ShapeTuple
         self._fn = {

@@ -41,7 +41,8 @@ def export(
     decoder/quantized_int4.py); int8 prefill runs on `int8_kernel` (cpu_int8.kernel_for the
     profile; None: dequantize-then-fp32-GEMM), and int4 decode on its family's W4A8 GEMV
     (kernels/cpu_gemv_a8.py; None: the weight-only int4 GEMV); on a CUDA target both run the
-    weight-only products of kernels/gpu_gemv.py."""
+    weight-only products of kernels/gpu_gemv.py. fp32 on a CPU reads its weights packed in
+    panels (decoder/dense.py; built with `pipeline_for(..., precision)`)."""
     model = definition(config, target)
     model.to("float32")
     if precision in QUANTIZED:
@@ -59,6 +60,12 @@ def export(
             model = quantize_module(
                 model, lanes, TOKEN_EMBEDDINGS, int8_kernel=int8_kernel, gpu=gpu
             )
+    elif target.kind.name == "llvm":  # fp32: weights packed in panels at load (dense.py)
+        from ..kernels.cpu_target import register_rows, vector_lanes
+        from .dense import dense_module
+
+        rows = register_rows(target, 2)  # the GEMM's register tile at two vectors a row
+        model = dense_module(model, vector_lanes(target), rows, TOKEN_EMBEDDINGS)
     # The static batch-1 entry saves the VM's shape work per step (SmolLM2 fp32 on a Zen 3: 38.7
     # against 46.7 ms a step). Its int8 step was once slower (13.9 against 8.5 ms): the row
     # reduction rule computed each RMSNorm 576 times over for a single row (kernels/cpu_rules.py).
@@ -85,31 +92,35 @@ def export(
     return mod, named
 
 
-def pipeline_for(profile, target):
-    """The Relax pipeline a decoder is built with for `profile` (CPU or CUDA)."""
+def pipeline_for(profile, target, precision: str = "float32"):
+    """The Relax pipeline a decoder of `precision` is built with for `profile` (CPU or CUDA)."""
     if profile.family == "cuda":
         return relax.get_default_pipeline(target)
-    return cpu_pipeline(target)
+    return cpu_pipeline(target, lift_packing=precision not in QUANTIZED)
 
 
-def cpu_pipeline(target):
+def cpu_pipeline(target, lift_packing: bool = False):
     """The project's CPU pipeline (kernels/cpu_schedule.py: fusion, then the rule-based
     register-blocked matmul, reduction and injective schedules), transposes fused into the
     matmuls first and SiLU put on a vectorizable exp (kernels/cpu_fast_math.py). Weight packing
     stays off: its `transform_params` cannot be lifted over the cache-creating function, which
     takes no weights. With TVM's stock schedules instead, SmolLM2's prefill ran at 3 tokens/s,
     with these at 80 (2-core Zen 3). The step functions are finalized with fewer VM calls
-    (decoder/step_calls.py)."""
+    (decoder/step_calls.py). With `lift_packing` (an fp32 artifact), the packing of its weights
+    is lifted into `transform_params` first (decoder/dense.py)."""
     import tvm
 
     from ..kernels.cpu_fast_math import fast_silu
     from ..kernels.cpu_schedule import cpu_pipeline as project_pipeline
+    from .dense import lift_weight_packing
     from .step_calls import finalize_passes
 
     ours = project_pipeline(target, pack=False, finalize=finalize_passes)
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, ctx):
+        if lift_packing:
+            mod = lift_weight_packing()(mod)
         return ours(fast_silu(relax.transform.FuseTransposeMatmul()(mod)))
 
     return pipeline

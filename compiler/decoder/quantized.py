@@ -267,7 +267,8 @@ def quantize_module(
 
 
 def tied_logits(embedding: nn.Module, hidden: nn.Tensor) -> nn.Tensor:
-    """The LM head that reuses the token embedding (fp32, or a quantized one's `lm_head`)."""
+    """The LM head that reuses the token embedding: an `nn.Embedding` through the matmul, else
+    the replacing module's `lm_head` (quantized, or the fp32 GEMV of decoder/dense.py)."""
     if not isinstance(embedding, nn.Embedding):
         return embedding.lm_head(hidden)
     return nn.op.matmul(hidden, nn.op.permute_dims(embedding.weight))

@@ -102,7 +102,7 @@ def build_profile(
         kernel = kernel_for(profile) if precision in ("int8", "int4") else None
         mod, named = lower.export(config, target, precision, kernel)
         built = build.build_artifact(
-            mod, profile, out_dir / name, pipeline=lower.pipeline_for(profile, target)
+            mod, profile, out_dir / name, pipeline=lower.pipeline_for(profile, target, precision)
         )
     logger.info("  %s: built in %.1f s", name, built.seconds)
     return built, named

@@ -28,6 +28,8 @@ def main(lib_path: str, work_dir: str) -> None:
     loaded = tvm.runtime.load_param_dict_from_file(spec["weights_file"])
     params = [loaded[name] for name in spec["weight_names"]]
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(lib_path), dev)
+    if vm.module.implements_function("transform_params"):  # packed fp32 weights (runtime/_tvm.py)
+        params = list(vm["transform_params"](*params))
     shape = tvm.runtime.ShapeTuple
     kv = {
         n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")

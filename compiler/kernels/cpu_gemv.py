@@ -43,13 +43,101 @@ def int8_gemv(
     k: int, n: int, lanes: int, rows: int = ROWS, accumulators: int = ACCUMULATORS
 ) -> tirx.PrimFunc:
     """`out[b, n] = scale[n] * sum_k x[b, k] * float(w[n, k])` for a symbolic batch b, scheduled
-    for `lanes`-wide fp32 SIMD: parallel over blocks of `rows` outputs; each row is read as one
-    contiguous stream in chunks of `accumulators * lanes` weights, and the partial sums are
-    added pairwise (a tree, not a serial chain of scalar adds)."""
+    for `lanes`-wide fp32 SIMD (`row_stream_gemv`)."""
+    return row_stream_gemv(k, n, lanes, "int8", rows, accumulators)
+
+
+@cache
+def fp32_gemv(
+    k: int, n: int, lanes: int, rows: int = ROWS, accumulators: int = ACCUMULATORS
+) -> tirx.PrimFunc:
+    """`out[b, n] = sum_k x[b, k] * w[n, k]` for a symbolic batch b, scheduled as
+    `row_stream_gemv`: the fp32 decoder's tied LM head, which reads the embedding table as
+    stored (decoder/dense.py)."""
+    return row_stream_gemv(k, n, lanes, "float32", rows, accumulators)
+
+
+@cache
+def packed_gemv(k: int, n: int, panel: int, lanes: int, splits: int = ACCUMULATORS):
+    """`out[b, j] = sum_k x[b, k] * w[j // panel, k, j % panel]` for a symbolic batch b, over
+    weights packed in panels of `panel` columns (pack_weights.py's layout, the one the prompt's
+    GEMM reads): the fp32 decoder's one-token products (decoder/dense.py).
+
+    A task takes one panel, a contiguous [K, panel] stream; K is split `splits` ways
+    (k = chunk * splits + u) so that `splits` x panel/lanes accumulator vectors hide the FMA
+    latency, and the splits are added pairwise at the end, lane by lane: no horizontal sums.
+    With SmolLM2's weights out of cache on a 2-core Zen 3 this read 32-37 GB/s, against 23-33
+    for the row-stream GEMV over [N, K] and 10-20 for the rule-based GEMM, which re-packed a
+    panel on every call (docs/benchmarks.md)."""
+    batch = tirx.Var("batch", "int64")
+    x = te.placeholder((batch, k), "float32", name="x")
+    w = te.placeholder((n // panel, k, panel), "float32", name="w")
+    chunk = te.reduce_axis((0, -(-k // splits)), name="chunk")
+
+    def product(i, p, u, lane):
+        kk = chunk * splits + u
+        term = x[i, kk] * w[p, kk, lane]
+        if k % splits == 0:
+            return term
+        return tirx.if_then_else(kk < k, term, tirx.const(0.0, "float32"))
+
+    partial = te.compute(
+        (batch, n // panel, splits, panel),
+        lambda i, p, u, lane: te.sum(product(i, p, u, lane), axis=chunk),
+        name="partial",
+    )
+    halves, total = [], partial
+    while total.shape[2] > 1:
+        total = _halved_splits(total)
+        halves.append(total.op.name)
+    out = te.compute((batch, n), lambda i, j: total[i, j // panel, 0, j % panel], name="out")
+    sch = s_tir.Schedule(te.create_prim_func([x, w, out]))
+    block = sch.get_sblock("partial")
+    i, p, u, lane, c = sch.get_loops(block)
+    sch.reorder(p, i, c, u, lane)
+    sch.parallel(p)
+    sch.unroll(u)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(block, c)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for name in halves:
+        sum_block = sch.get_sblock(name)
+        sch.reverse_compute_at(sum_block, i)
+        *spatial, lane, pair = sch.get_loops(sum_block)[2:]
+        sch.reorder(pair, lane)  # the pair outside, the panel's lanes a vector
+        for loop in (*spatial, pair):
+            sch.unroll(loop)
+        sch.vectorize(lane)
+    sch.reverse_compute_at(sch.get_sblock("out"), i)
+    sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
+    return _named(sch, f"fp32_packed_gemv_k{k}_n{n}_p{panel}")
+
+
+def _halved_splits(partial: te.Tensor) -> te.Tensor:
+    """`partial[i, p, u, lane] + partial[i, p, u + half, lane]`: one level of the pairwise sum
+    over the K splits of `packed_gemv`."""
+    batch, panels, splits, panel = partial.shape
+    half = splits // 2
+    pair = te.reduce_axis((0, 2), name=f"pair{half}")
+    return te.compute(
+        (batch, panels, half, panel),
+        lambda i, p, u, lane: te.sum(partial[i, p, pair * half + u, lane], axis=pair),
+        name=f"split_sum{half}",
+    )
+
+
+def row_stream_gemv(
+    k: int, n: int, lanes: int, weight_dtype: str, rows: int, accumulators: int
+) -> tirx.PrimFunc:
+    """The GEMV over `w[n, k]` of `weight_dtype` (int8: times one scale per output row; float32:
+    unscaled), scheduled for `lanes`-wide fp32 SIMD: parallel over blocks of `rows` outputs;
+    each row is read as one contiguous stream in chunks of `accumulators * lanes` weights, and
+    the partial sums are added pairwise (a tree, not a serial chain of scalar adds)."""
+    scaled = weight_dtype != "float32"
     width = accumulators * lanes
     batch = tirx.Var("batch", "int64")
     x = te.placeholder((batch, k), "float32", name="x")
-    w = te.placeholder((n, k), "int8", name="w")
+    w = te.placeholder((n, k), weight_dtype, name="w")
     scale = te.placeholder((n,), "float32", name="scale")
     chunk = te.reduce_axis((0, -(-k // width)), name="chunk")
 
@@ -69,8 +157,13 @@ def int8_gemv(
     while total.shape[-1] > 1:
         total = _halved(total)
         halves.append(total.op.name)
-    out = te.compute((batch, n), lambda i, j: total[i, j, 0] * scale[j], name="out")
-    sch = s_tir.Schedule(te.create_prim_func([x, w, scale, out]))
+    if scaled:
+        out = te.compute((batch, n), lambda i, j: total[i, j, 0] * scale[j], name="out")
+        args = [x, w, scale, out]
+    else:
+        out = te.compute((batch, n), lambda i, j: total[i, j, 0], name="out")
+        args = [x, w, out]
+    sch = s_tir.Schedule(te.create_prim_func(args))
     block = sch.get_sblock("partial")
     i, j, v, c = sch.get_loops(block)
     j_outer, j_inner = sch.split(j, [None, rows])
@@ -89,7 +182,8 @@ def int8_gemv(
     for name in halves:
         for loop in sch.get_loops(sch.get_sblock(name))[3:]:
             sch.unroll(loop)
-    return _named(sch, f"int8_gemv_k{k}_n{n}")
+    prefix = "int8" if scaled else "fp32"
+    return _named(sch, f"{prefix}_gemv_k{k}_n{n}")
 
 
 def _halved(partial: te.Tensor) -> te.Tensor:

@@ -62,22 +62,30 @@ def _packed_matmul(
     x: te.Tensor, wp: te.Tensor, nr: int, out_dtype: str, row_tile: int | None = None
 ) -> te.Tensor:
     """out[..., j] = sum_k x[..., k] * wp[j // nr, k, j % nr]; over `padded_rows` rows (the
-    extra ones read the last real row again) and then sliced, where padding applies."""
+    extra ones read the last real row again) and then sliced, where padding applies. A
+    symbolic row count (a decoder's prompt) is always padded to whole tiles of `row_tile`: a
+    guarded tile keeps its accumulators in memory (cpu_matmul.CPUMatmul._accumulator_scope)."""
     num_k = wp.shape[1]
     n = wp.shape[0] * nr
     k = te.reduce_axis((0, num_k), name="k")
-    lead = [int(d) for d in x.shape[:-1]] if row_tile else []
+    lead = list(x.shape[:-1]) if row_tile else []
     rows = 1
     for d in lead:
         rows *= d
-    padded = padded_rows(rows, row_tile) if lead else 0
+    symbolic = not isinstance(rows, (int, tvm.tirx.IntImm))
+    if symbolic:
+        padded = (rows + row_tile - 1) // row_tile * row_tile
+    else:
+        lead = [int(d) for d in lead]
+        rows = int(rows)
+        padded = padded_rows(rows, row_tile) if lead else 0
 
     def product(a, b):
         if out_dtype != x.dtype:
             a, b = a.astype(out_dtype), b.astype(out_dtype)
         return a * b
 
-    if not padded or padded == rows:
+    if not symbolic and (not padded or padded == rows):
 
         def body(*idx):
             j = idx[-1]
@@ -273,10 +281,12 @@ def FlattenTransformParams() -> tvm.transform.Pass:
 
 
 def LiftBucketTransforms() -> tvm.transform.Pass:
-    """LiftTransformParams over the bucket functions only. The symbolic-length fallback
-    (FALLBACK_FUNCTION) reads the weights as stored: its matmuls are not packed (their row count
-    is not static), and a transform shared with it would keep nothing but the raw weights, so
-    every bucket would pack its weights on every call."""
+    """LiftTransformParams over the functions that take weights (more parameters than their
+    `num_input`), the symbolic-length fallback excepted. The fallback (FALLBACK_FUNCTION) reads
+    the weights as stored: its matmuls are not packed (their row count is not static), and a
+    transform shared with it would keep nothing but the raw weights, so every bucket would pack
+    its weights on every call. A function without weights (a decoder's cache constructor) would
+    empty the shared transform the same way."""
 
     @tvm.transform.module_pass(opt_level=0, name="LiftBucketTransforms")
     def _pass(mod: IRModule, _ctx) -> IRModule:
@@ -286,6 +296,7 @@ def LiftBucketTransforms() -> tvm.transform.Pass:
             if isinstance(func, relax.Function)
             and func.attrs is not None
             and "num_input" in func.attrs
+            and len(func.params) > int(func.attrs["num_input"])
             and gv.name_hint != FALLBACK_FUNCTION
         ]
         return relax.transform.LiftTransformParams(shared_transform=buckets)(mod)

@@ -126,3 +126,43 @@ def test_cpu_decoders_decode_through_the_projects_attention_kernel():
     assert prefill.attrs["tvmdeploy.kernel"] == "cpu_prefill_attention"
     # and the split of q, k, v with RoPE through kernels/cpu_rope.py
     assert mod[cpu_rope.ROPE_KERNEL].attrs["tvmdeploy.kernel"] == "cpu_rope"
+
+
+def test_cpu_fp32_decoders_read_weights_packed_once_at_load():
+    """fp32 on a CPU (decoder/dense.py): the build lifts every layer's weight packing into
+    `transform_params`; decode1's layers then run the GEMV over packed panels and its tied LM
+    head the row-stream GEMV over the embedding as stored; the prompt's layers run the GEMM over
+    the same panels. No entry packs a weight per call."""
+    import tvm
+    from tvmdeploy.compiler.decoder.dense import lift_weight_packing
+
+    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **COMMON, **LLAMA_SHAPE}
+    raw.update(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=True)
+    config = decoder_config.parse_decoder_config(raw)
+    exported, named = lower.export(config, tvm.target.Target("llvm"))
+    assert all(str(p.dtype) == "float32" for _, p in named)  # the checkpoint loads unchanged
+    mod = lift_weight_packing()(exported)
+    transform = mod["transform_params"]
+    assert len(transform.params) == len(named)  # flat: one argument per stored weight
+    packed = [f for f in transform.ret_ty.fields if len(f.shape) == 3]
+    assert len(packed) == 4 * config.num_layers  # qkv, o, gate_up, down of every layer
+
+    def callees(name):
+        found = set()
+
+        def visit(expr):
+            if isinstance(expr, tvm.relax.Call) and expr.args:
+                if isinstance(expr.args[0], tvm.ir.GlobalVar):
+                    found.add(expr.args[0].name_hint)
+
+        tvm.relax.analysis.post_order_visit(mod[name].body, visit)
+        return found
+
+    hidden, vocab = config.hidden_size, config.vocab_size
+    step = callees("decode1")
+    assert f"fp32_gemv_k{hidden}_n{vocab}" in step  # the tied LM head
+    assert len({c for c in step if c.startswith("fp32_packed_gemv")}) >= 3
+    assert any(c.startswith("matmul_packed") for c in callees("prefill"))
+    for entry in ("prefill", "decode", "decode1"):  # each takes the packed panels themselves
+        shapes = [p.ty.shape for p in mod[entry].params if isinstance(p.ty, tvm.relax.TensorType)]
+        assert sum(1 for shape in shapes if len(shape) == 3) >= len(packed), entry

@@ -1,4 +1,4 @@
-"""The weight-only int8 kernels against NumPy, on shapes that leave tails: K not a multiple of the
+"""The weight-only int8 kernels and the fp32 GEMVs against NumPy, on shapes that leave tails: K not a multiple of the
 vector width, N not a multiple of the rows a task takes, 1-4 activation rows; both the AVX2 and
 the AVX-512 vector width (the latter built for this host, where LLVM splits its vectors)."""
 
@@ -27,6 +27,36 @@ def test_int8_gemv_matches_numpy(rng, k, n, lanes):
         out = tvm.runtime.tensor(np.zeros((batch, n), np.float32))
         lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(scale), out)
         want = (x.astype(np.float64) @ w.astype(np.float64).T) * scale
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("k", "n", "lanes"), [(37, 13, 8), (64, 10, 8), (45, 7, 16), (20, 6, 4)])
+def test_fp32_gemv_matches_numpy(rng, k, n, lanes):
+    lib = tvm.compile(cpu_gemv.fp32_gemv(k, n, lanes), target=HOST)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, k)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((batch, n), np.float32))
+        lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        want = x.astype(np.float64) @ w.astype(np.float64).T
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "panel", "lanes"),
+    [(37, 32, 16, 8), (64, 48, 16, 8), (45, 64, 32, 16), (20, 16, 8, 4)],
+)
+def test_packed_fp32_gemv_matches_numpy(rng, k, n, panel, lanes):
+    """The GEMV over weights packed in panels [N / panel, K, panel] (K not a multiple of the
+    splits included), 1 and 3 activation rows."""
+    lib = tvm.compile(cpu_gemv.packed_gemv(k, n, panel, lanes), target=HOST)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    panels = np.ascontiguousarray(w.reshape(n // panel, panel, k).transpose(0, 2, 1))
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, k)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((batch, n), np.float32))
+        lib(tvm.runtime.tensor(x), tvm.runtime.tensor(panels), out)
+        want = x.astype(np.float64) @ w.astype(np.float64).T
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
 
 

@@ -167,3 +167,79 @@ def test_weight_matmul_over_padded_rows_is_exact(lead):
     w = rng.standard_normal((k, n)).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(x), *prepare_params(vm, [tvm.runtime.tensor(w)])).numpy()
     np.testing.assert_allclose(got, x.astype(np.float64) @ w + 0.5, rtol=1e-5, atol=1e-4)
+
+
+def _symbolic_packed_matmul(k: int, n: int, panel: int, row_tile: int):
+    """matmul_packed over a symbolic row count (a decoder's prompt), as decoder/dense.py emits it."""
+    from tvmdeploy.compiler.kernels.pack_weights import _packed_matmul
+
+    bb = relax.BlockBuilder()
+    rows = tvm.tirx.Var("rows", "int64")
+    x_var = relax.Var("x", relax.TensorType([1, rows, k], "float32"))
+    w_var = relax.Var("w", relax.TensorType([n // panel, k, panel], "float32"))
+    with bb.function("main", [x_var, w_var]):
+        with bb.dataflow():
+            product = bb.emit(
+                bb.call_te(
+                    _packed_matmul,
+                    x_var,
+                    w_var,
+                    panel,
+                    "float32",
+                    row_tile,
+                    primfunc_name_hint="mm",
+                )
+            )
+            y = bb.emit_output(product)
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 13, 64])
+def test_weight_matmul_over_symbolic_rows_is_exact(rows):
+    """A prompt's row count is symbolic: its rows are always padded to whole register tiles
+    (re-reading the last row) and sliced back, for any count, one row and an exact tile
+    included."""
+    from tvmdeploy import targets
+    from tvmdeploy.compiler.kernels.cpu_schedule import cpu_pipeline
+    from tvmdeploy.runtime.probe import missing_requirements, probe
+
+    profile = targets.get("x86-64-v3")
+    if missing_requirements(profile.requires, probe()):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    k, n, panel = 40, 48, 16
+    target = build_stage.tvm_target(profile)
+    module = _symbolic_packed_matmul(k, n, panel, 6)
+    vm = relax.VirtualMachine(
+        tvm.compile(module, target, relax_pipeline=cpu_pipeline(target, pack=False)), tvm.cpu()
+    )
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((1, rows, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    panels = np.ascontiguousarray(w.reshape(n // panel, panel, k).transpose(0, 2, 1))
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(panels)).numpy()
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-4)
+
+
+def test_symbolic_row_tiles_keep_their_accumulators_off_the_heap():
+    """Over padded symbolic rows the GEMM's register tile is a constant stack array (LLVM keeps
+    it in registers), not a workspace allocation per task: in a workspace, every accumulator
+    was stored on every k step, a third of the speed (cpu_matmul.CPUMatmul._accumulator_scope)."""
+    from tvmdeploy import targets
+    from tvmdeploy.compiler.kernels.cpu_schedule import default_schedule_pass
+
+    target = build_stage.tvm_target(targets.get("x86-64-v3"))
+    module = relax.transform.LegalizeOps()(_symbolic_packed_matmul(576, 64, 16, 6))
+    kernels = tvm.IRModule(
+        {
+            gv: f.with_attr({"target": target, "global_symbol": gv.name_hint})
+            for gv, f in module.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc)
+        }
+    )
+    scheduled = default_schedule_pass(target)(kernels)
+    (func,) = scheduled.functions.values()
+    assert func.attrs["tirx.is_scheduled"]
+    assert "_reindex_global" in func.script()  # the accumulator tile
+    llvm_ir = tvm.compile(scheduled, target=target).mod.inspect_source("ll")
+    assert "TVMBackendAllocWorkspace" not in llvm_ir
