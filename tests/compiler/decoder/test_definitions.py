@@ -151,9 +151,12 @@ def test_cpu_fp32_decoders_read_weights_packed_once_at_load():
         found = set()
 
         def visit(expr):
-            if isinstance(expr, tvm.relax.Call) and expr.args:
-                if isinstance(expr.args[0], tvm.ir.GlobalVar):
-                    found.add(expr.args[0].name_hint)
+            if (
+                isinstance(expr, tvm.relax.Call)
+                and expr.args
+                and isinstance(expr.args[0], tvm.ir.GlobalVar)
+            ):
+                found.add(expr.args[0].name_hint)
 
         tvm.relax.analysis.post_order_visit(mod[name].body, visit)
         return found

@@ -1,6 +1,7 @@
-"""The weight-only int8 kernels and the fp32 GEMVs against NumPy, on shapes that leave tails: K not a multiple of the
-vector width, N not a multiple of the rows a task takes, 1-4 activation rows; both the AVX2 and
-the AVX-512 vector width (the latter built for this host, where LLVM splits its vectors)."""
+"""The weight-only int8 kernels and the fp32 GEMVs against NumPy, on shapes that leave tails: K
+not a multiple of the vector width, N not a multiple of the rows a task takes, 1-4 activation
+rows; both the AVX2 and the AVX-512 vector width (the latter built for this host, where LLVM
+splits its vectors)."""
 
 from __future__ import annotations
 

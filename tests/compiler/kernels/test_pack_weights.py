@@ -170,7 +170,8 @@ def test_weight_matmul_over_padded_rows_is_exact(lead):
 
 
 def _symbolic_packed_matmul(k: int, n: int, panel: int, row_tile: int):
-    """matmul_packed over a symbolic row count (a decoder's prompt), as decoder/dense.py emits it."""
+    """matmul_packed over a symbolic row count (a decoder's prompt), as decoder/dense.py emits
+    it."""
     from tvmdeploy.compiler.kernels.pack_weights import _packed_matmul
 
     bb = relax.BlockBuilder()
