@@ -153,7 +153,11 @@ class _Stepper:
 
     def submit(self, request: _Request) -> None:
         with self._lock:
-            if self._thread is None or self._pid != os.getpid():  # first use, or a forked child
+            if (
+                self._thread is None
+                or self._pid != os.getpid()  # a forked child
+                or not self._thread.is_alive()  # the engine could not open: try again
+            ):
                 self._pid = os.getpid()
                 self._pending = queue.Queue()
                 self._thread = threading.Thread(
@@ -163,7 +167,11 @@ class _Stepper:
             self._pending.put(request)
 
     def _run(self) -> None:
-        self.engine.open()
+        try:
+            self.engine.open()
+        except Exception as err:  # noqa: BLE001 - the engine's: fail what waits, end this thread
+            self._fail_waiting(err)
+            return
         active: list[_Request] = []
         while True:
             while len(active) < self.max_sequences:
@@ -198,6 +206,17 @@ class _Stepper:
                 if not r.quiet:
                     r.out.put(r.generated[-1])
             active = [r for r in active if id(r) not in failed and not self._finish_if_done(r)]
+
+    def _fail_waiting(self, err: BaseException) -> None:
+        """End every submitted request with `err` (the engine did not open). Under the lock, so a
+        request submitted meanwhile starts a new thread instead of waiting on this one."""
+        with self._lock:
+            self._thread = None
+            while True:
+                try:
+                    self._end(self._pending.get_nowait(), "error", err)
+                except queue.Empty:
+                    return
 
     def _start(self, request: _Request) -> bool:
         """Prefill the request's prompt (in chunks) and sample its first token."""

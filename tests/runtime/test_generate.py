@@ -229,3 +229,29 @@ def test_a_failing_sampler_fails_its_request_and_the_generator_keeps_serving(
     monkeypatch.undo()
     result = generator.generate(PROMPT, max_new_tokens=4, ignore_eos=True)
     assert result.completion_tokens == 4
+
+
+def test_an_engine_that_cannot_open_fails_the_request_and_the_next_one_retries(
+    tiny_llm_bundle, monkeypatch
+):
+    """A cache that cannot be made (a refused allocation, simulated) fails the waiting request
+    with the engine's error instead of leaving it waiting on a dead thread; the next request
+    opens the engine again."""
+    from tvmdeploy.runtime.errors import BundleError
+
+    fresh = load(tiny_llm_bundle)
+    engine = fresh._stepper.engine
+    real_open = type(engine).open
+    calls = {"n": 0}
+
+    def open_fails_once(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("the KV cache could not be allocated")
+        return real_open(self)
+
+    monkeypatch.setattr(type(engine), "open", open_fails_once)
+    with pytest.raises(BundleError, match="could not be allocated"):
+        fresh.generate(PROMPT, max_new_tokens=3, ignore_eos=True)
+    result = fresh.generate(PROMPT, max_new_tokens=3, ignore_eos=True)
+    assert result.completion_tokens == 3 and calls["n"] == 2
