@@ -17,6 +17,9 @@ from types import ModuleType
 #: Relax function of CPU artifacts that packs the weights for the artifact's kernels
 #: (compiler/kernels/pack_weights.py makes it); run once when the weights are loaded.
 TRANSFORM_PARAMS = "transform_params"
+#: A decoder's weight work for `prefill` alone (an int4 artifact's prompt weights, in int8): its
+#: outputs are what `prefill` takes; the decode steps take the weights as stored.
+PREFILL_TRANSFORM = "prefill_transform_params"
 
 
 def prepare_params(vm, params: list) -> list:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._tvm import import_tvm, prepare_params
+from ._tvm import PREFILL_TRANSFORM, import_tvm, prepare_params
 from .bundle import Bundle
 from .engine import cuda_index, read_weights
 from .errors import BundleError
@@ -46,7 +46,13 @@ class TvmDecoder:
         for function in ("create_paged_kv_cache", "prefill", "decode"):
             if not self.vm.module.implements_function(function):
                 raise BundleError(f"{lib_path}: not a decoder artifact (no {function} function)")
-        self.params = prepare_params(self.vm, read_weights(bundle, self.artifact, self.device))
+        stored = read_weights(bundle, self.artifact, self.device)
+        self.params = prepare_params(self.vm, stored)
+        # An int4 artifact's prompt reads an int8 copy of its weights, made here once
+        # (compiler/decoder/quantized_int4.py); its decode steps read the int4 planes as stored.
+        self.prefill_params = self.params
+        if self.vm.module.implements_function(PREFILL_TRANSFORM):
+            self.prefill_params = list(self.vm[PREFILL_TRANSFORM](*stored))
         self._tvm = tvm
         self._shape = tvm.runtime.ShapeTuple
         self._fn = {
@@ -96,7 +102,8 @@ class TvmDecoder:
                 tokens.shape, "int32", self.device
             )
         ids.copyfrom(tokens.astype(np.int32, copy=False))
-        logits = self.vm[function](ids, self._cache, *self.params)
+        params = self.prefill_params if function == "prefill" else self.params
+        logits = self.vm[function](ids, self._cache, *params)
         self._fn["end_forward"](self._cache)
         out = logits[0] if not hasattr(logits, "numpy") else logits
         # a view of the VM's logits, not a copy (valid until the next call; CPU only)

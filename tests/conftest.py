@@ -234,6 +234,22 @@ def quantized_in_groups(x):
     return (torch.round(groups * inverse) * (peak / 127)).reshape(x.shape)
 
 
+def quantized_per_row(levels: int):
+    """A layer's input quantized per row as the W8A8 prefill does (asymmetric, `levels` steps
+    over [min(row, 0), max(row, 0)]; kernels/cpu_prefill_int8.py)."""
+    import torch
+
+    def quantize(x):
+        hi = x.amax(-1, keepdim=True).clamp(min=0)
+        lo = x.amin(-1, keepdim=True).clamp(max=0)
+        scale = ((hi - lo) / levels).clamp(min=1e-12)
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(x / scale) + zero, 0, levels)
+        return (q - zero) * scale
+
+    return quantize
+
+
 def quantize_decode_activations(model, prompts=None):
     """`model` with the input of every linear layer quantized in groups (quantized_in_groups) at
     decode steps (one token), as the int8 and int4 decode GEMVs do, and of the LM head at every

@@ -7,7 +7,7 @@ prompt's symbolic row count, kept its accumulators in memory: SmolLM2-135M decod
 of weights and prefilled at ~60 GFLOPS on a 2-core Zen 3. Here each layer packs its weight into
 [N / panel, K, panel] panels (pack_weights.py's layout, panel = two SIMD vectors). The pack is a
 weight-only expression, so the build lifts it into the artifact's `transform_params`
-(`lift_weight_packing`), which the runtime calls once when it loads the weights; the bundle keeps
+(`lower.lift_weight_work`), which the runtime calls once when it loads the weights; the bundle keeps
 the weights as exported. One token per sequence then runs `cpu_gemv.packed_gemv` (one contiguous
 stream per panel), a prompt the register-blocked GEMM over rows padded to whole tiles
 (pack_weights._packed_matmul). Numbers: docs/benchmarks.md.
@@ -19,11 +19,10 @@ dtype, so the checkpoint loads unchanged.
 
 from __future__ import annotations
 
-import tvm
 from tvm.relax.frontend import nn
 
 from ..kernels import cpu_gemv
-from ..kernels.pack_weights import FlattenTransformParams, LiftBucketTransforms, _packed_matmul
+from ..kernels.pack_weights import _packed_matmul
 from .quantized import _rows, one_token
 
 
@@ -127,10 +126,3 @@ def dense_module(
     padded to `row_tile`, the GEMM's register tile), and the embeddings named
     `token_embeddings` given the row-stream LM head."""
     return _Dense(lanes, row_tile, token_embeddings).visit("", model)
-
-
-def lift_weight_packing() -> tvm.transform.Pass:
-    """The weight packing of every entry that takes weights lifted into one flat
-    `transform_params(*weights)` (pack_weights.py), which the runtime calls when it loads the
-    weights (runtime/_tvm.prepare_params)."""
-    return tvm.transform.Sequential([LiftBucketTransforms(), FlattenTransformParams()])

@@ -7,13 +7,23 @@ default CUDA pipeline with DLight GPU schedules (build.relax_pipeline).
 
 from __future__ import annotations
 
+import tvm
 from tvm import relax
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode
+from tvmdeploy.runtime._tvm import PREFILL_TRANSFORM, TRANSFORM_PARAMS
 
 from .config import DecoderConfig
 from .entry import ENTRY_FUNCTIONS, DecoderModule
 
-__all__ = ["ENTRY_FUNCTIONS", "cpu_pipeline", "definition", "export", "pipeline_for"]
+__all__ = [
+    "ENTRY_FUNCTIONS",
+    "PREFILL_TRANSFORM",
+    "cpu_pipeline",
+    "definition",
+    "export",
+    "lift_weight_work",
+    "pipeline_for",
+]
 
 
 def definition(config: DecoderConfig, target) -> DecoderModule:
@@ -93,34 +103,69 @@ def export(
 
 
 def pipeline_for(profile, target, precision: str = "float32"):
-    """The Relax pipeline a decoder of `precision` is built with for `profile` (CPU or CUDA)."""
+    """The Relax pipeline a decoder of `precision` is built with for `profile` (CPU or CUDA).
+    Weight-only work is lifted into `transform_params` for fp32 (its panels, dense.py) and for
+    int4 on a profile with an int8 kernel (its prompt's int8 weights, quantized_int4.py); int8
+    keeps its one stored copy, re-laid out per prompt (cpu_prefill_int8.py)."""
     if profile.family == "cuda":
         return relax.get_default_pipeline(target)
-    return cpu_pipeline(target, lift_packing=precision not in QUANTIZED)
+    from ..kernels.cpu_int8 import kernel_for
+
+    if precision not in QUANTIZED:
+        return cpu_pipeline(target, lift="shared")
+    if precision == "int4" and kernel_for(profile) is not None:
+        return cpu_pipeline(target, lift="prefill")
+    return cpu_pipeline(target)
 
 
-def cpu_pipeline(target, lift_packing: bool = False):
+def lift_weight_work(lift: str) -> tvm.transform.Pass:
+    """Weight-only work lifted out of the entries, flat (pack_weights.py): "shared", one
+    `transform_params` whose outputs every entry takes (fp32's panels, read by prefill and
+    decode alike); "prefill", `PREFILL_TRANSFORM` for `prefill` alone, the decode steps keeping
+    the stored weights (int4: the prompt's int8 copy beside the int4 planes decode reads)."""
+    from ..kernels.pack_weights import FlattenTransformParams, LiftBucketTransforms
+
+    if lift == "shared":
+        return tvm.transform.Sequential([LiftBucketTransforms(), FlattenTransformParams()])
+    if lift != "prefill":
+        raise ValueError(f"lift {lift!r}: 'shared' or 'prefill'")
+
+    @tvm.transform.module_pass(opt_level=0, name="NamePrefillTransform")
+    def named(mod, _ctx):
+        gvar = mod.get_global_var(TRANSFORM_PARAMS)
+        func = mod[gvar].with_attr("global_symbol", PREFILL_TRANSFORM)
+        out = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv != gvar})
+        out[PREFILL_TRANSFORM] = func
+        return out
+
+    return tvm.transform.Sequential(
+        [
+            relax.transform.LiftTransformParams(shared_transform=["prefill"]),
+            FlattenTransformParams(),
+            named,
+        ]
+    )
+
+
+def cpu_pipeline(target, lift: str | None = None):
     """The project's CPU pipeline (kernels/cpu_schedule.py: fusion, then the rule-based
     register-blocked matmul, reduction and injective schedules), transposes fused into the
     matmuls first and SiLU put on a vectorizable exp (kernels/cpu_fast_math.py). Weight packing
     stays off: its `transform_params` cannot be lifted over the cache-creating function, which
     takes no weights. With TVM's stock schedules instead, SmolLM2's prefill ran at 3 tokens/s,
     with these at 80 (2-core Zen 3). The step functions are finalized with fewer VM calls
-    (decoder/step_calls.py). With `lift_packing` (an fp32 artifact), the packing of its weights
-    is lifted into `transform_params` first (decoder/dense.py)."""
-    import tvm
-
+    (decoder/step_calls.py). With `lift`, weight-only work (fp32's panels, int4's prompt
+    weights) is lifted out of the entries first (`lift_weight_work`)."""
     from ..kernels.cpu_fast_math import fast_silu
     from ..kernels.cpu_schedule import cpu_pipeline as project_pipeline
-    from .dense import lift_weight_packing
     from .step_calls import finalize_passes
 
     ours = project_pipeline(target, pack=False, finalize=finalize_passes)
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, ctx):
-        if lift_packing:
-            mod = lift_weight_packing()(mod)
+        if lift:
+            mod = lift_weight_work(lift)(mod)
         return ours(fast_silu(relax.transform.FuseTransposeMatmul()(mod)))
 
     return pipeline

@@ -37,9 +37,17 @@ import numpy as np
 from tvm.relax.frontend import nn
 
 from ..errors import ModelLoadError
-from ..kernels import cpu_gemv_a8, cpu_gemv_int4, gpu_gemv
+from ..kernels import cpu_gemv, cpu_gemv_a8, cpu_gemv_int4, cpu_prefill_int8, gpu_gemv
 from ..kernels.cpu_gemv_int4 import GROUP
-from .quantized import Int8Embedding, gpu_product, one_token, quantize_rows, quantized_activations
+from ..kernels.cpu_int8 import Int8Kernel
+from .quantized import (
+    Int8Embedding,
+    gpu_product,
+    one_token,
+    quantize_rows,
+    quantized_activations,
+    w8a8,
+)
 
 #: Suffixes of a quantized weight's planes (`<layer>.weight` -> `<layer>.scale`, `.min`).
 SCALE_SUFFIX = ".scale"
@@ -135,12 +143,29 @@ def dequantized(packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lanes: int,
     )
 
 
+def requantized_int8(packed: nn.Tensor, scale: nn.Tensor, low: nn.Tensor, lanes: int):
+    """(int8 [N, K], fp32 scale [N]): the int4 weight's values quantized per row as an int8
+    artifact's weights are (cpu_gemv.int8_rows). Weight-only: the build lifts it into
+    `transform_params`, so it runs once, when the bundle is loaded."""
+    n = int(packed.shape[0])
+    full = dequantized(packed, scale, low, lanes, n)
+    return nn.op.tensor_expr_op(cpu_gemv.int8_rows, "int4_as_int8_rows", [full])
+
+
 def matmul_int4(
-    x, packed, scale, low, lanes: int, dot_isa: str | None = None, gpu: bool = False
+    x,
+    packed,
+    scale,
+    low,
+    lanes: int,
+    dot_isa: str | None = None,
+    gpu: bool = False,
+    int8_kernel: Int8Kernel | None = None,
 ) -> nn.Tensor:
-    """x[..., K] @ dequant(W[N, K]).T: on a GPU `quantized.gpu_product`; on a CPU W4A8 on
-    `dot_isa` (one token: the GEMV; a prompt: the prefill GEMM), else the weight-only GEMV for
-    one token and dequantize-then-fp32-GEMM for a prompt."""
+    """x[..., K] @ dequant(W[N, K]).T: on a GPU `quantized.gpu_product`; on a CPU one token
+    runs W4A8 on `dot_isa` (else the weight-only GEMV); a prompt runs the int8 GEMM of
+    `int8_kernel` (W8A8, as an int8 artifact's prompt) on the weight re-quantized to int8 once
+    at load (`requantized_int8`), else W4A8's prefill GEMM, else dequantize-then-fp32-GEMM."""
     if gpu:
         n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
         make_gemv = lambda rows: gpu_gemv.int4_gemv(k, n, rows)
@@ -149,6 +174,9 @@ def matmul_int4(
     if one_token(x):
         return gemv(x, packed, scale, low, lanes, dot_isa)
     n, k = int(packed.shape[0]), 2 * int(packed.shape[1])
+    if cpu_prefill_int8.supports(int8_kernel, n, k):
+        weight, row_scale = requantized_int8(packed, scale, low, lanes)
+        return w8a8(x, weight, row_scale, int8_kernel)
     if dot_isa is not None:
         out = w4a8(nn.op.reshape(x, (-1, k)), packed, scale, low, dot_isa, prompt=True)
         return nn.op.reshape(out, (*x.shape[:-1], n))
@@ -166,11 +194,13 @@ class Int4Linear(nn.Module):
         lanes: int,
         dot_isa: str | None = None,
         gpu: bool = False,
+        int8_kernel: Int8Kernel | None = None,
     ):
         cpu_gemv_int4.check_shape(in_features, f"a linear layer ({out_features} x {in_features})")
         self.lanes = lanes
         self.dot_isa = dot_isa
         self.gpu = gpu
+        self.int8_kernel = int8_kernel
         groups = in_features // GROUP
         self.weight = nn.Parameter((out_features, in_features // 2), "uint8")
         self.scale = nn.Parameter((out_features, groups), PLANE_DTYPE)
@@ -178,7 +208,8 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        out = matmul_int4(x, self.weight, self.scale, self.min, self.lanes, self.dot_isa, self.gpu)
+        planes = (self.weight, self.scale, self.min)
+        out = matmul_int4(x, *planes, self.lanes, self.dot_isa, self.gpu, self.int8_kernel)
         return out + self.bias if self.bias is not None else out
 
 
@@ -240,7 +271,13 @@ class _Quantizer(nn.Mutator):
         if isinstance(node, nn.Linear):
             bias = node.bias is not None
             return Int4Linear(
-                node.in_features, node.out_features, bias, self.lanes, self.dot_isa, self.gpu
+                node.in_features,
+                node.out_features,
+                bias,
+                self.lanes,
+                self.dot_isa,
+                self.gpu,
+                None if self.gpu else self.int8_kernel,
             )
         if isinstance(node, nn.Embedding) and name in self.token_embeddings:
             if self.embedding_bits == 8:

@@ -28,8 +28,12 @@ def main(lib_path: str, work_dir: str) -> None:
     loaded = tvm.runtime.load_param_dict_from_file(spec["weights_file"])
     params = [loaded[name] for name in spec["weight_names"]]
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(lib_path), dev)
+    stored = params
     if vm.module.implements_function("transform_params"):  # packed fp32 weights (runtime/_tvm.py)
-        params = list(vm["transform_params"](*params))
+        params = list(vm["transform_params"](*stored))
+    prefill_params = params  # int4: the prompt's int8 copy (runtime/decode_tvm.py)
+    if vm.module.implements_function("prefill_transform_params"):
+        prefill_params = list(vm["prefill_transform_params"](*stored))
     shape = tvm.runtime.ShapeTuple
     kv = {
         n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
@@ -43,7 +47,7 @@ def main(lib_path: str, work_dir: str) -> None:
     def forward(function, seq_id, tokens):
         kv["begin_forward"](cache, shape([seq_id]), shape([tokens.shape[1]]))
         ids = tvm.runtime.tensor(tokens.astype(np.int32), dev)
-        logits = vm[function](ids, cache, *params)
+        logits = vm[function](ids, cache, *(prefill_params if function == "prefill" else params))
         kv["end_forward"](cache)
         out = logits[0] if not hasattr(logits, "numpy") else logits
         return out.numpy().reshape(-1)

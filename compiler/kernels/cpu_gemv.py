@@ -213,6 +213,30 @@ def dequantize(k: int, n: int, lanes: int) -> tirx.PrimFunc:
     return _named(sch, f"int8_dequantize_k{k}_n{n}")
 
 
+def int8_rows(full: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
+    """(int8 q [N, K], fp32 scale [N]) of fp32 rows `full` [N, K]: symmetric per row, scale
+    max|row| / 127 (1 for an all-zero row), q = rint(w / scale) in -127..127, as
+    decoder/quantized.quantize_rows does in NumPy. Unscheduled (the rule-based pass schedules
+    it): an int4 artifact runs it once, in `transform_params` (decoder/quantized_int4.py)."""
+    n, k = full.shape
+    c = te.reduce_axis((0, k), name="c")
+    peak = te.compute((n,), lambda j: te.max(tirx.abs(full[j, c]), axis=c), name="peak")
+    scale = te.compute(
+        (n,),
+        lambda j: tirx.Select(peak[j] > 0, peak[j] / tirx.const(127.0, "float32"), 1.0),
+        name="row_scale",
+    )
+    q = te.compute(
+        (n, k),
+        lambda j, i: tirx.max(
+            tirx.min(tirx.nearbyint(full[j, i] / scale[j]), tirx.const(127.0, "float32")),
+            tirx.const(-127.0, "float32"),
+        ).astype("int8"),
+        name="rows_int8",
+    )
+    return q, scale
+
+
 def _named(sch: s_tir.Schedule, name: str) -> tirx.PrimFunc:
     """The scheduled function, marked scheduled, under a symbol unique per shape (the layers that
     share a shape share one function)."""

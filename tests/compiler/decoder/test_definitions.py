@@ -134,14 +134,13 @@ def test_cpu_fp32_decoders_read_weights_packed_once_at_load():
     head the row-stream GEMV over the embedding as stored; the prompt's layers run the GEMM over
     the same panels. No entry packs a weight per call."""
     import tvm
-    from tvmdeploy.compiler.decoder.dense import lift_weight_packing
 
     raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **COMMON, **LLAMA_SHAPE}
     raw.update(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=True)
     config = decoder_config.parse_decoder_config(raw)
     exported, named = lower.export(config, tvm.target.Target("llvm"))
     assert all(str(p.dtype) == "float32" for _, p in named)  # the checkpoint loads unchanged
-    mod = lift_weight_packing()(exported)
+    mod = lower.lift_weight_work("shared")(exported)
     transform = mod["transform_params"]
     assert len(transform.params) == len(named)  # flat: one argument per stored weight
     packed = [f for f in transform.ret_ty.fields if len(f.shape) == 3]

@@ -14,16 +14,18 @@ import json
 
 import numpy as np
 import pytest
+from tvmdeploy import targets
 from tvmdeploy.compiler import CompileOptions, compile_model
 from tvmdeploy.compiler.decoder import gguf_int4, quantized_int4, sources
 from tvmdeploy.compiler.decoder.config import read_decoder_config
 from tvmdeploy.compiler.decoder.weights import decoder_params
+from tvmdeploy.compiler.kernels.cpu_int8 import kernel_for
 from tvmdeploy.runtime import load
 
 from tests.conftest import (
     assert_greedy_agrees,
     quantize_decode_activations,
-    quantized_in_groups,
+    quantized_per_row,
     save_tiny_gguf,
 )
 
@@ -77,9 +79,15 @@ def int4_bundle(tiny_llm_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rounded(tiny_llm_dir):
-    """transformers with every 2-D weight Q4_1-rounded, the tied embedding (and LM head) int8
-    per row, and the input of every linear layer quantized in groups of 32 as the W4A8 GEMV
-    and prefill GEMM and the W8A8 LM head quantize them."""
+    """The int4 artifact's arithmetic in transformers (`int4_reference`), for this CPU."""
+    return int4_reference(tiny_llm_dir, "x86-64-v3")
+
+
+def int4_reference(tiny_llm_dir, profile: str):
+    """transformers with every 2-D weight Q4_1-rounded and the tied embedding (and LM head) int8
+    per row; at decode steps (and for the LM head) the input of every linear layer quantized in
+    groups of 32 as the W4A8 GEMV and the W8A8 LM head quantize it; a prompt's layers through
+    W8A8 as `profile`'s int4 artifact runs them (`w8a8_prompts`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -91,7 +99,32 @@ def rounded(tiny_llm_dir):
                 p.copy_(torch.from_numpy(q4_1_rounded(p.numpy())))
         embedding = model.get_input_embeddings().weight
         embedding.copy_(torch.from_numpy(int8_rows_rounded(original_embedding)))
-    return quantize_decode_activations(model, prompts=quantized_in_groups)
+    return quantize_decode_activations(w8a8_prompts(model, profile))
+
+
+def w8a8_prompts(model, profile: str = "x86-64-v3"):
+    """`model` whose layers (the LM head apart) run a prompt as an int4 artifact of `profile`
+    does: W8A8 on their int4 values re-quantized to int8 per row (once, at load), the input
+    quantized per row to the levels of the profile's int8 prefill kernel."""
+    import torch
+
+    lm_head = model.get_output_embeddings()
+    prompt_input = quantized_per_row(kernel_for(targets.get(profile)).a_levels)
+    prompt_weight = {
+        module: torch.from_numpy(int8_rows_rounded(module.weight.detach().numpy()))
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and module is not lm_head
+    }
+
+    def prompt_product(module, args, output):
+        (x,) = args
+        if x.shape[-2] <= 1:
+            return None
+        return torch.nn.functional.linear(prompt_input(x), prompt_weight[module], module.bias)
+
+    for module in prompt_weight:
+        module.register_forward_hook(prompt_product)
+    return model
 
 
 def test_the_int4_weights_are_stored_as_packed_groups(int4_bundle):
@@ -115,6 +148,12 @@ def test_the_int4_weights_are_stored_as_packed_groups(int4_bundle):
     assert by_name["x86-64-v3-int4"]["precision"] == "int4"
     accuracy = by_name["x86-64-v3-int4"]["accuracy"]
     assert 0 <= accuracy["value"] <= 100 and accuracy["perplexity"]["snippets"] > 0
+    # Decode reads the planes as stored; a prompt reads an int8 copy made at load, in the int8
+    # GEMM's panels (the artifact's prefill_transform_params).
+    engine = load(int4_bundle, precision="int4")._stepper.engine
+    assert "uint8" in {str(p.dtype) for p in engine.params}
+    assert "uint8" not in {str(p.dtype) for p in engine.prefill_params}
+    assert any(str(p.dtype) == "int8" and len(p.shape) == 4 for p in engine.prefill_params)
     chosen = load(int4_bundle).choice.artifact  # auto: int4 only within its gate
     assert chosen == ("x86-64-v3-int4" if accuracy["ok"] else "x86-64-v3")
 
@@ -124,7 +163,7 @@ def test_int4_computes_what_transformers_does_with_the_rounded_weights(int4_bund
     rng = np.random.default_rng(5)
     for n in (3, 17):
         ids = rng.integers(3, 300, size=n).tolist()
-        got = generator.prefill_logits(ids)  # prefill: the W4A8 GEMM
+        got = generator.prefill_logits(ids)  # prefill: W8A8 on the int8 copy
         want = _logits(rounded, ids)
         assert np.abs(got - want).max() <= PROMPT_RANGE_ATOL * float(want.max() - want.min())
         result = generator.generate(ids, max_new_tokens=16, ignore_eos=True)  # the W4A8 GEMV
@@ -250,7 +289,7 @@ def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf,
     with torch.no_grad():  # the artifact's 8-bit embedding and tied LM head
         embedding = reference.get_input_embeddings().weight
         embedding.copy_(torch.from_numpy(int8_rows_rounded(embedding.numpy())))
-    quantize_decode_activations(reference, prompts=quantized_in_groups)  # as W4A8 quantizes
+    quantize_decode_activations(w8a8_prompts(reference))  # as the artifact quantizes
     generator = load(bundle, precision="int4")
     rng = np.random.default_rng(9)
     for n in (4, 13):
@@ -263,10 +302,11 @@ def test_int4_from_gguf_generates_what_transformers_reads_from_the_file(q4_gguf,
 
 
 @pytest.mark.qemu
-def test_the_neon_int4_artifact_runs_under_qemu(tiny_llm_dir, rounded, tmp_path):
-    """The arm64-neon int4 artifact (W4A8 and the W8A8 LM head on NEON smull/saddlp) run in
-    the aarch64 Python under qemu-user computes what transformers does with the rounded weights
-    (the quantized gate itself runs natively only)."""
+def test_the_neon_int4_artifact_runs_under_qemu(tiny_llm_dir, tmp_path):
+    """The arm64-neon int4 artifact (W4A8 and the W8A8 LM head on NEON smull/saddlp, its prompt
+    on the NEON int8 GEMM) run in the aarch64 Python under qemu-user computes what transformers
+    does with the rounded weights (the quantized gate itself runs natively only)."""
+    rounded = int4_reference(tiny_llm_dir, "arm64-neon")
     import os
 
     from tvmdeploy.compiler.emulation import qemu, qemu_decoder

@@ -20,7 +20,12 @@ from tvmdeploy.compiler.decoder.quantized import quantize_rows
 from tvmdeploy.compiler.kernels.cpu_int8 import kernel_for
 from tvmdeploy.runtime import load
 
-from tests.conftest import assert_greedy_agrees, hf_greedy, quantize_decode_activations
+from tests.conftest import (
+    assert_greedy_agrees,
+    hf_greedy,
+    quantize_decode_activations,
+    quantized_per_row,
+)
 
 #: W8A8 prefill against transformers with the same weights and activations quantized in PyTorch:
 #: the summation order, and now and then an activation rounded to the neighbouring level.
@@ -63,22 +68,6 @@ def references(tiny_llm_dir):
     return fp32, rounded
 
 
-def _prompt_quantizer(levels: int):
-    """A layer's input quantized per row as the W8A8 prefill does (asymmetric, `levels` steps
-    over [min(row, 0), max(row, 0)])."""
-    import torch
-
-    def quantize(x):
-        hi = x.amax(-1, keepdim=True).clamp(min=0)
-        lo = x.amin(-1, keepdim=True).clamp(max=0)
-        scale = ((hi - lo) / levels).clamp(min=1e-12)
-        zero = torch.round(-lo / scale)
-        q = torch.clamp(torch.round(x / scale) + zero, 0, levels)
-        return (q - zero) * scale
-
-    return quantize
-
-
 @pytest.fixture(scope="module")
 def w8a8_reference(tiny_llm_dir):
     """transformers on the rounded int8 weights, prompts' activations quantized as this CPU's
@@ -94,7 +83,7 @@ def w8a8_reference(tiny_llm_dir):
                 q, scale = quantize_rows(p.numpy())
                 p.copy_(torch.from_numpy(q.astype(np.float32) * scale[:, None]))
     levels = kernel_for(targets.get("x86-64-v3")).a_levels
-    return quantize_decode_activations(model, _prompt_quantizer(levels))
+    return quantize_decode_activations(model, quantized_per_row(levels))
 
 
 def _logits(model, ids):
