@@ -23,12 +23,16 @@ agreement 87.5%, perplexity x1.087 of fp32 (gate >= 90%, <= x1.05), where with t
 it passes (97.9%, x0.981; docs/benchmarks.md), for 7 MB more read per token. Norms and biases
 stay fp32.
 
-Decode and prefill run W4A8 (kernels/cpu_gemv_a8.py: each activation row quantized to int8 per
-group of 32, the nibbles multiplied as bytes, llama.cpp's Q4_1 x Q8_1 dot; a prompt through the
-prefill GEMM, which shares each weight load between prompt rows) on a CPU profile with an int8
-kernel. Elsewhere decode runs the weight-only `int4_gemv` (kernels/cpu_gemv_int4.py), which
-unpacks to fp32 in registers, and prefill dequantizes each weight once to fp32 for the fp32
-GEMM. A 4-bit embedding gathers packed rows and dequantizes those rows only.
+Decode runs W4A8 (kernels/cpu_gemv_a8.py: each activation row quantized to int8 per group of
+32, the nibbles multiplied as bytes, llama.cpp's Q4_1 x Q8_1 dot) on a CPU profile with an int8
+kernel. A prompt there runs W8A8 on an int8 copy of the weights (`requantized_int8`, each
+layer's int4 values quantized per row), which the build lifts into the artifact's
+`prefill_transform_params`, run once at load (decoder/lower.py): the int8 GEMM runs at about
+twice W4A8's prefill GEMM, for one byte a weight more in memory, none more read per decoded
+token (docs/benchmarks.md). Elsewhere decode runs the weight-only `int4_gemv`
+(kernels/cpu_gemv_int4.py), which unpacks to fp32 in registers, and prefill W4A8's prefill GEMM
+or dequantizes each weight once to fp32 for the fp32 GEMM. A 4-bit embedding gathers packed rows
+and dequantizes those rows only.
 """
 
 from __future__ import annotations
