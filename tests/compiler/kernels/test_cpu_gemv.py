@@ -31,32 +31,33 @@ def test_int8_gemv_matches_numpy(rng, k, n, lanes):
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("k", "n", "lanes"), [(37, 13, 8), (64, 10, 8), (45, 7, 16), (20, 6, 4)])
-def test_fp32_gemv_matches_numpy(rng, k, n, lanes):
-    lib = tvm.compile(cpu_gemv.fp32_gemv(k, n, lanes), target=HOST)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    for batch in (1, 3):
-        x = rng.standard_normal((batch, k)).astype(np.float32)
-        out = tvm.runtime.tensor(np.zeros((batch, n), np.float32))
-        lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
-        want = x.astype(np.float64) @ w.astype(np.float64).T
-        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize(
-    ("k", "n", "panel", "lanes"),
-    [(37, 32, 16, 8), (64, 48, 16, 8), (45, 64, 32, 16), (20, 16, 8, 4)],
+    ("k", "n", "lanes", "panel"),
+    [
+        (37, 13, 8, None),
+        (64, 10, 8, None),
+        (45, 7, 16, None),
+        (20, 6, 4, None),
+        (37, 32, 8, 16),
+        (64, 48, 8, 16),
+        (45, 64, 16, 32),
+        (20, 16, 4, 8),
+    ],
 )
-def test_packed_fp32_gemv_matches_numpy(rng, k, n, panel, lanes):
-    """The GEMV over weights packed in panels [N / panel, K, panel] (K not a multiple of the
-    splits included), 1 and 3 activation rows."""
-    lib = tvm.compile(cpu_gemv.packed_gemv(k, n, panel, lanes), target=HOST)
+def test_fp32_gemvs_match_numpy(rng, k, n, lanes, panel):
+    """The row-stream GEMV over [N, K] (panel None) and the GEMV over weights packed in panels
+    [N / panel, K, panel] (K not a multiple of the splits included), 1 and 3 activation rows."""
     w = rng.standard_normal((n, k)).astype(np.float32)
-    panels = np.ascontiguousarray(w.reshape(n // panel, panel, k).transpose(0, 2, 1))
+    if panel is None:
+        func, stored = cpu_gemv.fp32_gemv(k, n, lanes), w
+    else:
+        func = cpu_gemv.packed_gemv(k, n, panel, lanes)
+        stored = np.ascontiguousarray(w.reshape(n // panel, panel, k).transpose(0, 2, 1))
+    lib = tvm.compile(func, target=HOST)
     for batch in (1, 3):
         x = rng.standard_normal((batch, k)).astype(np.float32)
         out = tvm.runtime.tensor(np.zeros((batch, n), np.float32))
-        lib(tvm.runtime.tensor(x), tvm.runtime.tensor(panels), out)
+        lib(tvm.runtime.tensor(x), tvm.runtime.tensor(stored), out)
         want = x.astype(np.float64) @ w.astype(np.float64).T
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
 
