@@ -60,7 +60,7 @@ def _vm_function(build_body, x_shape, w_shape):
 def gemm_forms(k: int, n: int, panel: int, row_tile: int) -> dict:
     """{form: callable(x, w)} of the prompt's product over a symbolic row count."""
     from tvm import relax, tirx
-    from tvmdeploy.compiler.kernels.pack_weights import _packed_matmul
+    from tvmdeploy.compiler.kernels.pack_weights import packed_matmul
 
     rows = tirx.Var("rows", "int64")
 
@@ -68,7 +68,7 @@ def gemm_forms(k: int, n: int, panel: int, row_tile: int) -> dict:
         return bb.emit(relax.op.matmul(x, relax.op.permute_dims(w)))
 
     def packed(bb, x, w):
-        return bb.emit(bb.call_te(_packed_matmul, x, w, panel, "float32", row_tile))
+        return bb.emit(bb.call_te(packed_matmul, x, w, panel, "float32", row_tile))
 
     return {
         "matmul": _vm_function(matmul, [rows, k], [n, k]),

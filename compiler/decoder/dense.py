@@ -10,7 +10,7 @@ weight-only expression, so the build lifts it into the artifact's `transform_par
 (`lower.lift_weight_work`), which the runtime calls once when it loads the weights; the bundle keeps
 the weights as exported. One token per sequence then runs `cpu_gemv.packed_gemv` (one contiguous
 stream per panel), a prompt the register-blocked GEMM over rows padded to whole tiles
-(pack_weights._packed_matmul). Numbers: docs/benchmarks.md.
+(pack_weights.packed_matmul). Numbers: docs/benchmarks.md.
 
 The tied LM head reads the embedding table as stored (one row per token for the lookup), through
 the row-stream GEMV. The parameters keep `nn.Linear`'s and `nn.Embedding`'s names, shapes and
@@ -22,8 +22,8 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 
 from ..kernels import cpu_gemv
-from ..kernels.pack_weights import _packed_matmul
-from .quantized import _rows, one_token
+from ..kernels.pack_weights import packed_matmul
+from .quantized import as_rows, one_token
 
 
 def row_stream_product(x: nn.Tensor, weight: nn.Tensor, lanes: int) -> nn.Tensor:
@@ -32,7 +32,7 @@ def row_stream_product(x: nn.Tensor, weight: nn.Tensor, lanes: int) -> nn.Tensor
     if not one_token(x):
         return nn.op.matmul(x, nn.op.permute_dims(weight))
     n, k = (int(d) for d in weight.shape)
-    rows = _rows(x)
+    rows = as_rows(x)
     out = nn.op.tensor_ir_op(
         cpu_gemv.fp32_gemv(k, n, lanes),
         "fp32_gemv",
@@ -53,7 +53,7 @@ def packed_product(x: nn.Tensor, panels: nn.Tensor, lanes: int, row_tile: int) -
     count, k, panel = (int(d) for d in panels.shape)
     n = count * panel
     if one_token(x):
-        rows = _rows(x)
+        rows = as_rows(x)
         out = nn.op.tensor_ir_op(
             cpu_gemv.packed_gemv(k, n, panel, lanes),
             "fp32_packed_gemv",
@@ -62,7 +62,7 @@ def packed_product(x: nn.Tensor, panels: nn.Tensor, lanes: int, row_tile: int) -
         )
         return nn.op.reshape(out, (*x.shape[:-1], n))
     return nn.op.tensor_expr_op(
-        lambda a, b: _packed_matmul(a, b, panel, "float32", row_tile),
+        lambda a, b: packed_matmul(a, b, panel, "float32", row_tile),
         "matmul_packed",
         [x, panels],
     )

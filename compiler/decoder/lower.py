@@ -17,7 +17,6 @@ from .entry import ENTRY_FUNCTIONS, DecoderModule
 
 __all__ = [
     "ENTRY_FUNCTIONS",
-    "PREFILL_TRANSFORM",
     "cpu_pipeline",
     "definition",
     "export",
@@ -150,9 +149,9 @@ def lift_weight_work(lift: str) -> tvm.transform.Pass:
 def cpu_pipeline(target, lift: str | None = None):
     """The project's CPU pipeline (kernels/cpu_schedule.py: fusion, then the rule-based
     register-blocked matmul, reduction and injective schedules), transposes fused into the
-    matmuls first and SiLU put on a vectorizable exp (kernels/cpu_fast_math.py). Weight packing
-    stays off: its `transform_params` cannot be lifted over the cache-creating function, which
-    takes no weights. With TVM's stock schedules instead, SmolLM2's prefill ran at 3 tokens/s,
+    matmuls first and SiLU put on a vectorizable exp (kernels/cpu_fast_math.py). The encoders'
+    weight packing pass stays off: an fp32 decoder's layers pack their own weights
+    (decoder/dense.py). With TVM's stock schedules instead, SmolLM2's prefill ran at 3 tokens/s,
     with these at 80 (2-core Zen 3). The step functions are finalized with fewer VM calls
     (decoder/step_calls.py). With `lift`, weight-only work (fp32's panels, int4's prompt
     weights) is lifted out of the entries first (`lift_weight_work`)."""

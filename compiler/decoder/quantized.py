@@ -42,7 +42,7 @@ def quantize_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def _rows(x: nn.Tensor) -> nn.Tensor:
+def as_rows(x: nn.Tensor) -> nn.Tensor:
     """x[..., K] as [rows, K]."""
     return nn.op.reshape(x, (-1, x.shape[-1]))
 
@@ -70,7 +70,7 @@ def gemv(
     """x[b, 1, K] @ dequant(weight[N, K]).T -> [b, 1, N]: W8A8 on `dot_isa`'s integer dot
     product (kernels/cpu_gemv_a8.py; K a multiple of 32), else the weight-only int8 GEMV."""
     n, k = (int(d) for d in weight.shape)
-    rows = _rows(x)
+    rows = as_rows(x)
     if dot_isa is not None and k % cpu_gemv_a8.GROUP == 0:
         b = rows.shape[0]
         xq, sx4, _ = quantized_activations(rows, k, dot_isa, weight_bits=8)
@@ -111,7 +111,7 @@ def w8a8(x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, kernel: Int8Kernel) 
     """x[..., K] @ dequant(weight[N, K]).T through the int8 GEMM (kernels/cpu_prefill_int8.py):
     rows quantized and padded to whole register tiles, the weight packed, padded rows dropped."""
     n, k = (int(d) for d in weight.shape)
-    rows = _rows(x)
+    rows = as_rows(x)
     m = rows.shape[0]
     r, kp, lanes = (
         cpu_prefill_int8.row_tile(kernel),
@@ -155,7 +155,7 @@ def gpu_product(x: nn.Tensor, n: int, k: int, make_gemv, dequantize_func, weight
     weight-only GEMV for one token (`make_gemv(rows)`, rows static where the entry's are), else
     the weight widened once, then the fp32 matmul."""
     if one_token(x):
-        rows = _rows(x)
+        rows = as_rows(x)
         count = rows.shape[0]
         gemv_func = make_gemv(count if isinstance(count, int) else None)
         placeholder = nn.Tensor.placeholder((rows.shape[0], n), "float32")

@@ -58,7 +58,7 @@ def padded_rows(rows: int, row_tile: int | None) -> int:
     return -(-rows // row_tile) * row_tile
 
 
-def _packed_matmul(
+def packed_matmul(
     x: te.Tensor, wp: te.Tensor, nr: int, out_dtype: str, row_tile: int | None = None
 ) -> te.Tensor:
     """out[..., j] = sum_k x[..., k] * wp[j // nr, k, j % nr]; over `padded_rows` rows (the
@@ -233,7 +233,7 @@ class _Packer(WeightMatmulRewriter):
         )
         self.weight_vars.add(packed)
         return self.builder_.call_te(
-            _packed_matmul,
+            packed_matmul,
             self.visit_expr(x),
             packed,
             nr,

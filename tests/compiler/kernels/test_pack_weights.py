@@ -172,7 +172,7 @@ def test_weight_matmul_over_padded_rows_is_exact(lead):
 def _symbolic_packed_matmul(k: int, n: int, panel: int, row_tile: int):
     """matmul_packed over a symbolic row count (a decoder's prompt), as decoder/dense.py emits
     it."""
-    from tvmdeploy.compiler.kernels.pack_weights import _packed_matmul
+    from tvmdeploy.compiler.kernels.pack_weights import packed_matmul
 
     bb = relax.BlockBuilder()
     rows = tvm.tirx.Var("rows", "int64")
@@ -182,7 +182,7 @@ def _symbolic_packed_matmul(k: int, n: int, panel: int, row_tile: int):
         with bb.dataflow():
             product = bb.emit(
                 bb.call_te(
-                    _packed_matmul,
+                    packed_matmul,
                     x_var,
                     w_var,
                     panel,
