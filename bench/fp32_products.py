@@ -170,7 +170,7 @@ def measure_gemm(k: int, n: int, rows: int, rounds: int, panel: int = 16, row_ti
         "k": k,
         "n": n,
         "rows": rows,
-        "gflops": {name: round(flops / t / 1e9, 1) for name, t in best.items()},
+        "gflops": {name: round(flops / t / 1e9, 2) for name, t in best.items()},
     }
 
 

@@ -24,6 +24,6 @@ def test_both_gemv_forms_compute_the_product():
 
 
 def test_a_gemm_measurement_checks_its_forms_and_reports_rates():
-    row = bench.measure_gemm(64, 48, rows=7, rounds=1)  # 7 rows: a padded tail tile
+    row = bench.measure_gemm(256, 48, rows=7, rounds=1)  # 7 rows: a padded tail tile
     assert set(row["gflops"]) == {"matmul", "packed"}
     assert all(rate > 0 for rate in row["gflops"].values())

@@ -39,6 +39,22 @@ def test_tvmdeploy_kernels_follow_the_architecture(tiny_bundle):
     assert [r["ms"] for r in kernels] == sorted((r["ms"] for r in kernels), reverse=True)
 
 
+def test_the_profile_runs_the_compiled_kernels_where_ort_was_measured_faster(
+    tiny_bundle, tmp_path, monkeypatch
+):
+    """A latency cache that ranks ONNX Runtime first (as an earlier `tvmdeploy bench` of the
+    same bundle may leave it) makes `load(precision="fp32")` take ORT; the kernel profile still
+    profiles the compiled fp32 artifact."""
+    from tvmdeploy.runtime import Bundle, probe, select
+
+    monkeypatch.setenv("TVMDEPLOY_CACHE_DIR", str(tmp_path))
+    bundle = Bundle(tiny_bundle)
+    fp32 = [a.name for a in bundle.artifacts if a.precision == "float32"]
+    select.remember_latencies(bundle, probe(), {"onnxruntime": 0.01, **dict.fromkeys(fp32, 9.0)})
+    report = kernel_profile.profile_tvmdeploy(tiny_bundle, 1, 16, repeat=1)
+    assert sum(r["calls"] for r in report["kernels"] if "matmul" in r["kernel"]) > 0
+
+
 def test_onnxruntime_nodes_are_summed_over_layers(tiny_bundle):
     report = kernel_profile.profile_onnxruntime(tiny_bundle, 1, 16, repeat=3, threads=1)
     rows = {r["kernel"]: r for r in report["kernels"]}
