@@ -46,7 +46,7 @@ DEFAULT_CONTEXT = 4096
 #: prompt took 4.5 s against 0.55 s for 512 tokens (docs/benchmarks.md). The project's kernel
 #: (kernels/cpu_prefill_attention.py) covers a whole chunk, so a chunk as long as the default
 #: context keeps a prompt within it off the paged path; the transient activations grow with the
-#: prompt (SmolLM2 at 4096 tokens: ~160 MB), as they do in llama.cpp's default 2048-token batch.
+#: prompt (SmolLM2 at 4096 tokens: ~160 MB).
 PREFILL_CHUNK = DEFAULT_CONTEXT
 #: The emulated gate's limit: the tiny test models take ~1 min under qemu-user; a real model's
 #: arm64 artifact may take far longer (then the gate fails with the timeout, saying so).
