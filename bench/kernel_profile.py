@@ -61,6 +61,8 @@ def profile_tvmdeploy(bundle: Path, batch: int, seq: int, repeat: int, artifact=
             for a in model.bundle.artifacts
             if a.name in model.choice.compatible and canonical(a.precision) == canonical("fp32")
         ]
+        if not fp32:
+            raise SystemExit(f"{bundle}: no compiled fp32 artifact runs on this device to profile")
         model = load(bundle, artifact=fp32[0])
     engine = model.engine
     bucket = next((b for b in model.bundle.buckets if (b.batch, b.seq) == (batch, seq)), None)

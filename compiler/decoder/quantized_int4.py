@@ -29,9 +29,10 @@ kernel. A prompt there runs W8A8 on an int8 copy of the weights (`requantized_in
 layer's int4 values quantized per row), which the build lifts into the artifact's
 `prefill_transform_params`, run once at load (decoder/lower.py): the int8 GEMM runs at about
 twice W4A8's prefill GEMM, for one byte a weight more in memory, none more read per decoded
-token (docs/benchmarks.md). Elsewhere decode runs the weight-only `int4_gemv`
-(kernels/cpu_gemv_int4.py), which unpacks to fp32 in registers, and prefill W4A8's prefill GEMM
-or dequantizes each weight once to fp32 for the fp32 GEMM. A 4-bit embedding gathers packed rows
+token (docs/benchmarks.md); a layer whose shape the int8 GEMM's panels do not divide keeps
+W4A8's prefill GEMM. Without an int8 kernel decode runs the weight-only `int4_gemv`
+(kernels/cpu_gemv_int4.py), which unpacks to fp32 in registers, and prefill dequantizes each
+weight once to fp32 for the fp32 GEMM. A 4-bit embedding gathers packed rows
 and dequantizes those rows only.
 """
 
@@ -281,7 +282,7 @@ class _Quantizer(nn.Mutator):
                 self.lanes,
                 self.dot_isa,
                 self.gpu,
-                None if self.gpu else self.int8_kernel,
+                self.int8_kernel,
             )
         if isinstance(node, nn.Embedding) and name in self.token_embeddings:
             if self.embedding_bits == 8:
