@@ -282,8 +282,8 @@ def check_records(
             c.task,
             f"{c.record_ms:.3f}" if c.record_ms else "failed",
             f"{c.rule_based_ms:.3f}" if c.rule_based_ms else "failed",
-            f"{c.gain:.2f}x" if c.gain else "-",
-            f"{c.tuned_on_gain:.2f}x" if c.tuned_on_gain else "-",
+            f"{c.gain:.3g}x" if c.gain else "-",
+            f"{c.tuned_on_gain:.3g}x" if c.tuned_on_gain else "-",
             "keep" if c.keep(min_gain) else "drop",
         )
     err.print(table)

@@ -123,12 +123,18 @@ def recheck(
                     name,
                     min(times["record"]) if len(times["record"]) == rounds else None,
                     min(times["rule-based"]) if len(times["rule-based"]) == rounds else None,
-                    round(rule_secs / best.secs, 3) if rule_secs else None,
+                    rule_secs / best.secs if rule_secs else None,
                 )
             )
     finally:
         workers.close()
     return checks
+
+
+def _rounded(check: dict) -> dict:
+    """A check as meta.json keeps it: gains and times to 4 significant digits (a gain of a
+    thousandth still reads as one)."""
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in check.items()}
 
 
 def prune(
@@ -150,7 +156,7 @@ def prune(
             "min_gain": min_gain,
             "kept": len(kept),
             "dropped": len(checks) - len(kept),
-            "kernels": [{**asdict(c), "gain": c.gain and round(c.gain, 3)} for c in checks],
+            "kernels": [_rounded({**asdict(c), "gain": c.gain}) for c in checks],
         }
     )
     write_json_atomic(path / META_FILE, meta, sort_keys=True)
