@@ -40,14 +40,13 @@ logger = logging.getLogger(__name__)
 #: The context a bundle is compiled for when --context is not given (a model's own limit may be
 #: far larger; the runtime's KV cache is sized by it).
 DEFAULT_CONTEXT = 4096
-#: Prompt tokens per prefill call; longer prompts are prefilled in chunks of this size. A chunk
-#: after the first attends to the earlier ones' keys in the cache's pages through TVM's paged
-#: prefill kernel, one serial scalar loop nest on a CPU: with chunks of 512, SmolLM2's 768-token
-#: prompt took 4.5 s against 0.55 s for 512 tokens (docs/benchmarks.md). The project's kernel
-#: (kernels/cpu_prefill_attention.py) covers a whole chunk, so a chunk as long as the default
-#: context keeps a prompt within it off the paged path; the transient activations grow with the
-#: prompt (SmolLM2 at 4096 tokens: ~160 MB).
-PREFILL_CHUNK = DEFAULT_CONTEXT
+#: Prompt tokens per prefill call; longer prompts are prefilled in chunks of this size, a chunk
+#: after the first attending to the earlier keys in the cache's pages (on a CPU through
+#: kernels/cpu_prefill_attention.paged_prefill). Measured on SmolLM2 int8 (docs/benchmarks.md), a
+#: 4000-token prompt in chunks of 512 took 8.9 s and peaked at 448 MB, in one chunk of 4096 9.4 s
+#: and 602 MB (the transient activations grow with the chunk); 1000 tokens took as long in 1, 2,
+#: 4 or 8 chunks. It was 4096 while TVM's scalar paged kernel ran the later chunks.
+PREFILL_CHUNK = 512
 #: The emulated gate's limit: the tiny test models take ~1 min under qemu-user; a real model's
 #: arm64 artifact may take far longer (then the gate fails with the timeout, saying so).
 EMULATION_TIMEOUT_S = 1800

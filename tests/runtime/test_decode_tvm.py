@@ -1,7 +1,8 @@
 """runtime/decode_tvm.py on the tiny Llama bundle: the static batch-1 entry `decode1` gives the
 logits the batched `decode` gives, an artifact without `decode1` (compiled before it existed)
-decodes through `decode`, and a batch of two sequences of different lengths matches each one
-decoded alone."""
+decodes through `decode`, a batch of two sequences of different lengths matches each one
+decoded alone, and a prompt fed in chunks (the later ones attend to earlier keys in the cache's
+pages, kernels/cpu_prefill_attention.paged_prefill) gives transformers' logits."""
 
 from __future__ import annotations
 
@@ -59,3 +60,25 @@ def test_a_batch_of_two_lengths_matches_each_alone(engines):
         for seq in (0, 1):
             np.testing.assert_allclose(rows[seq], alone[seq][step], atol=1e-4, rtol=1e-4)
         tokens = [int(r.argmax()) for r in rows]
+
+
+def test_a_prompt_in_chunks_gives_the_logits_of_the_whole_prompt(engines, tiny_llm_dir):
+    """Chunks that start and end inside pages, over more than one page of earlier keys, and a
+    one-token chunk: each last row against transformers' logits at that position."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    static, _ = engines
+    prompt = np.random.default_rng(3).integers(3, 300, 53)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = model(torch.tensor(prompt[None])).logits[0].numpy()
+    static.open()
+    for seq, chunks in enumerate(([53], [20, 17, 1, 15], [5, 40, 8])):
+        static.add_sequence(seq)
+        end = 0
+        for size in chunks:
+            row = static.prefill(seq, prompt[end : end + size])
+            end += size
+            np.testing.assert_allclose(row, want[end - 1], atol=2e-4, rtol=1e-4)
+        static.remove_sequence(seq)
