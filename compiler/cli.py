@@ -383,11 +383,11 @@ def bench(
         out.print(f"wrote {json_out}")
 
 
-def _generator(bundle: Path, artifact: str | None):
+def _generator(bundle: Path, artifact: str | None, prefix_cache: bool = False):
     from tvmdeploy.runtime import load
     from tvmdeploy.runtime.errors import InputError
 
-    model = load(bundle, artifact=artifact)
+    model = load(bundle, artifact=artifact, prefix_cache=prefix_cache)
     if model.task != "text-generation":
         raise InputError(
             f"{bundle}: a {model.task} bundle; generate and chat take a generation bundle "
@@ -504,9 +504,10 @@ def chat(
 ) -> None:
     """Chat with a generation bundle on the terminal: one line per turn, the history kept in the
     model's chat template (oldest turns dropped when it outgrows the context); Ctrl-C stops the
-    current answer and keeps the session; an empty line or Ctrl-D ends it."""
+    current answer and keeps the session; an empty line or Ctrl-D ends it. Each turn prefills
+    only what the KV cache lacks of the history (the prefix cache)."""
     _device_side()
-    generator = _generator(bundle, artifact)
+    generator = _generator(bundle, artifact, prefix_cache=True)
     options = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, None, seed)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
@@ -800,6 +801,9 @@ def serve(
     ray_address: Annotated[str | None, Opt("--ray", help=HELP["serve_ray"])] = None,
     replicas: Annotated[int, Opt("--replicas", help=HELP["replicas"])] = 2,
     replica_cpus: Annotated[float, Opt("--replica-cpus", help=HELP["replica_cpus"])] = 1.0,
+    prefix_cache: Annotated[
+        bool, Opt("--prefix-cache/--no-prefix-cache", help=HELP["prefix_cache"])
+    ] = True,
 ) -> None:
     """Serve bundles over HTTP: KServe v2 (JSON and binary tensors), /v2/models/NAME/predict with
     texts, OpenAI /v1/embeddings, Prometheus /metrics. SIGTERM drains requests in flight. With
@@ -813,6 +817,7 @@ def serve(
         "max_queue": max_queue,
         "api_key": api_key,
         "trusted_keys": trusted_key,
+        "prefix_cache": prefix_cache,
     }
     if ray_address is None:
         from tvmdeploy.runtime.serve import serve as serve_bundles

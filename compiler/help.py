@@ -134,6 +134,9 @@ HELP = {
     "serve_ray": "Run on the Ray cluster at this address (auto, HOST:PORT, ray://HOST:PORT, or "
     "local to start one here) behind Ray Serve's HTTP proxy, which listens on --host/--port "
     "(needs the serve-ray extra).",
+    "prefix_cache": "Generation bundles: keep finished sequences in the KV cache, so a prompt "
+    "that begins with one of them (a chat's history, a shared system prompt) prefills only the "
+    "rest; the usage reports prompt_tokens_details.cached_tokens.",
     "replicas": "With --ray: replicas of the bundles, each on the node Ray places it on.",
     "replica_cpus": "With --ray: CPUs each replica reserves (and TVM threads it runs).",
     "verbose": "Debug logging, and tracebacks with errors.",

@@ -57,7 +57,7 @@ class TvmDecoder:
         self._shape = tvm.runtime.ShapeTuple
         self._fn = {
             n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
-            for n in ("add_sequence", "remove_sequence", "begin_forward", "end_forward")
+            for n in ("add_sequence", "remove_sequence", "popn", "begin_forward", "end_forward")
         }
         self._cache = None
         self._decode1 = self.vm.module.implements_function("decode1")
@@ -79,6 +79,10 @@ class TvmDecoder:
 
     def remove_sequence(self, seq_id: int) -> None:
         self._fn["remove_sequence"](self._cache, seq_id)
+
+    def popn(self, seq_id: int, n: int) -> None:
+        """Drop the sequence's last `n` tokens (a kept prefix taken by another prompt)."""
+        self._fn["popn"](self._cache, seq_id, n)
 
     def prefill(self, seq_id: int, tokens: np.ndarray) -> np.ndarray:
         """Logits [vocab] after `tokens` [n <= prefill_chunk] appended to the sequence."""

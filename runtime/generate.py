@@ -8,6 +8,12 @@ two threads at once), and a single owner lets every running request share each d
 request and read its tokens from a queue; closing a stream, or a stop string, frees the
 request's sequence at the next step. Sampling is runtime/sampling.py's, whatever the engine.
 
+With `prefix_cache` (a compiled engine), a finished request's sequence stays in the KV cache: a
+later prompt that begins with the same tokens (a chat's history, a shared system prompt) takes
+that sequence, pops what differs and prefills only the rest. Kept sequences hold the slots that
+`max_sequences` gives (so the cache never runs out of pages) and the oldest is dropped when a
+new request needs its slot.
+
 Limits are checked before anything reaches TVM: token ids in the vocabulary (TVM's `take` has no
 bounds check), a prompt shorter than the context, `max_new_tokens` cut to the room left.
 One module, though long: the stepping thread, the request and its stream share private state
@@ -22,6 +28,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
@@ -39,6 +46,8 @@ from .select import ONNXRUNTIME, Choice
 __all__ = ["PAGE_SIZE", "GenerationResult", "GenerationStream", "Generator", "StepEngine"]
 
 TEXT_GENERATION = "text-generation"
+#: The fewest prompt tokens worth taking from a kept sequence (one KV page; fewer save nothing).
+MIN_REUSED_TOKENS = 16
 
 
 @dataclass
@@ -52,6 +61,7 @@ class GenerationResult:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     time_to_first_token_ms: float = 0.0  # from the call to the first token (queueing included)
+    cached_tokens: int = 0  # prompt tokens whose keys came from a kept sequence (prefix_cache)
 
     @property
     def completion_tokens(self) -> int:
@@ -59,7 +69,9 @@ class GenerationResult:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
+        """Prompt tokens computed (those taken from the cache apart) per second of prefill."""
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -72,6 +84,7 @@ class GenerationResult:
             "text": self.text,
             "token_ids": self.token_ids,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
             "finish_reason": self.finish_reason,
             "time_to_first_token_ms": round(self.time_to_first_token_ms, 3),
@@ -101,6 +114,7 @@ class _Request:
     quiet: bool = False
     logits: np.ndarray | None = None
     prefill_ms: float = 0.0
+    cached: int = 0  # prompt tokens taken from a kept sequence
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0  # when the first token was out
 
@@ -112,6 +126,7 @@ class _Done:
     decode_ms: float
     error: BaseException | None = None
     first_token_ms: float = 0.0
+    cached_tokens: int = 0
 
 
 class StepEngine(Protocol):
@@ -129,6 +144,9 @@ class StepEngine(Protocol):
 
     def remove_sequence(self, seq_id: int) -> None: ...
 
+    # A compiled engine also has `popn(seq_id, n)` (drop a sequence's last n tokens), which
+    # prefix_cache needs; the ONNX one has none, and keeps no prefix.
+
     def prefill(self, seq_id: int, tokens: np.ndarray) -> np.ndarray:
         """Logits [vocab] after `tokens` [n] are appended to the sequence."""
         ...
@@ -142,9 +160,11 @@ class StepEngine(Protocol):
 class _Stepper:
     """The one thread that runs the engine: admits requests (prefill), then decodes all of them."""
 
-    def __init__(self, engine: StepEngine):
+    def __init__(self, engine: StepEngine, prefix_cache: bool = False):
         self.engine = engine
         self.max_sequences, self.prefill_chunk = engine.max_sequences, engine.prefill_chunk
+        self.prefix_cache = prefix_cache and hasattr(engine, "popn")
+        self._kept: OrderedDict[int, np.ndarray] = OrderedDict()  # seq id -> its tokens, LRU
         self._pending: queue.Queue[_Request] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._pid = -1
@@ -172,6 +192,7 @@ class _Stepper:
         except Exception as err:  # noqa: BLE001 - the engine's: fail what waits, end this thread
             self._fail_waiting(err)
             return
+        self._kept.clear()  # a new, empty cache
         active: list[_Request] = []
         while True:
             while len(active) < self.max_sequences:
@@ -179,7 +200,7 @@ class _Stepper:
                     request = self._pending.get(block=not active, timeout=None)
                 except queue.Empty:
                     break
-                if self._start(request):
+                if self._start(request, len(active)):
                     active.append(request)
             if not active:
                 continue
@@ -218,17 +239,17 @@ class _Stepper:
                 except queue.Empty:
                     return
 
-    def _start(self, request: _Request) -> bool:
-        """Prefill the request's prompt (in chunks) and sample its first token."""
+    def _start(self, request: _Request, running: int) -> bool:
+        """Prefill the request's prompt (in chunks; what a kept sequence holds apart) and sample
+        its first token. `running`: the requests decoding now (each holds a sequence)."""
         if request.cancelled.is_set():
             request.out.put(_Done("stop", 0.0, 0.0))
             return False
-        request.seq_id = next(self._ids)
         start = time.perf_counter()
         try:
-            self.engine.add_sequence(request.seq_id)
             prompt = np.array(request.prompt)
-            for k in range(0, prompt.size, self.prefill_chunk):
+            request.cached = self._sequence_for(request, prompt, running)
+            for k in range(request.cached, prompt.size, self.prefill_chunk):
                 row = self.engine.prefill(request.seq_id, prompt[k : k + self.prefill_chunk])
             if request.keep_logits:
                 request.logits = np.array(row, copy=True)  # the engine's row may be reused
@@ -242,6 +263,31 @@ class _Stepper:
             request.out.put(request.generated[-1])
         return not self._finish_if_done(request)
 
+    def _sequence_for(self, request: _Request, prompt: np.ndarray, running: int) -> int:
+        """Give `request` a sequence: the kept one sharing the longest prefix with its prompt
+        (at least MIN_REUSED_TOKENS, and never the last token, whose logits are needed), the
+        tokens after that prefix popped; else a new one, dropping the oldest kept sequences
+        while the slots are full. Returns the prompt tokens the sequence already holds."""
+        best, shared = -1, 0
+        for seq_id, tokens in self._kept.items():
+            n = min(tokens.size, prompt.size - 1)
+            differ = np.flatnonzero(tokens[:n] != prompt[:n])
+            same = int(differ[0]) if differ.size else n
+            if same > shared:
+                best, shared = seq_id, same
+        if shared >= MIN_REUSED_TOKENS:
+            held = self._kept.pop(best).size
+            request.seq_id = best  # set first: a failed pop removes the sequence (_end)
+            if held > shared:
+                self.engine.popn(best, held - shared)  # type: ignore[attr-defined]
+            return shared
+        while self._kept and running + len(self._kept) >= self.max_sequences:
+            oldest, _ = self._kept.popitem(last=False)
+            self.engine.remove_sequence(oldest)
+        request.seq_id = next(self._ids)
+        self.engine.add_sequence(request.seq_id)
+        return 0
+
     def _finish_if_done(self, r: _Request) -> bool:
         if r.cancelled.is_set() or (r.generated and r.generated[-1] in r.eos):
             self._end(r, "stop")
@@ -252,12 +298,15 @@ class _Stepper:
         return True
 
     def _end(self, r: _Request, reason: str, error: BaseException | None = None) -> None:
-        if r.seq_id >= 0:
+        if r.seq_id >= 0 and self.prefix_cache and error is None and r.generated:
+            # kept: the cache holds the prompt and every generated token but the last (unfed)
+            self._kept[r.seq_id] = np.array(r.prompt + r.generated[:-1], dtype=np.int64)
+        elif r.seq_id >= 0:
             with contextlib.suppress(Exception):  # a sequence the failed step never added
                 self.engine.remove_sequence(r.seq_id)
         decode_ms = (time.perf_counter() - r.started) * 1e3 if r.started else 0.0
         first = (r.started - r.submitted) * 1e3 if r.started else 0.0
-        r.out.put(_Done(reason, r.prefill_ms, decode_ms, error, first))
+        r.out.put(_Done(reason, r.prefill_ms, decode_ms, error, first, r.cached))
 
 
 def _history(r: _Request) -> np.ndarray:
@@ -333,6 +382,7 @@ class GenerationStream:
                     item.prefill_ms,
                     item.decode_ms,
                     item.first_token_ms,
+                    item.cached_tokens,
                 )
                 break
             if stopped or (self._skip_eos and item in self._request.eos):
@@ -385,9 +435,18 @@ def _prefix_overlap(text: str, stop: str) -> int:
 
 class Generator:
     """A loaded generation bundle. `generate` / `chat` may be called from any number of threads;
-    up to `max_sequences` requests decode together, the rest wait their turn."""
+    up to `max_sequences` requests decode together, the rest wait their turn. With
+    `prefix_cache`, a compiled engine keeps finished sequences to reuse a shared prompt prefix
+    (see the module's docstring; off by default, so that timings and runs are independent)."""
 
-    def __init__(self, bundle: Bundle, choice: Choice, device: DeviceInfo, max_sequences: int = 4):
+    def __init__(
+        self,
+        bundle: Bundle,
+        choice: Choice,
+        device: DeviceInfo,
+        max_sequences: int = 4,
+        prefix_cache: bool = False,
+    ):
         if max_sequences < 1:
             raise OptionError(f"max_sequences must be >= 1, not {max_sequences}")
         self.bundle, self.choice = bundle, choice
@@ -408,7 +467,7 @@ class Generator:
             )
         else:
             engine = TvmDecoder(bundle, choice.artifact, device, max_sequences)
-        self._stepper = _Stepper(engine)
+        self._stepper = _Stepper(engine, prefix_cache)
         self._tokenizer = None
         self._template: ChatTemplate | None = None
 

@@ -329,11 +329,14 @@ def load(
     max_concurrency: int | None = None,
     trusted_keys: Sequence[str | Path] | None = None,
     precision: str = "auto",
+    prefix_cache: bool = False,
 ) -> Model | Generator:
     """Load a bundle and pick the engine for this device.
 
     A generation bundle (a compiled causal LM) loads as a `Generator` (runtime/generate.py);
-    there `max_concurrency` is how many requests decode together.
+    there `max_concurrency` is how many requests decode together, and `prefix_cache=True` keeps
+    finished sequences in the KV cache so that a prompt sharing their first tokens (a chat's
+    history) prefills only the rest (a compiled artifact; ONNX Runtime keeps none).
 
     `precision` ("auto", "fp32", "int8", "bf16", "fp16") restricts the choice to artifacts of
     that precision; "auto" takes a reduced precision only where the bundle records its task
@@ -362,7 +365,9 @@ def load(
         choice = select(
             bundle, device, artifact=artifact, onnxruntime_available=has_ort, precision=precision
         )
-        return Generator(bundle, choice, device, max_sequences=max_concurrency or 4)
+        return Generator(
+            bundle, choice, device, max_sequences=max_concurrency or 4, prefix_cache=prefix_cache
+        )
     if policy == "measure" and artifact is None:
         first = select(bundle, device, onnxruntime_available=has_ort, precision=precision)
         eligible = [n for n in first.compatible if n not in first.rejected]

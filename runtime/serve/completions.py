@@ -81,11 +81,13 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _usage(result: GenerationResult) -> dict[str, int]:
+def _usage(result: GenerationResult) -> dict[str, Any]:
+    """OpenAI's usage: cached_tokens are the prompt's tokens a kept sequence held (prefix cache)."""
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
 
 

@@ -53,7 +53,9 @@ class BundleReplica:
         from uvicorn.config import Config
         from uvicorn.lifespan.on import LifespanOn
 
-        self.models = load_models(bundles, options["precision"], options["trusted_keys"])
+        self.models = load_models(
+            bundles, options["precision"], options["trusted_keys"], options["prefix_cache"]
+        )
         self.app = create_app(
             self.models,
             max_batch_delay_ms=options["max_batch_delay_ms"],
@@ -244,6 +246,7 @@ def application(
     trusted_keys: Sequence[str | Path] | None = None,
     replica_cpus: float = 1.0,
     max_body_bytes: int = 64 << 20,
+    prefix_cache: bool = True,
 ) -> serve.Application:
     """The Ray Serve application: `replicas` replicas of the bundles, each using `replica_cpus`
     CPUs (and as many TVM threads), behind one `Front`. With trusted keys (or
@@ -268,6 +271,7 @@ def application(
         "api_key": api_key or os.environ.get(API_KEY_ENV) or None,
         "trusted_keys": [str(k) for k in keys] or None,
         "max_body_bytes": max_body_bytes,
+        "prefix_cache": prefix_cache,
     }
     threads = str(max(1, int(replica_cpus)))
     replica = serve.deployment(BundleReplica).options(
@@ -302,6 +306,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
         "max_batch_delay_ms": float,
         "replica_cpus": float,
         "max_body_bytes": int,
+        "prefix_cache": lambda value: str(value).lower() not in ("0", "false", "no", "off"),
     }
     unknown = sorted(set(args) - set(casts) - {"precision", "api_key", "trusted_keys"})
     if unknown:

@@ -45,9 +45,12 @@ def load_models(
     bundles: Sequence[str | Path],
     precision: str = "auto",
     trusted_keys: Sequence[str | Path] | None = None,
+    prefix_cache: bool = True,
 ) -> dict[str, Model]:
     """The models by name; with trusted keys (or `$TVMDEPLOY_TRUSTED_KEYS`) every signature is
-    checked first, and a SignatureError stops everything before any bundle is loaded."""
+    checked first, and a SignatureError stops everything before any bundle is loaded. A
+    generation bundle keeps finished sequences for a shared prompt prefix (`prefix_cache`: a
+    chat client re-sends its whole history each turn)."""
     named = model_names(bundles)
     keys = list(trusted_keys) if trusted_keys else trusted_keys_from_env()
     for path in named.values():
@@ -55,7 +58,9 @@ def load_models(
             verify_signature(path, keys)
     models = {}
     for name, path in named.items():
-        models[name] = load(path, precision=precision, trusted_keys=keys or None)
+        models[name] = load(
+            path, precision=precision, trusted_keys=keys or None, prefix_cache=prefix_cache
+        )
         log.info("model %s: %s (%s)", name, path, models[name].choice.artifact)
     return models
 
@@ -109,6 +114,7 @@ def serve(
     max_queue: int = 256,
     api_key: str | None = None,
     trusted_keys: Sequence[str | Path] | None = None,
+    prefix_cache: bool = True,
 ) -> None:
     """Serve the bundles over HTTP until SIGTERM (docs/design.md § Serving). Each is served as
     NAME=BUNDLE's NAME or its file name without `.tvmd`; `api_key` defaults to
@@ -119,7 +125,7 @@ def serve(
         raise OptionError(f"--max-queue must be at least 1, not {max_queue}")
     if max_batch_delay_ms < 0:
         raise OptionError(f"--max-batch-delay-ms must be >= 0, not {max_batch_delay_ms}")
-    models = load_models(bundles, precision, trusted_keys)
+    models = load_models(bundles, precision, trusted_keys, prefix_cache)
     app = create_app(
         models,
         max_batch_delay_ms=max_batch_delay_ms,

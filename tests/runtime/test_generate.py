@@ -1,6 +1,7 @@
 """The runtime's Generator on a real generation bundle (a tiny Llama compiled for the host),
 checked against transformers: greedy text and tokens, the chat template, streaming, stop
-strings, sampling, concurrent requests sharing decode steps, and limits refused by name."""
+strings, sampling, concurrent requests sharing decode steps, limits refused by name, and the
+prefix cache (a kept sequence's tokens reused, popped where a prompt diverges, evicted)."""
 
 from __future__ import annotations
 
@@ -255,3 +256,76 @@ def test_an_engine_that_cannot_open_fails_the_request_and_the_next_one_retries(
         fresh.generate(PROMPT, max_new_tokens=3, ignore_eos=True)
     result = fresh.generate(PROMPT, max_new_tokens=3, ignore_eos=True)
     assert result.completion_tokens == 3 and calls["n"] == 2
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 300, n).tolist()
+
+
+def test_a_kept_prefix_is_reused_and_gives_transformers_tokens(tiny_llm_bundle, reference):
+    """prefix_cache: the next turn of a conversation (the history, the answer, a new message)
+    prefills only what the kept sequence lacks; a prompt that diverges from it pops the rest;
+    either way the greedy tokens and the prompt's logits are transformers'."""
+    import torch
+
+    _, model = reference
+    cached = load(tiny_llm_bundle, prefix_cache=True, max_concurrency=2)
+    first = _ids(1, 40)
+    one = cached.generate(first, max_new_tokens=10, ignore_eos=True)
+    assert one.cached_tokens == 0
+    turn = first + one.token_ids + _ids(2, 12)  # the history with the answer, a new message
+    two = cached.generate(turn, max_new_tokens=12, ignore_eos=True)
+    assert two.cached_tokens == len(first) + len(one.token_ids) - 1  # all the cache was fed
+    assert two.token_ids == hf_greedy(model, turn, 12)
+    assert two.to_dict()["cached_tokens"] == two.cached_tokens
+
+    branch = turn[:30] + _ids(3, 20)  # shares 30 tokens with the kept sequence of `turn`
+    with torch.inference_mode():
+        want = model(torch.tensor([branch])).logits[0, -1].numpy()
+    np.testing.assert_allclose(cached.prefill_logits(branch), want, atol=1e-4)
+    three = cached.generate(branch, max_new_tokens=12, ignore_eos=True)
+    assert three.cached_tokens == len(branch) - 1  # what prefill_logits left kept: all but one
+    assert three.token_ids == hf_greedy(model, branch, 12)
+
+
+def test_kept_sequences_fill_the_free_slots_and_the_oldest_goes(tiny_llm_bundle):
+    """Two slots: three prompts keep the last two; the first comes back with nothing cached. A
+    prompt sharing fewer than a page of tokens, or a generator without prefix_cache, reuses
+    nothing."""
+    from tvmdeploy.runtime.generate import MIN_REUSED_TOKENS
+
+    cached = load(tiny_llm_bundle, prefix_cache=True, max_concurrency=2)
+    prompts = [_ids(10 + k, 30) for k in range(3)]
+    for p in prompts:
+        assert cached.generate(p, max_new_tokens=4).cached_tokens == 0
+    assert cached.generate(prompts[0], max_new_tokens=4).cached_tokens == 0  # evicted
+    assert cached.generate(prompts[2], max_new_tokens=4).cached_tokens == 29
+    short = prompts[2][: MIN_REUSED_TOKENS - 1] + _ids(20, 20)
+    assert cached.generate(short, max_new_tokens=4).cached_tokens == 0
+    plain = load(tiny_llm_bundle)
+    plain.generate(prompts[1], max_new_tokens=4)
+    assert plain.generate(prompts[1], max_new_tokens=4).cached_tokens == 0
+    onnx = load(tiny_llm_bundle, artifact="onnxruntime", prefix_cache=True)  # keeps no prefix
+    onnx.generate(prompts[1], max_new_tokens=4)
+    assert onnx.generate(prompts[1], max_new_tokens=4).cached_tokens == 0
+
+
+def test_concurrent_requests_with_kept_prefixes_get_their_own_tokens(tiny_llm_bundle, generator):
+    """Four threads on two slots, sharing a system prompt: each gets what it gets alone."""
+    cached = load(tiny_llm_bundle, prefix_cache=True, max_concurrency=2)
+    system = _ids(30, 24)
+    prompts = [system + _ids(31 + k, 8) for k in range(4)]
+    alone = [generator.generate(p, max_new_tokens=10, ignore_eos=True).token_ids for p in prompts]
+    together: list = [None] * len(prompts)
+
+    def run(k: int) -> None:
+        together[k] = cached.generate(prompts[k], max_new_tokens=10, ignore_eos=True)
+
+    for _ in range(2):  # the second round finds the prefix kept
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.token_ids for r in together] == alone
+    assert any(r.cached_tokens >= len(system) for r in together)

@@ -165,3 +165,30 @@ def test_bad_requests_get_bodies_that_name_the_problem(url, client):
     assert "/v1/completions" in response.json()["error"]
     models = {m.id for m in client.models.list()}
     assert models == {"llm", "tiny"}
+
+
+def test_a_chats_next_turn_reuses_its_history_as_served(tiny_llm_bundle, llm):
+    """`serve` loads generation bundles with the prefix cache (serve.load_models): the second
+    turn of a chat reports the history's tokens as cached and answers as the Generator without
+    a cache does."""
+    from tvmdeploy.runtime.serve import load_models
+
+    models = load_models([f"chat={tiny_llm_bundle}"])
+    with running(create_app(models)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        first = client.chat.completions.create(
+            model="chat", messages=messages, max_tokens=12, temperature=0
+        )
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        messages += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And of Italy?"},
+        ]
+        second = client.chat.completions.create(
+            model="chat", messages=messages, max_tokens=12, temperature=0
+        )
+    expected = llm.chat(messages, max_new_tokens=12, temperature=0)
+    assert second.choices[0].message.content == expected.text
+    assert second.usage.prompt_tokens == expected.prompt_tokens
+    assert 16 <= second.usage.prompt_tokens_details.cached_tokens < expected.prompt_tokens
