@@ -10,7 +10,8 @@ each turn kept), greedy, batch 1, the same thread count.
 
 The conversation is token ids (the same for every engine): a system prompt, then per turn a user
 message appended, an answer of `--answer` tokens generated and appended whole, as a chat client
-re-sends it. Figures per turn: the prompt's length, the tokens taken from the cache (tvmdeploy
+re-sends it; each round is another conversation, so its first turn finds nothing cached.
+Figures per turn: the prompt's length, the tokens taken from the cache (tvmdeploy
 reports them; llama-cpp-python does not), time to first token.
 """
 
@@ -31,10 +32,10 @@ from x86_latency import machine_class
 
 
 def conversation(
-    vocab: int, system: int, user: int, turns: int
+    vocab: int, system: int, user: int, turns: int, seed: int = 0
 ) -> tuple[list[int], list[list[int]]]:
     """(the system prompt's ids, each turn's user message ids): seeded, the same every run."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     ids = lambda n: rng.integers(10, min(vocab, 30000), size=n).tolist()
     return ids(system), [ids(user) for _ in range(turns)]
 
@@ -122,7 +123,6 @@ def main(argv: list[str] | None = None) -> None:
             f"the conversation needs {needed} tokens; the bundle's context is "
             f"{context['context_length']} (fewer --turns, or compile with --context)"
         )
-    system, users = conversation(vocab, args.system, args.user, args.turns)
     engines = {}
     for cache in (True, False):
         name, run = tvmdeploy_engine(args.bundle, args.precision, cache)
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
             engines[f"{name}, prefix reuse {'on' if reuse else 'off'}"] = run
     best: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
+        # A new conversation each round, system prompt included: no engine starts a round with
+        # anything of it cached (each reuses only within the conversation).
+        system, users = conversation(vocab, args.system, args.user, args.turns, seed=round_)
         for name, run in engines.items():
             log(f"round {round_ + 1}/{args.rounds}: {name}")
             turns = chat(run, system, users, args.answer)
