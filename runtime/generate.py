@@ -4,7 +4,9 @@ The logits come from a step engine (`StepEngine`): a compiled artifact on TVM wi
 cache (decode_tvm.py), or the bundle's ONNX export on ONNX Runtime (decode_onnx.py). Everything
 else is shared by both: one stepping thread owns the engine (a Relax VM must never be called from
 two threads at once), and a single owner lets every running request share each decode step
-(continuous batching: one `decode` call advances all of them). Callers, on any thread, submit a
+(continuous batching: one `decode` call advances all of them). A new prompt is prefilled one
+chunk at a time between those steps, so a long one pauses the running streams for a chunk at a
+time rather than for its whole prefill. Callers, on any thread, submit a
 request and read its tokens from a queue; closing a stream, or a stop string, frees the
 request's sequence at the next step. Sampling is runtime/sampling.py's, whatever the engine.
 
@@ -115,6 +117,7 @@ class _Request:
     logits: np.ndarray | None = None
     prefill_ms: float = 0.0
     cached: int = 0  # prompt tokens taken from a kept sequence
+    filled: int = 0  # prompt tokens in its sequence so far
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0  # when the first token was out
 
@@ -193,17 +196,26 @@ class _Stepper:
             self._fail_waiting(err)
             return
         self._kept.clear()  # a new, empty cache
-        active: list[_Request] = []
+        active: list[_Request] = []  # decoding
+        filling: list[_Request] = []  # prompts being prefilled, first come first served
         while True:
-            while len(active) < self.max_sequences:
+            while len(active) + len(filling) < self.max_sequences:
                 try:
-                    request = self._pending.get(block=not active, timeout=None)
+                    request = self._pending.get(block=not (active or filling), timeout=None)
                 except queue.Empty:
                     break
-                if self._start(request, len(active)):
-                    active.append(request)
-            if not active:
-                continue
+                if self._begin(request, len(active) + len(filling)):
+                    filling.append(request)
+            if filling:
+                # A chunk of the first prompt, then a decode step: a long prompt pauses the
+                # running streams for one chunk at a time, not for its whole prefill. With
+                # nothing decoding it runs to its end.
+                while (started := self._fill(filling[0])) is None and not active:
+                    pass
+                if started is not None:
+                    request = filling.pop(0)
+                    if started:
+                        active.append(request)
             active = [r for r in active if not self._finish_if_done(r)]
             if not active:
                 continue
@@ -239,25 +251,45 @@ class _Stepper:
                 except queue.Empty:
                     return
 
-    def _start(self, request: _Request, running: int) -> bool:
-        """Prefill the request's prompt (in chunks; what a kept sequence holds apart) and sample
-        its first token. `running`: the requests decoding now (each holds a sequence)."""
+    def _begin(self, request: _Request, held: int) -> bool:
+        """Give the request its sequence (with a kept prefix where one matches); False if it
+        ended here. `held`: the sequences running and filling requests hold."""
         if request.cancelled.is_set():
             request.out.put(_Done("stop", 0.0, 0.0))
             return False
         start = time.perf_counter()
         try:
-            prompt = np.array(request.prompt)
-            request.cached = self._sequence_for(request, prompt, running)
-            for k in range(request.cached, prompt.size, self.prefill_chunk):
-                row = self.engine.prefill(request.seq_id, prompt[k : k + self.prefill_chunk])
+            request.cached = self._sequence_for(request, np.array(request.prompt), held)
+        except Exception as err:  # noqa: BLE001 - the engine's: this one fails
+            self._end(request, "error", err)
+            return False
+        request.filled = request.cached
+        request.prefill_ms = (time.perf_counter() - start) * 1e3
+        return True
+
+    def _fill(self, request: _Request) -> bool | None:
+        """Prefill the request's next chunk, and after its last sample its first token. None:
+        chunks are left; True: the request decodes on; False: it ended (its first token ended
+        it, or it was cancelled, or it failed)."""
+        if request.cancelled.is_set():
+            self._end(request, "stop")
+            return False
+        start = time.perf_counter()
+        try:
+            end = min(request.filled + self.prefill_chunk, len(request.prompt))
+            chunk = np.array(request.prompt[request.filled : end])
+            row = self.engine.prefill(request.seq_id, chunk)
+            request.filled = end
+            if end < len(request.prompt):
+                request.prefill_ms += (time.perf_counter() - start) * 1e3
+                return None
             if request.keep_logits:
                 request.logits = np.array(row, copy=True)  # the engine's row may be reused
-            request.generated.append(request.sampler(row, prompt))
+            request.generated.append(request.sampler(row, np.array(request.prompt)))
         except Exception as err:  # noqa: BLE001 - the engine's or the sampler's: this one fails
             self._end(request, "error", err)
             return False
-        request.prefill_ms = (time.perf_counter() - start) * 1e3
+        request.prefill_ms += (time.perf_counter() - start) * 1e3
         request.started = time.perf_counter()
         if not request.quiet:
             request.out.put(request.generated[-1])

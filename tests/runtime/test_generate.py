@@ -329,3 +329,52 @@ def test_concurrent_requests_with_kept_prefixes_get_their_own_tokens(tiny_llm_bu
             t.join()
         assert [r.token_ids for r in together] == alone
     assert any(r.cached_tokens >= len(system) for r in together)
+
+
+class _CallLog:
+    """The real engine, its prefill and decode calls noted in order (the stepping thread's)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def prefill(self, seq_id, tokens):
+        self.calls.append(("prefill", seq_id, len(tokens)))
+        return self._engine.prefill(seq_id, tokens)
+
+    def decode(self, seq_ids, tokens):
+        self.calls.append(("decode", tuple(seq_ids)))
+        return self._engine.decode(seq_ids, tokens)
+
+
+def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(tiny_llm_bundle, generator):
+    """Chunks of 16: a 100-token prompt arriving while another request decodes is prefilled a
+    chunk per decode step, so the running stream keeps getting tokens; both get their tokens."""
+    fresh = load(tiny_llm_bundle)
+    stepper = fresh._stepper
+    log = stepper.engine = _CallLog(stepper.engine)
+    stepper.prefill_chunk = 16
+    running, long = _ids(40, 8), _ids(41, 100)
+    got: dict = {}
+    # 200 steps to decode: the long prompt arrives long before the running request ends
+    with fresh.generate(running, max_new_tokens=200, ignore_eos=True, stream=True) as stream:
+        pieces = iter(stream)
+        next(pieces)  # the first request decodes now
+        done = threading.Thread(
+            target=lambda: got.update(long=fresh.generate(long, max_new_tokens=8, ignore_eos=True))
+        )
+        done.start()
+        list(pieces)
+        done.join()
+    first = log.calls[0][1]  # the running request's sequence
+    chunks = [k for k, c in enumerate(log.calls) if c[0] == "prefill" and c[1] != first]
+    assert [log.calls[k][2] for k in chunks] == [16] * 6 + [4]  # 100 tokens, 7 chunks
+    between = [c for c in log.calls[chunks[0] : chunks[-1]] if c[0] == "decode"]
+    assert between == [("decode", (first,))] * (len(chunks) - 1)  # one step after each chunk
+    alone = generator.generate(long, max_new_tokens=8, ignore_eos=True)
+    assert got["long"].token_ids == alone.token_ids
+    want = generator.generate(running, max_new_tokens=200, ignore_eos=True).token_ids
+    assert stream.result.token_ids == want
