@@ -99,10 +99,12 @@ def recorder() -> tuple:
 
 
 def prefill_seconds(engine, prompt) -> float:
-    """Wall seconds of one prefill of `prompt` into a fresh sequence (removed afterwards)."""
+    """Wall seconds of one prefill of `prompt` into a fresh sequence (removed afterwards), in the
+    engine's chunks as the Generator runs it."""
     engine.add_sequence(0)
     t0 = time.perf_counter()
-    engine.prefill(0, prompt)
+    for start in range(0, len(prompt), engine.prefill_chunk):
+        engine.prefill(0, prompt[start : start + engine.prefill_chunk])
     elapsed = time.perf_counter() - t0
     engine.remove_sequence(0)
     return elapsed

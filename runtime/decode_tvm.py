@@ -17,7 +17,7 @@ import numpy as np
 from ._tvm import PREFILL_TRANSFORM, import_tvm, prepare_params
 from .bundle import Bundle
 from .engine import cuda_index, read_weights
-from .errors import BundleError
+from .errors import BundleError, InputError
 from .probe import DeviceInfo
 
 #: KV cache pages hold this many tokens each (TVM's paged cache; 16 is what MLC-LLM uses on CPU).
@@ -86,6 +86,11 @@ class TvmDecoder:
 
     def prefill(self, seq_id: int, tokens: np.ndarray) -> np.ndarray:
         """Logits [vocab] after `tokens` [n <= prefill_chunk] appended to the sequence."""
+        if not 0 < tokens.size <= self.prefill_chunk:
+            raise InputError(
+                f"a prefill call takes 1 to {self.prefill_chunk} tokens (the bundle's "
+                f"generation.prefill_chunk), not {tokens.size}: give a longer prompt in chunks"
+            )
         return self._forward("prefill", [seq_id], tokens.reshape(1, -1))[0]
 
     def decode(self, seq_ids: list[int], tokens: np.ndarray) -> np.ndarray:

@@ -82,3 +82,15 @@ def test_a_prompt_in_chunks_gives_the_logits_of_the_whole_prompt(engines, tiny_l
             end += size
             np.testing.assert_allclose(row, want[end - 1], atol=2e-4, rtol=1e-4)
         static.remove_sequence(seq)
+
+
+def test_a_prefill_call_longer_than_the_chunk_is_refused_by_name(engines):
+    """TVM would fail deep in a tensor view; the engine names the limit first."""
+    from tvmdeploy.runtime.errors import InputError
+
+    static, _ = engines
+    static.open()
+    static.add_sequence(0)
+    with pytest.raises(InputError, match="prefill_chunk"):
+        static.prefill(0, np.ones(static.prefill_chunk + 1, np.int64))
+    np.testing.assert_array_equal(static.prefill(0, PROMPT).shape, (300,))  # the sequence lives
