@@ -54,7 +54,7 @@ def _steps(engine, vocab: int, context: int, steps: int, clock=time.perf_counter
 
     prompt = np.array([(7 * k + 3) % vocab for k in range(context)])
     engine.add_sequence(0)
-    logits = engine.prefill(0, prompt)
+    logits = engine.prefill_whole(0, prompt)
     token = int(np.argmax(logits))
     times = []
     for _ in range(steps):

@@ -55,7 +55,7 @@ def raw_steps(engine, prompt: list[int], steps: int) -> dict[str, float]:
     sampler = Sampler(SamplingParams())
     engine.open()
     engine.add_sequence(0)
-    token = sampler(engine.prefill(0, np.array(prompt)))
+    token = sampler(engine.prefill_whole(0, np.array(prompt)))
     times: dict[str, list[float]] = {p: [] for p in PARTS}
     function = engine.step_function(1)
     for _ in range(steps):
@@ -103,8 +103,7 @@ def prefill_seconds(engine, prompt) -> float:
     engine's chunks as the Generator runs it."""
     engine.add_sequence(0)
     t0 = time.perf_counter()
-    for start in range(0, len(prompt), engine.prefill_chunk):
-        engine.prefill(0, prompt[start : start + engine.prefill_chunk])
+    engine.prefill_whole(0, prompt)
     elapsed = time.perf_counter() - t0
     engine.remove_sequence(0)
     return elapsed
@@ -117,7 +116,7 @@ def kernel_times(engine, prompt: list[int], steps: int) -> tuple[dict, dict]:
     instrument, seconds, calls = recorder()
     engine.open()
     engine.add_sequence(0)
-    engine.prefill(0, np.array(prompt))
+    engine.prefill_whole(0, np.array(prompt))
     engine.vm.set_instrument(instrument)
     for _ in range(steps):
         engine.decode([0], np.array([1]))

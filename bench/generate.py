@@ -470,15 +470,29 @@ def rss_child() -> None:
     print(json.dumps({"peak_rss_mb": round(int(hwm.split()[1]) / 1024, 1)}))
 
 
-def measure(engines: list[Engine], short: list[int], long: list[int], new: int, rounds: int):
-    """Each round runs every engine once per figure, in turn; the best round of each is kept."""
+def measure(
+    engines: list[Engine],
+    short: list[int],
+    long: list[int],
+    new: int,
+    rounds: int,
+    long_decode: bool = False,
+):
+    """Each round runs every engine once per figure, in turn; the best round of each is kept.
+    `long_decode`: the long prompt is followed by `new` tokens too (decode at a long context,
+    where the KV cache's reads add to the weights')."""
     for engine in engines:
         engine.run(short[:8], 4)  # warm-up: first calls allocate and page in
     for r in range(rounds):
         for engine in engines:
             decode = engine.run(short, new)
-            prefill = engine.run(long, 1)
+            prefill = engine.run(long, new if long_decode else 1)
             best = engine.runs
+            if long_decode and (
+                "long_decode" not in best
+                or prefill.decode_tokens_per_s > best["long_decode"].decode_tokens_per_s
+            ):
+                best["long_decode"] = prefill
             if (
                 "decode" not in best
                 or decode.decode_tokens_per_s > best["decode"].decode_tokens_per_s
@@ -513,6 +527,15 @@ def figures(engine: Engine, config: dict, bandwidth: float, short: int, new: int
         "disk_mb": round(engine.disk_bytes / 1e6, 1),
         "note": engine.note,
         "tokens": decode.tokens,
+        **(
+            {
+                "decode_after_long_tokens_per_s": round(
+                    engine.runs["long_decode"].decode_tokens_per_s, 2
+                )
+            }
+            if "long_decode" in engine.runs
+            else {}
+        ),
     }
 
 
@@ -612,7 +635,7 @@ def targets(rows: list[dict]) -> list[dict]:
 def print_table(rows: list[dict], skipped: list[dict], bandwidth: float) -> None:
     print(f"copy bandwidth {bandwidth:.1f} GB/s", file=sys.stderr)
     header = (
-        f"{'engine':34s} {'ttft32':>8s} {'ttft512':>8s} {'prefill':>8s} {'decode':>7s} "
+        f"{'engine':34s} {'ttft-s':>8s} {'ttft-l':>8s} {'prefill':>8s} {'decode':>7s} "
         f"{'MB/tok':>7s} {'ceil':>6s} {'frac':>5s} {'RSS MB':>7s} {'disk MB':>7s}"
     )
     print(header, file=sys.stderr)
@@ -622,7 +645,12 @@ def print_table(rows: list[dict], skipped: list[dict], bandwidth: float) -> None
             f"{r['prefill_tokens_per_s']:8.1f} {r['decode_tokens_per_s']:7.1f} "
             f"{r['weight_mb_per_token'] + r['kv_mb_per_token']:7.1f} "
             f"{r['ceiling_tokens_per_s']:6.0f} {r['fraction_of_ceiling']:5.2f} "
-            f"{r.get('peak_rss_mb') or 0:7.0f} {r['disk_mb']:7.1f}",
+            f"{r.get('peak_rss_mb') or 0:7.0f} {r['disk_mb']:7.1f}"
+            + (
+                f"  decode after the long prompt {r['decode_after_long_tokens_per_s']:.1f}"
+                if "decode_after_long_tokens_per_s" in r
+                else ""
+            ),
             file=sys.stderr,
         )
     for s in skipped:
@@ -656,6 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--short-prompt", type=int, default=32)
     parser.add_argument("--long-prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--long-decode",
+        action="store_true",
+        help="also decode --new-tokens after the long prompt (decode at a long context)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
@@ -695,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
             skipped.append({"engine": what, "reason": str(err)})
     short = prompt_of(int(config["vocab_size"]), args.short_prompt)
     long = prompt_of(int(config["vocab_size"]), args.long_prompt)
-    measure(engines, short, long, args.new_tokens, args.rounds)
+    measure(engines, short, long, args.new_tokens, args.rounds, args.long_decode)
     log("copy bandwidth again (the best of both is the limit)")
     bandwidth = max(bandwidth, copy_bandwidth_gbs(threads=args.threads))
     load_after = os.getloadavg()[0]

@@ -93,6 +93,13 @@ class TvmDecoder:
             )
         return self._forward("prefill", [seq_id], tokens.reshape(1, -1))[0]
 
+    def prefill_whole(self, seq_id: int, tokens: np.ndarray) -> np.ndarray:
+        """`prefill` of a prompt of any length, chunk after chunk (the benches' call; the
+        Generator runs the chunks between other requests' decode steps itself)."""
+        for start in range(0, tokens.size, self.prefill_chunk):
+            row = self.prefill(seq_id, tokens[start : start + self.prefill_chunk])
+        return row
+
     def decode(self, seq_ids: list[int], tokens: np.ndarray) -> np.ndarray:
         """Logits [len(seq_ids), vocab]: one new token per sequence, all in one call."""
         return self._forward(self.step_function(len(seq_ids)), seq_ids, tokens.reshape(-1, 1))

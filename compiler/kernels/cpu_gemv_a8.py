@@ -176,9 +176,10 @@ def _zero(lanes: int):
     return T.Broadcast(T.float32(0), lanes)
 
 
-def _prefetch(buffer, row, col):
-    """Prefetch the cache line of `buffer[row, col]` for reading, into every cache level."""
-    address = T.address_of(buffer[row, col])
+def prefetch(buffer, *index):
+    """Prefetch the cache line of `buffer[index]` for reading, into every cache level (also
+    kernels/cpu_paged_attention.py's)."""
+    address = T.address_of(buffer[index])
     return T.call_llvm_intrin(
         "void", "llvm.prefetch.p0", address, T.int32(0), T.int32(3), T.int32(1)
     )
@@ -280,7 +281,7 @@ def w4a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                             for r in T.unroll(rows):
                                 row: T.let[T.int32] = T.min(t * rows + r, n - 1)
                                 ahead: T.let[T.int32] = T.min(row + PREFETCH_ROWS, n - 1)
-                                T.evaluate(_prefetch(packed, ahead, p * 32))
+                                T.evaluate(prefetch(packed, ahead, p * 32))
                                 w: T.let[T.uint8x32] = packed.vload([row, p * 32], "uint8x32")
                                 lo: T.let[T.int8x32] = _low_nibbles(w)
                                 hi: T.let[T.int8x32] = _high_nibbles(w)
@@ -558,7 +559,7 @@ def w8a8_gemv(k: int, n: int, isa: str, rows: int = ROWS) -> tirx.PrimFunc:
                         for step in range(steps):
                             if isa == "avx2":  # a line (two groups) of the row 8 rows ahead
                                 ahead: T.let[T.int32] = T.min(row + PREFETCH_ROWS, n - 1)
-                                T.evaluate(_prefetch(w, ahead, step * 2 * GROUP))
+                                T.evaluate(prefetch(w, ahead, step * 2 * GROUP))
                             group_dot(acc, 0, i, row, 2 * step, w, xq, sx4)
                             group_dot(acc, 1, i, row, 2 * step + 1, w, xq, sx4)
                         for _ in range(odd):
