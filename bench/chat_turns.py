@@ -21,13 +21,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import cpu_flags, default_gguf, llama_variant, log
+from generate import cpu_flags, default_gguf, llama_variant, load_llama_cpp, log
 from x86_latency import machine_class
 
 
@@ -54,30 +53,15 @@ def tvmdeploy_engine(bundle: Path, precision: str, prefix_cache: bool):
 
 
 def llama_engine(path: Path, n_ctx: int, threads: int, reuse: bool):
-    from llama_cpp import Llama
-
-    llm = Llama(
-        str(path),
-        n_ctx=n_ctx,
-        n_batch=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
+    """bench/generate.py's llama.cpp engine, keeping its previous call's prefix or not."""
+    spec = {"path": str(path), "label": path.stem.split(".")[-1], "n_ctx": n_ctx}
+    engine = load_llama_cpp({**spec, "reuse_prefix": reuse}, threads)
 
     def run(history: list[int], answer: int):
-        if not reuse:
-            llm.reset()
-        tokens, first, start = [], 0.0, time.perf_counter()
-        for token in llm.generate(history, temp=0.0, repeat_penalty=1.0, reset=True):
-            tokens.append(int(token))
-            if len(tokens) == 1:
-                first = time.perf_counter() - start
-            if len(tokens) == answer:
-                break
-        return first, tokens, None
+        done = engine.run(history, answer)
+        return done.first_token_s, done.tokens, None
 
-    return f"llama.cpp {path.stem.split('.')[-1]}", run
+    return engine.name, run
 
 
 def chat(run, system: list[int], users: list[list[int]], answer: int) -> list[dict]:

@@ -194,7 +194,8 @@ def load_llama_cpp(spec: dict, threads: int) -> Engine:
     )
 
     def run(prompt: list[int], new: int) -> Run:
-        llm.reset()  # no prompt-prefix reuse between runs
+        if not spec.get("reuse_prefix"):
+            llm.reset()  # no prompt-prefix reuse between runs (bench/chat_turns.py asks for it)
         tokens, first, start = [], 0.0, time.perf_counter()
         for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
             tokens.append(int(token))
