@@ -96,7 +96,7 @@ class TvmDecoder:
     def prefill_whole(self, seq_id: int, tokens: np.ndarray) -> np.ndarray:
         """`prefill` of a prompt of any length, chunk after chunk (the benches' call; the
         Generator runs the chunks between other requests' decode steps itself)."""
-        for start in range(0, tokens.size, self.prefill_chunk):
+        for start in range(0, max(tokens.size, 1), self.prefill_chunk):  # none: refused by name
             row = self.prefill(seq_id, tokens[start : start + self.prefill_chunk])
         return row
 

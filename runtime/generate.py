@@ -295,11 +295,12 @@ class _Stepper:
             request.out.put(request.generated[-1])
         return not self._finish_if_done(request)
 
-    def _sequence_for(self, request: _Request, prompt: np.ndarray, running: int) -> int:
+    def _sequence_for(self, request: _Request, prompt: np.ndarray, held: int) -> int:
         """Give `request` a sequence: the kept one sharing the longest prefix with its prompt
         (at least MIN_REUSED_TOKENS, and never the last token, whose logits are needed), the
         tokens after that prefix popped; else a new one, dropping the oldest kept sequences
-        while the slots are full. Returns the prompt tokens the sequence already holds."""
+        while the slots are full (`held`: the sequences other requests hold). Returns the prompt
+        tokens the sequence already holds."""
         best, shared = -1, 0
         for seq_id, tokens in self._kept.items():
             n = min(tokens.size, prompt.size - 1)
@@ -313,7 +314,7 @@ class _Stepper:
             if held > shared:
                 self.engine.popn(best, held - shared)  # type: ignore[attr-defined]
             return shared
-        while self._kept and running + len(self._kept) >= self.max_sequences:
+        while self._kept and held + len(self._kept) >= self.max_sequences:
             oldest, _ = self._kept.popitem(last=False)
             self.engine.remove_sequence(oldest)
         request.seq_id = next(self._ids)
