@@ -124,7 +124,7 @@ def completion_routes(state: ServerState) -> list[Route]:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{ident}"
         if not body.get("stream"):
             result = await run_in_threadpool(generator.generate, **request_args, **options)
-            state.metrics.generated(name, result.completion_tokens, result.decode_ms / 1e3)
+            state.metrics.generated(name, result)
             choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
             if chat:
                 choice["message"] = {"role": "assistant", "content": result.text}
@@ -169,7 +169,7 @@ def completion_routes(state: ServerState) -> list[Route]:
                 async for piece in iterate_in_threadpool(iter(stream)):
                     yield chunk({"content": piece} if chat else piece, None)
                 result = stream.result
-                state.metrics.generated(name, result.completion_tokens, result.decode_ms / 1e3)
+                state.metrics.generated(name, result)
                 ended = True
                 yield chunk({} if chat else "", result.finish_reason)
                 if include_usage:

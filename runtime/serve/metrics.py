@@ -71,6 +71,13 @@ class Metrics:
             ("model",),
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            "tvmdeploy_prompt_tokens",
+            "Prompt tokens of generation requests, and of those the ones a kept sequence held "
+            "(the prefix cache: not prefilled again)",
+            ("model", "source"),
+            registry=self.registry,
+        )
         self.decode_rate = Histogram(
             "tvmdeploy_decode_tokens_per_second",
             "Decode speed per generation request (tokens after the first, per second)",
@@ -92,10 +99,16 @@ class Metrics:
             registry=self.registry,
         )
 
-    def generated(self, model: str, tokens: int, decode_seconds: float) -> None:
-        """A finished generation request: its tokens, and its decode rate."""
+    def generated(self, model: str, result) -> None:
+        """A finished generation request (a GenerationResult): its tokens, prompt tokens
+        (computed, or from the prefix cache) and decode rate."""
+        tokens, decode_seconds = result.completion_tokens, result.decode_ms / 1e3
         self.generations.labels(model).inc()
         self.generated_tokens.labels(model).inc(tokens)
+        self.prompt_tokens.labels(model, "cached").inc(result.cached_tokens)
+        self.prompt_tokens.labels(model, "computed").inc(
+            result.prompt_tokens - result.cached_tokens
+        )
         if tokens > 1 and decode_seconds > 0:
             self.decode_rate.labels(model).observe((tokens - 1) / decode_seconds)
 

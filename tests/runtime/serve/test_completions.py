@@ -188,7 +188,15 @@ def test_a_chats_next_turn_reuses_its_history_as_served(tiny_llm_bundle, llm):
         second = client.chat.completions.create(
             model="chat", messages=messages, max_tokens=12, temperature=0
         )
+        metrics = httpx.get(f"{base}/metrics").text
     expected = llm.chat(messages, max_new_tokens=12, temperature=0)
     assert second.choices[0].message.content == expected.text
     assert second.usage.prompt_tokens == expected.prompt_tokens
-    assert 16 <= second.usage.prompt_tokens_details.cached_tokens < expected.prompt_tokens
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < expected.prompt_tokens
+    prompts = first.usage.prompt_tokens + second.usage.prompt_tokens
+    assert f'tvmdeploy_prompt_tokens_total{{model="chat",source="cached"}} {cached:.1f}' in metrics
+    assert (
+        f'tvmdeploy_prompt_tokens_total{{model="chat",source="computed"}} {prompts - cached:.1f}'
+        in metrics
+    )
