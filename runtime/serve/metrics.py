@@ -6,6 +6,8 @@ apps, as the tests do, registers no metric twice and each `/metrics` shows only 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -14,6 +16,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from ..generate import GenerationResult
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -99,7 +104,7 @@ class Metrics:
             registry=self.registry,
         )
 
-    def generated(self, model: str, result) -> None:
+    def generated(self, model: str, result: GenerationResult) -> None:
         """A finished generation request (a GenerationResult): its tokens, prompt tokens
         (computed, or from the prefix cache) and decode rate."""
         tokens, decode_seconds = result.completion_tokens, result.decode_ms / 1e3
